@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# launch.sh - start one of the single-file RLHF scripts (ppo apa awr ilql alol) on CPU, one or more GPUs, or
+# several nodes, with torchrun (default) or the deepspeed launcher. Everything after `--` goes to the script.
+# Uses the python/torchrun/deepspeed on PATH (activate the venv first). Run ./launch.sh --help for examples.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
+SCRIPTS="ppo apa awr ilql alol"
+
+usage() {
+  cat <<'EOF'
+Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
+  SCRIPT            one of: ppo apa awr ilql alol (".py" optional)
+  --gpus N          GPUs per node (default: all that `nvidia-smi -L` lists; 0 = run on CPU)
+  --procs N         CPU processes when running on CPU (default 1)
+  --deepspeed       use the deepspeed launcher instead of torchrun (GPU only)
+  --zero N          pass --zero-stage N to the script (default: the script's own default)
+  --nnodes N --node-rank R --master ADDR:PORT   multi-node; run the same line on every node, R = 0..N-1
+  --hostfile FILE   deepspeed multi-node: hosts and slots come from FILE (implies --deepspeed)
+  --dry-run         print the command instead of running it
+OMP_NUM_THREADS defaults to max(1, nproc / processes-per-node) when unset.
+Examples:
+  ./launch.sh ppo                                     # CPU-only machine: plain `python ppo.py`
+  ./launch.sh ppo --gpus 0 --procs 2 -- --zero-stage 0  # two CPU processes via torchrun
+  ./launch.sh ppo --gpus 8 --zero 2 -- --dataset ... # one node, 8 GPUs, ZeRO-2
+  ./launch.sh ppo --gpus 8 --deepspeed --zero 3      # same via the deepspeed launcher
+  two nodes with torchrun (run one line on each node):
+    node 0: ./launch.sh ppo --gpus 8 --nnodes 2 --node-rank 0 --master 10.0.0.1:29500 -- --zero-stage 3
+    node 1: ./launch.sh ppo --gpus 8 --nnodes 2 --node-rank 1 --master 10.0.0.1:29500 -- --zero-stage 3
+  deepspeed with a hostfile (lines like "10.0.0.1 slots=8"; run once, on the first host):
+    ./launch.sh ppo --hostfile hosts.txt --master 10.0.0.1:29500 --zero 3 -- --dataset ...
+EOF
+}
+die() { echo "launch.sh: $*" >&2; exit 2; }
+int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a non-negative integer, got '$2'"; }
+
+# ---- subcommands: future `compare`, `paper`, `bench` go here --------------------------------------------------------
+case "${1:-}" in
+  ""|-h|--help) usage; exit 0 ;;
+  compare|paper|bench) die "'$1' is not available yet" ;;
+esac
+
+# ---- parse -----------------------------------------------------------------------------------------------------------
+name=${1%.py}; shift
+[[ " $SCRIPTS " == *" $name "* ]] || die "unknown script '$name'; use one of: $SCRIPTS"
+have=$(for s in $SCRIPTS; do if [[ -f $s.py ]]; then printf '%s ' "$s"; fi; done)
+[[ -f $name.py ]] || die "$name.py does not exist in $PWD yet; write it first, or launch an existing one: ${have% }"
+gpus="" gpus_given="" procs="" ds=0 zero="" nnodes="" rank="" master="" hostfile="" dry=0
+while (($#)); do
+  case $1 in
+    --gpus|--procs|--zero|--nnodes|--node-rank|--master|--hostfile) (($# >= 2)) || die "$1 needs a value" ;;&
+    --gpus) int "$1" "$2"; gpus=$2; gpus_given=1; shift 2 ;;
+    --procs) int "$1" "$2"; procs=$2; shift 2 ;;
+    --zero) [[ $2 =~ ^[0-3]$ ]] || die "--zero needs 0, 1, 2 or 3"; zero=$2; shift 2 ;;
+    --nnodes) int "$1" "$2"; nnodes=$2; shift 2 ;;
+    --node-rank) int "$1" "$2"; rank=$2; shift 2 ;;
+    --master) master=$2; shift 2 ;;
+    --hostfile) [[ -f $2 ]] || die "hostfile '$2' not found"; hostfile=$2; ds=1; shift 2 ;;
+    --deepspeed) ds=1; shift ;;
+    --dry-run) dry=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) die "unknown option '$1' (script arguments go after --; see ./launch.sh --help)" ;;
+  esac
+done
+if [[ -z $gpus && -n $hostfile ]]; then gpus=-1   # GPUs per host come from the hostfile's slots
+elif [[ -z $gpus ]]; then gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true); fi
+[[ -n $procs && $gpus -ne 0 ]] && die "--procs is for CPU runs; with GPUs use --gpus N (or --gpus 0 --procs N for CPU)"
+[[ -z $procs || $procs -ge 1 ]] || die "--procs must be at least 1"
+((gpus != 0 || ds == 0)) || die "deepspeed launcher is GPU-only here; on CPU use the default torchrun launcher (drop --deepspeed/--hostfile)"
+addr="" port=""
+if [[ -n $master ]]; then
+  addr=${master%:*}; port=29500; [[ $master == *:* ]] && port=${master##*:}
+  [[ -n $addr && $port =~ ^[0-9]+$ ]] || die "--master needs ADDR:PORT, got '$master'"
+fi
+multi=0; [[ -n $nnodes || -n $rank || -n $master || -n $hostfile ]] && multi=1
+if [[ -n $nnodes && $nnodes -gt 1 && -z $hostfile ]]; then
+  [[ -n $rank && -n $master ]] || die "--nnodes $nnodes needs --node-rank R and --master ADDR:PORT on every node"
+  ((rank < nnodes)) || die "--node-rank must be below --nnodes ($nnodes)"
+fi
+nproc_node=$(( gpus != 0 ? gpus : ${procs:-1} ))
+zero_args=(); [[ -n $zero ]] && zero_args=(--zero-stage "$zero")
+
+# ---- build the command -----------------------------------------------------------------------------------------------
+if ((ds)); then
+  cmd=(deepspeed)
+  if [[ -n $hostfile ]]; then
+    cmd+=(--hostfile "$hostfile"); [[ -n $nnodes ]] && cmd+=(--num_nodes "$nnodes")
+  else
+    cmd+=(--num_nodes "${nnodes:-1}")
+    [[ -n $rank ]] && cmd+=(--no_ssh --node_rank "$rank")   # torchrun-style: same line on every node
+  fi
+  [[ -z $hostfile || -n $gpus_given ]] && cmd+=(--num_gpus "$gpus")
+  [[ -n $addr ]] && cmd+=(--master_addr "$addr" --master_port "$port")
+elif ((gpus == 0 && nproc_node == 1 && multi == 0)); then
+  cmd=(python)   # the scripts set up a world of one themselves
+else
+  cmd=(torchrun --nproc_per_node "$nproc_node")
+  [[ -n $nnodes ]] && cmd+=(--nnodes "$nnodes")
+  [[ -n $rank ]] && cmd+=(--node_rank "$rank")
+  [[ -n $addr ]] && cmd+=(--master_addr "$addr" --master_port "$port")
+fi
+cmd+=("$name.py" "${zero_args[@]}" "$@")
+[[ -n ${OMP_NUM_THREADS:-} ]] || ((nproc_node < 0)) || export OMP_NUM_THREADS=$(( $(nproc) / nproc_node > 1 ? $(nproc) / nproc_node : 1 ))
+
+if ((dry)); then
+  [[ -n ${OMP_NUM_THREADS:-} ]] && printf 'OMP_NUM_THREADS=%q ' "$OMP_NUM_THREADS"
+  printf '%q ' "${cmd[@]}" | sed 's/ $//'; echo
+  exit 0
+fi
+command -v "${cmd[0]}" >/dev/null || die "'${cmd[0]}' not on PATH; activate the venv (source .venv/bin/activate) or pip install -r requirements.txt"
+exec "${cmd[@]}"

@@ -1,0 +1,430 @@
+"""PPO for language models (Ziegler et al. 2019; Stiennon et al. 2020), with the PPO-max recipe of Zheng et al.,
+"Secrets of RLHF Part I" (2023) as options. The math, equation by equation: ../shared/ALGORITHMS.md §1-§3.
+
+    python ppo.py                                              # the built-in task, one CPU process
+    torchrun --nproc_per_node 2 ppo.py --zero-stage 2          # two processes (CPU or GPUs)
+    deepspeed --num_gpus 8 ppo.py --model-name-or-path ... --reward-model ... --dataset ... --zero-stage 3
+"""
+import dataclasses
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import tyro
+from transformers import GenerationConfig
+
+import common
+from common import masked_mean, whiten_masked
+
+
+@dataclass
+class Args:
+    exp_name: str = "ppo"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (rank r samples with seed + r)"""
+    output_dir: str = "runs"
+    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    model_name_or_path: str = "builtin"
+    """the SFT policy, which is also the frozen reference π_ref: a hub name, a local folder, or `builtin`"""
+    reward_model: str = "builtin"
+    """a sequence-classification model with one output (hub name, local folder, or `builtin`); if its tokenizer
+    differs from the policy's, responses are decoded and re-encoded with its own"""
+    value_model: str = "reward"
+    """initialise the value model from `reward` (the reward model, as PPO-max does), `policy`, or a name/folder"""
+    dataset: str = "builtin"
+    """prompts: a hub name, a folder saved with `save_to_disk`, a .jsonl/.json/.parquet file, or `builtin`"""
+    prompt_field: str = "prompt"
+    """the dataset column holding the prompt text"""
+    train_split: str = "train"
+    """the split sampled for rollouts"""
+    eval_split: str = "test"
+    """the held-out split used for evaluation"""
+    trust_remote_code: bool = False
+    """allow model repositories to run their own code (off unless you trust them)"""
+    total_episodes: int = 8192
+    """total number of sampled responses over all ranks"""
+    rollout_batch_size: int = 64
+    """responses sampled per rank per iteration"""
+    mini_batch_size: int = 16
+    """responses per rank per optimisation step"""
+    ppo_epochs: int = 2
+    """passes over each rollout batch"""
+    learning_rate: float = 3e-5
+    """policy learning rate (AdamW)"""
+    value_learning_rate: float = 1e-4
+    """value-model learning rate (AdamW)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip, policy and value model each"""
+    max_prompt_length: int = 16
+    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
+    max_new_tokens: int = 32
+    """the longest response sampled"""
+    temperature: float = 1.0
+    """sampling temperature (also applied to the log-probs, so they are those of the sampling distribution)"""
+    top_k: int = 0
+    """top-k sampling, 0 = off (ALGORITHMS.md §1: one sampling setting for PPO, APA and AWR)"""
+    top_p: float = 1.0
+    """nucleus sampling, 1 = off"""
+    missing_eos_penalty: Optional[float] = None
+    """if set, the score of a response that never emitted EOS is replaced by this value (e.g. -1)"""
+    reward_scaling: Literal["none", "running", "running_mean_std"] = "none"
+    """divide scores by their running std (`running`), after subtracting the running mean (`running_mean_std`)"""
+    reward_clip: Optional[float] = None
+    """clip the (scaled) score to ±this value"""
+    init_kl_coef: float = 0.05
+    """β: weight of the per-token KL penalty −β(log π_old − log π_ref) in the reward"""
+    adaptive_kl: bool = True
+    """adapt β toward `target_kl` (Ziegler et al. 2019); off = fixed β"""
+    target_kl: float = 6.0
+    """target KL to π_ref per response (nats), for the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon of the adaptive KL controller, in responses"""
+    gamma: float = 1.0
+    """discount γ of GAE"""
+    gae_lambda: float = 0.95
+    """λ of GAE"""
+    whiten_advantages: bool = True
+    """whiten advantages over the response tokens of the whole rollout batch, all ranks"""
+    cliprange: float = 0.2
+    """ε of the clipped policy loss"""
+    cliprange_value: float = 0.2
+    """ε_v of the clipped value loss"""
+    vf_coef: float = 1.0
+    """weight of the value loss"""
+    entropy_coef: float = 0.0
+    """weight of an entropy bonus in the policy loss (PPO-max option)"""
+    ptx_coef: float = 0.0
+    """weight of a pretraining NLL term mixed into the policy loss (PPO-ptx), 0 = off"""
+    ptx_dataset: str = "builtin"
+    """plain-text dataset for PPO-ptx (column `ptx_field`); `builtin` = grammar text"""
+    ptx_field: str = "text"
+    """the text column of `ptx_dataset`"""
+    ppo_max: bool = False
+    """switch on the PPO-max set: running mean/std reward normalisation clipped to ±10, a fixed token-level KL
+    coefficient 0.01, value clipping 0.2, masked advantage whitening, grad-norm clip 1.0, critic from the reward
+    model (overrides those fields)"""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
+    bf16: bool = False
+    """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
+    offload: bool = False
+    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    ref_device: str = "policy"
+    """where π_ref lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
+    reward_device: str = "policy"
+    """where the reward model lives: `policy`, `cpu`, or `cuda:N`"""
+    value_device: str = "policy"
+    """where the value model lives: `policy` (its own DeepSpeed engine) or `cpu` / `cuda:N` (plain AdamW)"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and before and after training)"""
+    eval_prompts: int = 128
+    """number of held-out prompts per evaluation, over all ranks"""
+    save_every: int = 0
+    """write an HF checkpoint every this many iterations (0 = only at the end)"""
+    local_rank: int = 0
+    """set by the `deepspeed` launcher; the rank is read from the environment"""
+
+
+PPO_MAX = dict(reward_scaling="running_mean_std", reward_clip=10.0, adaptive_kl=False, init_kl_coef=0.01,
+               cliprange_value=0.2, whiten_advantages=True, max_grad_norm=1.0, value_model="reward")
+
+
+# ALGO LOGIC: GAE, ALGORITHMS.md §2 (Schulman et al. 2016, eq. 11-16)
+def compute_gae(rewards, values, mask, gamma, lam):
+    """Advantages and returns for [batch, response_len] tensors; V after the last real token is 0.
+    Returns (advantages, returns), both 0 on padding (returns = A + V before whitening)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # δ_t = r_t + γV_{t+1} − V_t
+        last_gae = delta + gamma * lam * last_gae                    # A_t = δ_t + γλA_{t+1}
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+# ALGO LOGIC: the clipped PPO objective, ALGORITHMS.md §3 (Schulman et al. 2017, eq. 7; value clipping as in
+# Stiennon et al. 2020)
+def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, cliprange, cliprange_value,
+             vf_coef):
+    """All tensors [batch, response_len]; `mask` 1 on response tokens; advantages already whitened.
+    Returns (loss, stats) with loss = pg_loss + vf_coef · vf_loss. stats["pg_loss"] and stats["vf_loss"] keep their
+    graphs so the policy and value engines can each run their own backward; the other stats are detached."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses, vf_losses_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        stats = {"policy/approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+                 "policy/clipfrac": masked_mean((pg_losses_clipped > pg_losses).float(), mask),
+                 "value/clipfrac": masked_mean((vf_losses_clipped > vf_losses).float(), mask)}
+    return pg_loss + vf_coef * vf_loss, {"pg_loss": pg_loss, "vf_loss": vf_loss, **stats}
+
+
+def update_kl_coef(kl_coef, current_kl, target_kl, horizon, n_steps):
+    """The adaptive KL controller of Ziegler et al. 2019 (§2.2): e = clip(KL/target − 1, ±0.2),
+    β ← β(1 + e · n_steps / horizon)."""
+    error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+@torch.no_grad()
+def generate(policy, query_ids, query_mask, generation_config, zero3):
+    """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
+    rollout, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
+    model = common.unwrap(policy)
+    gather = nullcontext()
+    if zero3:
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    with gather:
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config,
+                             synced_gpus=zero3)
+    return out[:, query_ids.shape[1]:]
+
+
+@torch.no_grad()
+def score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids, response_mask):
+    """One scalar per response: the reward model's head at the last real token (its EOS if it emitted one)."""
+    rows = torch.arange(len(query_ids))
+    if rm_tokenizer is None:  # same vocabulary: score the policy's token ids directly
+        ids, mask, pos = common.concat_inputs(query_ids, query_mask, response_ids, response_mask,
+                                              common.model_device(reward_model))
+        last = query_ids.shape[1] + response_mask.sum(1) - 1
+    else:  # another tokenizer: decode, then re-encode with the reward model's own
+        prompts = tokenizer.batch_decode(query_ids, skip_special_tokens=True)
+        responses = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response_ids,
+                                                                                              response_mask)]
+        enc = rm_tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
+                           truncation=True).to(common.model_device(reward_model))
+        ids, mask = enc.input_ids, enc.attention_mask
+        pos, last = (mask.cumsum(1) - 1).clamp(min=0), mask.shape[1] - 1 - mask.flip(1).argmax(1)
+    return common.token_scores(reward_model, ids, mask, pos)[rows, last.cpu()].cpu()
+
+
+def decode_responses(tokenizer, response_ids, response_mask):
+    """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
+    return [tokenizer.decode(r[: int(n)], skip_special_tokens=False)
+            for r, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())]
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.ppo_max:
+        args = dataclasses.replace(args, **PPO_MAX)
+    if args.rollout_batch_size % args.mini_batch_size:
+        common.fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
+                    f"{args.mini_batch_size}; pick a mini-batch size that divides it")
+    rank, world_size, device = common.init_distributed(args.zero_stage)
+    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.output_dir, run_name)
+    log = common.make_logger(args, run_name, rank)
+    zero3 = args.zero_stage == 3
+
+    # Models. Everything is loaded under one seed so that randomly initialised heads agree across ranks.
+    common.seed_everything(args.seed)
+    dtype = "bfloat16" if args.bf16 else "float32"
+    tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
+    policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
+    ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
+    reward_model = common.load_model(args.reward_model, "score", "--reward-model", **load)
+    value_source = {"reward": common.resolve(args.reward_model, "reward"),
+                    "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
+    value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
+                                     trust_remote_code=args.trust_remote_code)
+    rm_tokenizer = common.load_tokenizer(args.reward_model, "--reward-model", padding_side="right",
+                                         trust_remote_code=args.trust_remote_code)
+    if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
+        rm_tokenizer = None
+    else:
+        rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
+    context = common.context_length(policy)
+
+    # Placement: the policy and (by default) the value model are DeepSpeed engines on this rank's device; π_ref
+    # and the reward model are frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`.
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.mini_batch_size, args.learning_rate,
+                                      args.bf16, args.offload, args.max_grad_norm)
+    value_model = common.prepare_trainable(value_model, args.value_device, args.zero_stage, args.mini_batch_size,
+                                           args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm)
+    ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size, args.bf16)
+    reward_model = common.prepare_frozen(reward_model, args.reward_device, args.zero_stage, args.mini_batch_size,
+                                         args.bf16)
+    generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
+                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    # Data: each rank draws its own prompts (seed + rank) from the whole training split.
+    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context)
+    train_prompts, n_truncated = common.encode_prompts(
+        tokenizer, common.load_prompts(args.dataset, args.train_split, args.prompt_field), **encode)
+    eval_prompts, _ = common.encode_prompts(
+        tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
+    eval_prompts = eval_prompts[: args.eval_prompts][rank::world_size]
+    if n_truncated and rank == 0:
+        print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
+    gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
+    if args.ptx_coef > 0:
+        ptx_texts = common.load_prompts(common.resolve(args.ptx_dataset, "data/pretrain"), "train", args.ptx_field,
+                                        "--ptx-dataset")
+        ptx_ids, _ = common.encode_prompts(tokenizer, ptx_texts, context, 0, context)
+    common.seed_everything(args.seed + rank)
+    sampler = torch.Generator().manual_seed(args.seed + rank)
+
+    def rollout(prompt_rows):
+        """Sample, cut at EOS, score, and forward π_old, π_ref and V over the result (ALGORITHMS.md §1)."""
+        query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
+        response_ids = generate(policy, query_ids, query_mask, generation_config, zero3)
+        response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
+                                                                       tokenizer.pad_token_id)
+        scores = score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids,
+                                 response_mask).to(device)
+        with torch.no_grad():
+            fwd = (query_ids, query_mask, response_ids, response_mask)
+            logprobs = common.forward_logprobs(policy, *fwd, temperature=args.temperature)
+            ref_logprobs = common.forward_logprobs(ref_policy, *fwd, temperature=args.temperature).to(device)
+        return query_ids, query_mask, response_ids, response_mask.to(logprobs.dtype), ended, scores, logprobs, \
+            ref_logprobs
+
+    def evaluate():
+        """Held-out prompts, same sampling setting, a fixed seed: proxy reward, gold score, KL to π_ref, length."""
+        rows = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(10**6 + rank)
+            for i in range(0, len(eval_prompts), args.rollout_batch_size):
+                _, _, response_ids, mask, ended, scores, logprobs, ref_logprobs = \
+                    rollout(eval_prompts[i:i + args.rollout_batch_size])
+                texts = decode_responses(tokenizer, response_ids, mask)
+                rows.append(torch.stack([scores.cpu(), ((logprobs - ref_logprobs) * mask).sum(1).cpu(),
+                                         mask.sum(1).cpu(), (~ended).float().cpu(),
+                                         torch.tensor(gold_score(texts) if gold_score else [0.0] * len(texts))], 1))
+        means = torch.cat(rows).mean(0).tolist()
+        metrics = dict(zip(["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction",
+                            "eval/gold_score"], means))
+        if gold_score is None:
+            metrics.pop("eval/gold_score")
+        return common.mean_across_ranks(metrics)
+
+    num_iterations = args.total_episodes // (args.rollout_batch_size * world_size)
+    kl_coef, score_moments = args.init_kl_coef, common.RunningMoments()
+    eval_history = [(0, evaluate())]
+    log(0, eval_history[-1][1])
+    if rank == 0:
+        print(f"{run_name}: {num_iterations} iterations × {args.rollout_batch_size} × {world_size} rank(s); "
+              f"before training: {eval_history[-1][1]}")
+    start_time = time.time()
+    for iteration in range(1, num_iterations + 1):
+        t0 = time.time()
+        batch_index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
+        query_ids, query_mask, response_ids, mask, ended, scores, old_logprobs, ref_logprobs = \
+            rollout([train_prompts[i] for i in batch_index])
+        t_rollout = time.time() - t0
+        with torch.no_grad():
+            old_values = common.forward_values(value_model, query_ids, query_mask, response_ids, mask).to(device)
+
+            # ALGO LOGIC: per-token rewards, ALGORITHMS.md §1. The score (scaled, clipped) goes on the last response
+            # token; every token pays the k1 KL penalty −β(log π_old − log π_ref).
+            raw_scores = scores.clone()
+            if args.missing_eos_penalty is not None:
+                scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_penalty))
+            if args.reward_scaling != "none":
+                score_moments.update(scores)
+                if args.reward_scaling == "running_mean_std":
+                    scores = scores - score_moments.mean
+                scores = scores / (score_moments.std + 1e-8)
+            if args.reward_clip is not None:
+                scores = scores.clamp(-args.reward_clip, args.reward_clip)
+            kl = (old_logprobs - ref_logprobs) * mask
+            rewards = -kl_coef * kl
+            last = mask.sum(1).long() - 1
+            rewards[torch.arange(len(rewards)), last] += scores
+
+            # ALGO LOGIC: GAE and masked whitening over the whole rollout batch of all ranks (ALGORITHMS.md §2)
+            advantages, returns = compute_gae(rewards, old_values, mask, args.gamma, args.gae_lambda)
+            if args.whiten_advantages:
+                advantages = whiten_masked(advantages, mask, across_ranks=True)
+
+        # ALGO LOGIC: `ppo_epochs` passes of clipped-PPO updates over shuffled mini-batches (ALGORITHMS.md §3)
+        t1, step_stats = time.time(), []
+        for epoch in range(args.ppo_epochs):
+            for idx in torch.randperm(args.rollout_batch_size, generator=sampler).split(args.mini_batch_size):
+                fwd = (query_ids[idx], query_mask[idx], response_ids[idx], mask[idx])
+                logprobs, entropy = common.forward_logprobs(policy, *fwd, temperature=args.temperature,
+                                                            with_entropy=True)
+                values = common.forward_values(value_model, *fwd).to(device)
+                _, stats = ppo_loss(logprobs, old_logprobs[idx], values, old_values[idx], advantages[idx],
+                                    returns[idx], mask[idx], args.cliprange, args.cliprange_value, args.vf_coef)
+                entropy_mean = masked_mean(entropy, mask[idx])
+                policy_loss = stats["pg_loss"] - args.entropy_coef * entropy_mean
+                if args.ptx_coef > 0:  # PPO-ptx: NLL of plain pretraining text (Ouyang et al. 2022, eq. 2)
+                    ptx_rows = [ptx_ids[i] for i in torch.randint(len(ptx_ids), (len(idx),), generator=sampler)]
+                    ptx_input, ptx_mask = common.pad_left(ptx_rows, tokenizer.pad_token_id, device)
+                    ptx_labels = ptx_input.masked_fill(ptx_mask == 0, -100)
+                    ptx_loss = policy(input_ids=ptx_input, attention_mask=ptx_mask, labels=ptx_labels,
+                                      position_ids=(ptx_mask.cumsum(1) - 1).clamp(min=0)).loss
+                    policy_loss = policy_loss + args.ptx_coef * ptx_loss
+                    stats["policy/ptx_loss"] = ptx_loss.detach()
+                policy.backward(policy_loss)
+                value_model.backward(args.vf_coef * stats["vf_loss"])
+                policy.step()
+                value_model.step()
+                step_stats.append({k: v.item() for k, v in {**stats, "policy/entropy": entropy_mean.detach()}.items()})
+        t_update = time.time() - t1
+
+        # Adaptive KL: β moves toward target_kl, per response of the whole (all-rank) batch.
+        kl_per_response = masked_mean(kl.sum(1), torch.ones_like(scores), across_ranks=True).item()
+        kl_coef_used = kl_coef
+        if args.adaptive_kl:
+            kl_coef = update_kl_coef(kl_coef, kl_per_response, args.target_kl, args.kl_horizon,
+                                     args.rollout_batch_size * world_size)
+        n_tokens = mask.sum().item()
+        metrics = {k.replace("pg_loss", "policy/loss").replace("vf_loss", "value/loss"):
+                   sum(s[k] for s in step_stats) / len(step_stats) for k in step_stats[0]}
+        metrics.update({
+            "rollout/score": raw_scores.mean().item(), "rollout/score_std": raw_scores.std().item(),
+            "rollout/kl_to_ref": kl_per_response, "rollout/kl_coef": kl_coef_used,
+            "rollout/response_length": mask.sum(1).mean().item(),
+            "rollout/no_eos_fraction": (~ended).float().mean().item(),
+            # "pattern collapse" watch (Zheng et al.): perplexity of the policy on its own samples
+            "rollout/perplexity": torch.exp(-masked_mean(old_logprobs, mask)).item(),
+            "rollout/advantage_mean": masked_mean(advantages, mask).item()})
+        if gold_score:
+            metrics["rollout/gold_score"] = sum(g := gold_score(decode_responses(tokenizer, response_ids,
+                                                                                 mask))) / len(g)
+        metrics = common.mean_across_ranks(metrics)
+        metrics.update({"time/rollout_tokens_per_s": n_tokens * world_size / t_rollout,
+                        "time/update_tokens_per_s": n_tokens * world_size * args.ppo_epochs / t_update,
+                        "time/episodes_per_s": args.rollout_batch_size * world_size / (time.time() - t0)})
+        if iteration % args.eval_every == 0 or iteration == num_iterations:
+            eval_history.append((iteration, evaluate()))
+            metrics.update(eval_history[-1][1])
+        log(iteration, metrics)
+        if rank == 0:
+            gold = f" gold {metrics['rollout/gold_score']:+.3f}" if gold_score else ""
+            print(f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
+                  f"kl {metrics['rollout/kl_to_ref']:.2f} β {kl_coef_used:.4f} len "
+                  f"{metrics['rollout/response_length']:.1f} tokens/s {metrics['time/rollout_tokens_per_s']:.0f} "
+                  f"(rollout) {metrics['time/update_tokens_per_s']:.0f} (update) "
+                  f"episodes/s {metrics['time/episodes_per_s']:.1f}", flush=True)
+        if args.save_every and iteration % args.save_every == 0:
+            common.save_hf(policy, tokenizer, os.path.join(run_dir, f"checkpoint-{iteration}"), rank)
+
+    common.save_hf(policy, tokenizer, os.path.join(run_dir, "policy"), rank)
+    common.save_hf(value_model, tokenizer, os.path.join(run_dir, "value"), rank)
+    if rank == 0:
+        first, final = eval_history[0][1], eval_history[-1][1]
+        print(f"done in {time.time() - start_time:.0f} s; held-out before → after: " + ", ".join(
+            f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in first) + f"; policy saved to {run_dir}/policy")

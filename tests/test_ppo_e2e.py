@@ -1,0 +1,115 @@
+"""ppo.py end to end on the built-in task: subprocesses with tiny settings, as a user would launch it."""
+import json
+import math
+import os
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT, read_run, run_script
+
+TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
+        "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
+
+
+def _check_metrics(records, iterations):
+    assert [r["step"] for r in records] == list(range(iterations + 1))
+    for key in ("policy/loss", "value/loss", "rollout/score", "rollout/gold_score", "rollout/kl_to_ref",
+                "rollout/perplexity", "policy/approx_kl", "eval/gold_score", "eval/kl_to_ref"):
+        assert key in records[-1], key
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    assert not any(k.startswith("time/") for r in records for k in r)
+
+
+def test_help_lists_every_argument_with_its_docstring():
+    import ppo
+    out = run_script("ppo.py", "--help").stdout
+    for field in ppo.Args.__dataclass_fields__:
+        assert f"--{field.replace('_', '-')}" in out, field
+    assert "the SFT policy, which is also the frozen reference" in out
+    assert "responses sampled per rank per iteration" in out
+
+
+def test_single_process_is_deterministic_and_checkpoint_reloads(builtin_path, tmp_path):
+    for name in ("a", "b"):
+        proc = run_script("ppo.py", *TINY, "--output-dir", str(tmp_path / name))
+        assert "done in" in proc.stdout and "tokens/s" in proc.stdout
+    (run_a, records_a), (_, records_b) = read_run(tmp_path / "a"), read_run(tmp_path / "b")
+    _check_metrics(records_a, 2)
+    assert records_a == records_b  # same seed, same numbers, to the last digit written
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    policy = AutoModelForCausalLM.from_pretrained(run_a / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(run_a / "policy")
+    sft = AutoModelForCausalLM.from_pretrained(os.path.join(builtin_path, "sft"))
+    assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), sft.parameters())), "policy never moved"
+    enc = tokenizer(["the movie was"], return_tensors="pt")
+    out = policy.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > enc.input_ids.shape[1]
+    AutoModelForSequenceClassification.from_pretrained(run_a / "value")
+
+
+@pytest.mark.parametrize("zero_stage", ["2", "3"])
+def test_torchrun_two_ranks(builtin_path, tmp_path, zero_stage):
+    proc = run_script("ppo.py", *TINY, "--total-episodes", "64", "--zero-stage", zero_stage,
+                      "--output-dir", str(tmp_path), nproc=2)
+    assert "2 rank(s)" in proc.stdout
+    run, records = read_run(tmp_path)
+    _check_metrics(records, 2)
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(run / "policy")  # ZeRO-3 shards were gathered on save
+    assert model.transformer.wte.weight.shape[0] > 100
+
+
+def test_frozen_models_and_value_model_on_cpu_with_ppo_max(builtin_path, tmp_path):
+    run_script("ppo.py", *TINY, "--ref-device", "cpu", "--reward-device", "cpu", "--value-device", "cpu",
+               "--ppo-max", "--entropy-coef", "0.01", "--ptx-coef", "0.5", "--missing-eos-penalty", "-1",
+               "--output-dir", str(tmp_path))
+    run, records = read_run(tmp_path)
+    _check_metrics(records, 2)
+    args = json.loads((run / "args.json").read_text())
+    assert args["reward_scaling"] == "running_mean_std" and args["adaptive_kl"] is False
+    assert records[1]["rollout/kl_coef"] == pytest.approx(0.01) == records[2]["rollout/kl_coef"]
+    assert records[-1]["policy/ptx_loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def _error_line(proc):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert lines, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def test_missing_model_path_names_the_fix(tmp_path):
+    line = _error_line(run_script("ppo.py", "--model-name-or-path", str(tmp_path / "no-such-model"), check=False))
+    assert "no-such-model" in line and "--model-name-or-path" in line
+
+
+def test_dataset_without_prompt_column_lists_its_columns(builtin_path, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"question": f"the movie {i}", "id": i}) + "\n" for i in range(4)))
+    line = _error_line(run_script("ppo.py", "--dataset", str(data), check=False))
+    assert "'prompt'" in line and "question, id" in line and "--prompt-field" in line
+
+
+def test_long_prompts_are_left_truncated_and_counted_or_rejected(builtin_path, tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "the movie was " + "really " * 80 + "great"}, {"prompt": "the plot was"}] * 8
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_script("ppo.py", *TINY, "--total-episodes", "16", "--dataset", str(data), "--train-split", "train",
+                      "--eval-split", "train", "--output-dir", str(tmp_path / "runs"))
+    assert "8 training prompts were left-truncated" in proc.stdout
+    line = _error_line(run_script("ppo.py", "--max-new-tokens", "64", check=False))  # built-in context is 64
+    assert "--max-new-tokens" in line and "context of 64" in line
+
+
+def test_zero3_without_deepspeed_says_how_to_install(tmp_path):
+    blocker = tmp_path / "blocker"
+    (blocker / "deepspeed").mkdir(parents=True)
+    (blocker / "deepspeed" / "__init__.py").write_text("raise ImportError('DeepSpeed hidden by the test')\n")
+    env = {"PYTHONPATH": str(blocker)}
+    line = _error_line(run_script("ppo.py", "--zero-stage", "3", env=env, check=False))
+    assert "DeepSpeed" in line and "pip install" in line and "--zero-stage 0" in line
