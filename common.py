@@ -373,6 +373,10 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    @property
+    def device(self):
+        return self.module.device
+
     def backward(self, loss):
         loss.backward()
 
@@ -412,16 +416,13 @@ def prepare_frozen(model, device, zero_stage, micro_batch_size, bf16=False):
         import deepspeed
         engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(3, micro_batch_size, 0.0, bf16,
                                                                                train=False))
-        return engine.eval()
+        engine.eval()
+        return engine
     return model.to(default_device() if device == "policy" else device)
 
 
 def default_device():
     return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def model_device(model):
-    return next(iter(unwrap(model).parameters())).device
 
 
 def unwrap(model):
@@ -442,7 +443,7 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
                      with_entropy=False):
     """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from
     logits[:, P-1:-1] where P is the padded prompt length (ALGORITHMS.md §0). Optionally the entropy per token."""
-    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model_device(model))
+    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     logits = logits[:, query_ids.shape[1] - 1:-1].float() / temperature
     logsumexp = logits.logsumexp(-1)
@@ -465,7 +466,7 @@ def token_scores(model, ids, mask, position_ids):
 
 def forward_values(model, query_ids, query_mask, response_ids, response_mask):
     """V(s_t) for every response token t, where s_t = x + y_<t: [batch, response_len] (0 on padding)."""
-    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model_device(model))
+    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
     values = token_scores(model, ids, mask, pos)[:, query_ids.shape[1] - 1:-1]
     return values * mask[:, query_ids.shape[1]:]
 

@@ -198,20 +198,18 @@ def generate(policy, query_ids, query_mask, generation_config, zero3):
 @torch.no_grad()
 def score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids, response_mask):
     """One scalar per response: the reward model's head at the last real token (its EOS if it emitted one)."""
-    rows = torch.arange(len(query_ids))
-    if rm_tokenizer is None:  # same vocabulary: score the policy's token ids directly
+    if rm_tokenizer is None:  # same vocabulary: read the head at the last real token of the policy's ids
         ids, mask, pos = common.concat_inputs(query_ids, query_mask, response_ids, response_mask,
-                                              common.model_device(reward_model))
+                                              reward_model.device)
         last = query_ids.shape[1] + response_mask.sum(1) - 1
-    else:  # another tokenizer: decode, then re-encode with the reward model's own
-        prompts = tokenizer.batch_decode(query_ids, skip_special_tokens=True)
-        responses = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response_ids,
-                                                                                              response_mask)]
-        enc = rm_tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
-                           truncation=True).to(common.model_device(reward_model))
-        ids, mask = enc.input_ids, enc.attention_mask
-        pos, last = (mask.cumsum(1) - 1).clamp(min=0), mask.shape[1] - 1 - mask.flip(1).argmax(1)
-    return common.token_scores(reward_model, ids, mask, pos)[rows, last.cpu()].cpu()
+        return common.token_scores(reward_model, ids, mask, pos)[torch.arange(len(ids)), last.cpu()].cpu()
+    # another tokenizer: decode, re-encode with the reward model's own, and let the model pool as it was trained
+    prompts = tokenizer.batch_decode(query_ids, skip_special_tokens=True)
+    responses = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response_ids,
+                                                                                          response_mask)]
+    enc = rm_tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
+                       truncation=True).to(reward_model.device)
+    return reward_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
@@ -241,16 +239,21 @@ if __name__ == "__main__":
     policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
     ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
     reward_model = common.load_model(args.reward_model, "score", "--reward-model", **load)
-    value_source = {"reward": common.resolve(args.reward_model, "reward"),
-                    "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
-    value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
-                                     trust_remote_code=args.trust_remote_code)
     rm_tokenizer = common.load_tokenizer(args.reward_model, "--reward-model", padding_side="right",
                                          trust_remote_code=args.trust_remote_code)
     if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
         rm_tokenizer = None
     else:
         rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
+        if args.value_model == "reward":  # the value model reads the policy's token ids: it needs its vocabulary
+            args.value_model = "policy"
+            if rank == 0:
+                print("note: the reward model's tokenizer differs from the policy's; the value model is "
+                      "initialised from the policy (--value-model policy)")
+    value_source = {"reward": common.resolve(args.reward_model, "reward"),
+                    "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
+    value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
+                                     trust_remote_code=args.trust_remote_code)
     context = common.context_length(policy)
 
     # Placement: the policy and (by default) the value model are DeepSpeed engines on this rank's device; π_ref
@@ -381,7 +384,8 @@ if __name__ == "__main__":
                 value_model.backward(args.vf_coef * stats["vf_loss"])
                 policy.step()
                 value_model.step()
-                step_stats.append({k: v.item() for k, v in {**stats, "policy/entropy": entropy_mean.detach()}.items()})
+                stats["policy/entropy"] = entropy_mean.detach()
+                step_stats.append({k: v.item() for k, v in stats.items()})
         t_update = time.time() - t1
 
         # Adaptive KL: β moves toward target_kl, per response of the whole (all-rank) batch.

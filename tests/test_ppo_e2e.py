@@ -113,3 +113,22 @@ def test_zero3_without_deepspeed_says_how_to_install(tmp_path):
     env = {"PYTHONPATH": str(blocker)}
     line = _error_line(run_script("ppo.py", "--zero-stage", "3", env=env, check=False))
     assert "DeepSpeed" in line and "pip install" in line and "--zero-stage 0" in line
+
+
+def test_reward_model_with_its_own_tokenizer_is_fed_re_encoded_text(builtin_path, tmp_path):
+    """A reward model with GPT-2's BPE vocabulary (from ../shared) scores decoded, re-encoded responses; the value
+    model then starts from the policy, whose vocabulary it must read."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+    gpt2_dir = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
+    assert (gpt2_dir / "tokenizer.json").exists(), f"missing {gpt2_dir}: CI needs ../shared beside the project"
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    torch.manual_seed(0)
+    rm = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=16, n_layer=1,
+                                                  n_head=2, num_labels=1, pad_token_id=tokenizer.eos_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    proc = run_script("ppo.py", *TINY, "--reward-model", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "r"))
+    assert "value model is initialised from the policy" in proc.stdout
+    _, records = read_run(tmp_path / "r")
+    assert records[1]["rollout/score_std"] > 0  # a random RM still gives different texts different scores

@@ -1,0 +1,449 @@
+"""Unit tests of common.py: log-prob / value gathering against per-row loops, EOS truncation, masked statistics,
+the built-in gold score, running moments, prompt encoding and the loaders' one-line errors. CPU, offline, fast."""
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import json  # noqa: E402
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+
+VOCAB = 64
+PAD_ID = 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Helpers: a tiny random GPT-2, a ragged (left-padded prompt | right-padded response) batch, a word tokenizer.
+# ------------------------------------------------------------------------------------------------------------
+def tiny_config(**extra):
+    from transformers import GPT2Config
+    # initializer_range 0.3 (instead of 0.02) so that log-probs / values vary by O(1) between tokens and positions:
+    # an off-by-one shift or a wrong position id then moves the result far beyond the tolerance.
+    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3,
+                      **extra)
+
+
+def tiny_causal_lm(seed=0):
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(tiny_config()).eval()
+
+
+def tiny_score_model(seed=0):
+    from transformers import GPT2ForSequenceClassification
+    torch.manual_seed(seed)
+    return GPT2ForSequenceClassification(tiny_config(num_labels=1, pad_token_id=PAD_ID)).eval()
+
+
+PROMPT_LENS = [3, 6, 1, 4]
+RESPONSE_LENS = [5, 2, 7, 1]
+
+
+def ragged_batch(seed=0):
+    """Rows of real tokens (ids 1..VOCAB-1) plus the padded batch. Padding slots hold GARBAGE ids (not PAD_ID):
+    the attention mask, not the token id, decides what is padding."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    responses = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in RESPONSE_LENS]
+    P, R = max(PROMPT_LENS), max(RESPONSE_LENS)
+    query_ids = torch.randint(1, VOCAB, (len(prompts), P), generator=g)
+    response_ids = torch.randint(1, VOCAB, (len(prompts), R), generator=g)
+    query_mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    response_mask = torch.zeros(len(prompts), R, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        query_ids[i, P - len(p):] = torch.tensor(p)
+        query_mask[i, P - len(p):] = 1
+        response_ids[i, :len(r)] = torch.tensor(r)
+        response_mask[i, :len(r)] = 1
+    return prompts, responses, query_ids, query_mask, response_ids, response_mask
+
+
+def word_tokenizer(words=("a", "b", "c", "d", "e", "f", "g", "h"), pad=True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = (["<pad>"] if pad else []) + ["<eos>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    kwargs = dict(pad_token="<pad>") if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# forward_logprobs / forward_values against unbatched, unpadded per-row loops
+# ------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def loop_logprobs_entropy(model, prompts, responses, temperature):
+    out = []
+    for p, r in zip(prompts, responses):
+        ids = torch.tensor([p + r])
+        logits = model(input_ids=ids).logits[0].double() / temperature
+        logits = logits[len(p) - 1: len(p) + len(r) - 1]  # the state before each response token
+        logp = F.log_softmax(logits, -1)
+        out.append(([logp[t, tok].item() for t, tok in enumerate(r)],
+                    [-(logp[t].exp() * logp[t]).sum().item() for t in range(len(r))]))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_logprobs_and_entropy_match_unpadded_per_row_loop(temperature):
+    model = tiny_causal_lm()
+    prompts, responses, q, qm, r, rm = ragged_batch()
+    with torch.no_grad():
+        logprobs_only = common.forward_logprobs(model, q, qm, r, rm, temperature=temperature)
+        logprobs, entropy = common.forward_logprobs(model, q, qm, r, rm, temperature=temperature,
+                                                    with_entropy=True)
+    assert logprobs.shape == entropy.shape == r.shape
+    torch.testing.assert_close(logprobs_only, logprobs, rtol=0, atol=0)
+    expected = loop_logprobs_entropy(model, prompts, responses, temperature)
+    values_seen = []
+    for i, (exp_lp, exp_ent) in enumerate(expected):
+        n = len(responses[i])
+        assert logprobs[i, :n].tolist() == pytest.approx(exp_lp, abs=1e-5)
+        assert entropy[i, :n].tolist() == pytest.approx(exp_ent, abs=1e-5)
+        assert logprobs[i, n:].tolist() == [0.0] * (r.shape[1] - n)  # padding exactly 0
+        values_seen += exp_lp
+    # the check has teeth: log-probs differ between tokens by far more than the tolerance
+    assert max(values_seen) - min(values_seen) > 0.5
+
+
+def test_forward_logprobs_temperature_changes_the_result():
+    """Temperature is applied to the logits (not ignored): T=0.5 must differ from T=1 on the same batch."""
+    model = tiny_causal_lm()
+    _, _, q, qm, r, rm = ragged_batch()
+    with torch.no_grad():
+        a = common.forward_logprobs(model, q, qm, r, rm, temperature=1.0)
+        b = common.forward_logprobs(model, q, qm, r, rm, temperature=0.5)
+    assert (a - b).abs()[rm.bool()].max() > 1e-2
+
+
+def test_forward_logprobs_is_independent_of_how_much_padding_there_is():
+    """The same row alone (no padding) and inside a ragged batch gives the same log-probs."""
+    model = tiny_causal_lm()
+    prompts, responses, q, qm, r, rm = ragged_batch()
+    with torch.no_grad():
+        batched = common.forward_logprobs(model, q, qm, r, rm)
+        for i, (p, resp) in enumerate(zip(prompts, responses)):
+            alone = common.forward_logprobs(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),
+                                            torch.tensor([resp]), torch.ones(1, len(resp), dtype=torch.long))
+            torch.testing.assert_close(batched[i, :len(resp)], alone[0], rtol=0, atol=1e-5)
+
+
+def test_forward_values_match_unpadded_per_row_loop():
+    model = tiny_score_model()
+    prompts, responses, q, qm, r, rm = ragged_batch(seed=1)
+    with torch.no_grad():
+        values = common.forward_values(model, q, qm, r, rm)
+        assert values.shape == r.shape
+        seen = []
+        for i, (p, resp) in enumerate(zip(prompts, responses)):
+            hidden = model.transformer(input_ids=torch.tensor([p + resp])).last_hidden_state
+            per_token = model.score(hidden)[0, :, 0]
+            expected = per_token[len(p) - 1: len(p) + len(resp) - 1].tolist()  # V(x + y_<t) for each t
+            assert values[i, :len(resp)].tolist() == pytest.approx(expected, abs=1e-5)
+            assert values[i, len(resp):].tolist() == [0.0] * (r.shape[1] - len(resp))
+            seen += expected
+    assert max(seen) - min(seen) > 0.1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# truncate_after_eos
+# ------------------------------------------------------------------------------------------------------------
+def test_truncate_after_eos_crafted_rows():
+    EOS, PAD = 1, 0
+    rows = [[5, EOS, 7, 8, 9],    # EOS in the middle
+            [EOS, 5, 6, 7, 8],    # EOS first
+            [5, 6, 7, 8, EOS],    # EOS last
+            [5, 6, 7, 8, 9],      # no EOS
+            [5, EOS, EOS, 9, EOS]]  # EOS twice in a row (and once more later)
+    ids, mask, ended = common.truncate_after_eos(torch.tensor(rows), EOS, PAD)
+    assert ids.tolist() == [[5, EOS, PAD, PAD, PAD],
+                            [EOS, PAD, PAD, PAD, PAD],
+                            [5, 6, 7, 8, EOS],
+                            [5, 6, 7, 8, 9],
+                            [5, EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0, 0],
+                             [1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 1],
+                             [1, 1, 1, 1, 1],
+                             [1, 1, 0, 0, 0]]
+    assert ended.tolist() == [True, True, True, False, True]
+
+
+def test_truncate_after_eos_when_pad_is_eos():
+    """GPT-2 style: pad id == EOS id (generate pads finished rows with EOS); only the first EOS counts."""
+    EOS = PAD = 3
+    ids, mask, ended = common.truncate_after_eos(torch.tensor([[7, EOS, EOS, EOS], [7, 8, 9, 10]]), EOS, PAD)
+    assert ids.tolist() == [[7, EOS, EOS, EOS], [7, 8, 9, 10]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, False]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# masked statistics
+# ------------------------------------------------------------------------------------------------------------
+def ragged_values(seed=0, padding_value=1e6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [6, 2, 5, 1]
+    x = torch.randn(len(lengths), 6, generator=g, dtype=dtype) * 3 + 1.5
+    mask = torch.zeros(len(lengths), 6, dtype=dtype)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    x = torch.where(mask.bool(), x, torch.full_like(x, padding_value))
+    return x, mask
+
+
+@pytest.mark.parametrize("padding_value", [1e6, -1e6, 0.0])
+def test_masked_mean_and_var_ignore_padding(padding_value):
+    x, mask = ragged_values(padding_value=padding_value)
+    selected = x[mask.bool()]
+    assert len(selected) == 14
+    expected_mean = sum(selected.tolist()) / len(selected)
+    expected_var = sum((v - expected_mean) ** 2 for v in selected.tolist()) / len(selected)  # population variance
+    assert common.masked_mean(x, mask).item() == pytest.approx(expected_mean, rel=1e-12)
+    assert common.masked_var(x, mask).item() == pytest.approx(expected_var, rel=1e-12)
+    # a long / bool mask gives the same
+    assert common.masked_mean(x, mask.long()).item() == pytest.approx(expected_mean, rel=1e-12)
+    assert common.masked_mean(x, mask.bool()).item() == pytest.approx(expected_mean, rel=1e-12)
+
+
+def test_masked_mean_gradient_is_zero_on_padding_and_empty_mask_gives_zero():
+    x, mask = ragged_values(padding_value=1e6)
+    x.requires_grad_(True)
+    common.masked_mean(x, mask).backward()
+    assert torch.equal(x.grad, mask / mask.sum())
+    assert common.masked_mean(torch.full((2, 3), 1e6), torch.zeros(2, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_whiten_masked_over_selected_entries_only(shift_mean):
+    x, mask = ragged_values(padding_value=1e6)
+    out = common.whiten_masked(x, mask, shift_mean=shift_mean)
+    selected = x[mask.bool()]
+    mean, var = selected.mean(), selected.var(unbiased=False)
+    expected = (selected - mean) / torch.sqrt(var + 1e-8)
+    if not shift_mean:
+        expected = expected + mean
+    torch.testing.assert_close(out[mask.bool()], expected, rtol=1e-10, atol=1e-10)
+    assert out[~mask.bool()].tolist() == [0.0] * int((1 - mask).sum())  # padding stays 0
+    if shift_mean:
+        w = out[mask.bool()]
+        assert w.mean().item() == pytest.approx(0.0, abs=1e-10)
+        assert w.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_whiten_masked_float32_with_huge_padding():
+    x, mask = ragged_values(padding_value=1e6, dtype=torch.float32)
+    w = common.whiten_masked(x, mask)[mask.bool()]
+    assert torch.isfinite(w).all()
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert w.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# builtin_gold_score
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    ("great wonderful <eos>", 1.0),                        # (+1 +1) / 2
+    ("awful movie . <eos>", -0.5),                         # (-1 + 0) / 2: '.' is not a word
+    ("the plot was dull , but the acting was superb and moving . <eos>", 1 / 11),  # (-1 +1 +1) / 11 words
+    ("great movie", 0.5 - 1.0),                            # no <eos>: -1 extra
+    ("terrible", -1.0 - 1.0),
+    ("<eos>", 0.0),                                        # no words: polarity 0, ended
+    ("", -1.0),                                            # no words, never ended
+    ("<bos> loved it <pad> <eos>", 0.5),                   # <bos>/<pad> not counted: loved, it
+    ("i hated the movie , painfully slow<eos>", -2 / 6),   # <eos> glued to a word still splits it off
+    (". , . <eos>", 0.0),                                  # punctuation only
+])
+def test_builtin_gold_score_crafted_texts(text, expected):
+    assert common.builtin_gold_score([text]) == pytest.approx([expected], abs=1e-12)
+
+
+def test_builtin_gold_score_is_per_text_and_in_range():
+    texts = ["great <eos>", "awful", "the movie <eos>"]
+    assert common.builtin_gold_score(texts) == pytest.approx([1.0, -2.0, 0.0])
+    assert common.builtin_gold_score([]) == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RunningMoments
+# ------------------------------------------------------------------------------------------------------------
+def test_running_moments_equal_population_moments_of_everything_seen():
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(5, generator=g, dtype=torch.float64) * 2 + 3,
+              torch.randn(17, generator=g, dtype=torch.float64) * 0.5 - 1,
+              torch.tensor([7.0], dtype=torch.float64),
+              torch.randn(4, 3, generator=g, dtype=torch.float64)]
+    moments = common.RunningMoments()
+    for i, chunk in enumerate(chunks):
+        moments.update(chunk)
+        seen = [v for c in chunks[: i + 1] for v in c.flatten().tolist()]
+        mean = sum(seen) / len(seen)
+        std = math.sqrt(sum((v - mean) ** 2 for v in seen) / len(seen))
+        assert moments.mean == pytest.approx(mean, rel=1e-6, abs=1e-7)
+        assert moments.std == pytest.approx(std, rel=1e-6)
+        assert moments.count == pytest.approx(len(seen), rel=1e-6)
+
+
+def test_running_moments_float32_scores_with_an_offset():
+    """Scores arrive as float32 (the reward model's output). With an offset of 1000 and std 1 the running std
+    must still be right to 0.1%; the population moments are computed here in float64 from the same float32 values.
+    Fails while RunningMoments.update sums x and x**2 in float32 (the .double() comes after the sums) and takes
+    var = E[x^2] - E[x]^2: catastrophic cancellation."""
+    g = torch.Generator().manual_seed(0)
+    chunks = [1000 + torch.randn(200, generator=g) for _ in range(3)]
+    moments = common.RunningMoments()
+    for chunk in chunks:
+        moments.update(chunk)
+    seen = [v for c in chunks for v in c.tolist()]  # exact float32 values as Python floats
+    mean = sum(seen) / len(seen)
+    std = math.sqrt(sum((v - mean) ** 2 for v in seen) / len(seen))
+    assert moments.mean == pytest.approx(mean, rel=1e-6)
+    assert moments.std == pytest.approx(std, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# pad_left / encode_prompts
+# ------------------------------------------------------------------------------------------------------------
+def test_pad_left():
+    ids, mask = common.pad_left([[1, 2, 3], [4], [5, 6]], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4], [9, 5, 6]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
+def test_encode_prompts_left_truncates_and_counts():
+    tok = word_tokenizer()
+    a, b, c, d, e = (tok.convert_tokens_to_ids(w) for w in "abcde")
+    prompts = ["a b c d e", "a b", "c d e"]
+    # budget = min(max_prompt_length 3, context 32 - 4) = 3: keep the LAST 3 tokens
+    rows, n_truncated = common.encode_prompts(tok, prompts, max_prompt_length=3, max_new_tokens=4, context=32)
+    assert rows == [[c, d, e], [a, b], [c, d, e]]
+    assert n_truncated == 1
+    # budget from the context: min(10, 6 - 4) = 2
+    rows, n_truncated = common.encode_prompts(tok, prompts, max_prompt_length=10, max_new_tokens=4, context=6)
+    assert rows == [[d, e], [a, b], [d, e]]
+    assert n_truncated == 2
+    # nothing truncated
+    rows, n_truncated = common.encode_prompts(tok, prompts, max_prompt_length=5, max_new_tokens=1, context=32)
+    assert rows == [[a, b, c, d, e], [a, b], [c, d, e]] and n_truncated == 0
+
+
+@pytest.mark.parametrize("max_new_tokens, context", [(8, 8), (9, 8)])
+def test_encode_prompts_no_room_for_a_prompt(max_new_tokens, context):
+    with pytest.raises(SystemExit) as info:
+        common.encode_prompts(word_tokenizer(), ["a b"], max_prompt_length=4, max_new_tokens=max_new_tokens,
+                              context=context)
+    message = str(info.value)
+    assert message.startswith("error:") and "--max-new-tokens" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("prompts", [["a b", ""], ["   "]])
+def test_encode_prompts_empty_prompt(prompts):
+    with pytest.raises(SystemExit) as info:
+        common.encode_prompts(word_tokenizer(), prompts, max_prompt_length=4, max_new_tokens=2, context=16)
+    assert str(info.value).startswith("error:") and "empty prompt" in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# load_prompts
+# ------------------------------------------------------------------------------------------------------------
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_load_prompts_jsonl(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie", "id": 1}, {"prompt": "i loved", "id": 2},
+                                              {"prompt": "it was", "id": 3}])
+    assert common.load_prompts(path, "train") == ["the movie", "i loved", "it was"]
+    # a single-split file serves any split name (the eval split falls back to the only one)
+    assert common.load_prompts(path, "test") == ["the movie", "i loved", "it was"]
+    assert common.load_prompts(path, "train", prompt_field="id") == ["1", "2", "3"]
+
+
+def test_load_prompts_missing_column_names_what_there_is(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 1}])
+    with pytest.raises(SystemExit) as info:
+        common.load_prompts(path, "train")
+    message = str(info.value)
+    assert message.startswith("error:") and "\n" not in message
+    assert "'prompt'" in message and "text" in message and "label" in message and "--prompt-field" in message
+
+
+def test_load_prompts_missing_file(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        common.load_prompts(str(tmp_path / "absent.jsonl"), "train")
+    assert str(tmp_path / "absent.jsonl") in str(info.value) and "--dataset" in str(info.value)
+
+
+def test_load_prompts_save_to_disk_folder(tmp_path):
+    from datasets import Dataset, DatasetDict
+    DatasetDict(train=Dataset.from_dict({"prompt": ["a b", "c d", "e"], "x": [1, 2, 3]}),
+                test=Dataset.from_dict({"prompt": ["f g"], "x": [4]})).save_to_disk(str(tmp_path / "dd"))
+    assert common.load_prompts(str(tmp_path / "dd"), "train") == ["a b", "c d", "e"]
+    assert common.load_prompts(str(tmp_path / "dd"), "test") == ["f g"]
+    with pytest.raises(SystemExit) as info:
+        common.load_prompts(str(tmp_path / "dd"), "validation")
+    assert "'validation'" in str(info.value) and "train" in str(info.value) and "test" in str(info.value)
+    # a single Dataset (not a dict) saved to disk
+    Dataset.from_dict({"prompt": ["p q"]}).save_to_disk(str(tmp_path / "single"))
+    assert common.load_prompts(str(tmp_path / "single"), "train") == ["p q"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# load_model / load_tokenizer
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("load", [
+    lambda p: common.load_tokenizer(p),
+    lambda p: common.load_model(p, "causal", "--model-name-or-path"),
+    lambda p: common.load_model(p, "score", "--model-name-or-path"),
+])
+def test_loading_a_missing_folder_is_a_one_line_error(tmp_path, load):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(SystemExit) as info:
+        load(missing)
+    message = str(info.value)
+    assert message.startswith("error:") and "\n" not in message
+    assert missing in message and "--model-name-or-path" in message
+
+
+def test_load_model_error_names_the_flag_it_was_given(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        common.load_model(str(tmp_path / "nope"), "score", "--reward-model")
+    assert "--reward-model" in str(info.value) and "--model-name-or-path" not in str(info.value)
+
+
+def test_load_saved_tiny_gpt2(tmp_path):
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    folder = str(tmp_path / "tiny")
+    saved = tiny_causal_lm(seed=5)
+    saved.save_pretrained(folder)
+    word_tokenizer(pad=False).save_pretrained(folder)  # no pad token: load_tokenizer pads with EOS
+
+    causal = common.load_model(folder, "causal", "--model-name-or-path")
+    assert isinstance(causal, GPT2LMHeadModel)
+    for (name, a), (_, b) in zip(saved.state_dict().items(), causal.state_dict().items()):
+        assert torch.equal(a, b), name
+    score = common.load_model(folder, "score", "--reward-model")
+    assert isinstance(score, GPT2ForSequenceClassification) and score.config.num_labels == 1
+    assert score.score.weight.shape == (1, 32)
+    assert torch.equal(score.transformer.wte.weight, saved.transformer.wte.weight)
+    bf16 = common.load_model(folder, "causal", "--model-name-or-path", dtype="bfloat16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+    tok = common.load_tokenizer(folder)
+    assert tok.padding_side == "left"
+    assert tok.pad_token == tok.eos_token == "<eos>"
+    assert common.load_tokenizer(folder, padding_side="right").padding_side == "right"
