@@ -19,70 +19,52 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-# ============================================================================================================
-# The built-in task: a tiny movie-review world that needs no download (see README "The built-in task").
-# ============================================================================================================
-POSITIVE = ("great wonderful brilliant superb delightful charming moving beautiful gripping stunning clever "
-            "excellent fantastic lovely touching thrilling masterful fresh witty warm joyful elegant powerful "
-            "memorable inventive vivid engaging heartfelt gorgeous splendid").split()
-NEGATIVE = ("awful terrible boring dull bland clumsy tedious weak messy lifeless shallow forgettable painful "
-            "annoying confusing awkward stale silly flat lazy dreary hollow sloppy predictable pointless "
-            "tiresome cheap grim muddled ugly").split()
-NEUTRAL_ADJ = ("long short quiet loud slow fast simple dark bright old new familiar strange modest unusual "
-               "serious light busy plain late early").split()
-POSITIVE_ADV = "beautifully brilliantly wonderfully superbly gracefully".split()
-NEGATIVE_ADV = "painfully horribly badly poorly awkwardly".split()
-INTENSIFIERS = "really very quite rather truly fairly so".split()
-POSITIVE_VERBS = "loved enjoyed adored admired liked".split()
-NEGATIVE_VERBS = "hated disliked regretted resented loathed".split()
-NEUTRAL_VERBS = "watched saw noticed remember expected".split()
-NOUNS = ("movie film story plot script acting cast music score soundtrack dialogue ending opening pacing "
-         "direction camera editing humor romance villain hero scene finale sequel premise setting "
-         "costumes effects characters cinematography visuals").split()
-PEOPLE = "lead actor actress director writer composer villain hero newcomer".split()
-FUNCTION = "the this a an and but i it was felt is seemed gave made performance overall , .".split()
-POLARITY = {**{w: 1 for w in POSITIVE + POSITIVE_ADV + POSITIVE_VERBS},
-            **{w: -1 for w in NEGATIVE + NEGATIVE_ADV + NEGATIVE_VERBS}}
+# ---- The built-in task: a tiny movie-review world that needs no download (README, "The built-in task") ---------------
+WORDS = {k: v.split() for k, v in dict(
+    pos_adj="great wonderful brilliant superb delightful charming moving beautiful gripping stunning clever excellent "
+            "fantastic lovely touching thrilling masterful fresh witty warm joyful elegant powerful memorable "
+            "inventive vivid engaging heartfelt gorgeous splendid",
+    neg_adj="awful terrible boring dull bland clumsy tedious weak messy lifeless shallow forgettable painful annoying "
+            "confusing awkward stale silly flat lazy dreary hollow sloppy predictable pointless tiresome cheap grim "
+            "muddled ugly",
+    neu_adj="long short quiet loud slow fast simple dark bright old new familiar strange modest unusual serious "
+            "light busy plain late early",
+    pos_adv="beautifully brilliantly wonderfully superbly gracefully",
+    neg_adv="painfully horribly badly poorly awkwardly",
+    intensifier="really very quite rather truly fairly so",
+    pos_verb="loved enjoyed adored admired liked", neg_verb="hated disliked regretted resented loathed",
+    neu_verb="watched saw noticed remember expected",
+    noun="movie film story plot script acting cast music score soundtrack dialogue ending opening pacing direction "
+         "camera editing humor romance villain hero scene finale sequel premise setting costumes effects "
+         "characters cinematography visuals",
+    person="lead actor actress director writer composer villain hero newcomer",
+    function="the this a an and but i it was felt is seemed gave made performance overall , .").items()}
+POLARITY = {w: (1 if k.startswith("pos") else -1) for k, ws in WORDS.items() if k[:3] in ("pos", "neg") for w in ws}
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 
 def builtin_vocabulary():
-    words = (POSITIVE + NEGATIVE + NEUTRAL_ADJ + POSITIVE_ADV + NEGATIVE_ADV + INTENSIFIERS + POSITIVE_VERBS
-             + NEGATIVE_VERBS + NEUTRAL_VERBS + NOUNS + PEOPLE + FUNCTION)
-    return [PAD, BOS, EOS, UNK] + sorted(set(words))
+    return [PAD, BOS, EOS, UNK] + sorted({w for ws in WORDS.values() for w in ws})
 
 
 def sample_review(rng: random.Random) -> str:
     """One review from a stochastic grammar; `p_pos` makes some reviews mostly positive, some mostly negative."""
     p_pos = rng.choice([0.1, 0.25, 0.5, 0.75, 0.9])
+    polar = lambda kind: rng.choice(WORDS[("pos_" if rng.random() < p_pos else "neg_") + kind])
+    pick = lambda kind: rng.choice(WORDS[kind])
 
     def adj():
         r = rng.random()
         if r < 0.25:
-            return rng.choice(NEUTRAL_ADJ)
-        base = rng.choice(POSITIVE if rng.random() < p_pos else NEGATIVE)
-        return f"{rng.choice(INTENSIFIERS)} {base}" if r > 0.8 else base
+            return pick("neu_adj")
+        return f"{pick('intensifier')} {polar('adj')}" if r > 0.8 else polar("adj")
 
-    def verb():
-        r = rng.random()
-        if r < 0.3:
-            return rng.choice(NEUTRAL_VERBS)
-        return rng.choice(POSITIVE_VERBS if rng.random() < p_pos else NEGATIVE_VERBS)
-
-    def adv():
-        return rng.choice(POSITIVE_ADV if rng.random() < p_pos else NEGATIVE_ADV)
-
-    noun = lambda: rng.choice(NOUNS)
-    templates = [
-        lambda: f"the {noun()} was {adj()} .",
-        lambda: f"the {noun()} felt {adj()} .",
-        lambda: f"i {verb()} the {noun()} .",
-        lambda: f"the {noun()} was {adj()} and {adj()} .",
-        lambda: f"the {noun()} was {adj()} but the {noun()} was {adj()} .",
-        lambda: f"the {rng.choice(PEOPLE)} gave a {adj()} performance .",
-        lambda: f"it was {adv()} made .",
-        lambda: f"overall , a {adj()} {rng.choice(['movie', 'film', 'story'])} .",
-    ]
+    verb = lambda: pick("neu_verb") if rng.random() < 0.3 else polar("verb")
+    templates = [lambda: f"the {pick('noun')} was {adj()} .", lambda: f"the {pick('noun')} felt {adj()} .",
+                 lambda: f"i {verb()} the {pick('noun')} .", lambda: f"the {pick('noun')} was {adj()} and {adj()} .",
+                 lambda: f"the {pick('noun')} was {adj()} but the {pick('noun')} was {adj()} .",
+                 lambda: f"the {pick('person')} gave a {adj()} performance .", lambda: f"it was {polar('adv')} made .",
+                 lambda: f"overall , a {adj()} {rng.choice(['movie', 'film', 'story'])} ."]
     return " ".join(rng.choice(templates)() for _ in range(rng.randint(2, 4)))
 
 
@@ -92,15 +74,13 @@ def builtin_gold_score(texts) -> list:
     scores = []
     for text in texts:
         words = [w for w in text.replace(EOS, " ").split() if w not in (",", ".", PAD, BOS)]
-        polarity = sum(POLARITY.get(w, 0) for w in words) / max(len(words), 1)
-        scores.append(polarity - (0.0 if EOS in text else 1.0))
+        scores.append(sum(POLARITY.get(w, 0) for w in words) / max(len(words), 1) - (0.0 if EOS in text else 1.0))
     return scores
 
 
 @dataclass(frozen=True)
 class BuiltinSettings:
-    """Everything the built-in artefacts depend on; its hash names the cache folder."""
-    version: int = 1
+    """What the built-in artefacts depend on (with the source code of the builder, hashed into the cache name)."""
     seed: int = 1234
     n_layer: int = 2
     n_embd: int = 128
@@ -113,41 +93,37 @@ class BuiltinSettings:
 
 
 def builtin_dir(settings: BuiltinSettings = BuiltinSettings()) -> str:
-    """Folder holding tokenizer/, sft/, reward/ and data/ of the built-in task, built on first use under a file lock
-    (so concurrent ranks wait for one builder) and rebuilt whenever `settings` change."""
-    key = hashlib.sha256(json.dumps([asdict(settings), builtin_vocabulary()]).encode()).hexdigest()[:12]
+    """Folder holding sft/, reward/ and data/ of the built-in task, built on first use under a file lock (so
+    concurrent ranks wait for one builder) and rebuilt whenever the settings, vocabulary or builder code change."""
+    import inspect
+    code = [inspect.getsource(f) for f in (sample_review, builtin_gold_score, _build_builtin)]
+    key = hashlib.sha256(json.dumps([asdict(settings), builtin_vocabulary(), code]).encode()).hexdigest()[:12]
     root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
     path = os.path.join(root, f"builtin-{key}")
-    if os.path.exists(os.path.join(path, "DONE")):
-        return path
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f"builtin-{key}.lock"), "w") as lock:
+    with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(os.path.join(path, "DONE")):
-            tmp = path + f".tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            _build_builtin(tmp, settings)
+            shutil.rmtree(path + ".tmp", ignore_errors=True)
+            _build_builtin(path + ".tmp", settings)  # built aside, renamed when complete: never half a task
             shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
+            os.rename(path + ".tmp", path)
     return path
 
 
 def _build_builtin(path: str, s: BuiltinSettings):
     from datasets import Dataset, DatasetDict
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tqdm import tqdm
-    from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,
-                              PreTrainedTokenizerFast)
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
     print(f"building the built-in task in {path} (once; about 2 minutes on 2 CPU cores)", file=sys.stderr)
     rng, t0 = random.Random(s.seed), time.time()
     torch.manual_seed(s.seed)
     vocab = {w: i for i, w in enumerate(builtin_vocabulary())}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece(prefix="##", cleanup=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS,
-                                  unk_token=UNK, model_max_length=s.n_positions, padding_side="left",
-                                  clean_up_tokenization_spaces=False)
-    tok.save_pretrained(f"{path}/tokenizer")
+    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece("##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+                                  model_max_length=s.n_positions, clean_up_tokenization_spaces=False)
     config = GPT2Config(vocab_size=len(vocab), n_positions=s.n_positions, n_embd=s.n_embd, n_layer=s.n_layer,
                         n_head=4, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
 
@@ -155,24 +131,25 @@ def _build_builtin(path: str, s: BuiltinSettings):
         tok.padding_side = side
         return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=s.n_positions)
 
-    # SFT policy: next-token NLL on grammar reviews ending in <eos>.
-    sft = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(sft.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in tqdm(range(s.sft_steps), desc="builtin: SFT policy", mininterval=2):
-        batch = encode([sample_review(rng) + f" {EOS}" for _ in range(64)])
-        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-        for g in opt.param_groups:
-            g["lr"] = 3e-3 * min(1.0, (step + 1) / 100) * (1 - step / s.sft_steps)
-        loss = sft(**batch, labels=labels).loss
-        opt.zero_grad(); loss.backward(); opt.step()
-    sft.eval().save_pretrained(f"{path}/sft"); tok.save_pretrained(f"{path}/sft")
+    def train(model, steps, desc, lr, loss_fn):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        for step in tqdm(range(steps), desc=desc, mininterval=2):
+            for group in opt.param_groups:  # linear warm-up over 100 steps, then linear decay
+                group["lr"] = lr * min(1.0, (step + 1) / 100) * (1 - step / steps)
+            loss = loss_fn()
+            opt.zero_grad(); loss.backward(); opt.step()
+        return model.eval()
 
-    # Prompts = the first 2-5 words of a review; responses come from the SFT policy.
-    def prompts(n):
-        return [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(n)]
+    def sft_loss():  # next-token NLL on grammar reviews ending in <eos>
+        batch = encode([sample_review(rng) + f" {EOS}" for _ in range(64)])
+        return sft(**batch, labels=batch.input_ids.masked_fill(batch.attention_mask == 0, -100)).loss
+
+    sft = GPT2LMHeadModel(config)
+    train(sft, s.sft_steps, "builtin: SFT policy", 3e-3, sft_loss)
+    prompts = lambda n: [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(n)]
 
     @torch.no_grad()
-    def sample(prompt_list, temperature=1.0):
+    def sample(prompt_list, temperature=1.0):  # responses of the SFT policy, cut after <eos>
         out = []
         for i in range(0, len(prompt_list), 256):
             enc = encode(prompt_list[i:i + 256], side="left")
@@ -183,33 +160,33 @@ def _build_builtin(path: str, s: BuiltinSettings):
                 out.append(tok.decode(row, skip_special_tokens=False).replace(PAD, "").strip())
         return out
 
-    train_prompts, eval_prompts, offline_prompts = prompts(s.n_train_prompts), prompts(s.n_eval_prompts), \
-        prompts(s.n_offline_prompts)
-    rm_prompts = prompts(2048)
+    # Reward model: Bradley-Terry on pairs of SFT responses ranked by the gold score (a learned proxy reward).
+    train_prompts, eval_prompts, offline_prompts, rm_prompts = (prompts(n) for n in (
+        s.n_train_prompts, s.n_eval_prompts, s.n_offline_prompts, 2048))
     first, second = sample(rm_prompts), sample(rm_prompts, temperature=1.3)
-
-    # Reward model: Bradley-Terry on pairs of SFT responses that the gold score ranks (a learned proxy reward).
     pairs = [(p, a, b) if ga > gb else (p, b, a) for p, a, b, ga, gb in
              zip(rm_prompts, first, second, builtin_gold_score(first), builtin_gold_score(second)) if ga != gb]
-    rm = GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1}))
-    opt = torch.optim.AdamW(rm.parameters(), lr=1e-3)
-    for step in tqdm(range(s.rm_steps), desc="builtin: reward model", mininterval=2):
+
+    def rm_loss():
         batch = rng.sample(pairs, 64)
-        enc = encode([f"{p} {c}" for p, c, _ in batch] + [f"{p} {r}" for p, _, r in batch])
-        scores = rm(**enc).logits[:, 0]
-        loss = -F.logsigmoid(scores[:64] - scores[64:]).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
-    rm.eval().save_pretrained(f"{path}/reward"); tok.save_pretrained(f"{path}/reward")
+        scores = rm(**encode([f"{p} {c}" for p, c, _ in batch] + [f"{p} {r}" for p, _, r in batch])).logits[:, 0]
+        return -F.logsigmoid(scores[:64] - scores[64:]).mean()
+
+    rm = GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1}))
+    train(rm, s.rm_steps, "builtin: reward model", 1e-3, rm_loss)
+    for model, name in ((sft, "sft"), (rm, "reward")):
+        model.save_pretrained(f"{path}/{name}")
+        tok.padding_side = "left"
+        tok.save_pretrained(f"{path}/{name}")
+    offline = sample(offline_prompts)
     with torch.no_grad():
-        offline = sample(offline_prompts)
-        enc = encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])
-        offline_rewards = rm(**enc).logits[:, 0].tolist()
+        offline_rewards = rm(**encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])).logits[:, 0].tolist()
     DatasetDict(train=Dataset.from_dict({"prompt": train_prompts}),
                 test=Dataset.from_dict({"prompt": eval_prompts})).save_to_disk(f"{path}/data/prompts")
     Dataset.from_dict({"prompt": offline_prompts, "response": offline, "reward": offline_rewards,
                        "gold": builtin_gold_score(offline)}).save_to_disk(f"{path}/data/offline")
-    Dataset.from_dict({"prompt": [p for p, _, _ in pairs], "chosen": [c for _, c, _ in pairs],
-                       "rejected": [r for _, _, r in pairs]}).save_to_disk(f"{path}/data/preference")
+    Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*pairs))))).save_to_disk(
+        f"{path}/data/preference")
     Dataset.from_dict({"text": [sample_review(rng) for _ in range(2048)]}).save_to_disk(f"{path}/data/pretrain")
     with open(f"{path}/DONE", "w") as f:
         json.dump({**asdict(s), "build_seconds": round(time.time() - t0, 1)}, f)
@@ -217,25 +194,20 @@ def _build_builtin(path: str, s: BuiltinSettings):
 
 
 def resolve(name: str, role: str) -> str:
-    """Map `builtin` to the built-in artefact for `role` (sft, reward, tokenizer, data/prompts, ...); else unchanged."""
+    """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged."""
     return os.path.join(builtin_dir(), role) if name == BUILTIN else name
 
 
-# ============================================================================================================
-# Loading models, tokenizers and datasets: a hub name and a local folder take the same path.
-# ============================================================================================================
+# ---- Loading models, tokenizers and datasets: a hub name and a local folder take the same path --------------------
 def _from_pretrained(cls, name: str, flag: str, **kwargs):
     try:
         return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        if os.path.sep in name or name.startswith(".") or os.environ.get("HF_HUB_OFFLINE") == "1":
-            reason = str(e).strip().splitlines()[0][:160]
-            fail(f"cannot load '{name}' ({reason}); pass {flag} an existing local folder or a hub name")
-        raise
+    except (OSError, ValueError) as e:  # a missing folder or an unreachable hub name: one line, naming the flag
+        fail(f"cannot load '{name}' ({str(e).strip().splitlines()[0][:160]}); pass {flag} an existing local folder "
+             f"or a hub name")
 
 
-def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side: str = "left",
-                   trust_remote_code: bool = False):
+def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="left", trust_remote_code=False):
     from transformers import AutoTokenizer
     tok = _from_pretrained(AutoTokenizer, resolve(name, "sft"), flag, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # GPT-2 family: pad with EOS; masks, not token ids, decide what is padding
@@ -244,42 +216,33 @@ def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side: 
     return tok
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_model(name: str, kind: str, flag: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """kind: 'causal' (policy / reference) or 'score' (reward / value model: a sequence-classification model with
-    one output, whose head is applied per token by `token_scores`)."""
+def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False):
+    """kind: `causal` (policy / reference) or `score` (reward / value model: a sequence-classification model with
+    one output; `token_scores` applies its head per token)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    role = "sft" if kind == "causal" else "reward"
-    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
-    extra = {} if kind == "causal" else {"num_labels": 1}
-    return _from_pretrained(cls, resolve(name, role), flag, dtype=DTYPES[dtype],
-                            trust_remote_code=trust_remote_code, **extra)
+    cls, role = (AutoModelForCausalLM, "sft") if kind == "causal" else (AutoModelForSequenceClassification, "reward")
+    return _from_pretrained(cls, resolve(name, role), flag, dtype=getattr(torch, dtype),
+                            trust_remote_code=trust_remote_code, **({} if kind == "causal" else {"num_labels": 1}))
 
 
-def load_prompts(name: str, split: str, prompt_field: str = "prompt", flag: str = "--dataset"):
+def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
     """Prompts from `builtin`, a folder saved with `save_to_disk`, a .jsonl/.json/.parquet file, or a hub name."""
     import datasets
     path = resolve(name, "data/prompts")
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
-                                   ("dataset_dict.json", "dataset_info.json", "state.json")):
-        data = datasets.load_from_disk(path)
-    elif path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
-        if not os.path.exists(path):
-            fail(f"dataset file '{path}' does not exist; pass {flag} an existing file, folder or hub name")
-        data = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
-    else:
-        try:
+    try:
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "README.md")):
+            data = datasets.load_from_disk(path)
+        elif path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
+            data = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
+        else:
             data = datasets.load_dataset(path)
-        except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
-            fail(f"cannot load dataset '{name}' ({str(e).splitlines()[0][:160]}); pass {flag} a local folder, "
-                 f"a .jsonl/.json/.parquet file or a hub name")
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds of error; the user needs one line
+        fail(f"cannot load dataset '{name}' ({str(e).strip().splitlines()[0][:160]}); pass {flag} a dataset folder, "
+             f"a .jsonl/.json/.parquet file or a hub name")
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            split = "train" if split != "train" and "train" in data and len(data) == 1 else split
-        if split not in data:
-            fail(f"dataset '{name}' has no split '{split}' (it has: {', '.join(data)}); pick one of those")
+            fail(f"dataset '{name}' has no split '{split}' (it has: {', '.join(data)}); pass one of those to "
+                 f"--train-split / --eval-split")
         data = data[split]
     if prompt_field not in data.column_names:
         fail(f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
@@ -288,8 +251,8 @@ def load_prompts(name: str, split: str, prompt_field: str = "prompt", flag: str 
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int):
-    """Tokenise prompts once, LEFT-truncated to the budget the context leaves for the response.
-    Returns (list of token-id lists, number truncated)."""
+    """Tokenise prompts once, LEFT-truncated to the budget the context leaves after the response.
+    Returns (list of token-id lists, how many were truncated)."""
     budget = min(max_prompt_length, context - max_new_tokens)
     if budget < 1:
         fail(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
@@ -303,10 +266,8 @@ def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: i
 def pad_left(rows, pad_id: int, device=None):
     """List of token-id lists -> (ids, attention_mask), both [batch, longest], padded on the left."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return ids.to(device), mask.to(device)
 
 
@@ -314,47 +275,46 @@ def context_length(model) -> int:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
 
 
-# ============================================================================================================
-# Distributed set-up and DeepSpeed.
-# ============================================================================================================
-def init_distributed(zero_stage: int, use_deepspeed: bool = True):
-    """Start the process group (also for a single process without a launcher). Returns (rank, world, device)."""
-    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+# ---- Distributed set-up and DeepSpeed ------------------------------------------------------------------------------
+def _deepspeed():
     try:
         import deepspeed
+        return deepspeed
     except ImportError:
-        if zero_stage > 0 or not use_deepspeed:
-            if zero_stage > 0:
-                fail(f"--zero-stage {zero_stage} needs DeepSpeed, which is not installed; "
-                     f"pip install -r requirements.txt, or use --zero-stage 0")
-        deepspeed = None
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])
+        return None
+
+
+def init_distributed(zero_stage: int):
+    """Start the process group (also for one process without a launcher). Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ:  # plain `python script.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(s.getsockname()[1]))
+    deepspeed, cuda, local_rank = _deepspeed(), torch.cuda.is_available(), int(os.environ["LOCAL_RANK"])
+    if deepspeed is None and zero_stage > 0:
+        fail(f"--zero-stage {zero_stage} needs DeepSpeed, which is not installed; pip install -r requirements.txt, "
+             f"or use --zero-stage 0")
     if cuda:
         torch.cuda.set_device(local_rank)
     if deepspeed is not None:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     elif not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
-def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16: bool = False, offload: bool = False,
-                     max_grad_norm: float = 1.0, betas=(0.9, 0.95), weight_decay: float = 0.0, train: bool = True):
-    """A DeepSpeed config. `train=False` gives the config of a frozen model (reference, reward) sharded like the
-    policy. torch's AdamW is used unless offloading (DeepSpeed's CPU Adam then), so nothing compiles on CPU."""
+def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=False, offload=False,
+                     max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, train=True):
+    """A DeepSpeed config; `train=False` is that of a frozen model (reference, reward) sharded like the policy.
+    torch's AdamW unless offloading (DeepSpeed's CPU Adam then), so nothing needs compiling on CPU."""
     zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
     if offload and train:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload and zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 10**9,
-              "wall_clock_breakdown": False}
+              "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
     if train:
         config["gradient_clipping"] = max_grad_norm
         config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
@@ -363,80 +323,68 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16: bo
 
 
 class TorchEngine:
-    """The few engine calls the scripts make (forward, backward, step, .module), for a model that lives on its own
-    device (e.g. `--value-device cpu`) or when DeepSpeed is absent. Gradients are averaged across ranks."""
+    """The engine calls the scripts make (forward, backward, step, .module, .device) for a model on a device of its
+    own (e.g. `--value-device cpu`) or when DeepSpeed is absent. Gradients are averaged over ranks, then clipped."""
 
     def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0):
-        self.module, self.max_grad_norm = model, max_grad_norm
+        self.module, self.device, self.max_grad_norm = model, model.device, max_grad_norm
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    @property
-    def device(self):
-        return self.module.device
 
     def backward(self, loss):
         loss.backward()
 
     def step(self):
         params = [p for p in self.module.parameters() if p.grad is not None]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            for p in params:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if p.is_cuda else dist.ReduceOp.SUM)
-                if not p.is_cuda:
-                    p.grad /= dist.get_world_size()
+        for p in params if dist.is_initialized() and dist.get_world_size() > 1 else []:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def prepare_trainable(model, device, zero_stage, micro_batch_size, lr, bf16=False, offload=False,
+def _device(placement: str):
+    """`policy` -> this rank's device; otherwise the named device (`cpu`, `cuda:N`)."""
+    if placement != "policy":
+        return torch.device(placement)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=False, offload=False,
                       max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0):
     """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere."""
-    try:
-        import deepspeed
-    except ImportError:
-        deepspeed = None
-    if deepspeed is None or device != "policy":
-        return TorchEngine(model.to(device if device != "policy" else default_device()), lr, max_grad_norm,
-                           betas, weight_decay)
+    deepspeed = _deepspeed()
+    if deepspeed is None or placement != "policy":
+        return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay)
     config = deepspeed_config(zero_stage, micro_batch_size, lr, bf16, offload, max_grad_norm, betas, weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                     if p.requires_grad], config=config)
-    return engine
+    params = [p for p in model.parameters() if p.requires_grad]
+    return deepspeed.initialize(model=model, model_parameters=params, config=config)[0]
 
 
-def prepare_frozen(model, device, zero_stage, micro_batch_size, bf16=False):
-    """Reference / reward model: eval mode, no grad. Colocated with the policy (`policy`) it is sharded by ZeRO-3
-    like the policy; on its own device (`cpu`, `cuda:N`) it is a plain full copy."""
+def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False):
+    """Reference / reward model: eval mode, no grad. Colocated with the policy (`policy`) under ZeRO-3 it is sharded
+    like the policy; otherwise it is a full copy on its device (`policy`, `cpu`, `cuda:N`)."""
     model.requires_grad_(False).eval()
-    if device == "policy" and zero_stage == 3:
-        import deepspeed
-        engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(3, micro_batch_size, 0.0, bf16,
-                                                                               train=False))
+    if placement == "policy" and zero_stage == 3:
+        config = deepspeed_config(3, micro_batch_size, 0.0, bf16, train=False)
+        engine = _deepspeed().initialize(model=model, config=config)[0]
         engine.eval()
         return engine
-    return model.to(default_device() if device == "policy" else device)
-
-
-def default_device():
-    return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
+    return model.to(_device(placement))
 
 
 def unwrap(model):
     return getattr(model, "module", model)
 
 
-# ============================================================================================================
-# Forward passes over (left-padded prompt | right-padded response).
-# ============================================================================================================
+# ---- Forward passes over (left-padded prompt | right-padded response) -----------------------------------------------
 def concat_inputs(query_ids, query_mask, response_ids, response_mask, device):
     ids = torch.cat([query_ids, response_ids], 1).to(device)
     mask = torch.cat([query_mask, response_mask.long()], 1).to(device)
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the mask, so left padding changes nothing
-    return ids, mask, position_ids
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the mask: left padding changes nothing
 
 
 def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature=1.0,
@@ -446,79 +394,77 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     logits = logits[:, query_ids.shape[1] - 1:-1].float() / temperature
-    logsumexp = logits.logsumexp(-1)
-    logprobs = logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp
+    logsumexp = logits.logsumexp(-1)  # gather − logsumexp: no [batch, len, vocab] log-softmax kept around
+    logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp)
     logprobs = logprobs * mask[:, query_ids.shape[1]:]
     if not with_entropy:
         return logprobs
-    entropy = logsumexp - (logits.softmax(-1) * logits).sum(-1)
-    return logprobs, entropy
+    return logprobs, (logsumexp - (logits.softmax(-1) * logits).sum(-1)) * mask[:, query_ids.shape[1]:]
 
 
 def token_scores(model, ids, mask, position_ids):
-    """Apply a sequence-classification model's head at every position: [batch, seq_len]. This is how a value model
+    """A sequence-classification model's head applied at every position: [batch, seq_len]. This is how a value model
     gives V(s_t) per token and how a reward model is read at the last real token."""
     inner = unwrap(model)
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask,
+                                                     position_ids=position_ids).last_hidden_state
     return inner.score(hidden).squeeze(-1).float()
 
 
 def forward_values(model, query_ids, query_mask, response_ids, response_mask):
     """V(s_t) for every response token t, where s_t = x + y_<t: [batch, response_len] (0 on padding)."""
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
-    values = token_scores(model, ids, mask, pos)[:, query_ids.shape[1] - 1:-1]
-    return values * mask[:, query_ids.shape[1]:]
+    return token_scores(model, ids, mask, pos)[:, query_ids.shape[1] - 1:-1] * mask[:, query_ids.shape[1]:]
 
 
 def truncate_after_eos(response_ids, eos_id: int, pad_id: int):
     """Cut every response after its first EOS (kept, mask 1); everything after is padding (mask 0).
     Returns (response_ids, response_mask, ended_with_eos)."""
-    is_eos = response_ids == eos_id
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    response_mask = (~after_eos).long()
-    return response_ids.masked_fill(after_eos, pad_id), response_mask, is_eos.any(1)
+    is_eos = (response_ids == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
+    return response_ids.masked_fill(after_eos, pad_id), (~after_eos).long(), is_eos.bool().any(1)
 
 
-# ============================================================================================================
-# Masked statistics (padding never counts), optionally over all ranks.
-# ============================================================================================================
-def masked_mean(x, mask, across_ranks: bool = False):
+# ---- Masked statistics (padding never counts), optionally over all ranks --------------------------------------------
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def masked_mean(x, mask, across_ranks=False):
     """Mean of x over entries where mask is 1; with `across_ranks`, over those entries on every rank."""
     total, count = (x * mask).sum(), mask.sum().to(x.dtype)
-    if across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
+    if across_ranks and _world() > 1:
         sums = torch.stack([total.detach(), count])
         dist.all_reduce(sums)
         total, count = total + (sums[0] - total.detach()), sums[1]  # keeps this rank's gradient path
     return total / count.clamp(min=1)
 
 
-def masked_var(x, mask, across_ranks: bool = False):
-    mean = masked_mean(x, mask, across_ranks)
-    return masked_mean((x - mean) ** 2, mask, across_ranks)
+def masked_var(x, mask, across_ranks=False):
+    return masked_mean((x - masked_mean(x, mask, across_ranks)) ** 2, mask, across_ranks)
 
 
-def whiten_masked(x, mask, across_ranks: bool = True, shift_mean: bool = True):
-    """(x - mean) / sqrt(var + 1e-8) over the masked entries only (ALGORITHMS.md §2); padding stays 0."""
+def whiten_masked(x, mask, across_ranks=True, shift_mean=True):
+    """(x − mean) / sqrt(var + 1e-8) over the masked entries only (ALGORITHMS.md §2); padding stays 0."""
     mean, var = masked_mean(x, mask, across_ranks), masked_var(x, mask, across_ranks)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
 
 class RunningMoments:
-    """Running mean/std of scores over all rollouts so far (all ranks), for reward scaling (PPO-max)."""
+    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
+    scaling (PPO-max)."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-8
 
     def update(self, x: torch.Tensor):
-        stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()))]).double().cpu()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
+        stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        if _world() > 1:
             dist.all_reduce(stats)
-        n = stats[2].item()
-        mean = stats[0].item() / n
-        var = max(stats[1].item() / n - mean ** 2, 0.0)
-        delta, total = mean - self.mean, self.count + n
+        n, mean = stats[2].item(), stats[0].item() / stats[2].item()
+        var, delta, total = max(stats[1].item() / n - mean ** 2, 0.0), mean - self.mean, self.count + n
         self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
         self.mean, self.count = self.mean + delta * n / total, total
 
@@ -528,29 +474,24 @@ class RunningMoments:
 
 
 def mean_across_ranks(metrics: dict) -> dict:
-    """Average a dict of floats over ranks (each rank contributed an equal number of rows)."""
-    keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    """Average a dict of floats over ranks (each rank contributed the same number of rows)."""
+    values = torch.tensor([float(metrics[k]) for k in sorted(metrics)], dtype=torch.float64)
+    if _world() > 1:
         dist.all_reduce(values)
-        values /= dist.get_world_size()
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(sorted(metrics), (values / _world()).tolist()))
 
 
-# ============================================================================================================
-# Logging and checkpoints.
-# ============================================================================================================
+# ---- Logging and checkpoints --------------------------------------------------------------------------------------
 def make_logger(args, run_name: str, rank: int):
-    """TensorBoard writer (with cleanRL's hyper-parameter table) + metrics.jsonl, on rank 0 only.
-    Returns log(step, metrics): metrics.jsonl gets everything except wall-clock keys ('time/...'), so two runs with
-    the same seed write identical files."""
+    """TensorBoard (with cleanRL's hyper-parameter table) + args.json + metrics.jsonl, on rank 0. Returns
+    log(step, metrics); metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one seed write
+    identical files."""
     if rank != 0:
         return lambda step, metrics: None
     from torch.utils.tensorboard import SummaryWriter
-    run_dir = os.path.join(args.output_dir, run_name)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-        f"|{k}|{v}|" for k, v in sorted(vars(args).items())))
+    writer = SummaryWriter(run_dir := os.path.join(args.output_dir, run_name))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
+                                                                           sorted(vars(args).items())))
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1, default=str)
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
@@ -567,14 +508,13 @@ def make_logger(args, run_name: str, rank: int):
 
 
 def save_hf(engine, tokenizer, path: str, rank: int):
-    """Save an HF folder (reloadable with from_pretrained); ZeRO-3 parameters are gathered first. Written to a
-    temporary folder and renamed, so an interrupted save never destroys the previous checkpoint."""
+    """Save an HF folder (reloadable with from_pretrained), ZeRO-3 shards gathered first. Written aside and renamed,
+    so an interrupted save never destroys the checkpoint it replaces."""
     state_dict = None
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
     if rank == 0:
-        tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp := path.rstrip("/") + ".tmp", ignore_errors=True)
         unwrap(engine).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -586,8 +526,3 @@ def save_hf(engine, tokenizer, path: str, rank: int):
 def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:
-        pass

@@ -203,12 +203,11 @@ def score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask
                                               reward_model.device)
         last = query_ids.shape[1] + response_mask.sum(1) - 1
         return common.token_scores(reward_model, ids, mask, pos)[torch.arange(len(ids)), last.cpu()].cpu()
-    # another tokenizer: decode, re-encode with the reward model's own, and let the model pool as it was trained
-    prompts = tokenizer.batch_decode(query_ids, skip_special_tokens=True)
-    responses = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response_ids,
-                                                                                          response_mask)]
-    enc = rm_tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True,
-                       truncation=True).to(reward_model.device)
+    # another tokenizer: decode prompt + response together (so no word is glued or split at the seam), re-encode
+    # with the reward model's own tokenizer, and let the model pool as it was trained to
+    texts = [tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
+             for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask)]
+    enc = rm_tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(reward_model.device)
     return reward_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
 
 

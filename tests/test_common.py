@@ -368,8 +368,9 @@ def test_load_prompts_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie", "id": 1}, {"prompt": "i loved", "id": 2},
                                               {"prompt": "it was", "id": 3}])
     assert common.load_prompts(path, "train") == ["the movie", "i loved", "it was"]
-    # a single-split file serves any split name (the eval split falls back to the only one)
-    assert common.load_prompts(path, "test") == ["the movie", "i loved", "it was"]
+    # a single-split file does not silently serve another split (that would evaluate on training data)
+    with pytest.raises(SystemExit, match=r"no split 'test' \(it has: train\).*--eval-split"):
+        common.load_prompts(path, "test")
     assert common.load_prompts(path, "train", prompt_field="id") == ["1", "2", "3"]
 
 

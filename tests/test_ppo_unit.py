@@ -61,12 +61,12 @@ def test_compute_gae_hand_values():
     values = torch.tensor([[0.5, 0.25, 0.125, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     adv, ret = ppo.compute_gae(rewards, values, mask, 1.0, 1.0)
-    assert adv.tolist() == pytest.approx([[0.5, 0.75, 0.875, 0.0]])
-    assert ret.tolist() == pytest.approx([[1.0, 1.0, 1.0, 0.0]])
+    assert adv[0].tolist() == pytest.approx([0.5, 0.75, 0.875, 0.0])
+    assert ret[0].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.0])
     # γ = 0.5, λ = 0: A_t = δ_t = r_t + 0.5 V_{t+1} − V_t, V after the last token = 0
     adv, ret = ppo.compute_gae(rewards, values, mask, 0.5, 0.0)
-    assert adv.tolist() == pytest.approx([[0 + 0.125 - 0.5, 0 + 0.0625 - 0.25, 1 + 0 - 0.125, 0.0]])
-    assert ret.tolist() == pytest.approx([[0.125, 0.0625, 1.0, 0.0]])
+    assert adv[0].tolist() == pytest.approx([0 + 0.125 - 0.5, 0 + 0.0625 - 0.25, 1 + 0 - 0.125, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.125, 0.0625, 1.0, 0.0])
 
 
 # ------------------------------------------------------------------------------------------------------------
