@@ -1,15 +1,18 @@
-"""What the five algorithm scripts share and that is not an algorithm: the built-in offline task, loading
-models / tokenizers / datasets, DeepSpeed set-up, log-prob gathering, masked statistics, logging and checkpoints.
-
-Conventions (../shared/ALGORITHMS.md §0): prompts are LEFT-padded, responses RIGHT-padded; `response_mask` is 1 on
-the response tokens of a row, including its EOS if one was generated.
-"""
-import fcntl, hashlib, json, math, os, random, shutil, socket, sys, time
-from dataclasses import asdict, dataclass
+"""What the five algorithm scripts share that is not an algorithm: the built-in task, loading models / tokenizers /
+datasets, DeepSpeed set-up, log-prob gathering, masked statistics, logging and checkpoints. Conventions
+(../shared/ALGORITHMS.md §0): prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens
+(its EOS included)."""
+import fcntl, hashlib, inspect, json, math, os, random, shutil, socket, sys, time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+try:
+    import deepspeed
+except ImportError:  # ZeRO-0 runs without it: plain torch.distributed and TorchEngine
+    deepspeed = None
 
 BUILTIN = "builtin"
 
@@ -29,11 +32,9 @@ WORDS = {k: v.split() for k, v in dict(
             "muddled ugly",
     neu_adj="long short quiet loud slow fast simple dark bright old new familiar strange modest unusual serious "
             "light busy plain late early",
-    pos_adv="beautifully brilliantly wonderfully superbly gracefully",
-    neg_adv="painfully horribly badly poorly awkwardly",
-    intensifier="really very quite rather truly fairly so",
-    pos_verb="loved enjoyed adored admired liked", neg_verb="hated disliked regretted resented loathed",
-    neu_verb="watched saw noticed remember expected",
+    pos_adv="beautifully brilliantly wonderfully superbly gracefully", pos_verb="loved enjoyed adored admired liked",
+    neg_adv="painfully horribly badly poorly awkwardly", neg_verb="hated disliked regretted resented loathed",
+    neu_verb="watched saw noticed remember expected", intensifier="really very quite rather truly fairly so",
     noun="movie film story plot script acting cast music score soundtrack dialogue ending opening pacing direction "
          "camera editing humor romance villain hero scene finale sequel premise setting costumes effects "
          "characters cinematography visuals",
@@ -41,10 +42,7 @@ WORDS = {k: v.split() for k, v in dict(
     function="the this a an and but i it was felt is seemed gave made performance overall , .").items()}
 POLARITY = {w: (1 if k.startswith("pos") else -1) for k, ws in WORDS.items() if k[:3] in ("pos", "neg") for w in ws}
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-
-
-def builtin_vocabulary():
-    return [PAD, BOS, EOS, UNK] + sorted({w for ws in WORDS.values() for w in ws})
+VOCABULARY = [PAD, BOS, EOS, UNK] + sorted({w for ws in WORDS.values() for w in ws})
 
 
 def sample_review(rng: random.Random) -> str:
@@ -55,9 +53,7 @@ def sample_review(rng: random.Random) -> str:
 
     def adj():
         r = rng.random()
-        if r < 0.25:
-            return pick("neu_adj")
-        return f"{pick('intensifier')} {polar('adj')}" if r > 0.8 else polar("adj")
+        return pick("neu_adj") if r < 0.25 else f"{pick('intensifier')} {polar('adj')}" if r > 0.8 else polar("adj")
 
     verb = lambda: pick("neu_verb") if rng.random() < 0.3 else polar("verb")
     templates = [lambda: f"the {pick('noun')} was {adj()} .", lambda: f"the {pick('noun')} felt {adj()} .",
@@ -71,33 +67,21 @@ def sample_review(rng: random.Random) -> str:
 def builtin_gold_score(texts) -> list:
     """The task's true objective, for responses decoded WITH special tokens: mean word polarity in [-1, 1]
     (positive words +1, negative -1, punctuation not counted), minus 1 if the response never emitted <eos>."""
-    scores = []
-    for text in texts:
-        words = [w for w in text.replace(EOS, " ").split() if w not in (",", ".", PAD, BOS)]
-        scores.append(sum(POLARITY.get(w, 0) for w in words) / max(len(words), 1) - (0.0 if EOS in text else 1.0))
-    return scores
+    words = [[w for w in text.replace(EOS, " ").split() if w not in (",", ".", PAD, BOS)] for text in texts]
+    return [sum(POLARITY.get(w, 0) for w in ws) / max(len(ws), 1) - (0.0 if EOS in text else 1.0)
+            for ws, text in zip(words, texts)]
 
 
-@dataclass(frozen=True)
-class BuiltinSettings:
-    """What the built-in artefacts depend on (with the source code of the builder, hashed into the cache name)."""
-    seed: int = 1234
-    n_layer: int = 2
-    n_embd: int = 128
-    n_positions: int = 64
-    sft_steps: int = 700
-    rm_steps: int = 300
-    n_train_prompts: int = 4096
-    n_eval_prompts: int = 256
-    n_offline_prompts: int = 1024
+# What the built-in artefacts depend on; with the vocabulary and the builder's source code, hashed into the cache name.
+BUILTIN_SETTINGS = dict(seed=1234, n_layer=2, n_embd=128, n_positions=64, sft_steps=700, rm_steps=300,
+                        n_train_prompts=4096, n_eval_prompts=256, n_offline_prompts=1024)
 
 
-def builtin_dir(settings: BuiltinSettings = BuiltinSettings()) -> str:
+def builtin_dir(settings: dict = BUILTIN_SETTINGS) -> str:
     """Folder holding sft/, reward/ and data/ of the built-in task, built on first use under a file lock (so
     concurrent ranks wait for one builder) and rebuilt whenever the settings, vocabulary or builder code change."""
-    import inspect
     code = [inspect.getsource(f) for f in (sample_review, builtin_gold_score, _build_builtin)]
-    key = hashlib.sha256(json.dumps([asdict(settings), builtin_vocabulary(), code]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
     root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
     path = os.path.join(root, f"builtin-{key}")
     os.makedirs(root, exist_ok=True)
@@ -111,15 +95,15 @@ def builtin_dir(settings: BuiltinSettings = BuiltinSettings()) -> str:
     return path
 
 
-def _build_builtin(path: str, s: BuiltinSettings):
+def _build_builtin(path: str, settings: dict):
     from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tqdm import tqdm
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
     print(f"building the built-in task in {path} (once; about 2 minutes on 2 CPU cores)", file=sys.stderr)
-    rng, t0 = random.Random(s.seed), time.time()
+    s, t0, rng = SimpleNamespace(**settings), time.time(), random.Random(settings["seed"])
     torch.manual_seed(s.seed)
-    vocab = {w: i for i, w in enumerate(builtin_vocabulary())}
+    vocab = {w: i for i, w in enumerate(VOCABULARY)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece("##", cleanup=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
@@ -131,14 +115,12 @@ def _build_builtin(path: str, s: BuiltinSettings):
         tok.padding_side = side
         return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=s.n_positions)
 
-    def train(model, steps, desc, lr, loss_fn):
+    def train(model, steps, desc, lr, loss_fn):  # AdamW, linear warm-up over 100 steps then linear decay
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        for step in tqdm(range(steps), desc=desc, mininterval=2):
-            for group in opt.param_groups:  # linear warm-up over 100 steps, then linear decay
-                group["lr"] = lr * min(1.0, (step + 1) / 100) * (1 - step / steps)
-            loss = loss_fn()
-            opt.zero_grad(); loss.backward(); opt.step()
-        return model.eval()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps))
+        for _ in tqdm(range(steps), desc=desc, mininterval=2):
+            opt.zero_grad(), loss_fn().backward(), opt.step(), sched.step()
+        model.eval()
 
     def sft_loss():  # next-token NLL on grammar reviews ending in <eos>
         batch = encode([sample_review(rng) + f" {EOS}" for _ in range(64)])
@@ -149,16 +131,12 @@ def _build_builtin(path: str, s: BuiltinSettings):
     prompts = lambda n: [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(n)]
 
     @torch.no_grad()
-    def sample(prompt_list, temperature=1.0):  # responses of the SFT policy, cut after <eos>
-        out = []
-        for i in range(0, len(prompt_list), 256):
-            enc = encode(prompt_list[i:i + 256], side="left")
-            gen = sft.generate(**enc, do_sample=True, top_k=0, temperature=temperature, max_new_tokens=32,
-                               pad_token_id=vocab[PAD], eos_token_id=vocab[EOS])
-            for row in gen[:, enc.input_ids.shape[1]:].tolist():
-                row = row[: row.index(vocab[EOS]) + 1] if vocab[EOS] in row else row
-                out.append(tok.decode(row, skip_special_tokens=False).replace(PAD, "").strip())
-        return out
+    def sample(prompt_list, temperature=1.0):  # responses of the SFT policy, cut after <eos> (kept in the text)
+        enc = encode(prompt_list, side="left")
+        gen = sft.generate(**enc, do_sample=True, top_k=0, temperature=temperature, max_new_tokens=32,
+                           pad_token_id=vocab[PAD], eos_token_id=vocab[EOS])
+        ids, mask, _ = truncate_after_eos(gen[:, enc.input_ids.shape[1]:], vocab[EOS], vocab[PAD])
+        return [tok.decode(row[:n]) for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
 
     # Reward model: Bradley-Terry on pairs of SFT responses ranked by the gold score (a learned proxy reward).
     train_prompts, eval_prompts, offline_prompts, rm_prompts = (prompts(n) for n in (
@@ -174,10 +152,9 @@ def _build_builtin(path: str, s: BuiltinSettings):
 
     rm = GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1}))
     train(rm, s.rm_steps, "builtin: reward model", 1e-3, rm_loss)
+    tok.padding_side = "left"
     for model, name in ((sft, "sft"), (rm, "reward")):
-        model.save_pretrained(f"{path}/{name}")
-        tok.padding_side = "left"
-        tok.save_pretrained(f"{path}/{name}")
+        model.save_pretrained(f"{path}/{name}"), tok.save_pretrained(f"{path}/{name}")
     offline = sample(offline_prompts)
     with torch.no_grad():
         offline_rewards = rm(**encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])).logits[:, 0].tolist()
@@ -188,8 +165,7 @@ def _build_builtin(path: str, s: BuiltinSettings):
     Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*pairs))))).save_to_disk(
         f"{path}/data/preference")
     Dataset.from_dict({"text": [sample_review(rng) for _ in range(2048)]}).save_to_disk(f"{path}/data/pretrain")
-    with open(f"{path}/DONE", "w") as f:
-        json.dump({**asdict(s), "build_seconds": round(time.time() - t0, 1)}, f)
+    open(f"{path}/DONE", "w").write(json.dumps({**settings, "build_seconds": round(time.time() - t0, 1)}))
     print(f"built-in task ready ({time.time() - t0:.0f} s)", file=sys.stderr)
 
 
@@ -230,7 +206,7 @@ def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset")
     import datasets
     path = resolve(name, "data/prompts")
     try:
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "README.md")):
+        if os.path.isdir(path) and {"dataset_dict.json", "state.json"} & set(os.listdir(path)):  # save_to_disk
             data = datasets.load_from_disk(path)
         elif path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
             data = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
@@ -271,19 +247,7 @@ def pad_left(rows, pad_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
-def context_length(model) -> int:
-    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
-
-
 # ---- Distributed set-up and DeepSpeed ------------------------------------------------------------------------------
-def _deepspeed():
-    try:
-        import deepspeed
-        return deepspeed
-    except ImportError:
-        return None
-
-
 def init_distributed(zero_stage: int):
     """Start the process group (also for one process without a launcher). Returns (rank, world_size, device)."""
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one
@@ -291,16 +255,14 @@ def init_distributed(zero_stage: int):
             s.bind(("127.0.0.1", 0))
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(s.getsockname()[1]))
-    deepspeed, cuda, local_rank = _deepspeed(), torch.cuda.is_available(), int(os.environ["LOCAL_RANK"])
+    cuda, local_rank = torch.cuda.is_available(), int(os.environ["LOCAL_RANK"])
     if deepspeed is None and zero_stage > 0:
         fail(f"--zero-stage {zero_stage} needs DeepSpeed, which is not installed; pip install -r requirements.txt, "
              f"or use --zero-stage 0")
     if cuda:
         torch.cuda.set_device(local_rank)
-    if deepspeed is not None:
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    elif not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend) if deepspeed else dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
@@ -308,18 +270,15 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=Fal
                      max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, train=True):
     """A DeepSpeed config; `train=False` is that of a frozen model (reference, reward) sharded like the policy.
     torch's AdamW unless offloading (DeepSpeed's CPU Adam then), so nothing needs compiling on CPU."""
-    zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
-    if offload and train:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if offload and zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    config = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-              "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
-    if train:
-        config["gradient_clipping"] = max_grad_norm
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8,
-                                                            "weight_decay": weight_decay, "torch_adam": not offload}}
-    return config
+    cpu = {"device": "cpu", "pin_memory": True}
+    zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True,
+            **({"offload_optimizer": cpu} if offload and train else {}),
+            **({"offload_param": cpu} if offload and zero_stage == 3 else {})}
+    optimizer = {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay,
+                                             "torch_adam": not offload}}
+    return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
+            "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 10**9,
+            **({"gradient_clipping": max_grad_norm, "optimizer": optimizer} if train else {})}
 
 
 class TorchEngine:
@@ -338,25 +297,20 @@ class TorchEngine:
 
     def step(self):
         params = [p for p in self.module.parameters() if p.grad is not None]
-        for p in params if dist.is_initialized() and dist.get_world_size() > 1 else []:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+        for p in params if _world() > 1 else []:
+            dist.all_reduce(p.grad), p.grad.div_(_world())
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)
 
 
-def _device(placement: str):
-    """`policy` -> this rank's device; otherwise the named device (`cpu`, `cuda:N`)."""
-    if placement != "policy":
-        return torch.device(placement)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def _device(placement: str):  # `policy` -> this rank's device; otherwise the named one (`cpu`, `cuda:N`)
+    here = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return torch.device(here if placement == "policy" else placement)
 
 
 def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=False, offload=False,
                       max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0):
     """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere."""
-    deepspeed = _deepspeed()
     if deepspeed is None or placement != "policy":
         return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay)
     config = deepspeed_config(zero_stage, micro_batch_size, lr, bf16, offload, max_grad_norm, betas, weight_decay)
@@ -370,14 +324,8 @@ def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False):
     model.requires_grad_(False).eval()
     if placement == "policy" and zero_stage == 3:
         config = deepspeed_config(3, micro_batch_size, 0.0, bf16, train=False)
-        engine = _deepspeed().initialize(model=model, config=config)[0]
-        engine.eval()
-        return engine
+        return deepspeed.initialize(model=model, config=config)[0]  # the module inside is in eval mode
     return model.to(_device(placement))
-
-
-def unwrap(model):
-    return getattr(model, "module", model)
 
 
 # ---- Forward passes over (left-padded prompt | right-padded response) -----------------------------------------------
@@ -395,17 +343,17 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     logits = logits[:, query_ids.shape[1] - 1:-1].float() / temperature
     logsumexp = logits.logsumexp(-1)  # gather − logsumexp: no [batch, len, vocab] log-softmax kept around
-    logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp)
-    logprobs = logprobs * mask[:, query_ids.shape[1]:]
+    response_mask = mask[:, query_ids.shape[1]:]
+    logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp) * response_mask
     if not with_entropy:
         return logprobs
-    return logprobs, (logsumexp - (logits.softmax(-1) * logits).sum(-1)) * mask[:, query_ids.shape[1]:]
+    return logprobs, (logsumexp - (logits.softmax(-1) * logits).sum(-1)) * response_mask
 
 
 def token_scores(model, ids, mask, position_ids):
     """A sequence-classification model's head applied at every position: [batch, seq_len]. This is how a value model
     gives V(s_t) per token and how a reward model is read at the last real token."""
-    inner = unwrap(model)
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
     hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask,
                                                      position_ids=position_ids).last_hidden_state
     return inner.score(hidden).squeeze(-1).float()
@@ -451,28 +399,6 @@ def whiten_masked(x, mask, across_ranks=True, shift_mean=True):
     return (whitened if shift_mean else whitened + mean) * mask
 
 
-class RunningMoments:
-    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
-    scaling (PPO-max)."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
-
-    def update(self, x: torch.Tensor):
-        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
-        stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
-        if _world() > 1:
-            dist.all_reduce(stats)
-        n, mean = stats[2].item(), stats[0].item() / stats[2].item()
-        var, delta, total = max(stats[1].item() / n - mean ** 2, 0.0), mean - self.mean, self.count + n
-        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
-        self.mean, self.count = self.mean + delta * n / total, total
-
-    @property
-    def std(self):
-        return math.sqrt(self.var)
-
-
 def mean_across_ranks(metrics: dict) -> dict:
     """Average a dict of floats over ranks (each rank contributed the same number of rows)."""
     values = torch.tensor([float(metrics[k]) for k in sorted(metrics)], dtype=torch.float64)
@@ -483,39 +409,35 @@ def mean_across_ranks(metrics: dict) -> dict:
 
 # ---- Logging and checkpoints --------------------------------------------------------------------------------------
 def make_logger(args, run_name: str, rank: int):
-    """TensorBoard (with cleanRL's hyper-parameter table) + args.json + metrics.jsonl, on rank 0. Returns
-    log(step, metrics); metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one seed write
-    identical files."""
+    """TensorBoard (cleanRL's hyper-parameter table) + args.json + metrics.jsonl on rank 0; returns log(step, metrics).
+    metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one seed write identical files."""
+    from torch.utils.tensorboard import SummaryWriter
     if rank != 0:
         return lambda step, metrics: None
-    from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(run_dir := os.path.join(args.output_dir, run_name))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
                                                                            sorted(vars(args).items())))
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1, default=str)
+    open(os.path.join(run_dir, "args.json"), "w").write(json.dumps(vars(args), indent=1, default=str))
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
 
     def log(step, metrics):
         for k, v in metrics.items():
             writer.add_scalar(k, v, step)
         record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items()) if not k.startswith("time/")}}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        writer.flush()
+        metrics_file.write(json.dumps(record) + "\n"), metrics_file.flush(), writer.flush()
 
     return log
 
 
 def save_hf(engine, tokenizer, path: str, rank: int):
     """Save an HF folder (reloadable with from_pretrained), ZeRO-3 shards gathered first. Written aside and renamed,
-    so an interrupted save never destroys the checkpoint it replaces."""
+    so an interrupted save never leaves a half-written checkpoint under the final name."""
     state_dict = None
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
     if rank == 0:
         shutil.rmtree(tmp := path.rstrip("/") + ".tmp", ignore_errors=True)
-        unwrap(engine).save_pretrained(tmp, state_dict=state_dict)
+        getattr(engine, "module", engine).save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
@@ -524,5 +446,4 @@ def save_hf(engine, tokenizer, path: str, rank: int):
 
 
 def seed_everything(seed: int):
-    random.seed(seed)
-    torch.manual_seed(seed)
+    random.seed(seed), torch.manual_seed(seed)

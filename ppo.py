@@ -12,7 +12,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import math
+
 import torch
+import torch.distributed as dist
 import tyro
 from transformers import GenerationConfig
 
@@ -173,6 +176,28 @@ def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, ma
     return pg_loss + vf_coef * vf_loss, {"pg_loss": pg_loss, "vf_loss": vf_loss, **stats}
 
 
+class RunningMoments:
+    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
+    scaling (PPO-max)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, x: torch.Tensor):
+        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
+        stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        n, mean = stats[2].item(), stats[0].item() / stats[2].item()
+        var, delta, total = max(stats[1].item() / n - mean ** 2, 0.0), mean - self.mean, self.count + n
+        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
+        self.mean, self.count = self.mean + delta * n / total, total
+
+    @property
+    def std(self):
+        return math.sqrt(self.var)
+
+
 def update_kl_coef(kl_coef, current_kl, target_kl, horizon, n_steps):
     """The adaptive KL controller of Ziegler et al. 2019 (§2.2): e = clip(KL/target − 1, ±0.2),
     β ← β(1 + e · n_steps / horizon)."""
@@ -184,7 +209,7 @@ def update_kl_coef(kl_coef, current_kl, target_kl, horizon, n_steps):
 def generate(policy, query_ids, query_mask, generation_config, zero3):
     """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
     rollout, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
-    model = common.unwrap(policy)
+    model = getattr(policy, "module", policy)  # the HF model inside a DeepSpeed engine
     gather = nullcontext()
     if zero3:
         import deepspeed
@@ -253,7 +278,7 @@ if __name__ == "__main__":
                     "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
     value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
                                      trust_remote_code=args.trust_remote_code)
-    context = common.context_length(policy)
+    context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
 
     # Placement: the policy and (by default) the value model are DeepSpeed engines on this rank's device; π_ref
     # and the reward model are frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`.
@@ -321,7 +346,7 @@ if __name__ == "__main__":
         return common.mean_across_ranks(metrics)
 
     num_iterations = args.total_episodes // (args.rollout_batch_size * world_size)
-    kl_coef, score_moments = args.init_kl_coef, common.RunningMoments()
+    kl_coef, score_moments = args.init_kl_coef, RunningMoments()
     eval_history = [(0, evaluate())]
     log(0, eval_history[-1][1])
     if rank == 0:

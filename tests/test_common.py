@@ -9,7 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json  # noqa: E402
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -272,43 +271,6 @@ def test_builtin_gold_score_is_per_text_and_in_range():
     texts = ["great <eos>", "awful", "the movie <eos>"]
     assert common.builtin_gold_score(texts) == pytest.approx([1.0, -2.0, 0.0])
     assert common.builtin_gold_score([]) == []
-
-
-# ------------------------------------------------------------------------------------------------------------
-# RunningMoments
-# ------------------------------------------------------------------------------------------------------------
-def test_running_moments_equal_population_moments_of_everything_seen():
-    g = torch.Generator().manual_seed(3)
-    chunks = [torch.randn(5, generator=g, dtype=torch.float64) * 2 + 3,
-              torch.randn(17, generator=g, dtype=torch.float64) * 0.5 - 1,
-              torch.tensor([7.0], dtype=torch.float64),
-              torch.randn(4, 3, generator=g, dtype=torch.float64)]
-    moments = common.RunningMoments()
-    for i, chunk in enumerate(chunks):
-        moments.update(chunk)
-        seen = [v for c in chunks[: i + 1] for v in c.flatten().tolist()]
-        mean = sum(seen) / len(seen)
-        std = math.sqrt(sum((v - mean) ** 2 for v in seen) / len(seen))
-        assert moments.mean == pytest.approx(mean, rel=1e-6, abs=1e-7)
-        assert moments.std == pytest.approx(std, rel=1e-6)
-        assert moments.count == pytest.approx(len(seen), rel=1e-6)
-
-
-def test_running_moments_float32_scores_with_an_offset():
-    """Scores arrive as float32 (the reward model's output). With an offset of 1000 and std 1 the running std
-    must still be right to 0.1%; the population moments are computed here in float64 from the same float32 values.
-    Fails while RunningMoments.update sums x and x**2 in float32 (the .double() comes after the sums) and takes
-    var = E[x^2] - E[x]^2: catastrophic cancellation."""
-    g = torch.Generator().manual_seed(0)
-    chunks = [1000 + torch.randn(200, generator=g) for _ in range(3)]
-    moments = common.RunningMoments()
-    for chunk in chunks:
-        moments.update(chunk)
-    seen = [v for c in chunks for v in c.tolist()]  # exact float32 values as Python floats
-    mean = sum(seen) / len(seen)
-    std = math.sqrt(sum((v - mean) ** 2 for v in seen) / len(seen))
-    assert moments.mean == pytest.approx(mean, rel=1e-6)
-    assert moments.std == pytest.approx(std, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------------
