@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 try:
     import deepspeed
@@ -17,8 +16,7 @@ except ImportError:  # ZeRO-0 runs without it: plain torch.distributed and Torch
 BUILTIN = "builtin"
 
 
-def fail(message: str):
-    """Stop with a one-line error that names the fix (no traceback: the input was wrong, not the code)."""
+def fail(message: str):  # a one-line error that names the fix; no traceback: the input was wrong, not the code
     raise SystemExit(f"error: {message}")
 
 
@@ -26,19 +24,26 @@ def fail(message: str):
 WORDS = {k: v.split() for k, v in dict(
     pos_adj="great wonderful brilliant superb delightful charming moving beautiful gripping stunning clever excellent "
             "fantastic lovely touching thrilling masterful fresh witty warm joyful elegant powerful memorable "
-            "inventive vivid engaging heartfelt gorgeous splendid",
+            "inventive vivid engaging heartfelt gorgeous splendid riveting dazzling uplifting hilarious tender "
+            "sublime poignant captivating exquisite rich sharp smart stylish refreshing triumphant",
     neg_adj="awful terrible boring dull bland clumsy tedious weak messy lifeless shallow forgettable painful annoying "
             "confusing awkward stale silly flat lazy dreary hollow sloppy predictable pointless tiresome cheap grim "
-            "muddled ugly",
+            "muddled ugly dreadful clunky bloated incoherent tired wooden soulless overlong sluggish shoddy "
+            "derivative unwatchable drab insipid",
     neu_adj="long short quiet loud slow fast simple dark bright old new familiar strange modest unusual serious "
-            "light busy plain late early",
-    pos_adv="beautifully brilliantly wonderfully superbly gracefully", pos_verb="loved enjoyed adored admired liked",
-    neg_adv="painfully horribly badly poorly awkwardly", neg_verb="hated disliked regretted resented loathed",
-    neu_verb="watched saw noticed remember expected", intensifier="really very quite rather truly fairly so",
+            "light busy plain late early gentle quick small big ordinary subtle steady moody gritty lengthy",
+    pos_adv="beautifully brilliantly wonderfully superbly gracefully cleverly skillfully lovingly",
+    neg_adv="painfully horribly badly poorly awkwardly clumsily lazily terribly",
+    pos_verb="loved enjoyed adored admired liked cherished praised treasured",
+    neg_verb="hated disliked regretted resented loathed despised dreaded",
+    neu_verb="watched saw noticed remember expected rewatched discussed recall",
+    intensifier="really very quite rather truly fairly so",
     noun="movie film story plot script acting cast music score soundtrack dialogue ending opening pacing direction "
          "camera editing humor romance villain hero scene finale sequel premise setting costumes effects "
-         "characters cinematography visuals",
-    person="lead actor actress director writer composer villain hero newcomer",
+         "characters cinematography visuals twist climax monologue lighting makeup animation choreography casting "
+         "chemistry atmosphere tone narrative subplot montage trailer runtime sets stunts",
+    person="lead actor actress director writer composer villain hero newcomer star producer narrator ensemble "
+           "protagonist antagonist cinematographer editor",
     function="the this a an and but i it was felt is seemed gave made performance overall , .").items()}
 POLARITY = {w: (1 if k.startswith("pos") else -1) for k, ws in WORDS.items() if k[:3] in ("pos", "neg") for w in ws}
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -120,7 +125,7 @@ def _build_builtin(path: str, settings: dict):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps))
         for _ in tqdm(range(steps), desc=desc, mininterval=2):
             opt.zero_grad(), loss_fn().backward(), opt.step(), sched.step()
-        model.eval()
+        model.eval().requires_grad_(False)  # trained: no autograd graphs from here on
 
     def sft_loss():  # next-token NLL on grammar reviews ending in <eos>
         batch = encode([sample_review(rng) + f" {EOS}" for _ in range(64)])
@@ -148,7 +153,7 @@ def _build_builtin(path: str, settings: dict):
     def rm_loss():
         batch = rng.sample(pairs, 64)
         scores = rm(**encode([f"{p} {c}" for p, c, _ in batch] + [f"{p} {r}" for p, _, r in batch])).logits[:, 0]
-        return -F.logsigmoid(scores[:64] - scores[64:]).mean()
+        return -torch.nn.functional.logsigmoid(scores[:64] - scores[64:]).mean()
 
     rm = GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1}))
     train(rm, s.rm_steps, "builtin: reward model", 1e-3, rm_loss)
@@ -156,8 +161,7 @@ def _build_builtin(path: str, settings: dict):
     for model, name in ((sft, "sft"), (rm, "reward")):
         model.save_pretrained(f"{path}/{name}"), tok.save_pretrained(f"{path}/{name}")
     offline = sample(offline_prompts)
-    with torch.no_grad():
-        offline_rewards = rm(**encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])).logits[:, 0].tolist()
+    offline_rewards = rm(**encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])).logits[:, 0].tolist()
     DatasetDict(train=Dataset.from_dict({"prompt": train_prompts}),
                 test=Dataset.from_dict({"prompt": eval_prompts})).save_to_disk(f"{path}/data/prompts")
     Dataset.from_dict({"prompt": offline_prompts, "response": offline, "reward": offline_rewards,
@@ -186,8 +190,7 @@ def _from_pretrained(cls, name: str, flag: str, **kwargs):
 def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="left", trust_remote_code=False):
     from transformers import AutoTokenizer
     tok = _from_pretrained(AutoTokenizer, resolve(name, "sft"), flag, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:  # GPT-2 family: pad with EOS; masks, not token ids, decide what is padding
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 family: pad with EOS; masks decide what is padding
     tok.padding_side = padding_side
     return tok
 
@@ -292,8 +295,7 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def backward(self, loss):
-        loss.backward()
+    backward = staticmethod(torch.Tensor.backward)  # engine.backward(loss) is loss.backward() here
 
     def step(self):
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -323,8 +325,7 @@ def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False):
     like the policy; otherwise it is a full copy on its device (`policy`, `cpu`, `cuda:N`)."""
     model.requires_grad_(False).eval()
     if placement == "policy" and zero_stage == 3:
-        config = deepspeed_config(3, micro_batch_size, 0.0, bf16, train=False)
-        return deepspeed.initialize(model=model, config=config)[0]  # the module inside is in eval mode
+        return deepspeed.initialize(model=model, config=deepspeed_config(3, micro_batch_size, 0, bf16, train=False))[0]
     return model.to(_device(placement))
 
 

@@ -300,7 +300,8 @@ if __name__ == "__main__":
         tokenizer, common.load_prompts(args.dataset, args.train_split, args.prompt_field), **encode)
     eval_prompts, _ = common.encode_prompts(
         tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
-    eval_prompts = eval_prompts[: args.eval_prompts][rank::world_size]
+    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
+    eval_prompts = eval_prompts[:n_eval][rank::world_size]
     if n_truncated and rank == 0:
         print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
