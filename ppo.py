@@ -34,8 +34,7 @@ class Args:
     model_name_or_path: str = "builtin"
     """the SFT policy, which is also the frozen reference π_ref: a hub name, a local folder, or `builtin`"""
     reward_model: str = "builtin"
-    """a sequence-classification model with one output (hub name, local folder, or `builtin`); if its tokenizer
-    differs from the policy's, responses are decoded and re-encoded with its own"""
+    """a 1-output sequence-classification model (hub name, folder, `builtin`); another tokenizer gets re-encoded text"""
     value_model: str = "reward"
     """initialise the value model from `reward` (the reward model, as PPO-max does), `policy`, or a name/folder"""
     dataset: str = "builtin"
@@ -107,9 +106,7 @@ class Args:
     ptx_field: str = "text"
     """the text column of `ptx_dataset`"""
     ppo_max: bool = False
-    """switch on the PPO-max set: running mean/std reward normalisation clipped to ±10, a fixed token-level KL
-    coefficient 0.01, value clipping 0.2, masked advantage whitening, grad-norm clip 1.0, critic from the reward
-    model (overrides those fields)"""
+    """PPO-max (Zheng et al. 2023): sets the fields in PPO_MAX below (reward normalisation, fixed KL 0.01, ...)"""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
     bf16: bool = False
@@ -132,6 +129,7 @@ class Args:
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
+# PPO-max (Zheng et al. 2023, "Secrets of RLHF Part I"): the fields `--ppo-max` overrides.
 PPO_MAX = dict(reward_scaling="running_mean_std", reward_clip=10.0, adaptive_kl=False, init_kl_coef=0.01,
                cliprange_value=0.2, whiten_advantages=True, max_grad_norm=1.0, value_model="reward")
 
@@ -302,6 +300,9 @@ if __name__ == "__main__":
         tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    if n_eval == 0:
+        common.fail(f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
+                    f"--eval-split or raise --eval-prompts")
     if n_truncated and rank == 0:
         print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
@@ -352,7 +353,7 @@ if __name__ == "__main__":
     log(0, eval_history[-1][1])
     if rank == 0:
         print(f"{run_name}: {num_iterations} iterations × {args.rollout_batch_size} × {world_size} rank(s); "
-              f"before training: {eval_history[-1][1]}")
+              f"before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[-1][1].items()))
     start_time = time.time()
     for iteration in range(1, num_iterations + 1):
         t0 = time.time()
