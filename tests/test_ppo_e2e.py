@@ -132,3 +132,16 @@ def test_reward_model_with_its_own_tokenizer_is_fed_re_encoded_text(builtin_path
     assert "value model is initialised from the policy" in proc.stdout
     _, records = read_run(tmp_path / "r")
     assert records[1]["rollout/score_std"] > 0  # a random RM still gives different texts different scores
+
+
+def test_deepspeed_launcher_passes_local_rank(builtin_path, tmp_path):
+    """`deepspeed --num_gpus 2 ppo.py` (it adds --local_rank=N to the arguments) runs two CPU processes."""
+    import subprocess
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), "ppo.py", *TINY,
+           "--total-episodes", "64", "--zero-stage", "0", "--output-dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--local_rank=1" in proc.stdout + proc.stderr and "2 rank(s)" in proc.stdout
+    _check_metrics(read_run(tmp_path)[1], 2)
