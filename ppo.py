@@ -415,28 +415,31 @@ if __name__ == "__main__":
         t_update = time.time() - t1
 
         # Adaptive KL: β moves toward target_kl, per response of the whole (all-rank) batch.
-        kl_per_response = masked_mean(kl.sum(1), torch.ones_like(scores), across_ranks=True).item()
+        kl_per_response = masked_mean(kl.sum(1), torch.ones_like(kl[:, 0]), across_ranks=True).item()
         kl_coef_used = kl_coef
         if args.adaptive_kl:
             kl_coef = update_kl_coef(kl_coef, kl_per_response, args.target_kl, args.kl_horizon,
                                      args.rollout_batch_size * world_size)
-        n_tokens = mask.sum().item()
+        ones = torch.ones_like(raw_scores)
         metrics = {k.replace("pg_loss", "policy/loss").replace("vf_loss", "value/loss"):
                    sum(s[k] for s in step_stats) / len(step_stats) for k in step_stats[0]}
         metrics.update({
-            "rollout/score": raw_scores.mean().item(), "rollout/score_std": raw_scores.std().item(),
+            # rollout statistics over the whole batch of all ranks (equal rows per rank, so rank means average)
+            "rollout/score": raw_scores.mean().item(),
+            "rollout/score_std": common.masked_var(raw_scores, ones, across_ranks=True).sqrt().item(),
             "rollout/kl_to_ref": kl_per_response, "rollout/kl_coef": kl_coef_used,
             "rollout/response_length": mask.sum(1).mean().item(),
             "rollout/no_eos_fraction": (~ended).float().mean().item(),
             # "pattern collapse" watch (Zheng et al.): perplexity of the policy on its own samples
-            "rollout/perplexity": torch.exp(-masked_mean(old_logprobs, mask)).item(),
-            "rollout/advantage_mean": masked_mean(advantages, mask).item()})
+            "rollout/perplexity": torch.exp(-masked_mean(old_logprobs, mask, across_ranks=True)).item(),
+            "rollout/advantage_mean": masked_mean(advantages, mask, across_ranks=True).item()})
         if gold_score:
             metrics["rollout/gold_score"] = sum(g := gold_score(decode_responses(tokenizer, response_ids,
                                                                                  mask))) / len(g)
         metrics = common.mean_across_ranks(metrics)
-        metrics.update({"time/rollout_tokens_per_s": n_tokens * world_size / t_rollout,
-                        "time/update_tokens_per_s": n_tokens * world_size * args.ppo_epochs / t_update,
+        n_tokens = metrics["rollout/response_length"] * args.rollout_batch_size * world_size  # all ranks
+        metrics.update({"time/rollout_tokens_per_s": n_tokens / t_rollout,
+                        "time/update_tokens_per_s": n_tokens * args.ppo_epochs / t_update,
                         "time/episodes_per_s": args.rollout_batch_size * world_size / (time.time() - t0)})
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_history.append((iteration, evaluate()))
