@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 try:
     import deepspeed
@@ -77,14 +78,13 @@ def builtin_gold_score(texts) -> list:
             for ws, text in zip(words, texts)]
 
 
-# What the built-in artefacts depend on; with the vocabulary and the builder's source code, hashed into the cache name.
 BUILTIN_SETTINGS = dict(seed=1234, n_layer=2, n_embd=128, n_positions=64, sft_steps=700, rm_steps=300,
                         n_train_prompts=4096, n_eval_prompts=256, n_offline_prompts=1024)
 
 
 def builtin_dir(settings: dict = BUILTIN_SETTINGS) -> str:
-    """Folder holding sft/, reward/ and data/ of the built-in task, built on first use under a file lock (so
-    concurrent ranks wait for one builder) and rebuilt whenever the settings, vocabulary or builder code change."""
+    """The built-in task's folder, built on first use under a file lock (ranks wait for one builder); rebuilt when
+    the settings, the vocabulary or the builder's code change (all three are hashed into the folder's name)."""
     code = [inspect.getsource(f) for f in (sample_review, builtin_gold_score, _build_builtin)]
     key = hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
     root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
@@ -188,7 +188,6 @@ def _from_pretrained(cls, name: str, flag: str, **kwargs):
 
 
 def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="left", trust_remote_code=False):
-    from transformers import AutoTokenizer
     tok = _from_pretrained(AutoTokenizer, resolve(name, "sft"), flag, trust_remote_code=trust_remote_code)
     tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 family: pad with EOS; masks decide what is padding
     tok.padding_side = padding_side
@@ -196,18 +195,16 @@ def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="
 
 
 def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False):
-    """kind: `causal` (policy / reference) or `score` (reward / value model: a sequence-classification model with
-    one output; `token_scores` applies its head per token)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """kind `causal` (policy / reference) or `score` (reward / value: a 1-output sequence-classification model)."""
     cls, role = (AutoModelForCausalLM, "sft") if kind == "causal" else (AutoModelForSequenceClassification, "reward")
     return _from_pretrained(cls, resolve(name, role), flag, dtype=getattr(torch, dtype),
                             trust_remote_code=trust_remote_code, **({} if kind == "causal" else {"num_labels": 1}))
 
 
-def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
-    """Prompts from `builtin`, a folder saved with `save_to_disk`, a .jsonl/.json/.parquet file, or a hub name."""
+def load_split(name: str, split: str, role: str, flag: str):
+    """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file or a hub name."""
     import datasets
-    path = resolve(name, "data/prompts")
+    path = resolve(name, role)
     try:
         if os.path.isdir(path) and {"dataset_dict.json", "state.json"} & set(os.listdir(path)):  # save_to_disk
             data = datasets.load_from_disk(path)
@@ -223,15 +220,31 @@ def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset")
             fail(f"dataset '{name}' has no split '{split}' (it has: {', '.join(data)}); pass one of those to "
                  f"--train-split / --eval-split")
         data = data[split]
+    return data
+
+
+def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
+    data = load_split(name, split, "data/prompts", flag)
     if prompt_field not in data.column_names:
         fail(f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
              f"pass --prompt-field NAME")
     return [str(p) for p in data[prompt_field]]
 
 
+def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset"):
+    """(prompts, responses, rewards) from rows {prompt, response, reward}, or from preference rows {prompt, chosen,
+    rejected}: two rows each, reward 1 for the chosen response and 0 for the rejected one (ALGORITHMS.md §6)."""
+    data = load_split(name, split, "data/offline", flag)
+    if {"prompt", "response", "reward"} <= set(data.column_names):
+        return data["prompt"], data["response"], [float(r) for r in data["reward"]]
+    if {"prompt", "chosen", "rejected"} <= set(data.column_names):
+        return data["prompt"] * 2, data["chosen"] + data["rejected"], [1.0] * len(data) + [0.0] * len(data)
+    fail(f"dataset '{name}' has columns {', '.join(data.column_names)}; offline rows need prompt, response, reward "
+         f"(or prompt, chosen, rejected)")
+
+
 def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int):
-    """Tokenise prompts once, LEFT-truncated to the budget the context leaves after the response.
-    Returns (list of token-id lists, how many were truncated)."""
+    """Token ids of each prompt, LEFT-truncated to what the context leaves after the response; and how many were."""
     budget = min(max_prompt_length, context - max_new_tokens)
     if budget < 1:
         fail(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
@@ -271,8 +284,7 @@ def init_distributed(zero_stage: int):
 
 def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=False, offload=False,
                      max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, train=True):
-    """A DeepSpeed config; `train=False` is that of a frozen model (reference, reward) sharded like the policy.
-    torch's AdamW unless offloading (DeepSpeed's CPU Adam then), so nothing needs compiling on CPU."""
+    """`train=False`: a frozen model sharded like the policy. torch's AdamW (nothing to compile) unless offloading."""
     cpu = {"device": "cpu", "pin_memory": True}
     zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True,
             **({"offload_optimizer": cpu} if offload and train else {}),
@@ -285,8 +297,7 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=Fal
 
 
 class TorchEngine:
-    """The engine calls the scripts make (forward, backward, step, .module, .device) for a model on a device of its
-    own (e.g. `--value-device cpu`) or when DeepSpeed is absent. Gradients are averaged over ranks, then clipped."""
+    """Engine calls (forward, backward, step, .module, .device) for a model on its own device, or without DeepSpeed."""
 
     def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0):
         self.module, self.device, self.max_grad_norm = model, model.device, max_grad_norm
@@ -321,8 +332,7 @@ def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=F
 
 
 def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False):
-    """Reference / reward model: eval mode, no grad. Colocated with the policy (`policy`) under ZeRO-3 it is sharded
-    like the policy; otherwise it is a full copy on its device (`policy`, `cpu`, `cuda:N`)."""
+    """A frozen model (eval, no grad): sharded like the policy under ZeRO-3 at `policy`, else a copy on its device."""
     model.requires_grad_(False).eval()
     if placement == "policy" and zero_stage == 3:
         return deepspeed.initialize(model=model, config=deepspeed_config(3, micro_batch_size, 0, bf16, train=False))[0]
@@ -352,8 +362,7 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
 
 
 def token_scores(model, ids, mask, position_ids):
-    """A sequence-classification model's head applied at every position: [batch, seq_len]. This is how a value model
-    gives V(s_t) per token and how a reward model is read at the last real token."""
+    """A sequence-classification model's head at every position, [batch, seq_len]: V(s_t), or a reward read anywhere."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine's model
     hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask,
                                                      position_ids=position_ids).last_hidden_state
@@ -367,8 +376,7 @@ def forward_values(model, query_ids, query_mask, response_ids, response_mask):
 
 
 def truncate_after_eos(response_ids, eos_id: int, pad_id: int):
-    """Cut every response after its first EOS (kept, mask 1); everything after is padding (mask 0).
-    Returns (response_ids, response_mask, ended_with_eos)."""
+    """Cut responses after their first EOS (kept, mask 1): returns (response_ids, response_mask, ended_with_eos)."""
     is_eos = (response_ids == eos_id).long()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
     return response_ids.masked_fill(after_eos, pad_id), (~after_eos).long(), is_eos.bool().any(1)
@@ -389,13 +397,10 @@ def masked_mean(x, mask, across_ranks=False):
     return total / count.clamp(min=1)
 
 
-def masked_var(x, mask, across_ranks=False):
-    return masked_mean((x - masked_mean(x, mask, across_ranks)) ** 2, mask, across_ranks)
-
-
 def whiten_masked(x, mask, across_ranks=True, shift_mean=True):
     """(x − mean) / sqrt(var + 1e-8) over the masked entries only (ALGORITHMS.md §2); padding stays 0."""
-    mean, var = masked_mean(x, mask, across_ranks), masked_var(x, mask, across_ranks)
+    mean = masked_mean(x, mask, across_ranks)
+    var = masked_mean((x - mean) ** 2, mask, across_ranks)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -431,8 +436,7 @@ def make_logger(args, run_name: str, rank: int):
 
 
 def save_hf(engine, tokenizer, path: str, rank: int):
-    """Save an HF folder (reloadable with from_pretrained), ZeRO-3 shards gathered first. Written aside and renamed,
-    so an interrupted save never leaves a half-written checkpoint under the final name."""
+    """An HF folder (ZeRO-3 shards gathered first), written aside and renamed: never half a checkpoint under `path`."""
     state_dict = None
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
@@ -444,7 +448,3 @@ def save_hf(engine, tokenizer, path: str, rank: int):
         os.rename(tmp, path)
     if dist.is_initialized():
         dist.barrier()
-
-
-def seed_everything(seed: int):
-    random.seed(seed), torch.manual_seed(seed)

@@ -6,13 +6,13 @@
     deepspeed --num_gpus 8 ppo.py --model-name-or-path ... --reward-model ... --dataset ... --zero-stage 3
 """
 import dataclasses
+import math
 import os
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, Optional
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -253,8 +253,10 @@ if __name__ == "__main__":
     log = common.make_logger(args, run_name, rank)
     zero3 = args.zero_stage == 3
 
-    # Models. Everything is loaded under one seed so that randomly initialised heads agree across ranks.
-    common.seed_everything(args.seed)
+    # Seeding: models are loaded under one seed, so that randomly initialised heads agree across ranks; sampling then
+    # uses seed + rank, so that every rank draws its own prompts and responses.
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
     dtype = "bfloat16" if args.bf16 else "float32"
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
@@ -310,7 +312,8 @@ if __name__ == "__main__":
         ptx_texts = common.load_prompts(common.resolve(args.ptx_dataset, "data/pretrain"), "train", args.ptx_field,
                                         "--ptx-dataset")
         ptx_ids, _ = common.encode_prompts(tokenizer, ptx_texts, context, 0, context)
-    common.seed_everything(args.seed + rank)
+    random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     sampler = torch.Generator().manual_seed(args.seed + rank)
 
     def rollout(prompt_rows):
@@ -426,7 +429,8 @@ if __name__ == "__main__":
         metrics.update({
             # rollout statistics over the whole batch of all ranks (equal rows per rank, so rank means average)
             "rollout/score": raw_scores.mean().item(),
-            "rollout/score_std": common.masked_var(raw_scores, ones, across_ranks=True).sqrt().item(),
+            "rollout/score_std": masked_mean((raw_scores - masked_mean(raw_scores, ones, True)) ** 2, ones,
+                                             across_ranks=True).sqrt().item(),
             "rollout/kl_to_ref": kl_per_response, "rollout/kl_coef": kl_coef_used,
             "rollout/response_length": mask.sum(1).mean().item(),
             "rollout/no_eos_fraction": (~ended).float().mean().item(),
