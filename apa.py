@@ -48,8 +48,7 @@ class Args:
     eval_split: str = "test"
     """the held-out split used for evaluation (also in offline mode: evaluation samples from the policy)"""
     offline_dataset: Optional[str] = None
-    """train offline from rows {prompt, response, reward} (or preference rows) instead of rollouts; `builtin` = the
-    built-in scored SFT responses"""
+    """train offline on {prompt, response, reward} or preference rows, not rollouts; `builtin` = scored SFT responses"""
     offline_epochs: int = 4
     """offline: passes over the dataset; advantages are recomputed from the current value model before each"""
     value_warmup_epochs: int = 1
@@ -65,7 +64,7 @@ class Args:
     mini_batch_size: int = 16
     """responses per rank per optimisation step"""
     ppo_epochs: int = 2
-    """passes over each rollout batch (the released code's name for it)"""
+    """passes over each rollout batch"""
     learning_rate: float = 3e-5
     """policy learning rate (AdamW)"""
     value_learning_rate: float = 1e-4
@@ -329,7 +328,8 @@ if __name__ == "__main__":
     eval_history = [(0, evaluate())]
     log(0, eval_history[-1][1])
     if rank == 0:
-        print(f"{run_name}: before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()))
+        print(f"{run_name}: {world_size} rank(s); before training: "
+              + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()))
     start_time = time.time()
 
     if args.offline_dataset is not None:

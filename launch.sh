@@ -18,6 +18,7 @@ Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
   --hostfile FILE   deepspeed multi-node: hosts and slots come from FILE (implies --deepspeed)
   --dry-run         print the command instead of running it
 OMP_NUM_THREADS defaults to max(1, nproc / processes-per-node) when unset.
+  ./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [-- ARGS]   PPO vs APA vs AWR on the built-in task
 Examples:
   ./launch.sh ppo                                     # CPU-only machine: plain `python ppo.py`
   ./launch.sh ppo --gpus 0 --procs 2 -- --zero-stage 0  # two CPU processes via torchrun
@@ -33,10 +34,81 @@ EOF
 die() { echo "launch.sh: $*" >&2; exit 2; }
 int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a non-negative integer, got '$2'"; }
 
-# ---- subcommands: future `compare`, `paper`, `bench` go here --------------------------------------------------------
+# ---- compare: PPO, APA and AWR on the built-in task, same budget, several seeds, one table -------------------------
+compare() {
+  local seeds="1 2 3" episodes=8192 out="runs/compare-$(date +%Y%m%d-%H%M%S)" algo seed start
+  while (($#)); do
+    case $1 in
+      --seeds) seeds=$2; shift 2 ;;
+      --episodes) int "$1" "$2"; episodes=$2; shift 2 ;;
+      --out) out=$2; shift 2 ;;
+      -h|--help) echo "./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [--out DIR] [-- ARGS for every script]"
+                 exit 0 ;;
+      --) shift; break ;;
+      *) die "compare: unknown option '$1' (see ./launch.sh compare --help)" ;;
+    esac
+  done
+  mkdir -p "$out"; : > "$out/wall_times.txt"
+  for algo in ppo apa awr; do
+    for seed in $seeds; do
+      echo "compare: $algo seed $seed ($episodes sampled responses) -> $out/$algo-$seed.log"
+      start=$EPOCHREALTIME
+      python "$algo.py" --seed "$seed" --total-episodes "$episodes" --exp-name "$algo" --output-dir "$out/$algo" "$@" \
+        > "$out/$algo-$seed.log" 2>&1 || die "compare: $algo seed $seed failed; see $out/$algo-$seed.log"
+      echo "$algo $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
+    done
+  done
+  python - "$out" <<'PY'
+import glob, json, os, statistics as st, sys
+out, rows, curves = sys.argv[1], {}, {}
+walls = {}
+for line in open(os.path.join(out, "wall_times.txt")):
+    algo, seed, start, end = line.split()
+    walls.setdefault(algo, []).append(float(end) - float(start))
+for path in sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl"))):
+    algo = path.split(os.sep)[-3]
+    evals = [r for r in map(json.loads, open(path)) if "eval/reward" in r]
+    rows.setdefault(algo, []).append(evals[-1])
+    rows.setdefault("SFT (before)", []).append(evals[0])
+    curves.setdefault(algo, []).append([(r["eval/kl_to_ref"], r["eval/reward"], r.get("eval/gold_score")) for r in evals])
+fmt = lambda xs: f"{st.mean(xs):+.3f} ± {st.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+lines = ["| algorithm | seeds | proxy reward | gold score | KL to π_init (nats) | wall time (s) |", "|---|---|---|---|---|---|"]
+for algo in ["SFT (before)", "ppo", "apa", "awr"]:
+    if algo in rows:
+        r = rows[algo][:len(rows["ppo"])] if algo == "SFT (before)" else rows[algo]
+        wall = fmt(walls[algo]).replace("+", "") if algo in walls else "–"
+        lines.append(f"| {algo} | {len(r)} | {fmt([x['eval/reward'] for x in r])} | "
+                     f"{fmt([x.get('eval/gold_score', float('nan')) for x in r])} | {fmt([x['eval/kl_to_ref'] for x in r])} | {wall} |")
+table = "\n".join(lines)
+print(table)
+open(os.path.join(out, "table.md"), "w").write(table + "\n")
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    print("matplotlib is not installed: no reward-vs-KL picture (pip install matplotlib)")
+    sys.exit(0)
+fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+for (algo, runs), color in zip(sorted(curves.items()), ["tab:green", "tab:blue", "tab:orange"]):
+    for i, run in enumerate(runs):
+        kl, reward, gold = zip(*run)
+        axes[0].plot(kl, reward, "o-", color=color, alpha=0.7, label=algo if i == 0 else None)
+        if gold[0] is not None:
+            axes[1].plot(kl, gold, "o-", color=color, alpha=0.7, label=algo if i == 0 else None)
+for ax, name in zip(axes, ["proxy reward", "gold score"]):
+    ax.set_xlabel("KL to π_init (nats per response)"); ax.set_ylabel(f"held-out {name}"); ax.legend()
+fig.tight_layout()
+fig.savefig(os.path.join(out, "reward_vs_kl.png"), dpi=100)
+print(f"wrote {os.path.join(out, 'reward_vs_kl.png')}")
+PY
+}
+
+# ---- subcommands ---------------------------------------------------------------------------------------------------
 case "${1:-}" in
   ""|-h|--help) usage; exit 0 ;;
-  compare|paper|bench) die "'$1' is not available yet" ;;
+  compare) shift; compare "$@"; exit 0 ;;
+  paper|bench) die "'$1' is not available yet" ;;
 esac
 
 # ---- parse -----------------------------------------------------------------------------------------------------------
