@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
 SCRIPTS="ppo apa awr ilql alol"
+# No virtual environment active but the README's .venv is here: use it (python, torchrun, deepspeed).
+[[ -z ${VIRTUAL_ENV:-} && -x .venv/bin/python ]] && export PATH="$PWD/.venv/bin:$PATH"
 
 usage() {
   cat <<'EOF'
@@ -76,7 +78,8 @@ lines = ["| algorithm | seeds | proxy reward | gold score | KL to π_init (nats)
 for algo in ["SFT (before)", "ppo", "apa", "awr"]:
     if algo in rows:
         r = rows[algo][:len(rows["ppo"])] if algo == "SFT (before)" else rows[algo]
-        wall = fmt(walls[algo]).replace("+", "") if algo in walls else "–"
+        w = walls.get(algo)
+        wall = f"{st.mean(w):.0f} ± {st.stdev(w) if len(w) > 1 else 0.0:.0f}" if w else "–"
         lines.append(f"| {algo} | {len(r)} | {fmt([x['eval/reward'] for x in r])} | "
                      f"{fmt([x.get('eval/gold_score', float('nan')) for x in r])} | {fmt([x['eval/kl_to_ref'] for x in r])} | {wall} |")
 table = "\n".join(lines)

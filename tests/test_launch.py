@@ -1,11 +1,14 @@
 """launch.sh builds the right launcher command (checked with --dry-run; no process is started)."""
+import os
 import subprocess
+import sys
 
 from conftest import ROOT
 
 
 def launch(*args):
-    return subprocess.run(["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # this test's python
+    return subprocess.run(["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True, env=env)
 
 
 def test_cpu_single_process_is_plain_python():
@@ -33,3 +36,14 @@ def test_help_and_bad_input():
     proc = launch("ppo", "--bogus")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert launch("nosuchscript").returncode == 2
+
+
+def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tmp_path):
+    proc = launch("compare", "--seeds", "1", "--episodes", "32", "--out", str(tmp_path), "--", "--rollout-batch-size",
+                  "16", "--mini-batch-size", "8", "--eval-prompts", "16", "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = (tmp_path / "table.md").read_text()
+    assert table in proc.stdout
+    for row in ("SFT (before)", "ppo", "apa", "awr"):
+        assert f"| {row} | 1 |" in table
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["apa", "awr", "ppo"]
