@@ -214,7 +214,6 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.zero_stage)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
-    log = common.make_logger(args, run_name, rank)
     zero3 = args.zero_stage == 3
 
     # Seeding: models are loaded under one seed, so that randomly initialised heads agree across ranks; sampling then
@@ -243,6 +242,7 @@ if __name__ == "__main__":
     value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
                                      trust_remote_code=args.trust_remote_code)
     context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
+    log = common.make_logger(args, run_name, rank)  # after loading: args.json records what was really used
 
     # Placement: the policy and (by default) the value model are DeepSpeed engines on this rank's device; π_init
     # and the reward model are frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`.

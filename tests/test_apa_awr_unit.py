@@ -1,21 +1,12 @@
 """Unit tests of the APA and AWR losses (ALGORITHMS.md §4, §5), the value loss and the GAE copies of apa.py and
 awr.py: hand-computed values and plain Python loops over ragged right-padded masks. CPU, offline, fast."""
-import sys
-from pathlib import Path
+import math
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import os  # noqa: E402
+import pytest
+import torch
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import apa  # noqa: E402
-import awr  # noqa: E402
+import apa
+import awr
 
 GARBAGE = 1e6  # padding entries: large values that must not reach the loss or its gradient
 

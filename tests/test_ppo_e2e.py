@@ -130,8 +130,9 @@ def test_reward_model_with_its_own_tokenizer_is_fed_re_encoded_text(builtin_path
     tokenizer.save_pretrained(tmp_path / "rm")
     proc = run_script("ppo.py", *TINY, "--reward-model", str(tmp_path / "rm"), "--output-dir", str(tmp_path / "r"))
     assert "value model is initialised from the policy" in proc.stdout
-    _, records = read_run(tmp_path / "r")
+    run, records = read_run(tmp_path / "r")
     assert records[1]["rollout/score_std"] > 0  # a random RM still gives different texts different scores
+    assert json.loads((run / "args.json").read_text())["value_model"] == "policy"  # args.json tells what ran
 
 
 def test_deepspeed_launcher_passes_local_rank(builtin_path, tmp_path):

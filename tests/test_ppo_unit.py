@@ -1,19 +1,11 @@
 """Unit tests of ppo.py's math (ALGORITHMS.md §1-§3): GAE against a plain loop, the clipped PPO loss on a hand-built
-case, the adaptive KL controller, and the reward-model read-out. CPU, offline, fast."""
-import os
-import sys
-from pathlib import Path
+case, the adaptive KL controller, the reward-model read-out and the running score moments. CPU, offline, fast."""
+import math
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest
+import torch
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import ppo  # noqa: E402
+import ppo
 
 
 # ------------------------------------------------------------------------------------------------------------
