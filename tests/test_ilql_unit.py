@@ -1,0 +1,160 @@
+"""ilql.py's pieces against hand-computed values and Python loops: the four loss terms on ragged masks, the Polyak
+update, and the β-shifted decoding as a transformers LogitsProcessor."""
+import math
+
+import pytest
+import torch
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+
+import ilql
+
+GAMMA, TAU = 0.9, 0.7
+MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # ragged, one full row
+
+
+def _inputs(seed=0, vocab=5):
+    g = torch.Generator().manual_seed(seed)
+    B, T = MASK.shape
+    logits, q_logits, tq_logits = (torch.randn(*s, generator=g) for s in ((B, T, vocab), (2, B, T, vocab),
+                                                                          (2, B, T, vocab)))
+    values = torch.randn(B, T + 1, generator=g)
+    actions = torch.randint(vocab, (B, T), generator=g)
+    rewards = torch.zeros(B, T)
+    for b, n in enumerate(MASK.sum(1).long()):
+        rewards[b, n - 1] = float(b) - 1.0  # the reward on the last real token
+    rewards[0, 3] = 100.0  # garbage in the padding: must not count
+    return logits, q_logits, tq_logits, values, actions, rewards
+
+
+def _loop_loss(logits, q_logits, tq_logits, values, actions, rewards, cql_scale, awac_scale, beta_train):
+    """The ALGORITHMS.md §7 formulas, one token at a time; every term a mean over the real tokens."""
+    terms = {"q": 0.0, "v": 0.0, "cql": 0.0, "awac": 0.0}
+    n = 0
+    for b in range(MASK.shape[0]):
+        length = int(MASK[b].sum())
+        for t in range(length):
+            a = int(actions[b, t])
+            next_v = float(values[b, t + 1]) if t + 1 < length else 0.0  # terminal after the last token
+            tq = min(float(tq_logits[i, b, t, a]) for i in range(2))
+            v = float(values[b, t])
+            terms["q"] += sum((float(q_logits[i, b, t, a]) - (float(rewards[b, t]) + GAMMA * next_v)) ** 2
+                              for i in range(2))
+            terms["v"] += (TAU if tq > v else 1 - TAU) * (tq - v) ** 2
+            terms["cql"] += sum(-float(torch.log_softmax(q_logits[i, b, t], -1)[a]) for i in range(2))
+            terms["awac"] += -float(torch.log_softmax(logits[b, t], -1)[a]) * math.exp(beta_train * (tq - v))
+            n += 1
+    terms = {k: v / n for k, v in terms.items()}
+    return terms["q"] + terms["v"] + cql_scale * terms["cql"] + awac_scale * terms["awac"], terms
+
+
+@pytest.mark.parametrize("beta_train", [0.0, 0.5])
+def test_ilql_loss_matches_a_token_loop_on_ragged_masks(beta_train):
+    inputs = _inputs()
+    loss, stats = ilql.ilql_loss(*inputs, MASK, GAMMA, TAU, 0.1, 1.0, beta_train)
+    expected, terms = _loop_loss(*inputs, 0.1, 1.0, beta_train)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    for k in terms:
+        assert stats[f"loss/{k}"] == pytest.approx(terms[k], rel=1e-5), k
+
+
+def test_expectile_weights_tau_above_and_below():
+    """One token each: tQ above V is weighted τ, tQ below V by 1 − τ."""
+    mask = torch.ones(2, 1)
+    tq_logits = torch.zeros(2, 2, 1, 3)
+    tq_logits[:, 0, 0, 1] = 1.0   # row 0: tQ = 1 > V = 0  -> 0.7 · 1² = 0.7
+    tq_logits[:, 1, 0, 1] = 0.0   # row 1: tQ = 0 < V = 2  -> 0.3 · 2² = 1.2
+    values = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    args = (torch.zeros(2, 1, 3), torch.zeros(2, 2, 1, 3), tq_logits, values, torch.ones(2, 1, dtype=torch.long),
+            torch.zeros(2, 1), mask, GAMMA)
+    assert ilql.ilql_loss(*args, 0.7, 0.0, 0.0, 0.0)[1]["loss/v"] == pytest.approx((0.7 + 1.2) / 2)
+    assert ilql.ilql_loss(*args, 0.2, 0.0, 0.0, 0.0)[1]["loss/v"] == pytest.approx((0.2 * 1 + 0.8 * 4) / 2)
+
+
+def test_q_target_uses_the_next_state_value_and_zero_at_the_terminal():
+    """Q ≡ 0, so loss_q = Σ_i mean (r_t + γ V(s_{t+1}) · [t+1 real])². Row 0 has 2 tokens, row 1 has 1."""
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    values = torch.tensor([[0.5, 2.0, 7.0], [3.0, 9.0, 9.0]], requires_grad=True)  # V(s_0..s_2)
+    rewards = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    tq_logits = torch.zeros(2, 2, 2, 3)
+    tq_logits[..., 0] = values.detach()[None, :, :2]  # tQ = V: the expectile term has no gradient
+    loss, stats = ilql.ilql_loss(torch.zeros(2, 2, 3), torch.zeros(2, 2, 2, 3), tq_logits, values,
+                                 torch.zeros(2, 2, dtype=torch.long), rewards, mask, GAMMA, TAU, 0.0, 0.0, 0.0)
+    # targets: row 0, t=0: 0 + γ·2.0; t=1: 1 + 0 (terminal, not γ·7.0); row 1, t=0: −1 + 0 (terminal, not γ·9.0)
+    expected = 2 * ((GAMMA * 2.0) ** 2 + 1.0 ** 2 + 1.0 ** 2) / 3
+    assert stats["loss/q"] == pytest.approx(expected)
+    loss.backward()
+    assert torch.all(values.grad == 0), "the Q target must not send gradient into V"
+
+
+def test_cql_and_awac_terms_by_hand():
+    """One token, vocab 2: CE(z, a) = log(1 + e^(z_other − z_a)); AWAC weight exp(β (tQ − V))."""
+    q_logits = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    logits = torch.tensor([2.0, 0.0]).view(1, 1, 2)
+    tq_logits = torch.tensor([0.0, 1.5]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    values = torch.tensor([[0.5, 0.0]])
+    _, stats = ilql.ilql_loss(logits, q_logits, tq_logits, values, torch.tensor([[1]]), torch.zeros(1, 1),
+                              torch.ones(1, 1), GAMMA, TAU, 0.1, 1.0, 2.0)
+    assert stats["loss/cql"] == pytest.approx(2 * math.log(1 + math.exp(-1.0)), rel=1e-6)
+    assert stats["loss/awac"] == pytest.approx(math.log(1 + math.exp(2.0)) * math.exp(2.0 * (1.5 - 0.5)), rel=1e-6)
+
+
+def test_awac_weight_carries_no_gradient_into_the_heads():
+    inputs = list(_inputs(1))
+    values = inputs[3].clone().requires_grad_(True)
+    inputs[3] = values
+    loss, _ = ilql.ilql_loss(*inputs, MASK, GAMMA, TAU, 0.0, 1.0, 3.0)
+    grad_with_awac = torch.autograd.grad(loss, values)[0]
+    loss, _ = ilql.ilql_loss(*inputs, MASK, GAMMA, TAU, 0.0, 0.0, 3.0)
+    assert torch.allclose(grad_with_awac, torch.autograd.grad(loss, values)[0])
+
+
+def test_polyak_update():
+    source, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.clone() for p in target.parameters()]
+    ilql.polyak_update(target, source, 0.25)
+    for t, b, s in zip(target.parameters(), before, source.parameters()):
+        assert torch.allclose(t, 0.25 * s + 0.75 * b)
+        assert not t.requires_grad or t.grad is None
+    ilql.polyak_update(target, source, 1.0)
+    assert all(torch.equal(t, s) for t, s in zip(target.parameters(), source.parameters()))
+
+
+def _tiny_ilql(seed=0, vocab=48):
+    torch.manual_seed(seed)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                    eos_token_id=1, pad_token_id=0, bos_token_id=2)).eval()
+    model = ilql.ILQLModel(lm).eval()
+    return model, ilql.ILQLModel(lm).q_heads  # other random heads as the target
+
+
+def test_logits_processor_reads_the_state_the_heads_are_trained_on():
+    model, target = _tiny_ilql()
+    ids = torch.randint(3, 48, (2, 6))
+    mask, pos = torch.ones_like(ids), torch.arange(6).expand(2, -1)
+    with torch.no_grad():
+        logits, hidden, values, _ = model(ids, mask, pos)
+        with ilql.ILQLLogitsProcessor(model, target, beta=2.0) as processor:
+            model.lm(input_ids=ids, attention_mask=mask)  # the hook keeps the last position's hidden state
+            shifted = processor(ids, logits[:, -1])
+        target_q = torch.stack([q(hidden[:, -1]) for q in target]).min(0).values
+    expected = torch.log_softmax(logits[:, -1], -1) + 2.0 * (target_q - values[:, -1:])
+    assert torch.allclose(shifted, expected, atol=1e-5)
+
+
+def test_beta_zero_leaves_sampling_unchanged_and_beta_changes_it():
+    model, target = _tiny_ilql()
+    query = torch.randint(3, 48, (4, 5))
+    query_mask = torch.ones_like(query)
+    config = GenerationConfig(do_sample=True, top_k=20, temperature=1.0, max_new_tokens=12, pad_token_id=0,
+                              eos_token_id=1)
+
+    def sample(beta):
+        torch.manual_seed(7)
+        if beta is None:  # plain transformers sampling, no processor
+            return model.lm.generate(input_ids=query, attention_mask=query_mask, generation_config=config)[:, 5:]
+        return ilql.generate(model, target, query, query_mask, config, beta, zero3=False)
+
+    plain = sample(None)
+    assert torch.equal(sample(0.0), plain)
+    assert not torch.equal(sample(50.0), plain)
+    assert not model.lm.get_output_embeddings()._forward_hooks, "the hook must be removed after generate"
