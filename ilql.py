@@ -70,7 +70,7 @@ class Args:
     beta_train: float = 0.0
     """AWAC weight exp(β_train (Q − V)); 0 = plain likelihood of the data (released 0)"""
     alpha: float = 0.2
-    """Polyak rate of the target Q heads, tQ ← α Q + (1 − α) tQ (released 1e-4 over ~10⁴ steps; larger for short runs)"""
+    """Polyak rate of the target Q heads, tQ ← α Q + (1 − α) tQ (released 1e-4 over ~10⁴ steps; short runs need more)"""
     steps_for_target_q_sync: int = 1
     """update the target Q heads every this many optimiser steps (released 1)"""
     epochs: int = 10
@@ -191,7 +191,10 @@ class ILQLLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids, scores):
         hidden = self.hidden.to(next(self.target_q_heads.parameters()))
         target_q = torch.stack([q(hidden) for q in self.target_q_heads]).min(0).values
-        value = self.model.v_head(self.hidden).float().to(target_q.device)
+        first, _, last = self.model.v_head  # applied without a module call: under ZeRO-3 the decode has gathered
+        # the parameters, and a module call would start ZeRO-3's own fetch outside the LM's traced order (a hang)
+        value = F.linear(F.relu(F.linear(self.hidden, first.weight, first.bias)), last.weight, last.bias)
+        value = value.float().to(target_q.device)
         advantage = (target_q - value).to(scores.device)
         return F.log_softmax(scores.float(), -1) + self.beta * advantage
 
@@ -260,6 +263,13 @@ if __name__ == "__main__":
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
 
+    if not args.eval_only:  # the data first: a dataset that cannot train fails before minutes of model loading
+        prompts, responses, rewards = common.load_offline_rows(args.offline_dataset, args.offline_split)
+        rows_per_rank = len(prompts) // world_size
+        if rows_per_rank < args.batch_size:
+            common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one batch of {args.batch_size} on "
+                        f"each of the {world_size} ranks; lower --batch-size")
+
     # Seeding: the model and heads are created under one seed, so that they agree across ranks; shuffling and
     # sampling then use seed + rank.
     random.seed(args.seed)
@@ -280,8 +290,9 @@ if __name__ == "__main__":
         missing, unexpected = model.load_state_dict({k: v for k, v in heads.items()
                                                      if not k.startswith("target_q_heads.")}, strict=False)
         if unexpected or any(not k.startswith("lm.") for k in missing):
-            common.fail(f"{heads_file} does not match this model (missing {[k for k in missing if 'lm.' not in k][:3]}"
-                        f", unexpected {unexpected[:3]}); pass the --checkpoint written by ilql.py for this model")
+            missing = [k for k in missing if not k.startswith("lm.")]
+            common.fail(f"{heads_file} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                        f"pass the --checkpoint written by ilql.py for this model")
         target_q_heads.load_state_dict({k[len("target_q_heads."):]: v for k, v in heads.items()
                                         if k.startswith("target_q_heads.")})
     reward_model = common.load_model(args.reward_model, "score", "--reward-model", **load)
@@ -354,11 +365,6 @@ if __name__ == "__main__":
         raise SystemExit(0)
 
     # Data: scored responses, EOS appended, the z-scored reward on the last token (ALGORITHMS.md §7).
-    prompts, responses, rewards = common.load_offline_rows(args.offline_dataset, args.offline_split)
-    rows_per_rank = len(prompts) // world_size
-    if rows_per_rank < args.batch_size:
-        common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one batch of {args.batch_size} on each "
-                    f"of the {world_size} ranks; lower --batch-size")
     rewards = torch.tensor(rewards[: rows_per_rank * world_size], dtype=torch.float32)
     rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-8)  # z-scored over the whole dataset
     mine = list(range(rank, rows_per_rank * world_size, world_size))

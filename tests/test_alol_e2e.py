@@ -1,0 +1,93 @@
+"""alol.py end to end on the built-in task (subprocesses, tiny settings): each of the eight variants, two processes
+under torchrun, the V_ref / advantage cache, a bad dataset; and the learning test (a_lol beats nll on gold)."""
+import json
+import math
+import os
+
+import pytest
+from conftest import read_run, run_script
+
+ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
+TINY = ["--total-steps", "8", "--batch-size", "4", "--eval-every", "4", "--eval-prompts", "8", "--value-prompts",
+        "40", "--value-epochs", "2", "--max-new-tokens", "12"]
+EVAL_KEYS = ["eval/reward", "eval/gold_score", "eval/distinct_1", "eval/distinct_2", "eval/response_length"]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One V_ref / advantage cache for all the variants: its key leaves the algorithm out."""
+    return tmp_path_factory.mktemp("alol_cache")
+
+
+def _check(proc, output_dir, algorithm):
+    assert "done in" in proc.stdout, proc.stdout
+    run, records = read_run(output_dir)
+    first, last = records[0], records[-1]
+    n_steps = last["step"]
+    assert [r["step"] for r in records] == list(range(n_steps + 1))
+    for key in EVAL_KEYS + ["data/rows", "data/dropped_rows", "data/advantage_mean", "value/heldout_mse"]:
+        assert key in first, key
+    for key in EVAL_KEYS + ["policy/loss", "policy/seq_log_ratio_to_ref"]:
+        assert key in last, key
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    assert 0 < last["eval/distinct_1"] <= 1 and 0 < last["eval/distinct_2"] <= 1
+    assert (run / "policy" / "config.json").exists() and (run / "policy" / "model.safetensors").exists()
+    rows, dropped = first["data/rows"], first["data/dropped_rows"]
+    assert f"{int(dropped)} dropped (weight ≤ 0)" in proc.stdout
+    if algorithm == "nll":  # uniform: every row, every step
+        assert dropped == 0 and n_steps == 8
+    elif algorithm in ("wbc", "r_gold", "r_lol"):  # ∝ R = sigmoid(logit) > 0: no row dropped
+        assert dropped == 0 and n_steps == 8
+    else:  # ∝ max(A, 0): rows with A ≤ 0 dropped, steps scaled by the positive fraction
+        assert 0 < dropped < rows
+        assert n_steps == max(1, round(8 * (rows - dropped) / rows))
+    return first, last
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_each_variant(builtin_path, tmp_path, shared_cache, algorithm):
+    proc = run_script("alol.py", "--algorithm", algorithm, *TINY, "--cache-dir", str(shared_cache),
+                      "--output-dir", str(tmp_path))
+    _check(proc, tmp_path, algorithm)
+    assert len(list(shared_cache.glob("*.json"))) == 1  # the variants share one entry
+
+
+def test_no_cache_recomputes_and_overwrites(builtin_path, tmp_path, shared_cache):
+    if not list(shared_cache.glob("*.json")):  # run alone: make the entry first
+        run_script("alol.py", *TINY, "--cache-dir", str(shared_cache), "--output-dir", str(tmp_path / "first"))
+    (entry,) = shared_cache.glob("*.json")
+    before = json.loads(entry.read_text())
+    os.utime(entry, (0, 0))
+    proc = run_script("alol.py", "--algorithm", "a_lol_seq", *TINY, "--no-cache", "--cache-dir", str(shared_cache),
+                      "--output-dir", str(tmp_path / "second"))
+    assert "V_ref fitted" in proc.stdout and "from the cache" not in proc.stdout
+    (entry_after,) = shared_cache.glob("*.json")  # the same key: the entry is overwritten, not duplicated
+    assert entry_after == entry and entry.stat().st_mtime > 0
+    assert json.loads(entry.read_text()) == before  # recomputed under the same seed: the same V_ref fit
+
+
+def test_torchrun_two_ranks_zero3_preference_rows(builtin_path, tmp_path):
+    """Two ranks under ZeRO-3 (π_ref sharded too) compute V_ref and the advantages in lockstep, on preference rows
+    whose chosen responses have no reward column: the reward model scores them."""
+    proc = run_script("alol.py", "--algorithm", "a_lol", *TINY, "--zero-stage", "3", "--offline-dataset",
+                      os.path.join(builtin_path, "data", "preference"), "--cache-dir", str(tmp_path / "cache"),
+                      "--output-dir", str(tmp_path / "run"), nproc=2)
+    assert "2 rank(s)" in proc.stdout and "V_ref fitted" in proc.stdout
+    assert "no column reward" in proc.stdout
+    first, _ = _check(proc, tmp_path / "run", "a_lol")
+    assert first["data/rows"] == 1913  # every chosen response of the built-in preference rows
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    from transformers import AutoModelForCausalLM
+    run, _ = read_run(tmp_path / "run")
+    AutoModelForCausalLM.from_pretrained(run / "policy")
+
+
+def test_dataset_without_response_column_names_the_shapes(builtin_path, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the movie", "text": "was fine", "reward": 1.0}) + "\n"
+                            for _ in range(4)))
+    proc = run_script("alol.py", "--offline-dataset", str(data), "--cache-dir", str(tmp_path / "cache"),
+                      "--output-dir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "A-LoL rows need prompt and response" in errors[0], proc.stderr[-2000:]
