@@ -15,9 +15,10 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Tuple
 
+import datasets
 import torch
 import torch.distributed as dist
 import tyro
@@ -42,7 +43,7 @@ class Args:
     model_name_or_path: str = "builtin"
     """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
     reward_model: Tuple[str, ...] = ("builtin",)
-    """scorer of each reward field (one, or one per field): a 1-output classifier, or `gold` (built-in gold score)"""
+    """scorer of each reward field (one, or one per field): a 1-output classifier, module:function, or `gold`"""
     offline_dataset: str = "builtin"
     """training rows {prompt, response, reward columns} or preference rows {prompt, chosen, ...}: hub, path, builtin"""
     offline_split: str = "train"
@@ -79,6 +80,12 @@ class Args:
     """policy learning rate (AdamW, constant)"""
     max_grad_norm: float = 0.3
     """global gradient-norm clip (released: 0.3)"""
+    adam_betas: Tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
     clip: float = 0.9
     """ε: importance ratios are clamped to [1 − ε, 1 + ε] (released ppo_clip 0.9)"""
     kl_beta: float = 0.001
@@ -87,6 +94,8 @@ class Args:
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
     """responses are cut to this many tokens, EOS included; also the longest greedy response"""
+    stop_strings: List[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     forward_batch_size: int = 64
     """rows per forward pass / generate call outside training (V_ref, advantages, evaluation)"""
     cache_dir: Optional[str] = None
@@ -246,22 +255,6 @@ def generate(policy, query_ids, query_mask, generation_config, zero3):
     return out[:, query_ids.shape[1]:]
 
 
-@torch.no_grad()
-def score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids, response_mask):
-    """One scalar per response: the reward model's head at the last real token (its EOS if it emitted one)."""
-    if rm_tokenizer is None:  # same vocabulary: read the head at the last real token of the policy's ids
-        ids, mask, pos = common.concat_inputs(query_ids, query_mask, response_ids, response_mask,
-                                              reward_model.device)
-        last = query_ids.shape[1] + response_mask.sum(1) - 1
-        return common.token_scores(reward_model, ids, mask, pos)[torch.arange(len(ids)), last.cpu()].cpu()
-    # another tokenizer: decode prompt + response together (so no word is glued or split at the seam), re-encode
-    # with the reward model's own tokenizer, and let the model pool as it was trained to
-    texts = [tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
-             for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask)]
-    enc = rm_tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(reward_model.device)
-    return reward_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
-
-
 def decode_responses(tokenizer, response_ids, response_mask):
     """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
     return [tokenizer.decode(r[: int(n)], skip_special_tokens=False)
@@ -290,6 +283,8 @@ if __name__ == "__main__":
     scorer_names = list(args.reward_model) * (n_fields // len(args.reward_model))
 
     data = common.load_split(args.offline_dataset, args.offline_split, "data/offline", "--offline-dataset")
+    if "prompt" not in data.column_names and (rows := common.canonical_rows(data, args.offline_dataset)):
+        data = datasets.Dataset.from_dict(rows)  # HH transcripts: split at the last "Assistant:"; train on chosen
     response_field = "response" if "response" in data.column_names else "chosen"
     if not {"prompt", response_field} <= set(data.column_names):  # checked before any model is loaded
         common.fail(f"dataset '{args.offline_dataset}' has columns {', '.join(data.column_names)}; A-LoL rows need "
@@ -305,18 +300,15 @@ if __name__ == "__main__":
     load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
-    scorers = {}  # reward model name -> (frozen model, its tokenizer or None when the vocabularies agree)
-    for name in dict.fromkeys(n for n in scorer_names if n != "gold"):
-        rm_tokenizer = common.load_tokenizer(name, "--reward-model", padding_side="right",
-                                             trust_remote_code=args.trust_remote_code)
-        rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
-        model = common.prepare_frozen(common.load_model(name, "score", "--reward-model", **load), args.reward_device,
-                                      args.zero_stage, args.batch_size, args.bf16)
-        scorers[name] = (model, None if rm_tokenizer.get_vocab() == tokenizer.get_vocab() else rm_tokenizer)
+    scorers = {name: common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size,
+                                        args.bf16, args.trust_remote_code)
+               for name in dict.fromkeys(n for n in scorer_names if n != "gold")}  # a model or module:function
     log = common.make_logger(args, run_name, rank)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    common.freeze_lower_layers(policy, args.unfrozen_layers)  # released HH: only the top 2 blocks train
     policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.batch_size, args.learning_rate,
-                                      args.bf16, args.offload, args.max_grad_norm)
+                                      args.bf16, args.offload, args.max_grad_norm,
+                                      args.adam_betas, args.weight_decay)
     greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
@@ -355,8 +347,8 @@ if __name__ == "__main__":
         for i, name in enumerate(scorer_names):
             if raw[:, i].isnan().any():
                 raw[:, i] = torch.tensor(common.builtin_gold_score(decode_responses(
-                    tokenizer, response_ids, response_mask))) if name == "gold" else score_responses(
-                    *scorers[name], tokenizer, query_ids, query_mask, response_ids, response_mask)
+                    tokenizer, response_ids, response_mask))) if name == "gold" else scorers[name](
+                    query_ids, query_mask, response_ids, response_mask)
         return (transform(raw) * weights).sum(1)
 
     @torch.no_grad()
@@ -377,7 +369,8 @@ if __name__ == "__main__":
         for ids, mask in chunks(value_ids, value_mask):
             out, out_mask, _ = common.truncate_after_eos(generate(
                 ref_policy, ids, mask, greedy, zero3 and args.ref_device == "policy"), tokenizer.eos_token_id,
-                tokenizer.pad_token_id)
+                tokenizer.pad_token_id, tokenizer,
+                args.stop_strings)
             targets.append(reward(ids, mask, out, out_mask))
             hidden.append(prompt_hidden(ids, mask))
         targets, hidden = torch.cat(targets), torch.cat(hidden)
@@ -440,7 +433,8 @@ if __name__ == "__main__":
         for (prompt_rows,) in chunks(eval_prompts):
             ids, mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
             out, out_mask, _ = common.truncate_after_eos(generate(policy, ids, mask, greedy, zero3),
-                                                         tokenizer.eos_token_id, tokenizer.pad_token_id)
+                                                         tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer,
+                                                         args.stop_strings)
             kept = decode_responses(tokenizer, out, out_mask)
             stats.append(torch.stack([reward(ids, mask, out, out_mask), out_mask.sum(1).float().cpu(),
                                       torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))], 1))

@@ -2,7 +2,7 @@
 datasets, DeepSpeed set-up, log-prob gathering, masked statistics, logging and checkpoints. Conventions
 (../shared/ALGORITHMS.md §0): prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens
 (its EOS included)."""
-import fcntl, hashlib, inspect, json, math, os, random, shutil, socket, sys, time
+import fcntl, hashlib, inspect, json, os, random, shutil, socket, sys, time
 from types import SimpleNamespace
 
 import torch
@@ -201,6 +201,51 @@ def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_co
                             trust_remote_code=trust_remote_code, **({} if kind == "causal" else {"num_labels": 1}))
 
 
+def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, bf16=False,
+                trust_remote_code=False):
+    """One --reward-model entry as score(query_ids, query_mask, response_ids, response_mask) -> [batch] float (CPU):
+    `module:function`, a Python f(prompts, responses) -> list of floats on the decoded texts (the module is looked
+    up in the working directory and on PYTHONPATH); or a 1-output sequence-classification model (hub name, folder,
+    builtin), frozen on `placement`. A model with the policy's vocabulary reads its head at the last real token of
+    the policy's ids; another tokenizer gets prompt + response decoded and re-encoded (left-truncated)."""
+    texts = lambda ids, mask: [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    module, _, function = name.partition(":")
+    if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
+        import importlib
+        sys.path.insert(0, os.getcwd())
+        try:
+            fn = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError) as e:
+            fail(f"cannot import the reward function '{name}' ({e}); put {module}.py in the working directory or on "
+                 f"PYTHONPATH, and give --reward-model as module:function")
+
+        def score_with_function(query_ids, query_mask, response_ids, response_mask):
+            scores = [float(s) for s in fn(texts(query_ids, query_mask), texts(response_ids, response_mask))]
+            if len(scores) != len(query_ids):
+                fail(f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
+                     f"must return one float per (prompt, response)")
+            return torch.tensor(scores)
+        return score_with_function
+    model = prepare_frozen(load_model(name, "score", "--reward-model", "bfloat16" if bf16 else "float32",
+                                      trust_remote_code), placement, zero_stage, micro_batch_size, bf16)
+    rm_tokenizer = load_tokenizer(name, "--reward-model", "right", trust_remote_code)
+    same_vocabulary = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
+
+    @torch.no_grad()
+    def score_with_model(query_ids, query_mask, response_ids, response_mask):
+        if same_vocabulary:  # the head at the last real token (the response's EOS if it emitted one)
+            ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
+            last = query_ids.shape[1] + response_mask.sum(1).cpu() - 1
+            return token_scores(model, ids, mask, pos)[torch.arange(len(ids)), last].cpu()
+        joined = [tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
+                  for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask)]  # no split word
+        enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True).to(model.device)
+        return model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
+    score_with_model.same_vocabulary = same_vocabulary
+    return score_with_model
+
+
 def load_split(name: str, split: str, role: str, flag: str):
     """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file or a hub name."""
     import datasets
@@ -223,24 +268,63 @@ def load_split(name: str, split: str, role: str, flag: str):
     return data
 
 
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(dialogue: str):
+    """An Anthropic HH transcript ("\n\nHuman: …\n\nAssistant: …") -> (prompt, reply), cut at the LAST
+    "\n\nAssistant:": the prompt ends with it (the policy continues from there); (None, dialogue) without one."""
+    cut = dialogue.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
+    return (dialogue[:cut], dialogue[cut:]) if cut >= len(HH_ASSISTANT) else (None, dialogue)
+
+
+def canonical_rows(data, name: str) -> dict:
+    """A dataset of a known shape as columns {prompt, response[, reward]} or {prompt, chosen, rejected}. Shapes:
+    those two; rm-static's {prompt, response, chosen, rejected} (a preference row); HH transcripts {chosen, rejected}
+    (split by split_hh; rows whose two dialogues differ before the last reply, or with an empty reply, are dropped
+    and counted); TL;DR {prompt, label} (the summary is the response; "\nTL;DR:" appended to a prompt without it)."""
+    cols = set(data.column_names)
+    if {"chosen", "rejected"} <= cols and "prompt" not in cols:
+        pairs = [(split_hh(c), split_hh(r)) for c, r in zip(data["chosen"], data["rejected"])]
+        kept = [(p, c, r) for (p, c), (q, r) in pairs if p is not None and p == q and c.strip() and r.strip()]
+        if len(kept) < len(data) and os.environ.get("RANK", "0") == "0":
+            print(f"note: {len(data) - len(kept)} of {len(data)} HH rows of '{name}' dropped: no shared prompt before "
+                  f"the last \"Assistant:\", or an empty reply")
+        return dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*kept)))) if kept else {}
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return {k: [str(v) for v in data[k]] for k in ("prompt", "chosen", "rejected")}
+    if {"prompt", "label"} <= cols and "response" not in cols:
+        return {"prompt": [p if p.rstrip().endswith("TL;DR:") else p + "\nTL;DR:" for p in map(str, data["prompt"])],
+                "response": [str(v) for v in data["label"]]}
+    return {k: data[k] for k in ("prompt", "response", "reward") if k in cols}
+
+
 def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
+    """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR rows (canonical_rows)."""
     data = load_split(name, split, "data/prompts", flag)
+    if prompt_field == "prompt" and (prompts := canonical_rows(data, name).get("prompt")):
+        return [str(p) for p in prompts]
     if prompt_field not in data.column_names:
         fail(f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
              f"pass --prompt-field NAME")
     return [str(p) for p in data[prompt_field]]
 
 
-def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset"):
-    """(prompts, responses, rewards) from rows {prompt, response, reward}, or from preference rows {prompt, chosen,
-    rejected}: two rows each, reward 1 for the chosen response and 0 for the rejected one (ALGORITHMS.md §6)."""
+def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None):
+    """(prompts, responses, rewards) from rows {prompt, response, reward}, or from preference rows of any shape that
+    canonical_rows reads: two rows each, reward 1 for the chosen response and 0 for the rejected one (§6).
+    `fields` maps those names to the file's own columns, e.g. {"prompt": "question", "reward": "score"}."""
     data = load_split(name, split, "data/offline", flag)
-    if {"prompt", "response", "reward"} <= set(data.column_names):
-        return data["prompt"], data["response"], [float(r) for r in data["reward"]]
-    if {"prompt", "chosen", "rejected"} <= set(data.column_names):
-        return data["prompt"] * 2, data["chosen"] + data["rejected"], [1.0] * len(data) + [0.0] * len(data)
+    renames = {col: key for key, col in (fields or {}).items() if col != key and col in data.column_names}
+    data = data.remove_columns([k for k in renames.values() if k in data.column_names]).rename_columns(renames)
+    rows = canonical_rows(data, name)
+    if {"prompt", "response", "reward"} <= set(rows):
+        return rows["prompt"], rows["response"], [float(r) for r in rows["reward"]]
+    if "chosen" in rows:
+        n = len(rows["prompt"])
+        return rows["prompt"] * 2, rows["chosen"] + rows["rejected"], [1.0] * n + [0.0] * n
     fail(f"dataset '{name}' has columns {', '.join(data.column_names)}; offline rows need prompt, response, reward "
-         f"(or prompt, chosen, rejected)")
+         f"(or prompt, chosen, rejected, or HH dialogues chosen, rejected)")
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int):
@@ -331,6 +415,22 @@ def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=F
     return deepspeed.initialize(model=model, model_parameters=params, config=config)[0]
 
 
+def freeze_lower_layers(model, unfrozen_layers: int):
+    """Train only the top `unfrozen_layers` transformer blocks and what follows them (final norm, an untied head), as
+    trlX's num_layers_unfrozen; -1 trains everything. The blocks are the model's longest ModuleList; parameters
+    registered before the first trained block (embeddings, lower blocks; a head tied to them) are frozen."""
+    if unfrozen_layers >= 0:
+        blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+        in_blocks = {id(p) for p in blocks.parameters()}
+        top = blocks[max(len(blocks) - unfrozen_layers, 0):] if unfrozen_layers else []
+        kept = {id(p) for block in top for p in block.parameters()}
+        after_blocks = False
+        for p in model.parameters():  # registration order: embeddings, blocks, final norm, head
+            after_blocks = after_blocks or id(p) in in_blocks
+            p.requires_grad_(id(p) in kept or (after_blocks and id(p) not in in_blocks))
+    return model
+
+
 def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False):
     """A frozen model (eval, no grad): sharded like the policy under ZeRO-3 at `policy`, else a copy on its device."""
     model.requires_grad_(False).eval()
@@ -375,11 +475,21 @@ def forward_values(model, query_ids, query_mask, response_ids, response_mask):
     return token_scores(model, ids, mask, pos)[:, query_ids.shape[1] - 1:-1] * mask[:, query_ids.shape[1]:]
 
 
-def truncate_after_eos(response_ids, eos_id: int, pad_id: int):
-    """Cut responses after their first EOS (kept, mask 1): returns (response_ids, response_mask, ended_with_eos)."""
+def truncate_after_eos(response_ids, eos_id: int, pad_id: int, tokenizer=None, stop_strings=()):
+    """Cut responses after their first EOS (kept, mask 1): returns (response_ids, response_mask, ended_with_eos).
+    With stop strings (HH: "Human:", "Assistant:"), a response whose decoded text contains one is also cut to the
+    tokens before it (at least one token kept) and counts as ended."""
     is_eos = (response_ids == eos_id).long()
     after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
-    return response_ids.masked_fill(after_eos, pad_id), (~after_eos).long(), is_eos.bool().any(1)
+    ids, mask, ended = response_ids.masked_fill(after_eos, pad_id), (~after_eos).long(), is_eos.bool().any(1)
+    decode = lambda row, n: tokenizer.decode(row[:n], skip_special_tokens=True)
+    for b, row in enumerate(ids.tolist() if stop_strings else []):
+        n = int(mask[b].sum())
+        cut = min([i for i in (decode(row, n).find(s) for s in stop_strings) if i >= 0], default=-1)
+        if cut >= 0:  # the longest prefix of tokens whose text ends before the stop string
+            keep = max(next(k for k in range(n, -1, -1) if len(decode(row, k)) <= cut), 1)
+            ids[b, keep:], mask[b, keep:], ended[b] = pad_id, 0, True
+    return ids, mask, ended
 
 
 # ---- Masked statistics (padding never counts), optionally over all ranks --------------------------------------------

@@ -17,7 +17,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -49,12 +49,18 @@ class Args:
     """{prompt, response, reward} or preference rows: a hub name, a folder, a .jsonl/.json/.parquet file, `builtin`"""
     offline_split: str = "train"
     """the split of --offline-dataset to train on"""
-    reward_model: str = "builtin"
-    """scores the decoded responses at evaluation (proxy reward): hub name, folder, `builtin`; never trained on"""
+    reward_model: List[str] = field(default_factory=lambda: ["builtin"])
+    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables"""
+    reward_weights: List[float] = field(default_factory=list)
+    """weight of each --reward-model in the sum (default 1 each)"""
     dataset: str = "builtin"
     """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
     prompt_field: str = "prompt"
-    """the column of --dataset holding the prompt text"""
+    """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
+    response_field: str = "response"
+    """the column of --offline-dataset rows holding the response text"""
+    reward_field: str = "reward"
+    """the column of --offline-dataset rows holding the scalar reward"""
     eval_split: str = "test"
     """the split of --dataset used for evaluation"""
     trust_remote_code: bool = False
@@ -81,10 +87,18 @@ class Args:
     """learning rate of the LM and heads together (AdamW betas 0.9, 0.95; released HH 1e-6 for the 125M-6B models)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
+    adam_betas: Tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
     """dataset responses are cut to this many tokens (EOS included); the longest decoded response"""
+    stop_strings: List[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     eval_betas: List[float] = field(default_factory=lambda: [0.0, 1.0, 4.0])
     """the β sweep of evaluation: logits' = log_softmax(logits) + β · (min_i tQ_i − V) (released β 1, 4)"""
     top_k: int = 20
@@ -211,21 +225,6 @@ def generate(model, target_q_heads, query_ids, query_mask, generation_config, be
     return out[:, query_ids.shape[1]:]
 
 
-@torch.no_grad()
-def score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids, response_mask):
-    """One scalar per response: the reward model's head at the last real token (its EOS if it emitted one)."""
-    if rm_tokenizer is None:  # same vocabulary: read the head at the last real token of the policy's ids
-        ids, mask, pos = common.concat_inputs(query_ids, query_mask, response_ids, response_mask,
-                                              reward_model.device)
-        last = query_ids.shape[1] + response_mask.sum(1) - 1
-        return common.token_scores(reward_model, ids, mask, pos)[torch.arange(len(ids)), last.cpu()].cpu()
-    # another tokenizer: decode prompt + response together, re-encode with the reward model's own tokenizer
-    texts = [tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
-             for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask)]
-    enc = rm_tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(reward_model.device)
-    return reward_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
-
-
 def decode_responses(tokenizer, response_ids, response_mask):
     """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
     return [tokenizer.decode(r[: int(n)], skip_special_tokens=False)
@@ -256,6 +255,9 @@ def save_checkpoint(engine, target_q_heads, tokenizer, path: str, rank: int):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.reward_weights and len(args.reward_weights) != len(args.reward_model):
+        common.fail(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_model)} "
+                    f"--reward-model entries; give one weight per reward model")
     if args.eval_only and args.checkpoint is None:
         common.fail("--eval-only needs --checkpoint PATH (a folder written by ilql.py)")
     rank, world_size, device = common.init_distributed(args.zero_stage)
@@ -264,7 +266,9 @@ if __name__ == "__main__":
     zero3 = args.zero_stage == 3
 
     if not args.eval_only:  # the data first: a dataset that cannot train fails before minutes of model loading
-        prompts, responses, rewards = common.load_offline_rows(args.offline_dataset, args.offline_split)
+        prompts, responses, rewards = common.load_offline_rows(
+            args.offline_dataset, args.offline_split,
+            fields=dict(prompt=args.prompt_field, response=args.response_field, reward=args.reward_field))
         rows_per_rank = len(prompts) // world_size
         if rows_per_rank < args.batch_size:
             common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one batch of {args.batch_size} on "
@@ -274,13 +278,11 @@ if __name__ == "__main__":
     # sampling then use seed + rank.
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    dtype = "bfloat16" if args.bf16 else "float32"
-    load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
     source = args.checkpoint or args.model_name_or_path
     flag = "--checkpoint" if args.checkpoint else "--model-name-or-path"
     tokenizer = common.load_tokenizer(source, flag, trust_remote_code=args.trust_remote_code)
-    model = ILQLModel(common.load_model(source, "causal", flag, dtype="float32",
-                                        trust_remote_code=args.trust_remote_code))
+    model = ILQLModel(common.freeze_lower_layers(common.load_model(  # the heads always train
+        source, "causal", flag, dtype="float32", trust_remote_code=args.trust_remote_code), args.unfrozen_layers))
     target_q_heads = copy.deepcopy(model.q_heads).requires_grad_(False)  # tQ starts as Q
     if args.checkpoint:
         heads_file = os.path.join(args.checkpoint, "ilql_heads.safetensors")
@@ -295,25 +297,20 @@ if __name__ == "__main__":
                         f"pass the --checkpoint written by ilql.py for this model")
         target_q_heads.load_state_dict({k[len("target_q_heads."):]: v for k, v in heads.items()
                                         if k.startswith("target_q_heads.")})
-    reward_model = common.load_model(args.reward_model, "score", "--reward-model", **load)
-    rm_tokenizer = common.load_tokenizer(args.reward_model, "--reward-model", padding_side="right",
-                                         trust_remote_code=args.trust_remote_code)
-    if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
-        rm_tokenizer = None
-    else:
-        rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
     context = model.lm.config.max_position_embeddings
     log = common.make_logger(args, run_name, rank)
 
     # Placement: the LM + heads are one DeepSpeed engine on this rank's device; the target Q heads are a float32
-    # copy on the same device (Polyak steps of α ~ 1e-4 would vanish in bf16); the reward model, used only to
-    # score evaluations, is frozen on `policy` (sharded under ZeRO-3), `cpu` or `cuda:N`.
+    # copy on the same device (Polyak steps of α ~ 1e-4 would vanish in bf16); the reward models, used only to
+    # score evaluations, are frozen on `policy` (sharded under ZeRO-3), `cpu` or `cuda:N`.
     model.lm.generation_config.pad_token_id = tokenizer.pad_token_id
     model = common.prepare_trainable(model, "policy", args.zero_stage, args.batch_size, args.learning_rate,
-                                     args.bf16, args.offload, args.max_grad_norm)
+                                     args.bf16, args.offload, args.max_grad_norm,
+                                     args.adam_betas, args.weight_decay)
     target_q_heads = target_q_heads.float().to(device)
-    reward_model = common.prepare_frozen(reward_model, args.reward_device, args.zero_stage, args.batch_size,
-                                         args.bf16)
+    reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
+    reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size, args.bf16,
+                                     args.trust_remote_code) for name in args.reward_model]
     generation_config = GenerationConfig(do_sample=True, top_k=args.top_k, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, use_cache=True,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -339,9 +336,10 @@ if __name__ == "__main__":
                     response_ids = generate(model, target_q_heads, query_ids, query_mask, generation_config, beta,
                                             zero3)
                     response_ids, mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
-                                                                          tokenizer.pad_token_id)
-                    scores = score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask,
-                                             response_ids, mask)
+                                                                          tokenizer.pad_token_id, tokenizer,
+                                                                          args.stop_strings)
+                    scores = sum(w * reward(query_ids, query_mask, response_ids, mask)
+                                 for w, reward in zip(reward_weights, reward_fns))
                     texts = decode_responses(tokenizer, response_ids, mask)
                     rows.append(torch.stack([scores, mask.sum(1).float().cpu(), (~ended).float().cpu(),
                                              torch.tensor(gold_score(texts) if gold_score else [0.0] * len(texts))],

@@ -11,8 +11,8 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,10 @@ class Args:
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
     model_name_or_path: str = "builtin"
     """the SFT policy, which is also the frozen reference π_ref: a hub name, a local folder, or `builtin`"""
-    reward_model: str = "builtin"
-    """a 1-output sequence-classification model (hub name, folder, `builtin`); another tokenizer gets re-encoded text"""
+    reward_model: List[str] = field(default_factory=lambda: ["builtin"])
+    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables"""
+    reward_weights: List[float] = field(default_factory=list)
+    """weight of each --reward-model in the sum (default 1 each)"""
     value_model: str = "reward"
     """initialise the value model from `reward` (the reward model, as PPO-max does), `policy`, or a name/folder"""
     dataset: str = "builtin"
@@ -61,10 +63,18 @@ class Args:
     """value-model learning rate (AdamW)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip, policy and value model each"""
+    adam_betas: Tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy and value model, and what follows; -1 = all (HH: 2)"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
     """the longest response sampled"""
+    stop_strings: List[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     temperature: float = 1.0
     """sampling temperature (also applied to the log-probs, so they are those of the sampling distribution)"""
     top_k: int = 0
@@ -218,22 +228,6 @@ def generate(policy, query_ids, query_mask, generation_config, zero3):
     return out[:, query_ids.shape[1]:]
 
 
-@torch.no_grad()
-def score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids, response_mask):
-    """One scalar per response: the reward model's head at the last real token (its EOS if it emitted one)."""
-    if rm_tokenizer is None:  # same vocabulary: read the head at the last real token of the policy's ids
-        ids, mask, pos = common.concat_inputs(query_ids, query_mask, response_ids, response_mask,
-                                              reward_model.device)
-        last = query_ids.shape[1] + response_mask.sum(1) - 1
-        return common.token_scores(reward_model, ids, mask, pos)[torch.arange(len(ids)), last.cpu()].cpu()
-    # another tokenizer: decode prompt + response together (so no word is glued or split at the seam), re-encode
-    # with the reward model's own tokenizer, and let the model pool as it was trained to
-    texts = [tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
-             for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask)]
-    enc = rm_tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(reward_model.device)
-    return reward_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
-
-
 def decode_responses(tokenizer, response_ids, response_mask):
     """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
     return [tokenizer.decode(r[: int(n)], skip_special_tokens=False)
@@ -242,6 +236,9 @@ def decode_responses(tokenizer, response_ids, response_mask):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.reward_weights and len(args.reward_weights) != len(args.reward_model):
+        common.fail(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_model)} "
+                    f"--reward-model entries; give one weight per reward model")
     if args.ppo_max:
         args = dataclasses.replace(args, **PPO_MAX)
     if args.rollout_batch_size % args.mini_batch_size:
@@ -261,19 +258,15 @@ if __name__ == "__main__":
     load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
     policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
     ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
-    reward_model = common.load_model(args.reward_model, "score", "--reward-model", **load)
-    rm_tokenizer = common.load_tokenizer(args.reward_model, "--reward-model", padding_side="right",
-                                         trust_remote_code=args.trust_remote_code)
-    if rm_tokenizer.get_vocab() == tokenizer.get_vocab():
-        rm_tokenizer = None
-    else:
-        rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
-        if args.value_model == "reward":  # the value model reads the policy's token ids: it needs its vocabulary
-            args.value_model = "policy"
-            if rank == 0:
-                print("note: the reward model's tokenizer differs from the policy's; the value model is "
-                      "initialised from the policy (--value-model policy)")
-    value_source = {"reward": common.resolve(args.reward_model, "reward"),
+    reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
+    reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.mini_batch_size,
+                                  args.bf16, args.trust_remote_code) for name in args.reward_model]
+    if args.value_model == "reward" and not getattr(reward_fns[0], "same_vocabulary", False):
+        args.value_model = "policy"  # the value model reads the policy's token ids: it needs its vocabulary
+        if rank == 0:
+            print("note: the first --reward-model is not a model with the policy's tokenizer; the value model is "
+                  "initialised from the policy (--value-model policy)")
+    value_source = {"reward": common.resolve(args.reward_model[0], "reward"),
                     "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
     value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
                                      trust_remote_code=args.trust_remote_code)
@@ -283,13 +276,15 @@ if __name__ == "__main__":
     # Placement: the policy and (by default) the value model are DeepSpeed engines on this rank's device; π_ref
     # and the reward model are frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`.
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    for model in (policy, value_model):  # released HH: only the top 2 blocks (and the heads) train
+        common.freeze_lower_layers(model, args.unfrozen_layers)
     policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.mini_batch_size, args.learning_rate,
-                                      args.bf16, args.offload, args.max_grad_norm)
+                                      args.bf16, args.offload, args.max_grad_norm,
+                                      args.adam_betas, args.weight_decay)
     value_model = common.prepare_trainable(value_model, args.value_device, args.zero_stage, args.mini_batch_size,
-                                           args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm)
+                                           args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm,
+                                           args.adam_betas, args.weight_decay)
     ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size, args.bf16)
-    reward_model = common.prepare_frozen(reward_model, args.reward_device, args.zero_stage, args.mini_batch_size,
-                                         args.bf16)
     generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -321,9 +316,10 @@ if __name__ == "__main__":
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
         response_ids = generate(policy, query_ids, query_mask, generation_config, zero3)
         response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
-                                                                       tokenizer.pad_token_id)
-        scores = score_responses(reward_model, rm_tokenizer, tokenizer, query_ids, query_mask, response_ids,
-                                 response_mask).to(device)
+                                                                       tokenizer.pad_token_id, tokenizer,
+                                                                       args.stop_strings)
+        scores = sum(w * reward(query_ids, query_mask, response_ids, response_mask)  # several: a weighted sum
+                     for w, reward in zip(reward_weights, reward_fns)).to(device)
         with torch.no_grad():
             fwd = (query_ids, query_mask, response_ids, response_mask)
             logprobs = common.forward_logprobs(policy, *fwd, temperature=args.temperature)

@@ -53,4 +53,27 @@ def test_offline_dataset_with_wrong_columns_names_the_shapes(builtin_path, tmp_p
     data.write_text("".join(json.dumps({"prompt": "the movie", "text": "was fine"}) + "\n" for _ in range(4)))
     proc = run_script("apa.py", "--offline-dataset", str(data), check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "offline rows need prompt, response, reward (or prompt, chosen, rejected)" in proc.stderr
+    assert "offline rows need prompt, response, reward (or prompt, chosen, rejected" in proc.stderr
+
+
+def test_unfrozen_layers_and_adam_settings(builtin_path, tmp_path):
+    """--unfrozen-layers 1 (the released runs train the top 2 blocks): the saved policy's embeddings and lower block
+    are bit-identical to the SFT model's, the top block moved; AdamW betas / weight decay are accepted."""
+    from safetensors.torch import load_file
+    run_script("apa.py", *TINY, "--unfrozen-layers", "1", "--adam-betas", "0.9", "0.999", "--weight-decay", "1e-6",
+               "--learning-rate", "1e-3", "--output-dir", str(tmp_path))
+    run, _ = read_run(tmp_path)
+    before = load_file(f"{builtin_path}/sft/model.safetensors")
+    after = load_file(run / "policy" / "model.safetensors")
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.mlp.c_fc.weight"):
+        assert (before[name] == after[name]).all(), name
+    assert not (before["transformer.h.1.mlp.c_fc.weight"] == after["transformer.h.1.mlp.c_fc.weight"]).all()
+    assert not (before["transformer.ln_f.weight"] == after["transformer.ln_f.weight"]).all()
+
+
+def test_stop_strings_cut_rollouts(builtin_path, tmp_path):
+    """--stop-strings "." cuts every built-in response at the end of its first sentence: short, and all ended."""
+    run_script("apa.py", *TINY, "--stop-strings", ".", "--output-dir", str(tmp_path))
+    _, records = read_run(tmp_path)
+    for r in records[1:]:
+        assert r["rollout/no_eos_fraction"] == 0 and r["rollout/response_length"] < 8, r

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from conftest import ROOT
 
 VOCAB = 64
 PAD_ID = 0
@@ -170,6 +171,30 @@ def test_truncate_after_eos_crafted_rows():
     assert ended.tolist() == [True, True, True, False, True]
 
 
+def test_stop_strings_cut_real_bpe_text_before_the_next_turn():
+    """HH's stop strings on GPT-2 BPE text (../shared): the response is cut to the tokens before "Human:" /
+    "Assistant:", counts as ended, and EOS still cuts first."""
+    from transformers import AutoTokenizer
+    path = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
+    assert (path / "tokenizer.json").exists(), f"missing {path}: the test needs ../shared beside the project"
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = [" Sure, here it is.\n\nHuman: thanks", " No stop here at all", " Fine.\n\nAssistant: again",
+             "Human: at once"]
+    rows = [tok.encode(t) for t in texts]
+    eos = tok.eos_token_id
+    rows[1] = rows[1][:3] + [eos] + rows[1][3:]  # EOS before any stop string: EOS cuts
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows])
+    ids, mask, ended = common.truncate_after_eos(ids, eos, eos, tok, ["Human:", "Assistant:"])
+    kept = [tok.decode(r[m.bool()]) for r, m in zip(ids, mask)]
+    assert kept[0] == " Sure, here it is.\n\n" and kept[2] == " Fine.\n\n"  # "\n" tokens precede "Human" / "Assistant"
+    assert kept[1] == tok.decode(rows[1][:4])  # up to and including the EOS
+    assert kept[3] == "Human"  # a stop string at the very start: one token is kept, never an empty row
+    assert ended.tolist() == [True, True, True, True]
+    unchanged = common.truncate_after_eos(torch.tensor([tok.encode(" a b")]), eos, eos, tok, ["Human:"])
+    assert unchanged[1].tolist() == [[1, 1]] and unchanged[2].tolist() == [False]
+
+
 def test_truncate_after_eos_when_pad_is_eos():
     """GPT-2 style: pad id == EOS id (generate pads finished rows with EOS); only the first EOS counts."""
     EOS = PAD = 3
@@ -201,6 +226,7 @@ def test_masked_mean_and_var_ignore_padding(padding_value):
     expected_mean = sum(selected.tolist()) / len(selected)
     expected_var = sum((v - expected_mean) ** 2 for v in selected.tolist()) / len(selected)  # population variance
     assert common.masked_mean(x, mask).item() == pytest.approx(expected_mean, rel=1e-12)
+    assert common.masked_mean((x - expected_mean) ** 2, mask).item() == pytest.approx(expected_var, rel=1e-9)
     # a long / bool mask gives the same
     assert common.masked_mean(x, mask.long()).item() == pytest.approx(expected_mean, rel=1e-12)
     assert common.masked_mean(x, mask.bool()).item() == pytest.approx(expected_mean, rel=1e-12)
@@ -401,3 +427,19 @@ def test_load_saved_tiny_gpt2(tmp_path):
     assert tok.padding_side == "left"
     assert tok.pad_token == tok.eos_token == "<eos>"
     assert common.load_tokenizer(folder, padding_side="right").padding_side == "right"
+
+
+@pytest.mark.parametrize("unfrozen, trained", [(-1, {"wte", "wpe", "h.0", "h.1", "h.2", "h.3", "ln_f"}),
+                                               (2, {"h.2", "h.3", "ln_f"}), (0, {"ln_f"}),
+                                               (9, {"h.0", "h.1", "h.2", "h.3", "ln_f"})])
+def test_freeze_lower_layers_trains_the_top_blocks_and_what_follows(unfrozen, trained):
+    """trlX's num_layers_unfrozen (the released HH runs train the top 2 blocks): the embeddings, and the LM head
+    tied to them, stay frozen unless every layer trains."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=4, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    common.freeze_lower_layers(model, unfrozen)
+    names = {".".join(n.split(".")[1:3]) if ".h." in n else n.split(".")[1]
+             for n, p in model.named_parameters() if p.requires_grad}
+    assert names == trained
+    assert model.lm_head.weight.requires_grad == (unfrozen == -1)  # tied to wte

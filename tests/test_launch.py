@@ -3,11 +3,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
 def launch(*args):
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # this test's python
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # launch.sh prints it when set
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # this test's python
     return subprocess.run(["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True, env=env)
 
 
@@ -47,3 +50,43 @@ def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tm
     for row in ("SFT (before)", "ppo", "apa", "awr"):
         assert f"| {row} | 1 |" in table
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["apa", "awr", "ppo"]
+
+
+PRESETS = ["apa-hh", "awr-hh", "ppo-hh", "apa-tldr", "ppo-tldr", "ilql-hh", "apa-off-hh", "awr-off-hh", "alol-hh"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_paper_preset_parses_with_its_script_args(name):
+    """./launch.sh paper NAME --dry-run builds the released experiment's full command; the script's own Args parse
+    it (no download: nothing is loaded)."""
+    import importlib
+    import shlex
+
+    import tyro
+    for size in ["6b"] if "tldr" in name else ["125m", "1b", "6b"]:
+        proc = launch("paper", name, "--size", size, "--dry-run", "--", "--seed", "7")
+        assert proc.returncode == 0, proc.stderr
+        words = shlex.split(proc.stdout.strip().splitlines()[-1])
+        script = next(w for w in words if w.endswith(".py"))
+        args = tyro.cli(importlib.import_module(script[:-3]).Args, args=words[words.index(script) + 1:])
+        assert args.seed == 7 and args.bf16  # extra arguments pass through; every preset trains in bf16
+        if name.endswith("-hh") and name != "alol-hh":
+            assert args.model_name_or_path == f"Dahoas/pythia-{size.upper()}-static-sft"
+            assert args.stop_strings == ["Human:", "Assistant:"] and args.max_new_tokens == 128
+        if name in ("apa-hh", "apa-tldr", "apa-off-hh"):
+            assert args.lam == 0.1 and args.learning_rate == 1e-6
+        if name == "ppo-hh":
+            assert args.learning_rate == (1e-6 if size == "1b" else 8e-6) and args.target_kl == 6
+        if name == "ilql-hh":
+            assert (args.tau, args.alpha, args.eval_betas, args.top_k) == (0.6, 1e-4, [1.0, 4.0], 20)
+        if name == "alol-hh":
+            assert (args.batch_size, args.total_steps, args.max_grad_norm) == (16, 9000, 0.3)
+
+
+def test_paper_list_and_bad_input():
+    out = launch("paper", "--list").stdout
+    assert all(name in out for name in PRESETS) and "GPU" in out and "GB" in out
+    proc = launch("paper", "apa-tldr", "--size", "1b", "--dry-run")
+    assert proc.returncode != 0 and "has one size" in proc.stderr
+    proc = launch("paper", "nope")
+    assert proc.returncode != 0 and "unknown preset 'nope'" in proc.stderr

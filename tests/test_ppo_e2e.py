@@ -3,7 +3,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 
 import pytest
 from conftest import ROOT, read_run, run_script

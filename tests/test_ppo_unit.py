@@ -188,7 +188,7 @@ def test_update_kl_coef_direction_and_compounding():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Reward read-out and decoding (ppo.score_responses / decode_responses)
+# Reward read-out (common.load_reward) and decoding (ppo.decode_responses)
 # ------------------------------------------------------------------------------------------------------------
 WORDS = "the movie was great awful and i loved it".split()
 
@@ -231,33 +231,67 @@ def policy_batch(tok):
     return prompts, responses, query_ids, query_mask, response_ids, response_mask
 
 
-def test_score_responses_same_tokenizer_reads_the_last_real_token():
+def saved(tmp_path, model, tok, name):
+    """The reward model and its tokenizer as a folder: load_reward takes the path a real run would."""
+    model.save_pretrained(tmp_path / name), tok.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def test_reward_model_with_the_policy_tokenizer_reads_the_last_real_token(tmp_path):
+    import common
     tok = word_tokenizer(WORDS)
     model = tiny_score_model(len(tok))
     prompts, responses, q, qm, r, rm = policy_batch(tok)
-    scores = ppo.score_responses(model, None, tok, q, qm, r, rm)
+    reward = common.load_reward(saved(tmp_path, model, tok, "rm"), tok)
+    assert reward.same_vocabulary
+    scores = reward(q, qm, r, rm)
     expected = [score_alone(model, tok.encode(p) + tok.encode(resp)) for p, resp in zip(prompts, responses)]
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
     assert max(expected) - min(expected) > 1e-2
 
 
-def test_score_responses_other_tokenizer_sees_the_same_words():
-    """A reward model with its own tokenizer must score the decoded (prompt + response) words. Fails while
-    score_responses joins the decoded prompt and response as `p + r` with no separator: decode() of a word-level /
-    WordPiece-decoded tokenizer (the built-in task's kind; SentencePiece tokenizers behave alike, dropping the
-    first token's leading space) gives 'the movie' and 'was great', so the reward model reads 'the moviewas great'
-    and gets <unk> for the glued word."""
+def test_reward_model_with_another_tokenizer_sees_the_same_words(tmp_path):
+    """A reward model with its own tokenizer must score the decoded (prompt + response) words. Fails when the
+    decoded prompt and response are joined as `p + r` with no separator: decode() of a word-level / WordPiece-decoded
+    tokenizer (the built-in task's kind; SentencePiece tokenizers behave alike, dropping the first token's leading
+    space) gives 'the movie' and 'was great', so the reward model reads 'the moviewas great' and gets <unk>."""
+    import common
     tok = word_tokenizer(WORDS)
     rm_tok = word_tokenizer(list(reversed(WORDS)), padding_side="right")  # same words, other ids
     assert rm_tok.get_vocab() != tok.get_vocab()
     model = tiny_score_model(len(rm_tok))
     prompts, responses, q, qm, r, rm = policy_batch(tok)
-    scores = ppo.score_responses(model, rm_tok, tok, q, qm, r, rm)
+    reward = common.load_reward(saved(tmp_path, model, rm_tok, "rm"), tok)
+    assert not reward.same_vocabulary
+    scores = reward(q, qm, r, rm)
     expected = []
     for p, resp in zip(prompts, responses):
         words = [w for w in f"{p} {resp}".split() if w not in ("<eos>", "<pad>")]  # special tokens skipped
         expected.append(score_alone(model, rm_tok.convert_tokens_to_ids(words)))
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_function_gets_decoded_prompts_and_responses(tmp_path, monkeypatch):
+    import common
+    (tmp_path / "my_rewards.py").write_text(
+        "CALLS = []\n"
+        "def words(prompts, responses):\n"
+        "    CALLS.append((prompts, responses))\n"
+        "    return [len(r.split()) + 0.5 for r in responses]\n"
+        "def wrong_length(prompts, responses):\n"
+        "    return [0.0]\n")
+    monkeypatch.chdir(tmp_path)  # the module is looked up in the working directory
+    tok = word_tokenizer(WORDS)
+    prompts, responses, q, qm, r, rm = policy_batch(tok)
+    assert common.load_reward("my_rewards:words", tok)(q, qm, r, rm).tolist() == [2.5, 1.5, 1.5]
+    import my_rewards
+    assert my_rewards.CALLS == [(prompts, ["was great", "it", "awful"])]  # special tokens skipped
+    with pytest.raises(SystemExit, match="returned 1 scores for 3 responses"):
+        common.load_reward("my_rewards:wrong_length", tok)(q, qm, r, rm)
+    with pytest.raises(SystemExit, match="cannot import the reward function 'my_rewards:nothing'.*module:function"):
+        common.load_reward("my_rewards:nothing", tok)
+    with pytest.raises(SystemExit, match="cannot import the reward function 'no_such_module:f'"):
+        common.load_reward("no_such_module:f", tok)
 
 
 def test_decode_responses_keeps_eos_and_drops_padding():
