@@ -20,13 +20,22 @@ def builtin_path():
     return common.builtin_dir()
 
 
+def free_port():
+    """A port no other run of this session uses: DeepSpeed names its CPU shared-memory all-reduce buffers
+    (/dev/shm/deepspeed_allreduce_buffer_*) after the master port, so two runs on one port share them."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(script, *args, nproc=1, env=None, check=True, timeout=600):
     """Run SCRIPT.py with ARGS in a subprocess (torchrun with nproc > 1); return the CompletedProcess."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
                 **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), str(ROOT / script), *args]
+               str(free_port()), str(ROOT / script), *args]
     else:
         cmd = [sys.executable, str(ROOT / script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -5,7 +5,7 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, read_run, run_script
+from conftest import ROOT, free_port, read_run, run_script
 
 TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
         "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
@@ -138,7 +138,7 @@ def test_deepspeed_launcher_passes_local_rank(builtin_path, tmp_path):
     """`deepspeed --num_gpus 2 ppo.py` (it adds --local_rank=N to the arguments) runs two CPU processes."""
     import subprocess
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), "ppo.py", *TINY,
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "ppo.py", *TINY,
            "--total-episodes", "64", "--zero-stage", "0", "--output-dir", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
