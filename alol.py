@@ -38,8 +38,8 @@ class Args:
     """seed of the experiment (V_ref is fitted under this seed on every rank; rank r draws batches with seed + r)"""
     output_dir: str = "runs"
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
-    algorithm: Literal["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"] = "a_lol"
-    """the loss, ALGORITHMS.md §8: nll, weighted BC, reward-GOLD, reward-LoL, or one of the four A-LoL variants"""
+    algorithm: str = "a_lol"
+    """the loss, ALGORITHMS.md §8: nll, wbc (weighted BC), r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl"""
     model_name_or_path: str = "builtin"
     """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
     reward_model: Tuple[str, ...] = ("builtin",)
@@ -112,14 +112,25 @@ class Args:
     """where π_ref lives while V_ref and advantages are computed: `policy` (sharded with ZeRO-3), `cpu` or `cuda:N`"""
     reward_device: str = "policy"
     """where the reward model(s) live: `policy`, `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
     eval_every: int = 100
     """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
+    save_every: int = 0
+    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
+    Ctrl-C); the final policy is an HF folder"""
+    resume: Optional[str] = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
     local_rank: int = 0
     """set by the `deepspeed` launcher; the rank is read from the environment"""
+
+
+ALGORITHMS = ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
 
 
 # ALGO LOGIC: the eight losses, ALGORITHMS.md §8 (one row per variant of its table)
@@ -269,11 +280,15 @@ def trim(query_ids, query_mask, response_ids, response_mask):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.algorithm not in ALGORITHMS:
+        common.fail(f"unknown --algorithm {args.algorithm}; pick one of {', '.join(ALGORITHMS)}")
     n_fields = len(args.reward_fields)
     if len(args.reward_weights) not in (0, n_fields) or len(args.reward_model) not in (1, n_fields):
         common.fail(f"--reward-weights ({len(args.reward_weights)}) and --reward-model ({len(args.reward_model)}) "
                     f"need one value per --reward-fields entry ({n_fields}); --reward-model may also give one")
     rank, world_size, device = common.init_distributed(args.zero_stage)
+    if args.resume:
+        common.check_resume(args.resume, "alol.py")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
@@ -289,6 +304,7 @@ if __name__ == "__main__":
     if not {"prompt", response_field} <= set(data.column_names):  # checked before any model is loaded
         common.fail(f"dataset '{args.offline_dataset}' has columns {', '.join(data.column_names)}; A-LoL rows need "
                     f"prompt and response (or preference rows: prompt, chosen), plus the --reward-fields columns")
+    common.check_rows(args.offline_dataset, prompt=data["prompt"], response=data[response_field])
     missing = [f for f in args.reward_fields if f not in data.column_names]
     if missing and rank == 0:
         print(f"note: the rows have no column {', '.join(missing)}: their responses are scored by --reward-model")
@@ -301,7 +317,7 @@ if __name__ == "__main__":
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
     scorers = {name: common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size,
-                                        args.bf16, args.trust_remote_code)
+                                        args.bf16, args.trust_remote_code, args.reward_dtype)
                for name in dict.fromkeys(n for n in scorer_names if n != "gold")}  # a model or module:function
     log = common.make_logger(args, run_name, rank)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -449,12 +465,19 @@ if __name__ == "__main__":
         return {**common.mean_across_ranks(metrics), "eval/distinct_1": distinct_n(texts, 1),
                 "eval/distinct_2": distinct_n(texts, 2)}
 
-    eval_history = [(0, evaluate())]
-    log(0, {**data_stats, **eval_history[0][1]})
+    # Checkpoints: `resume/` holds all a run needs to go on as if never stopped: the policy engine with its optimizer,
+    # the step (the draws above are fixed by the seed) and each rank's RNG states. V_ref comes back from the cache.
+    engines, resume_path, stop_requested = {"policy": policy}, os.path.join(run_dir, "resume"), common.stop_signals()
+    state = common.load_resume(args.resume, engines, rank) if args.resume else {}
+    if args.resume:
+        eval_history = state["eval_history"]
+    else:
+        eval_history = [(0, evaluate())]
+        log(0, {**data_stats, **eval_history[0][1]})
     if rank == 0:
         print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
     start_time, window = time.time(), []
-    for step in range(1, num_steps + 1):
+    for step in range(state.get("step", 0) + 1, num_steps + 1):
         t_step = time.time()
         idx = draws[(step - 1) * args.batch_size: step * args.batch_size]
         q, qm, r, rm = (t.to(device) for t in trim(*[t[idx] for t in rows]))
@@ -469,12 +492,14 @@ if __name__ == "__main__":
         metrics = {"policy/loss": loss.item(), "policy/seq_log_ratio_to_ref": log_ratio.mean().item(),
                    "policy/ratio_clipped_fraction": ((log_ratio.exp() - 1).abs() > args.clip).float().mean().item()}
         window.append([time.time() - t_step, rm.sum().item() * world_size])
+        metrics = common.mean_across_ranks(metrics)
+        common.check_finite(metrics, step, resume_path)  # before evaluating (decoding) from NaN weights
         if step % args.eval_every == 0 or step == num_steps:
             seconds, tokens = torch.tensor(window).sum(0).tolist()
             eval_history.append((step, evaluate()))
             metrics.update({**eval_history[-1][1], "time/steps_per_s": len(window) / seconds,
                             "time/tokens_per_s": tokens / seconds})
-        metrics = common.mean_across_ranks(metrics)
+            window = []
         log(step, metrics)
         if rank == 0 and "eval/reward" in metrics:
             gold = f" gold {metrics['eval/gold_score']:+.3f}" if gold_score else ""
@@ -482,7 +507,11 @@ if __name__ == "__main__":
                   f"{metrics['policy/seq_log_ratio_to_ref']:+.3f} eval reward {metrics['eval/reward']:.3f}{gold} "
                   f"distinct-2 {metrics['eval/distinct_2']:.3f} steps/s {metrics['time/steps_per_s']:.1f} "
                   f"tokens/s {metrics['time/tokens_per_s']:.0f}", flush=True)
-            window = []
+        if (signum := stop_requested()) or (args.save_every and step % args.save_every == 0):
+            common.save_resume(resume_path, "alol.py", step, engines, dict(step=step, eval_history=eval_history),
+                               args, run_dir, rank)
+        if signum:
+            common.exit_after_signal(signum, resume_path, "alol.py", rank)
 
     common.save_hf(policy, tokenizer, os.path.join(run_dir, "policy"), rank)
     if rank == 0:

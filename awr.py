@@ -123,6 +123,9 @@ class Args:
     """where π_init lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
     reward_device: str = "policy"
     """where the reward model lives: `policy`, `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
     value_device: str = "policy"
     """where the value model lives: `policy` (its own DeepSpeed engine) or `cpu` / `cuda:N` (plain AdamW)"""
     eval_every: int = 10
@@ -130,7 +133,10 @@ class Args:
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
     save_every: int = 0
-    """write an HF checkpoint every this many iterations (0 = only at the end)"""
+    """write a resumable checkpoint to {run dir}/resume every this many iterations (offline: epochs); 0: only when
+    stopped by SIGTERM / Ctrl-C. The final policy and value model are HF folders"""
+    resume: Optional[str] = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
     local_rank: int = 0
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
@@ -174,8 +180,7 @@ class RunningMoments:
     def update(self, x: torch.Tensor):
         x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
         stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
         n, mean = stats[2].item(), stats[0].item() / stats[2].item()
         var, delta, total = max(stats[1].item() / n - mean ** 2, 0.0), mean - self.mean, self.count + n
         self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
@@ -213,9 +218,25 @@ if __name__ == "__main__":
         common.fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
                     f"{args.mini_batch_size}; pick a mini-batch size that divides it")
     rank, world_size, device = common.init_distributed(args.zero_stage)
+    per_iteration = args.rollout_batch_size * world_size  # episodes per iteration, all ranks together
+    if not args.offline_dataset and (args.total_episodes % per_iteration or not args.total_episodes):
+        common.fail(f"--total-episodes {args.total_episodes} is not a positive multiple of --rollout-batch-size "
+                    f"{args.rollout_batch_size} × {world_size} rank(s) = {per_iteration}; pass --total-episodes "
+                    f"{max(args.total_episodes // per_iteration, 1) * per_iteration}")
+    script = "awr.py --offline-dataset" if args.offline_dataset else "awr.py"  # the two modes do not resume each other
+    if args.resume:
+        common.check_resume(args.resume, script)
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
+    if args.offline_dataset is not None:  # the data first: a file that cannot train fails before any model loads
+        prompts, responses, rewards = common.load_offline_rows(
+            args.offline_dataset, fields=dict(prompt=args.prompt_field, response=args.response_field,
+                                              reward=args.reward_field))
+        n_rows = len(prompts) // world_size * world_size
+        if n_rows < args.mini_batch_size * world_size:
+            common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one mini-batch of "
+                        f"{args.mini_batch_size} on each of the {world_size} rank(s); lower --mini-batch-size")
 
     # Seeding: models are loaded under one seed, so that randomly initialised heads agree across ranks; sampling then
     # uses seed + rank, so that every rank draws its own prompts and responses.
@@ -228,7 +249,8 @@ if __name__ == "__main__":
     ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
     reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.mini_batch_size,
-                                  args.bf16, args.trust_remote_code) for name in args.reward_model]
+                                     args.bf16, args.trust_remote_code, args.reward_dtype)
+                  for name in args.reward_model]
     if args.value_model == "reward" and not getattr(reward_fns[0], "same_vocabulary", False):
         args.value_model = "policy"  # the value model reads the policy's token ids: it needs its vocabulary
         if rank == 0:
@@ -334,8 +356,27 @@ if __name__ == "__main__":
             return torch.cat([common.forward_values(value_model, *[t[i:i + chunk] for t in batch]).to(device)
                               for i in range(0, len(batch[0]), chunk)])
 
-    eval_history = [(0, evaluate())]
-    log(0, eval_history[-1][1])
+    # Checkpoints: `resume/` holds all a run needs to go on as if never stopped (the engines with their optimizers,
+    # the running score moments, each rank's RNG and sampler states, the epoch or iteration).
+    engines, resume_path, stop_requested = {"policy": policy, "value": value_model}, \
+        os.path.join(run_dir, "resume"), common.stop_signals()
+    state = common.load_resume(args.resume, engines, rank) if args.resume else {}
+    if args.resume:
+        eval_history = state["eval_history"]
+        sampler.set_state(state["sampler"])
+    else:
+        eval_history = [(0, evaluate())]
+        log(0, eval_history[-1][1])
+
+    def save_resume(step, signum, **script_state):
+        """Every --save-every steps, and when stopped by a signal (then exit): see common.save_resume."""
+        if signum or (args.save_every and step % args.save_every == 0):
+            common.save_resume(resume_path, script, step, engines, dict(
+                step=step, eval_history=eval_history, sampler=sampler.get_state(), **script_state), args, run_dir,
+                rank)
+        if signum:
+            common.exit_after_signal(signum, resume_path, script.split()[0], rank)
+
     if rank == 0:
         print(f"{run_name}: {world_size} rank(s); before training: "
               + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()))
@@ -343,13 +384,6 @@ if __name__ == "__main__":
 
     if args.offline_dataset is not None:
         # ---- Offline AWR, ALGORITHMS.md §6: scored responses instead of rollouts -------------------------------
-        prompts, responses, rewards = common.load_offline_rows(
-            args.offline_dataset, fields=dict(prompt=args.prompt_field, response=args.response_field,
-                                              reward=args.reward_field))
-        n_rows = len(prompts) // world_size * world_size
-        if n_rows < args.mini_batch_size * world_size:
-            common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one mini-batch on every rank; "
-                        f"lower --mini-batch-size")
         rewards = torch.tensor(rewards[:n_rows], dtype=torch.float32)
         rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-8)  # z-scored over the whole dataset
         mine = list(range(rank, n_rows, world_size))
@@ -374,29 +408,30 @@ if __name__ == "__main__":
         # Fix over the released code (advantages from a random value head, never refreshed): fit V to the returns
         # first, then recompute the advantages from the current value model before every epoch.
         mc_returns = compute_gae(token_rewards, torch.zeros_like(mask), mask, args.gamma, 1.0)[1]
-        for _ in range(args.value_warmup_epochs):
+        for _ in range(0 if args.resume else args.value_warmup_epochs):  # a resumed run has its fitted V
             for idx in torch.randperm(len(mask), generator=sampler).split(args.mini_batch_size):
                 vf_loss = value_loss(common.forward_values(value_model, *[t[idx] for t in batch]).to(device),
                                      mc_returns[idx], mask[idx])
                 value_model.backward(vf_loss)
                 value_model.step()
-        previous = None
-        for epoch in range(1, args.offline_epochs + 1):
+        previous = state.get("previous")
+        for epoch in range(state.get("step", 0) + 1, args.offline_epochs + 1):
             advantages, returns = compute_gae(token_rewards, all_values(batch), mask, args.gamma, args.gae_lambda)
             change = 0.0 if previous is None else masked_mean((advantages - previous).abs(), mask, True).item()
             previous = advantages
             if args.whiten_advantages:
                 advantages = whiten_masked(advantages, mask, across_ranks=True)
-            metrics = update(batch, advantages, returns, ref_logprobs)
-            metrics["offline/advantage_change"] = change  # mean |A_epoch − A_previous epoch|: the value model learns
+            metrics = common.mean_across_ranks({**update(batch, advantages, returns, ref_logprobs),
+                                                "offline/advantage_change": change})  # |A_epoch − A_epoch−1|
+            common.check_finite(metrics, epoch, resume_path)  # before evaluating (sampling) from NaN weights
             eval_history.append((epoch, evaluate()))
             metrics.update(eval_history[-1][1])
-            metrics = common.mean_across_ranks(metrics)
             log(epoch, metrics)
             if rank == 0:
                 print(f"epoch {epoch}/{args.offline_epochs} loss {metrics['policy/loss']:.4f} value loss "
                       f"{metrics['value/loss']:.4f} advantage change {change:.4f} eval reward "
                       f"{metrics['eval/reward']:+.3f} KL {metrics['eval/kl_to_ref']:.2f}", flush=True)
+            save_resume(epoch, stop_requested(), previous=previous)
     else:
         # ---- Online AWR: sample, score, GAE, AWR updates ----------------------------------------------------
         train_prompts, n_truncated = common.encode_prompts(
@@ -405,7 +440,8 @@ if __name__ == "__main__":
             print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
         num_iterations = args.total_episodes // (args.rollout_batch_size * world_size)
         score_moments = RunningMoments()
-        for iteration in range(1, num_iterations + 1):
+        vars(score_moments).update(state.get("score_moments", {}))
+        for iteration in range(state.get("step", 0) + 1, num_iterations + 1):
             t0 = time.time()
             batch_index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
             query_ids, query_mask, response_ids, mask, ended, scores, old_logprobs, ref_logprobs = \
@@ -441,6 +477,7 @@ if __name__ == "__main__":
                 metrics["rollout/gold_score"] = sum(g := gold_score(decode_responses(tokenizer, response_ids,
                                                                                      mask))) / len(g)
             metrics = common.mean_across_ranks(metrics)
+            common.check_finite(metrics, iteration, resume_path)  # before evaluating (sampling) from NaN weights
             n_tokens = metrics["rollout/response_length"] * args.rollout_batch_size * world_size  # all ranks
             metrics.update({"time/rollout_tokens_per_s": n_tokens / t_rollout,
                             "time/update_tokens_per_s": n_tokens * args.ppo_epochs / t_update,
@@ -456,8 +493,7 @@ if __name__ == "__main__":
                       f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
                       f"{metrics['time/update_tokens_per_s']:.0f} (update) "
                       f"episodes/s {metrics['time/episodes_per_s']:.1f}", flush=True)
-            if args.save_every and iteration % args.save_every == 0:
-                common.save_hf(policy, tokenizer, os.path.join(run_dir, f"checkpoint-{iteration}"), rank)
+            save_resume(iteration, stop_requested(), score_moments=vars(score_moments))
 
     common.save_hf(policy, tokenizer, os.path.join(run_dir, "policy"), rank)
     common.save_hf(value_model, tokenizer, os.path.join(run_dir, "value"), rank)

@@ -2,7 +2,7 @@
 datasets, DeepSpeed set-up, log-prob gathering, masked statistics, logging and checkpoints. Conventions
 (../shared/ALGORITHMS.md §0): prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens
 (its EOS included)."""
-import fcntl, hashlib, inspect, json, os, random, shutil, socket, sys, time
+import fcntl, hashlib, inspect, json, math, os, random, shutil, signal, socket, sys, time
 from types import SimpleNamespace
 
 import torch
@@ -202,12 +202,13 @@ def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_co
 
 
 def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, bf16=False,
-                trust_remote_code=False):
+                trust_remote_code=False, dtype="auto"):
     """One --reward-model entry as score(query_ids, query_mask, response_ids, response_mask) -> [batch] float (CPU):
     `module:function`, a Python f(prompts, responses) -> list of floats on the decoded texts (the module is looked
     up in the working directory and on PYTHONPATH); or a 1-output sequence-classification model (hub name, folder,
     builtin), frozen on `placement`. A model with the policy's vocabulary reads its head at the last real token of
-    the policy's ids; another tokenizer gets prompt + response decoded and re-encoded (left-truncated)."""
+    the policy's ids; another tokenizer gets prompt + response decoded and re-encoded (left-truncated). `dtype`
+    float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
     texts = lambda ids, mask: [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
     module, _, function = name.partition(":")
     if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
@@ -226,8 +227,9 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
                      f"must return one float per (prompt, response)")
             return torch.tensor(scores)
         return score_with_function
-    model = prepare_frozen(load_model(name, "score", "--reward-model", "bfloat16" if bf16 else "float32",
-                                      trust_remote_code), placement, zero_stage, micro_batch_size, bf16)
+    dtype = ("bfloat16" if bf16 else "float32") if dtype == "auto" else dtype
+    model = prepare_frozen(load_model(name, "score", "--reward-model", dtype, trust_remote_code), placement,
+                           zero_stage, micro_batch_size, bf16=dtype == "bfloat16", fp16=dtype == "float16")
     rm_tokenizer = load_tokenizer(name, "--reward-model", "right", trust_remote_code)
     same_vocabulary = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
@@ -278,12 +280,56 @@ def split_hh(dialogue: str):
     return (dialogue[:cut], dialogue[cut:]) if cut >= len(HH_ASSISTANT) else (None, dialogue)
 
 
+PRO_ROLES = {"<|prompter|>": "\n\nHuman: ", "<|assistant|>": "\n\nAssistant: "}
+
+
+def pro_pairs(prefix, suffixes):
+    """(prompt, response) of each candidate of a PRO / A-LoL row, or None when `prefix` does not fit `suffixes`.
+    `prefix` holds one list of turns per candidate ("<|prompter|>…", "<|assistant|>…", …, a bare "<|assistant|>"),
+    or one such list shared by all; joined with the role tokens made "\n\nHuman: " / "\n\nAssistant: " and the end
+    stripped, as PRO's HH collator does, it is an HH prompt ending with "\n\nAssistant:", and the response is the
+    suffix after one space (PRO joins prompt + " " + suffix; none added to a suffix that starts with whitespace).
+    A plain-string prefix without role tokens (PRO's TL;DR files) is the prompt as it is, its suffix the response."""
+    if prefix and all(isinstance(p, str) for p in prefix) and any(r in p for p in prefix for r in PRO_ROLES):
+        prefix = [prefix] * len(suffixes)  # one list of turns for every candidate
+    if len(prefix) != len(suffixes):
+        return None
+    pairs = []
+    for turns, suffix in zip(prefix, map(str, suffixes)):
+        text = "".join(turns) if isinstance(turns, (list, tuple)) else str(turns)
+        if any(role in text for role in PRO_ROLES):
+            for role, marker in PRO_ROLES.items():
+                text = text.replace(role, marker)
+            text = text.rstrip() if text.rstrip().endswith(HH_ASSISTANT) else text.rstrip() + HH_ASSISTANT
+            suffix = suffix if suffix[:1].isspace() else " " + suffix
+        pairs.append((text, suffix))
+    return pairs
+
+
 def canonical_rows(data, name: str) -> dict:
     """A dataset of a known shape as columns {prompt, response[, reward]} or {prompt, chosen, rejected}. Shapes:
     those two; rm-static's {prompt, response, chosen, rejected} (a preference row); HH transcripts {chosen, rejected}
     (split by split_hh; rows whose two dialogues differ before the last reply, or with an empty reply, are dropped
-    and counted); TL;DR {prompt, label} (the summary is the response; "\nTL;DR:" appended to a prompt without it)."""
+    and counted); TL;DR {prompt, label} (the summary is the response; "\nTL;DR:" appended to a prompt without it);
+    PRO's preprocessed HH files, as A-LoL reuses them, {prefix, suffix, reward[, sft_index, meta]} with one reward
+    per suffix: one {prompt, response, reward} row per suffix (pro_pairs; the reward as stored, a raw reward-model
+    logit in PRO's files; rows whose prefix, suffix and reward lists differ in length are dropped and counted, and
+    so are blank suffixes)."""
     cols = set(data.column_names)
+    if {"prefix", "suffix", "reward"} <= cols and "prompt" not in cols:
+        kept, ragged, blank = [], 0, 0
+        for prefix, suffixes, rewards in zip(data["prefix"], data["suffix"], data["reward"]):
+            pairs = pro_pairs(prefix, suffixes) if len(suffixes) == len(rewards) else None
+            if pairs is None:
+                ragged += 1
+                continue
+            rows = [(prompt, response, float(r)) for (prompt, response), r in zip(pairs, rewards)]
+            kept += [row for row in rows if row[1].strip()]
+            blank += sum(not row[1].strip() for row in rows)
+        if (ragged or blank) and os.environ.get("RANK", "0") == "0":
+            print(f"note: {ragged} of {len(data)} PRO rows of '{name}' dropped: their prefix, suffix and reward "
+                  f"lists differ in length; {blank} blank suffixes dropped")
+        return dict(zip(("prompt", "response", "reward"), map(list, zip(*kept)))) if kept else {}
     if {"chosen", "rejected"} <= cols and "prompt" not in cols:
         pairs = [(split_hh(c), split_hh(r)) for c, r in zip(data["chosen"], data["rejected"])]
         kept = [(p, c, r) for (p, c), (q, r) in pairs if p is not None and p == q and c.strip() and r.strip()]
@@ -299,15 +345,24 @@ def canonical_rows(data, name: str) -> dict:
     return {k: data[k] for k in ("prompt", "response", "reward") if k in cols}
 
 
+def check_rows(name: str, **columns):
+    """Fail on the first empty text of any column (prompt=..., response=...), naming the row and the fix."""
+    for kind, texts in columns.items():
+        if empty := [i for i, text in enumerate(texts) if not str(text).strip()]:
+            fail(f"dataset '{name}' has {len(empty)} row(s) with an empty {kind} (the first: row {empty[0]}); remove "
+                 f"them, or map another column with --{kind}-field")
+
+
 def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
     """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR rows (canonical_rows)."""
     data = load_split(name, split, "data/prompts", flag)
-    if prompt_field == "prompt" and (prompts := canonical_rows(data, name).get("prompt")):
-        return [str(p) for p in prompts]
-    if prompt_field not in data.column_names:
-        fail(f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
-             f"pass --prompt-field NAME")
-    return [str(p) for p in data[prompt_field]]
+    if not (prompt_field == "prompt" and (prompts := canonical_rows(data, name).get("prompt"))):
+        if prompt_field not in data.column_names:
+            fail(f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
+                 f"pass --prompt-field NAME")
+        prompts = data[prompt_field]
+    check_rows(name, prompt=prompts)
+    return [str(p) for p in prompts]
 
 
 def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None):
@@ -319,9 +374,14 @@ def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset",
     data = data.remove_columns([k for k in renames.values() if k in data.column_names]).rename_columns(renames)
     rows = canonical_rows(data, name)
     if {"prompt", "response", "reward"} <= set(rows):
+        check_rows(name, prompt=rows["prompt"], response=rows["response"])
+        if bad := [i for i, r in enumerate(rows["reward"]) if not math.isfinite(float(r))]:
+            fail(f"dataset '{name}' has {len(bad)} row(s) whose reward is NaN or inf (the first: row {bad[0]}); fix "
+                 f"or drop them")
         return rows["prompt"], rows["response"], [float(r) for r in rows["reward"]]
     if "chosen" in rows:
         n = len(rows["prompt"])
+        check_rows(name, prompt=rows["prompt"], response=rows["chosen"] + rows["rejected"])
         return rows["prompt"] * 2, rows["chosen"] + rows["rejected"], [1.0] * n + [0.0] * n
     fail(f"dataset '{name}' has columns {', '.join(data.column_names)}; offline rows need prompt, response, reward "
          f"(or prompt, chosen, rejected, or HH dialogues chosen, rejected)")
@@ -431,11 +491,12 @@ def freeze_lower_layers(model, unfrozen_layers: int):
     return model
 
 
-def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False):
+def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False, fp16=False):
     """A frozen model (eval, no grad): sharded like the policy under ZeRO-3 at `policy`, else a copy on its device."""
     model.requires_grad_(False).eval()
     if placement == "policy" and zero_stage == 3:
-        return deepspeed.initialize(model=model, config=deepspeed_config(3, micro_batch_size, 0, bf16, train=False))[0]
+        config = {**deepspeed_config(3, micro_batch_size, 0, bf16, train=False), "fp16": {"enabled": fp16}}
+        return deepspeed.initialize(model=model, config=config)[0]
     return model.to(_device(placement))
 
 
@@ -515,11 +576,19 @@ def whiten_masked(x, mask, across_ranks=True, shift_mean=True):
     return (whitened if shift_mean else whitened + mean) * mask
 
 
+def all_reduce_cpu(values, op=None):
+    """All-reduce a CPU tensor (NCCL only reduces CUDA tensors: it goes through this rank's GPU there)."""
+    if _world() > 1:
+        on_gpu = dist.get_backend() == "nccl"
+        reduced = values.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else values
+        dist.all_reduce(reduced, op=op or dist.ReduceOp.SUM)
+        values.copy_(reduced)
+    return values
+
+
 def mean_across_ranks(metrics: dict) -> dict:
     """Average a dict of floats over ranks (each rank contributed the same number of rows)."""
-    values = torch.tensor([float(metrics[k]) for k in sorted(metrics)], dtype=torch.float64)
-    if _world() > 1:
-        dist.all_reduce(values)
+    values = all_reduce_cpu(torch.tensor([float(metrics[k]) for k in sorted(metrics)], dtype=torch.float64))
     return dict(zip(sorted(metrics), (values / _world()).tolist()))
 
 
@@ -535,6 +604,12 @@ def make_logger(args, run_name: str, rank: int):
                                                                            sorted(vars(args).items())))
     open(os.path.join(run_dir, "args.json"), "w").write(json.dumps(vars(args), indent=1, default=str))
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+    if getattr(args, "resume", None) and os.path.exists(previous := os.path.join(args.resume, "metrics.jsonl")):
+        for line in open(previous):  # a resumed run's logs start with everything logged up to its checkpoint
+            record = json.loads(line)
+            metrics_file.write(line)
+            for k, v in record.items():
+                writer.add_scalar(k, v, record["step"]) if k != "step" else None
 
     def log(step, metrics):
         for k, v in metrics.items():
@@ -558,3 +633,115 @@ def save_hf(engine, tokenizer, path: str, rank: int):
         os.rename(tmp, path)
     if dist.is_initialized():
         dist.barrier()
+
+
+# ---- Resumable checkpoints, stop signals, non-finite guards (every script) ---------------------------------------
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_resume(path: str, script: str):
+    """Fail in the first second when --resume cannot be continued by this script with this many ranks."""
+    meta_file = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_file):
+        fail(f"--resume {path} is not a resumable checkpoint (no meta.json); pass the `resume` folder a run wrote "
+             f"(runs/RUN_NAME/resume, with --save-every N or when stopped by SIGTERM/Ctrl-C)")
+    meta = json.load(open(meta_file))
+    if meta["script"] != script:
+        fail(f"--resume {path} was written by {meta['script']}, not {script}; resume it with {meta['script']}, or "
+             f"pass a checkpoint of {script}")
+    if meta["world_size"] != _world():
+        fail(f"--resume {path} was written by {meta['world_size']} rank(s), this run has {_world()}; resume with "
+             f"--nproc_per_node {meta['world_size']} (each rank restores its own random state)")
+    return meta
+
+
+def save_resume(path: str, script: str, step: int, engines: dict, state: dict, args, run_dir: str, rank: int):
+    """A checkpoint that continues the run bit for bit: each trained engine with its optimizer (DeepSpeed's own,
+    ZeRO-sharded, save; torch.save for a TorchEngine), and per rank the script's `state` (step, KL coefficient, data
+    position, eval history, generator states, ...) with this rank's RNG states; the metrics logged so far. Written
+    to PATH.tmp, then renamed: a run killed while saving keeps its previous checkpoint."""
+    tmp = path.rstrip("/") + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    for name, engine in engines.items():
+        if isinstance(engine, TorchEngine):  # identical on every rank
+            if rank == 0:
+                torch.save({"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()},
+                           os.path.join(tmp, f"{name}.pt"))
+        else:  # a collective: every rank writes its shard
+            engine.save_checkpoint(tmp, tag=name, save_latest=False)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save({"state": state, "rng": rng}, os.path.join(tmp, f"rank{rank}.pt"))
+    if rank == 0:
+        if os.path.exists(metrics := os.path.join(run_dir, "metrics.jsonl")):
+            shutil.copy(metrics, tmp)
+        json.dump({"script": script, "step": step, "world_size": _world(), "args": vars(args)},
+                  open(os.path.join(tmp, "meta.json"), "w"), indent=1, default=str)
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(old := path.rstrip("/") + ".old", ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def load_resume(path: str, engines: dict, rank: int):
+    """Restore what save_resume wrote: the engines (weights, optimizer), this rank's RNG states; returns its state."""
+    for name, engine in engines.items():
+        if isinstance(engine, TorchEngine):
+            saved = torch.load(os.path.join(path, f"{name}.pt"), weights_only=False)
+            engine.module.load_state_dict(saved["model"]), engine.optimizer.load_state_dict(saved["optimizer"])
+        else:
+            engine.load_checkpoint(path, tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    saved = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
+    random.setstate(saved["rng"]["python"]), torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    if rank == 0:
+        print(f"resumed from {path} at step {json.load(open(os.path.join(path, 'meta.json')))['step']}", flush=True)
+    return saved["state"]
+
+
+def stop_signals():
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) only raise a flag: returns stop_requested(), called between steps,
+    true on every rank once any rank was signalled; the script then saves a resumable checkpoint and exits with
+    128 + the signal. A second signal over 3 s later kills at once (torchrun forwards a Ctrl-C its workers already
+    got: that one must not)."""
+    caught = []
+
+    def handler(signum, frame):
+        if caught and time.time() - caught[1] > 3:
+            signal.signal(signum, signal.SIG_DFL), os.kill(os.getpid(), signum)
+        if not caught:
+            caught.extend([signum, time.time()])
+            print(f"\n{signal.Signals(signum).name}: stopping after this step with a resumable checkpoint",
+                  file=sys.stderr, flush=True)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+    return lambda: int(all_reduce_cpu(torch.tensor([caught[0] if caught else 0]), dist.ReduceOp.MAX).item())
+
+
+def exit_after_signal(signum: int, path: str, script: str, rank: int):
+    if rank == 0:
+        print(f"stopped by {signal.Signals(signum).name}; continue with: {script} --resume {path} (and the same "
+              f"arguments)", flush=True)
+    _barrier()
+    dist.destroy_process_group()
+    raise SystemExit(128 + signum)
+
+
+def check_finite(metrics: dict, step: int, resume_path: str):
+    """NaN/inf in a loss or a reward stops the run here, before anything is saved from it."""
+    if bad := sorted((k for k, v in metrics.items() if not math.isfinite(v)),  # a reward first: it is the cause
+                     key=lambda k: ("score" not in k and "reward" not in k, k)):
+        kept = (f"the last good checkpoint is {resume_path}" if os.path.isdir(resume_path)
+                else "no checkpoint was written yet (pass --save-every N)")
+        fail(f"step {step}: {', '.join(f'{k} = {metrics[k]}' for k in bad[:3])}{' ...' * (len(bad) > 3)}; the run "
+             f"stopped and {kept}; lower --learning-rate, or check the reward model / function for NaN or inf")

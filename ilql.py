@@ -17,7 +17,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -117,8 +117,16 @@ class Args:
     """offload optimizer states (and ZeRO-3 parameters) to CPU"""
     reward_device: str = "policy"
     """where the reward model lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
     log_every: int = 10
     """print a progress line every this many steps"""
+    save_every: int = 0
+    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
+    Ctrl-C); the final model and heads are written to {run dir}/policy"""
+    resume: Optional[str] = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
     local_rank: int = 0
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
@@ -261,6 +269,8 @@ if __name__ == "__main__":
     if args.eval_only and args.checkpoint is None:
         common.fail("--eval-only needs --checkpoint PATH (a folder written by ilql.py)")
     rank, world_size, device = common.init_distributed(args.zero_stage)
+    if args.resume:
+        common.check_resume(args.resume, "ilql.py")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
@@ -310,7 +320,7 @@ if __name__ == "__main__":
     target_q_heads = target_q_heads.float().to(device)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
     reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size, args.bf16,
-                                     args.trust_remote_code) for name in args.reward_model]
+                                     args.trust_remote_code, args.reward_dtype) for name in args.reward_model]
     generation_config = GenerationConfig(do_sample=True, top_k=args.top_k, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, use_cache=True,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -384,16 +394,27 @@ if __name__ == "__main__":
     else:
         data_gold = {}
 
-    eval_history = [(0, {**evaluate(), **data_gold})]
-    log(0, eval_history[-1][1])
-    report(f"{run_name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[-1][1])
     shuffler = torch.Generator().manual_seed(args.seed + rank)
     steps_per_epoch, step, start_time = rows_per_rank // args.batch_size, 0, time.time()
+    # Checkpoints: `resume/` holds all a run needs to go on as if never stopped: the engine (LM and heads) with its
+    # optimizer, the target Q heads, the step, each rank's RNG and its shuffler's state at the start of the epoch.
+    engines, resume_path, stop_requested = {"model": model}, os.path.join(run_dir, "resume"), common.stop_signals()
+    first_epoch, skip = 1, 0
+    if args.resume:
+        state = common.load_resume(args.resume, engines, rank)
+        step, eval_history = state["step"], state["eval_history"]
+        target_q_heads.load_state_dict(state["target_q_heads"]), shuffler.set_state(state["epoch_shuffler"])
+        first_epoch = (step - 1) // steps_per_epoch + 1  # the epoch of the saved step; its batches before it skipped
+        skip = step - (first_epoch - 1) * steps_per_epoch
+    else:
+        eval_history = [(0, {**evaluate(), **data_gold})]
+        log(0, eval_history[-1][1])
+    report(f"{run_name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1])
     prompt_width = query_ids.shape[1]
-    for epoch in range(1, args.epochs + 1):
-        t0, n_tokens = time.time(), 0
-        for idx in torch.randperm(rows_per_rank, generator=shuffler)[: steps_per_epoch * args.batch_size].split(
-                args.batch_size):
+    for epoch in range(first_epoch, args.epochs + 1):
+        t0, n_tokens, epoch_shuffler = time.time(), 0, shuffler.get_state()
+        order = torch.randperm(rows_per_rank, generator=shuffler)[: steps_per_epoch * args.batch_size]
+        for idx in order.split(args.batch_size)[skip:]:
             ids, mask, pos = common.concat_inputs(query_ids[idx], query_mask[idx], response_ids[idx],
                                                   response_mask[idx], device)
             logits, hidden, values, q_logits = model(ids, mask, pos)
@@ -416,14 +437,22 @@ if __name__ == "__main__":
                 with gather:
                     polyak_update(target_q_heads, q_heads, args.alpha)
             n_tokens += int(response_mask[idx].sum()) * world_size
+            stats = common.mean_across_ranks(stats)
+            common.check_finite(stats, step, resume_path)
             if step % args.log_every == 0:
-                stats = common.mean_across_ranks(stats)
                 stats["time/tokens_per_s"] = n_tokens / (time.time() - t0)
                 log(step, stats)
                 if rank == 0:
                     print(f"epoch {epoch} step {step:5d} q {stats['loss/q']:.4f} v {stats['loss/v']:.4f} "
                           f"cql {stats['loss/cql']:.3f} awac {stats['loss/awac']:.3f} V {stats['values/v']:+.3f} "
                           f"tokens/s {stats['time/tokens_per_s']:.0f}", flush=True)
+            if (signum := stop_requested()) or (args.save_every and step % args.save_every == 0):
+                common.save_resume(resume_path, "ilql.py", step, engines, dict(
+                    step=step, eval_history=eval_history, target_q_heads=target_q_heads.state_dict(),
+                    epoch_shuffler=epoch_shuffler), args, run_dir, rank)
+            if signum:
+                common.exit_after_signal(signum, resume_path, "ilql.py", rank)
+        skip = 0
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             eval_history.append((step, evaluate()))
             log(step, eval_history[-1][1])

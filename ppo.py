@@ -127,6 +127,9 @@ class Args:
     """where π_ref lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
     reward_device: str = "policy"
     """where the reward model lives: `policy`, `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
     value_device: str = "policy"
     """where the value model lives: `policy` (its own DeepSpeed engine) or `cpu` / `cuda:N` (plain AdamW)"""
     eval_every: int = 10
@@ -134,7 +137,10 @@ class Args:
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
     save_every: int = 0
-    """write an HF checkpoint every this many iterations (0 = only at the end)"""
+    """write a resumable checkpoint to {run dir}/resume every this many iterations (0: only when stopped by
+    SIGTERM / Ctrl-C); the final policy and value model are HF folders"""
+    resume: Optional[str] = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
     local_rank: int = 0
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
@@ -194,8 +200,7 @@ class RunningMoments:
     def update(self, x: torch.Tensor):
         x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
         stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)
+        common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
         n, mean = stats[2].item(), stats[0].item() / stats[2].item()
         var, delta, total = max(stats[1].item() / n - mean ** 2, 0.0), mean - self.mean, self.count + n
         self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
@@ -245,6 +250,13 @@ if __name__ == "__main__":
         common.fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
                     f"{args.mini_batch_size}; pick a mini-batch size that divides it")
     rank, world_size, device = common.init_distributed(args.zero_stage)
+    per_iteration = args.rollout_batch_size * world_size  # episodes per iteration, all ranks together
+    if (args.total_episodes % per_iteration or not args.total_episodes):
+        common.fail(f"--total-episodes {args.total_episodes} is not a positive multiple of --rollout-batch-size "
+                    f"{args.rollout_batch_size} × {world_size} rank(s) = {per_iteration}; pass --total-episodes "
+                    f"{max(args.total_episodes // per_iteration, 1) * per_iteration}")
+    if args.resume:
+        common.check_resume(args.resume, "ppo.py")
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
@@ -260,7 +272,8 @@ if __name__ == "__main__":
     ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
     reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.mini_batch_size,
-                                  args.bf16, args.trust_remote_code) for name in args.reward_model]
+                                     args.bf16, args.trust_remote_code, args.reward_dtype)
+                  for name in args.reward_model]
     if args.value_model == "reward" and not getattr(reward_fns[0], "same_vocabulary", False):
         args.value_model = "policy"  # the value model reads the policy's token ids: it needs its vocabulary
         if rank == 0:
@@ -348,13 +361,22 @@ if __name__ == "__main__":
 
     num_iterations = args.total_episodes // (args.rollout_batch_size * world_size)
     kl_coef, score_moments = args.init_kl_coef, RunningMoments()
-    eval_history = [(0, evaluate())]
-    log(0, eval_history[-1][1])
+    # Checkpoints: `resume/` holds all a run needs to go on as if never stopped (the engines with their optimizers,
+    # the KL controller, the running score moments, each rank's RNG and prompt-sampler states).
+    engines, resume_path, stop_requested, start = {"policy": policy, "value": value_model}, \
+        os.path.join(run_dir, "resume"), common.stop_signals(), 1
+    if args.resume:
+        state = common.load_resume(args.resume, engines, rank)
+        start, kl_coef, eval_history = state["step"] + 1, state["kl_coef"], state["eval_history"]
+        vars(score_moments).update(state["score_moments"]), sampler.set_state(state["sampler"])
+    else:
+        eval_history = [(0, evaluate())]
+        log(0, eval_history[-1][1])
     if rank == 0:
         print(f"{run_name}: {num_iterations} iterations × {args.rollout_batch_size} × {world_size} rank(s); "
-              f"before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[-1][1].items()))
+              f"before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()))
     start_time = time.time()
-    for iteration in range(1, num_iterations + 1):
+    for iteration in range(start, num_iterations + 1):
         t0 = time.time()
         batch_index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
         query_ids, query_mask, response_ids, mask, ended, scores, old_logprobs, ref_logprobs = \
@@ -437,6 +459,7 @@ if __name__ == "__main__":
             metrics["rollout/gold_score"] = sum(g := gold_score(decode_responses(tokenizer, response_ids,
                                                                                  mask))) / len(g)
         metrics = common.mean_across_ranks(metrics)
+        common.check_finite(metrics, iteration, resume_path)  # before evaluating (sampling) from NaN weights
         n_tokens = metrics["rollout/response_length"] * args.rollout_batch_size * world_size  # all ranks
         metrics.update({"time/rollout_tokens_per_s": n_tokens / t_rollout,
                         "time/update_tokens_per_s": n_tokens * args.ppo_epochs / t_update,
@@ -452,8 +475,12 @@ if __name__ == "__main__":
                   f"{metrics['rollout/response_length']:.1f} tokens/s {metrics['time/rollout_tokens_per_s']:.0f} "
                   f"(rollout) {metrics['time/update_tokens_per_s']:.0f} (update) "
                   f"episodes/s {metrics['time/episodes_per_s']:.1f}", flush=True)
-        if args.save_every and iteration % args.save_every == 0:
-            common.save_hf(policy, tokenizer, os.path.join(run_dir, f"checkpoint-{iteration}"), rank)
+        if (signum := stop_requested()) or (args.save_every and iteration % args.save_every == 0):
+            common.save_resume(resume_path, "ppo.py", iteration, engines, dict(
+                step=iteration, kl_coef=kl_coef, eval_history=eval_history, score_moments=vars(score_moments),
+                sampler=sampler.get_state()), args, run_dir, rank)
+        if signum:
+            common.exit_after_signal(signum, resume_path, "ppo.py", rank)
 
     common.save_hf(policy, tokenizer, os.path.join(run_dir, "policy"), rank)
     common.save_hf(value_model, tokenizer, os.path.join(run_dir, "value"), rank)

@@ -51,3 +51,52 @@ def read_run(output_dir):
     assert len(runs) == 1, runs
     with open(runs[0] / "metrics.jsonl") as f:
         return runs[0], [json.loads(line) for line in f]
+
+
+def run_and_stop(script, *args, after, nproc=1, sig=None, timeout=600):
+    """Start SCRIPT like run_script, send it SIGTERM (or `sig`) once a stdout line contains `after`, as a cluster
+    preempting the job would (under torchrun: to the launcher, which forwards it); return (returncode, stdout)."""
+    import signal
+    import time
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port())] if nproc > 1 else [sys.executable]
+    proc = subprocess.Popen([*launcher, str(ROOT / script), *args], cwd=ROOT, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if after in line:
+            proc.send_signal(sig or signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines[-50:])
+    lines += proc.stdout.readlines()
+    return proc.wait(timeout=timeout), "".join(lines)
+
+
+def assert_resume_reproduces(script, args, records, tmp_path, nproc=1):
+    """Stop SCRIPT with SIGTERM as soon as it starts training, resume it from the checkpoint it wrote, and check that
+    the resumed run logs exactly `records`, those of an uninterrupted run with the same ARGS."""
+    rc, out = run_and_stop(script, *args, "--output-dir", str(tmp_path / "stopped"), after="before training",
+                           nproc=nproc)
+    assert "stopped by SIGTERM; continue with" in out, out[-3000:]
+    assert rc == (143 if nproc == 1 else 1), out[-3000:]  # torchrun itself exits 1 after forwarding the signal
+    stopped, _ = read_run(tmp_path / "stopped")
+    saved_step = json.load(open(stopped / "resume" / "meta.json"))["step"]
+    assert 1 <= saved_step < records[-1]["step"], saved_step  # stopped mid-run, not at the end
+    assert not (stopped / "policy").exists()  # no final model from a stopped run
+    resumed = run_script(script, *args, "--output-dir", str(tmp_path / "resumed"), "--resume",
+                         str(stopped / "resume"), nproc=nproc)
+    assert f"resumed from {stopped / 'resume'} at step {saved_step}" in resumed.stdout
+    _, resumed_records = read_run(tmp_path / "resumed")
+    assert resumed_records == records  # every logged number, before and after the stop, to the last digit written
+
+
+def error_line(proc, nproc=1):
+    """The one `error:` line a run that was given bad input ends with: no Python traceback from the script (torchrun
+    adds its own report of the failed ranks)."""
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
+    assert lines, proc.stderr[-3000:]
+    assert nproc > 1 or "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[-1]

@@ -5,7 +5,7 @@ import math
 import os
 
 import pytest
-from conftest import read_run, run_script
+from conftest import assert_resume_reproduces, read_run, run_script
 
 ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 TINY = ["--total-steps", "8", "--batch-size", "4", "--eval-every", "4", "--eval-prompts", "8", "--value-prompts",
@@ -50,6 +50,9 @@ def test_each_variant(builtin_path, tmp_path, shared_cache, algorithm):
                       "--output-dir", str(tmp_path))
     _check(proc, tmp_path, algorithm)
     assert len(list(shared_cache.glob("*.json"))) == 1  # the variants share one entry
+    if algorithm == "nll":  # (uniform sampling: all 8 steps) stopped at step 1, resumed: the same numbers
+        args = ["--algorithm", algorithm, *TINY, "--cache-dir", str(shared_cache)]
+        assert_resume_reproduces("alol.py", args, read_run(tmp_path)[1], tmp_path / "resume")
 
 
 def test_no_cache_recomputes_and_overwrites(builtin_path, tmp_path, shared_cache):

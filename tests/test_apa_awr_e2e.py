@@ -2,7 +2,7 @@
 import math
 
 import pytest
-from conftest import read_run, run_script
+from conftest import assert_resume_reproduces, read_run, run_script
 
 TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
         "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
@@ -19,30 +19,35 @@ def _check(records, steps, keys):
 
 @pytest.mark.parametrize("script", ["apa.py", "awr.py"])
 def test_online_single_process(builtin_path, tmp_path, script):
-    proc = run_script(script, *TINY, "--output-dir", str(tmp_path))
+    proc = run_script(script, *TINY, "--output-dir", str(tmp_path / "a"))
     assert "done in" in proc.stdout
-    _, records = read_run(tmp_path)
+    _, records = read_run(tmp_path / "a")
     _check(records, 2, ["policy/loss", "value/loss", "rollout/score", "rollout/gold_score", "rollout/kl_to_ref",
                         "eval/gold_score", "eval/kl_to_ref"])
+    if script == "apa.py":  # stopped by SIGTERM at iteration 1 of 2, resumed: the same numbers
+        assert_resume_reproduces(script, TINY, records, tmp_path)
 
 
 @pytest.mark.parametrize("script", ["apa.py", "awr.py"])
 def test_offline_advantages_are_refreshed_every_epoch(builtin_path, tmp_path, script):
     """The released offline code computed advantages once, from a random value head (ALGORITHMS.md §6). Here the
     value model is fitted first and the advantages recomputed every epoch: they must change between epochs."""
-    run_script(script, *OFFLINE, "--output-dir", str(tmp_path))
-    _, records = read_run(tmp_path)
+    run_script(script, *OFFLINE, "--output-dir", str(tmp_path / "a"))
+    _, records = read_run(tmp_path / "a")
     _check(records, 2, ["policy/loss", "value/loss", "offline/advantage_change", "eval/gold_score"])
     assert records[1]["offline/advantage_change"] == 0.0  # nothing to compare with at the first epoch
     assert records[2]["offline/advantage_change"] > 1e-3
+    if script == "awr.py":  # stopped after epoch 1 of 2, resumed (its value model and last advantages): the same
+        assert_resume_reproduces(script, OFFLINE, records, tmp_path)
 
 
 def test_apa_torchrun_zero3(builtin_path, tmp_path):
-    proc = run_script("apa.py", *TINY, "--total-episodes", "64", "--zero-stage", "3", "--output-dir", str(tmp_path),
-                      nproc=2)
+    args = [*TINY, "--total-episodes", "64", "--zero-stage", "3"]
+    proc = run_script("apa.py", *args, "--output-dir", str(tmp_path / "a"), nproc=2)
     assert "2 rank(s)" in proc.stdout
-    run, records = read_run(tmp_path)
+    run, records = read_run(tmp_path / "a")
     _check(records, 2, ["policy/loss", "eval/kl_to_ref"])
+    assert_resume_reproduces("apa.py", args, records, tmp_path, nproc=2)  # ZeRO-3 shards saved and restored
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(run / "policy")
 

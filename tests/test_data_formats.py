@@ -1,5 +1,6 @@
 """Dataset shapes read by common.canonical_rows / load_prompts / load_offline_rows: Anthropic HH transcripts (the
-real test rows in ../shared/data/hh-rlhf), rm-static rows and TL;DR rows made here."""
+real test rows in ../shared/data/hh-rlhf), rm-static rows, TL;DR rows and PRO / A-LoL {prefix, suffix, reward} rows
+made here (some of them from the real HH rows)."""
 import gzip
 import json
 from pathlib import Path
@@ -90,3 +91,68 @@ def test_field_mapping_of_plain_rows(tmp_path):
     assert common.load_offline_rows(path, fields=fields) == (["q0", "q1", "q2"], ["a0", "a1", "a2"], [0.0, 0.5, 1.0])
     with pytest.raises(SystemExit, match="offline rows need prompt, response, reward"):
         common.load_offline_rows(path, fields=dict(prompt="question", response="missing", reward="score"))
+
+
+# PRO's preprocessed HH files (AlibabaResearch/DAMO-ConvAI PRO/train/hh_preprocess_data), which A-LoL trains on:
+# {"prefix": one list of turns per candidate, "suffix": candidates, "reward": one float each, "sft_index", "meta"}.
+def test_pro_rows_one_row_per_suffix(tmp_path, capsys):
+    turns = ["<|prompter|>How do I boil an egg?", "<|assistant|>In water.", "<|prompter|>For how long?",
+             "<|assistant|>"]
+    rows = [{"prefix": [turns, turns], "suffix": ["About ten minutes.", "Forever."], "reward": [1.5, -0.25],
+             "sft_index": 0, "meta": {"task": "dialogue", "line_num": 1}},
+            {"prefix": [["<|prompter|>Hi", "<|assistant|>"]] * 3, "suffix": ["Hello!", " Hey.", "Go away."],
+             "reward": [0.5, 0.0, -2.0], "sft_index": 0, "meta": {"task": "dialogue", "line_num": 2}},
+            {"prefix": [turns, turns, turns], "suffix": ["a", "b", "c"], "reward": [1.0, 2.0],  # ragged: dropped
+             "sft_index": 0, "meta": {"task": "dialogue", "line_num": 3}},
+            {"prefix": [turns, turns], "suffix": ["Ten.", "  "], "reward": [3.0, 4.0],  # a blank suffix: dropped
+             "sft_index": 0, "meta": {"task": "dialogue", "line_num": 4}}]
+    path = _write(tmp_path, rows)
+    prompts, responses, rewards = common.load_offline_rows(path)
+    dialogue = "\n\nHuman: How do I boil an egg?\n\nAssistant: In water.\n\nHuman: For how long?\n\nAssistant:"
+    assert prompts == [dialogue, dialogue, "\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
+                       "\n\nHuman: Hi\n\nAssistant:", dialogue]
+    assert responses == [" About ten minutes.", " Forever.", " Hello!", " Hey.", " Go away.", " Ten."]
+    assert rewards == [1.5, -0.25, 0.5, 0.0, -2.0, 3.0]
+    out = capsys.readouterr().out
+    assert "note: 1 of 4 PRO rows" in out and "1 blank suffixes dropped" in out
+    # the prompts, as an online script reads them: one per candidate
+    assert common.load_prompts(path, "train") == prompts
+
+
+def test_pro_rows_with_one_shared_list_of_turns_or_plain_prompts(tmp_path):
+    shared = [{"prefix": ["<|prompter|>Hi", "<|assistant|>Hello", "<|prompter|>Bye", "<|assistant|>"],
+               "suffix": ["See you.", "No."], "reward": [1.0, 0.0]}]
+    prompt = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant:"
+    (tmp_path / "shared").mkdir(), (tmp_path / "tldr").mkdir()
+    assert common.load_offline_rows(_write(tmp_path / "shared", shared)) == ([prompt] * 2, [" See you.", " No."],
+                                                                             [1.0, 0.0])
+    tldr = [{"prefix": ["POST: my cat\nTL;DR:", "POST: my cat\nTL;DR:"], "suffix": [" cat", " a pet"],
+             "reward": [0.5, 0.25]}]  # PRO's TL;DR files: plain prompts, kept as they are
+    assert common.load_offline_rows(_write(tmp_path / "tldr", tldr)) == (["POST: my cat\nTL;DR:"] * 2,
+                                                                         [" cat", " a pet"], [0.5, 0.25])
+
+
+def test_real_hh_rows_in_pro_shape_give_back_the_hh_split(tmp_path):
+    import re
+    path, raw = _hh_rows("harmless-base-test.jsonl.gz")
+    role = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
+    pro, expected = [], []
+    for row in raw:
+        (prompt, chosen), (other, rejected) = common.split_hh(row["chosen"]), common.split_hh(row["rejected"])
+        if prompt is None or prompt != other or not chosen.strip() or not rejected.strip():
+            continue
+        turns = []  # PRO's turns: the role token, then the text after "Human: " / "Assistant: "
+        for segment in filter(None, re.split(r"(?=\n\n(?:Human|Assistant):)", prompt)):
+            name, _, text = segment[2:].partition(":")
+            assert segment.startswith("\n\n") and (text.startswith(" ") or text == ""), segment
+            turns.append(role[name] + text[1:])
+        assert turns[-1] == "<|assistant|>" and chosen.startswith(" ") and rejected.startswith(" ")
+        pro.append({"prefix": [turns, turns], "suffix": [chosen[1:], rejected[1:]], "reward": [1, 0],
+                    "sft_index": 0, "meta": {"line_num": len(pro)}})
+        expected += [(prompt, chosen, 1.0), (prompt, rejected, 0.0)]
+    assert len(pro) == 2303
+    prompts, responses, rewards = common.load_offline_rows(_write(tmp_path, pro))
+    assert list(zip(prompts, responses, rewards)) == expected
+    # the same rows, as the HH transcripts themselves give them (chosen rows first, then rejected)
+    hh_prompts, hh_responses, hh_rewards = common.load_offline_rows(str(path))
+    assert sorted(zip(hh_prompts, hh_responses, hh_rewards)) == sorted(expected)

@@ -3,7 +3,7 @@ checkpoint (an HF folder plus the heads) reloaded for decoding, two ranks under 
 import math
 
 import pytest
-from conftest import read_run, run_script
+from conftest import assert_resume_reproduces, read_run, run_script
 from safetensors.torch import load_file
 
 TINY = ["--epochs", "1", "--batch-size", "64", "--eval-prompts", "16", "--max-new-tokens", "16", "--log-every", "4",
@@ -35,6 +35,12 @@ def test_single_process_run_logs_every_term_and_the_sweep(trained):
     assert records[-1]["step"] == 1024 // 64
 
 
+def test_stopped_mid_epoch_and_resumed_is_identical(trained, tmp_path):
+    """Stopped at step 1 of 16 (mid-epoch: the shuffled order and the target heads must come back too)."""
+    _, records = read_run(trained[0])
+    assert_resume_reproduces("ilql.py", TINY, records, tmp_path)
+
+
 def test_checkpoint_is_an_hf_folder_plus_heads_and_decodes_with_eval_only(trained, tmp_path):
     from transformers import AutoModelForCausalLM
     out, _ = trained
@@ -55,9 +61,10 @@ def test_checkpoint_is_an_hf_folder_plus_heads_and_decodes_with_eval_only(traine
 
 
 def test_torchrun_two_ranks_zero2(builtin_path, tmp_path):
-    run_script("ilql.py", *TINY, "--zero-stage", "2", "--output-dir", str(tmp_path), nproc=2)
-    run_dir, records = read_run(tmp_path)
+    run_script("ilql.py", *TINY, "--zero-stage", "2", "--output-dir", str(tmp_path / "a"), nproc=2)
+    run_dir, records = read_run(tmp_path / "a")
     _check_run(records)
+    assert_resume_reproduces("ilql.py", [*TINY, "--zero-stage", "2"], records, tmp_path, nproc=2)
     assert records[-1]["step"] == 1024 // 2 // 64  # each rank holds half the rows
     assert (run_dir / "policy" / "ilql_heads.safetensors").exists()
 

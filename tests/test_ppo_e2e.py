@@ -5,7 +5,7 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, free_port, read_run, run_script
+from conftest import ROOT, assert_resume_reproduces, error_line, free_port, read_run, run_script
 
 TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
         "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
@@ -29,13 +29,13 @@ def test_help_lists_every_argument_with_its_docstring():
     assert "responses sampled per rank per iteration" in out
 
 
-def test_single_process_is_deterministic_and_checkpoint_reloads(builtin_path, tmp_path):
-    for name in ("a", "b"):
-        proc = run_script("ppo.py", *TINY, "--output-dir", str(tmp_path / name))
-        assert "done in" in proc.stdout and "tokens/s" in proc.stdout
-    (run_a, records_a), (_, records_b) = read_run(tmp_path / "a"), read_run(tmp_path / "b")
+def test_single_process_stopped_and_resumed_is_identical_and_checkpoint_reloads(builtin_path, tmp_path):
+    """Also determinism: the stopped run's first records, carried into the resumed run, must equal run a's."""
+    proc = run_script("ppo.py", *TINY, "--output-dir", str(tmp_path / "a"))
+    assert "done in" in proc.stdout and "tokens/s" in proc.stdout
+    run_a, records_a = read_run(tmp_path / "a")
     _check_metrics(records_a, 2)
-    assert records_a == records_b  # same seed, same numbers, to the last digit written
+    assert_resume_reproduces("ppo.py", TINY, records_a, tmp_path)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -51,11 +51,13 @@ def test_single_process_is_deterministic_and_checkpoint_reloads(builtin_path, tm
 
 @pytest.mark.parametrize("zero_stage", ["2", "3"])
 def test_torchrun_two_ranks(builtin_path, tmp_path, zero_stage):
-    proc = run_script("ppo.py", *TINY, "--total-episodes", "64", "--zero-stage", zero_stage,
-                      "--output-dir", str(tmp_path), nproc=2)
+    args = [*TINY, "--total-episodes", "64", "--zero-stage", zero_stage]
+    proc = run_script("ppo.py", *args, "--output-dir", str(tmp_path / "a"), nproc=2)
     assert "2 rank(s)" in proc.stdout
-    run, records = read_run(tmp_path)
+    run, records = read_run(tmp_path / "a")
     _check_metrics(records, 2)
+    if zero_stage == "2":  # killed (SIGTERM to torchrun, which forwards it) and resumed: the same numbers
+        assert_resume_reproduces("ppo.py", args, records, tmp_path, nproc=2)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(run / "policy")  # ZeRO-3 shards were gathered on save
     assert model.transformer.wte.weight.shape[0] > 100
@@ -74,23 +76,15 @@ def test_frozen_models_and_value_model_on_cpu_with_ppo_max(builtin_path, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
-def _error_line(proc):
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
-    assert lines, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    return lines[-1]
-
-
 def test_missing_model_path_names_the_fix(tmp_path):
-    line = _error_line(run_script("ppo.py", "--model-name-or-path", str(tmp_path / "no-such-model"), check=False))
+    line = error_line(run_script("ppo.py", "--model-name-or-path", str(tmp_path / "no-such-model"), check=False))
     assert "no-such-model" in line and "--model-name-or-path" in line
 
 
 def test_dataset_without_prompt_column_lists_its_columns(builtin_path, tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"question": f"the movie {i}", "id": i}) + "\n" for i in range(4)))
-    line = _error_line(run_script("ppo.py", "--dataset", str(data), check=False))
+    line = error_line(run_script("ppo.py", "--dataset", str(data), check=False))
     assert "'prompt'" in line and "question, id" in line and "--prompt-field" in line
 
 
@@ -101,7 +95,7 @@ def test_long_prompts_are_left_truncated_and_counted_or_rejected(builtin_path, t
     proc = run_script("ppo.py", *TINY, "--total-episodes", "16", "--dataset", str(data), "--train-split", "train",
                       "--eval-split", "train", "--output-dir", str(tmp_path / "runs"))
     assert "8 training prompts were left-truncated" in proc.stdout
-    line = _error_line(run_script("ppo.py", "--max-new-tokens", "64", check=False))  # built-in context is 64
+    line = error_line(run_script("ppo.py", "--max-new-tokens", "64", check=False))  # built-in context is 64
     assert "--max-new-tokens" in line and "context of 64" in line
 
 
@@ -110,7 +104,7 @@ def test_zero3_without_deepspeed_says_how_to_install(tmp_path):
     (blocker / "deepspeed").mkdir(parents=True)
     (blocker / "deepspeed" / "__init__.py").write_text("raise ImportError('DeepSpeed hidden by the test')\n")
     env = {"PYTHONPATH": str(blocker)}
-    line = _error_line(run_script("ppo.py", "--zero-stage", "3", env=env, check=False))
+    line = error_line(run_script("ppo.py", "--zero-stage", "3", env=env, check=False))
     assert "DeepSpeed" in line and "pip install" in line and "--zero-stage 0" in line
 
 

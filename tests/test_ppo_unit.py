@@ -250,6 +250,20 @@ def test_reward_model_with_the_policy_tokenizer_reads_the_last_real_token(tmp_pa
     assert max(expected) - min(expected) > 1e-2
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reward_model_in_half_precision_scores_like_float32(tmp_path, dtype):
+    import common
+    tok = word_tokenizer(WORDS)
+    model = tiny_score_model(len(tok))
+    _, _, q, qm, r, rm = policy_batch(tok)
+    path = saved(tmp_path, model, tok, "rm")
+    full = common.load_reward(path, tok)(q, qm, r, rm)
+    half_reward = common.load_reward(path, tok, dtype=dtype)
+    half = half_reward(q, qm, r, rm)
+    assert half.dtype == torch.float32  # summed with other rewards in float32
+    assert half.tolist() == pytest.approx(full.tolist(), abs=0.05) and not torch.equal(half, full)
+
+
 def test_reward_model_with_another_tokenizer_sees_the_same_words(tmp_path):
     """A reward model with its own tokenizer must score the decoded (prompt + response) words. Fails when the
     decoded prompt and response are joined as `p + r` with no separator: decode() of a word-level / WordPiece-decoded
