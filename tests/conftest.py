@@ -53,12 +53,13 @@ def read_run(output_dir):
         return runs[0], [json.loads(line) for line in f]
 
 
-def run_and_stop(script, *args, after, nproc=1, sig=None, timeout=600):
+def run_and_stop(script, *args, after, nproc=1, sig=None, env=None, timeout=600):
     """Start SCRIPT like run_script, send it SIGTERM (or `sig`) once a stdout line contains `after`, as a cluster
     preempting the job would (under torchrun: to the launcher, which forwards it); return (returncode, stdout)."""
     import signal
     import time
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+                **(env or {})}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(free_port())] if nproc > 1 else [sys.executable]
     proc = subprocess.Popen([*launcher, str(ROOT / script), *args], cwd=ROOT, env=full_env, text=True,
@@ -74,11 +75,12 @@ def run_and_stop(script, *args, after, nproc=1, sig=None, timeout=600):
     return proc.wait(timeout=timeout), "".join(lines)
 
 
-def assert_resume_reproduces(script, args, records, tmp_path, nproc=1):
+def assert_resume_reproduces(script, args, records, tmp_path, nproc=1, env=None):
     """Stop SCRIPT with SIGTERM as soon as it starts training, resume it from the checkpoint it wrote, and check that
-    the resumed run logs exactly `records`, those of an uninterrupted run with the same ARGS."""
+    the resumed run logs exactly `records`, those of an uninterrupted run with the same ARGS (and `env`: the thread
+    count changes the last bits)."""
     rc, out = run_and_stop(script, *args, "--output-dir", str(tmp_path / "stopped"), after="before training",
-                           nproc=nproc)
+                           nproc=nproc, env=env)
     assert "stopped by SIGTERM; continue with" in out, out[-3000:]
     assert rc == (143 if nproc == 1 else 1), out[-3000:]  # torchrun itself exits 1 after forwarding the signal
     stopped, _ = read_run(tmp_path / "stopped")
@@ -86,7 +88,7 @@ def assert_resume_reproduces(script, args, records, tmp_path, nproc=1):
     assert 1 <= saved_step < records[-1]["step"], saved_step  # stopped mid-run, not at the end
     assert not (stopped / "policy").exists()  # no final model from a stopped run
     resumed = run_script(script, *args, "--output-dir", str(tmp_path / "resumed"), "--resume",
-                         str(stopped / "resume"), nproc=nproc)
+                         str(stopped / "resume"), nproc=nproc, env=env)
     assert f"resumed from {stopped / 'resume'} at step {saved_step}" in resumed.stdout
     _, resumed_records = read_run(tmp_path / "resumed")
     assert resumed_records == records  # every logged number, before and after the stop, to the last digit written
@@ -100,3 +102,17 @@ def error_line(proc, nproc=1):
     assert lines, proc.stderr[-3000:]
     assert nproc > 1 or "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return lines[-1]
+
+
+def run_pairs(jobs: dict, workers=2):
+    """Run each job {name: (script, args, kwargs of run_script)} as a subprocess, two at a time, one thread each
+    (these tiny models spend most of their time in single-threaded Python: two one-thread runs take ~1.3× one
+    two-thread run), with check=False; returns {name: CompletedProcess}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def launch(name):
+        script, args, kwargs = jobs[name]
+        env = {"OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+        return name, run_script(script, *args, env=env, check=False, **kwargs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(launch, jobs))

@@ -5,7 +5,7 @@ import math
 import os
 
 import pytest
-from conftest import assert_resume_reproduces, read_run, run_script
+from conftest import assert_resume_reproduces, read_run, run_pairs, run_script
 
 ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 TINY = ["--total-steps", "8", "--batch-size", "4", "--eval-every", "4", "--eval-prompts", "8", "--value-prompts",
@@ -44,15 +44,27 @@ def _check(proc, output_dir, algorithm):
     return first, last
 
 
+@pytest.fixture(scope="module")
+def variants(builtin_path, shared_cache, tmp_path_factory):
+    """Each variant's run: a_lol first (it fits V_ref and fills the cache), then the other seven, two at a time."""
+    out = tmp_path_factory.mktemp("variants")
+    job = lambda a: ("alol.py", ["--algorithm", a, *TINY, "--cache-dir", str(shared_cache), "--output-dir",
+                                 str(out / a)], {})
+    runs = run_pairs({"a_lol": job("a_lol")}, workers=1)
+    runs.update(run_pairs({a: job(a) for a in ALGORITHMS if a != "a_lol"}))
+    return {a: (runs[a], out / a) for a in ALGORITHMS}
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_each_variant(builtin_path, tmp_path, shared_cache, algorithm):
-    proc = run_script("alol.py", "--algorithm", algorithm, *TINY, "--cache-dir", str(shared_cache),
-                      "--output-dir", str(tmp_path))
-    _check(proc, tmp_path, algorithm)
+def test_each_variant(variants, shared_cache, tmp_path, algorithm):
+    proc, out = variants[algorithm]
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert ("from the cache" in proc.stdout) == (algorithm != "a_lol")  # V_ref is fitted once, for all eight
+    _check(proc, out, algorithm)
     assert len(list(shared_cache.glob("*.json"))) == 1  # the variants share one entry
     if algorithm == "nll":  # (uniform sampling: all 8 steps) stopped at step 1, resumed: the same numbers
         args = ["--algorithm", algorithm, *TINY, "--cache-dir", str(shared_cache)]
-        assert_resume_reproduces("alol.py", args, read_run(tmp_path)[1], tmp_path / "resume")
+        assert_resume_reproduces("alol.py", args, read_run(out)[1], tmp_path, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_no_cache_recomputes_and_overwrites(builtin_path, tmp_path, shared_cache):
