@@ -229,7 +229,11 @@ if __name__ == "__main__":
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
-    if args.offline_dataset is not None:  # the data first: a file that cannot train fails before any model loads
+    # The data first: a file that cannot train fails before any model is loaded.
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    train_texts = None if args.offline_dataset else common.load_prompts(args.dataset, args.train_split,
+                                                                        args.prompt_field)
+    if args.offline_dataset is not None:
         prompts, responses, rewards = common.load_offline_rows(
             args.offline_dataset, fields=dict(prompt=args.prompt_field, response=args.response_field,
                                               reward=args.reward_field))
@@ -281,8 +285,7 @@ if __name__ == "__main__":
 
     # Data: each rank draws its own prompts (seed + rank) from the whole training split.
     encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context)
-    eval_prompts, _ = common.encode_prompts(
-        tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
     if n_eval == 0:
@@ -434,8 +437,7 @@ if __name__ == "__main__":
             save_resume(epoch, stop_requested(), previous=previous)
     else:
         # ---- Online AWR: sample, score, GAE, AWR updates ----------------------------------------------------
-        train_prompts, n_truncated = common.encode_prompts(
-            tokenizer, common.load_prompts(args.dataset, args.train_split, args.prompt_field), **encode)
+        train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
         if n_truncated and rank == 0:
             print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
         num_iterations = args.total_episodes // (args.rollout_batch_size * world_size)

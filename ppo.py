@@ -251,7 +251,7 @@ if __name__ == "__main__":
                     f"{args.mini_batch_size}; pick a mini-batch size that divides it")
     rank, world_size, device = common.init_distributed(args.zero_stage)
     per_iteration = args.rollout_batch_size * world_size  # episodes per iteration, all ranks together
-    if (args.total_episodes % per_iteration or not args.total_episodes):
+    if args.total_episodes % per_iteration or not args.total_episodes:
         common.fail(f"--total-episodes {args.total_episodes} is not a positive multiple of --rollout-batch-size "
                     f"{args.rollout_batch_size} × {world_size} rank(s) = {per_iteration}; pass --total-episodes "
                     f"{max(args.total_episodes // per_iteration, 1) * per_iteration}")
@@ -260,6 +260,8 @@ if __name__ == "__main__":
     run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.output_dir, run_name)
     zero3 = args.zero_stage == 3
+    train_texts = common.load_prompts(args.dataset, args.train_split, args.prompt_field)  # a bad file fails before
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)  # any model is loaded
 
     # Seeding: models are loaded under one seed, so that randomly initialised heads agree across ranks; sampling then
     # uses seed + rank, so that every rank draws its own prompts and responses.
@@ -304,10 +306,8 @@ if __name__ == "__main__":
 
     # Data: each rank draws its own prompts (seed + rank) from the whole training split.
     encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context)
-    train_prompts, n_truncated = common.encode_prompts(
-        tokenizer, common.load_prompts(args.dataset, args.train_split, args.prompt_field), **encode)
-    eval_prompts, _ = common.encode_prompts(
-        tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
+    train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
     if n_eval == 0:

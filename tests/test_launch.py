@@ -42,7 +42,7 @@ def test_help_and_bad_input():
 
 
 def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tmp_path):
-    proc = launch("compare", "--seeds", "1", "--episodes", "32", "--out", str(tmp_path), "--", "--rollout-batch-size",
+    proc = launch("compare", "--seeds", "1", "--episodes", "16", "--out", str(tmp_path), "--", "--rollout-batch-size",
                   "16", "--mini-batch-size", "8", "--eval-prompts", "16", "--max-new-tokens", "12")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (tmp_path / "table.md").read_text()

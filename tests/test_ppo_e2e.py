@@ -133,9 +133,9 @@ def test_deepspeed_launcher_passes_local_rank(builtin_path, tmp_path):
     import subprocess
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "ppo.py", *TINY,
-           "--total-episodes", "64", "--zero-stage", "0", "--output-dir", str(tmp_path)]
+           "--zero-stage", "0", "--output-dir", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "--local_rank=1" in proc.stdout + proc.stderr and "2 rank(s)" in proc.stdout
-    _check_metrics(read_run(tmp_path)[1], 2)
+    _check_metrics(read_run(tmp_path / "run")[1], 1)  # 32 episodes: one iteration of 16 on each of 2 ranks
