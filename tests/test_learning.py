@@ -9,10 +9,10 @@ import pytest
 from conftest import read_run, run_script
 
 # Every learning run of this file, longest first. They run two at a time, one thread each: these tiny models spend
-# most of their time in single-threaded Python, so two one-thread runs take ~1.3× one two-thread run, not 2×
-# (this file: 244 s instead of ~550 s). One thread changes the online runs' last bits, not their outcome; seed 1
-# with one thread: PPO gold −0.009 → +0.171 at KL 5.2, APA λ = 1 → +0.094 at KL 0.52, AWR → +0.189 at KL 8.1;
-# ILQL and A-LoL gave the very numbers quoted below.
+# most of their time in single-threaded Python (measured: two one-thread ppo.py runs took 21 s together, one
+# two-thread run 16.5 s alone; this file took 244 s). One thread changes the online runs' last bits, not their
+# outcome; seed 1 with one thread: PPO gold −0.009 → +0.171 at KL 5.2, APA λ = 1 → +0.094 at KL 0.52, AWR → +0.189
+# at KL 8.1; ILQL and A-LoL gave the very numbers quoted below.
 RUNS = {
     "ppo": ("ppo.py", "--total-episodes", "4096", "--eval-every", "1000"),
     "apa_small_lam": ("apa.py", "--total-episodes", "4096", "--eval-every", "1000", "--lam", "0.1"),
