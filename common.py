@@ -79,25 +79,81 @@ def builtin_gold_score(texts) -> list:
 
 
 BUILTIN_SETTINGS = dict(seed=1234, n_layer=2, n_embd=128, n_positions=64, sft_steps=700, rm_steps=300,
-                        n_train_prompts=4096, n_eval_prompts=256, n_offline_prompts=1024)
+                        n_train_prompts=4096, n_eval_prompts=256, n_offline_prompts=1024, n_rm_prompts=2048,
+                        n_pretrain_texts=2048)
+# The task ships with the project, built once by `python common.py --rebuild-builtin`: training is not bit-exact
+# across CPUs (Intel / AMD, AVX2 / AVX-512), so a task built on each machine would differ from machine to machine.
+BUILTIN_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin")
+BUILTIN_MANIFEST = "MANIFEST.json"
 
 
-def builtin_dir(settings: dict = BUILTIN_SETTINGS) -> str:
-    """The built-in task's folder, built on first use under a file lock (ranks wait for one builder); rebuilt when
-    the settings, the vocabulary or the builder's code change (all three are hashed into the folder's name)."""
+def builtin_key(settings: dict = BUILTIN_SETTINGS) -> str:
+    """A hash of everything the task is built from: its settings, the vocabulary and the builder's code."""
     code = [inspect.getsource(f) for f in (sample_review, builtin_gold_score, _build_builtin)]
-    key = hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
+
+
+def builtin_dir() -> str:
+    """The built-in task's folder: `builtin/` beside this file, the same on every machine. Where it is missing
+    (common.py copied alone), the task is built on first use into ~/.cache/onefile-rlhf (or $ONEFILE_RLHF_CACHE),
+    under a file lock so that ranks wait for one builder."""
+    if os.path.exists(os.path.join(BUILTIN_SHIPPED, BUILTIN_MANIFEST)):
+        return BUILTIN_SHIPPED
     root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
-    path = os.path.join(root, f"builtin-{key}")
+    path = os.path.join(root, f"builtin-{builtin_key()}")
     os.makedirs(root, exist_ok=True)
     with open(f"{path}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(path, "DONE")):
-            shutil.rmtree(path + ".tmp", ignore_errors=True)
-            _build_builtin(path + ".tmp", settings)  # built aside, renamed when complete: never half a task
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(path + ".tmp", path)
+        if not os.path.exists(os.path.join(path, BUILTIN_MANIFEST)):
+            build_builtin(path, BUILTIN_SETTINGS)
     return path
+
+
+def build_builtin(path: str, settings: dict):
+    """Build the task into `path`: built aside and renamed when complete, so a killed build never leaves half a
+    task. MANIFEST.json records the key, the settings, the machine it was built on and each file's SHA-256."""
+    t0 = time.time()
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    _build_builtin(path + ".tmp", settings)
+    files = sorted(
+        os.path.relpath(os.path.join(folder, name), path + ".tmp")
+        for folder, _, names in os.walk(path + ".tmp")
+        for name in names
+    )
+    manifest = dict(
+        key=builtin_key(settings),
+        settings=settings,
+        built_with=dict(
+            torch=torch.__version__,
+            cpu=cpu_name(),
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            threads=torch.get_num_threads(),
+        ),
+        build_seconds=round(time.time() - t0, 1),
+        sha256={name: file_sha256(os.path.join(path + ".tmp", name)) for name in files},
+    )
+    with open(os.path.join(path + ".tmp", BUILTIN_MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(path + ".tmp", path)
+    print(f"built-in task ready in {path} ({manifest['build_seconds']:.0f} s)", file=sys.stderr)
+
+
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it (the machine type where it gives none)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _build_builtin(path: str, settings: dict):
@@ -105,72 +161,131 @@ def _build_builtin(path: str, settings: dict):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tqdm import tqdm
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
-    print(f"building the built-in task in {path} (once; about 2 minutes on 2 CPU cores)", file=sys.stderr)
-    s, t0, rng = SimpleNamespace(**settings), time.time(), random.Random(settings["seed"])
+
+    print(f"building the built-in task in {path} (about 3 minutes on 2 CPU cores)", file=sys.stderr)
+    s = SimpleNamespace(**settings)
+    rng = random.Random(s.seed)
     torch.manual_seed(s.seed)
-    vocab = {w: i for i, w in enumerate(VOCABULARY)}
+
+    # A word-level tokenizer over the task's vocabulary.
+    vocab = {word: i for i, word in enumerate(VOCABULARY)}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer, core.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece("##", cleanup=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
-                                  model_max_length=s.n_positions, clean_up_tokenization_spaces=False)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=s.n_positions, n_embd=s.n_embd, n_layer=s.n_layer,
-                        n_head=4, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[PAD])
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece("##", cleanup=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        model_max_length=s.n_positions,
+        clean_up_tokenization_spaces=False,
+    )
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=s.n_positions,
+        n_embd=s.n_embd,
+        n_layer=s.n_layer,
+        n_head=4,
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        pad_token_id=vocab[PAD],
+    )
 
     def encode(texts, side="right"):
         tok.padding_side = side
         return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=s.n_positions)
 
-    def train(model, steps, desc, lr, loss_fn):  # AdamW, linear warm-up over 100 steps then linear decay
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps))
+    def train(model, steps, desc, lr, loss_fn):
+        # AdamW, linear warm-up over 100 steps, then linear decay to 0.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        schedule = lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         for _ in tqdm(range(steps), desc=desc, mininterval=2):
-            opt.zero_grad(), loss_fn().backward(), opt.step(), sched.step()
+            optimizer.zero_grad()
+            loss_fn().backward()
+            optimizer.step()
+            scheduler.step()
         model.eval().requires_grad_(False)  # trained: no autograd graphs from here on
 
-    def sft_loss():  # next-token NLL on grammar reviews ending in <eos>
+    # 1. The SFT policy: next-token NLL on grammar reviews ending in <eos>.
+    def sft_loss():
         batch = encode([sample_review(rng) + f" {EOS}" for _ in range(64)])
-        return sft(**batch, labels=batch.input_ids.masked_fill(batch.attention_mask == 0, -100)).loss
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        return sft(**batch, labels=labels).loss
 
     sft = GPT2LMHeadModel(config)
     train(sft, s.sft_steps, "builtin: SFT policy", 3e-3, sft_loss)
-    prompts = lambda n: [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(n)]
+
+    def prompts(n):  # the first 2-5 words of a review
+        return [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(n)]
 
     @torch.no_grad()
     def sample(prompt_list, temperature=1.0):  # responses of the SFT policy, cut after <eos> (kept in the text)
         enc = encode(prompt_list, side="left")
-        gen = sft.generate(**enc, do_sample=True, top_k=0, temperature=temperature, max_new_tokens=32,
-                           pad_token_id=vocab[PAD], eos_token_id=vocab[EOS])
-        ids, mask, _ = truncate_after_eos(gen[:, enc.input_ids.shape[1]:], vocab[EOS], vocab[PAD])
+        generated = sft.generate(
+            **enc,
+            do_sample=True,
+            top_k=0,
+            temperature=temperature,
+            max_new_tokens=32,
+            pad_token_id=vocab[PAD],
+            eos_token_id=vocab[EOS],
+        )
+        ids, mask, _ = truncate_after_eos(generated[:, enc.input_ids.shape[1] :], vocab[EOS], vocab[PAD])
         return [tok.decode(row[:n]) for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
 
-    # Reward model: Bradley-Terry on pairs of SFT responses ranked by the gold score (a learned proxy reward).
-    train_prompts, eval_prompts, offline_prompts, rm_prompts = (prompts(n) for n in (
-        s.n_train_prompts, s.n_eval_prompts, s.n_offline_prompts, 2048))
-    first, second = sample(rm_prompts), sample(rm_prompts, temperature=1.3)
-    pairs = [(p, a, b) if ga > gb else (p, b, a) for p, a, b, ga, gb in
-             zip(rm_prompts, first, second, builtin_gold_score(first), builtin_gold_score(second)) if ga != gb]
+    train_prompts = prompts(s.n_train_prompts)
+    eval_prompts = prompts(s.n_eval_prompts)
+    offline_prompts = prompts(s.n_offline_prompts)
+    rm_prompts = prompts(s.n_rm_prompts)
+
+    # 2. The reward model: Bradley-Terry on pairs of SFT responses ranked by the gold score (a learned proxy reward).
+    first = sample(rm_prompts)
+    second = sample(rm_prompts, temperature=1.3)
+    pairs = []
+    for prompt, a, b, gold_a, gold_b in zip(
+        rm_prompts, first, second, builtin_gold_score(first), builtin_gold_score(second)
+    ):
+        if gold_a != gold_b:
+            pairs.append((prompt, a, b) if gold_a > gold_b else (prompt, b, a))
 
     def rm_loss():
         batch = rng.sample(pairs, 64)
-        scores = rm(**encode([f"{p} {c}" for p, c, _ in batch] + [f"{p} {r}" for p, _, r in batch])).logits[:, 0]
+        chosen = [f"{prompt} {c}" for prompt, c, _ in batch]
+        rejected = [f"{prompt} {r}" for prompt, _, r in batch]
+        scores = rm(**encode(chosen + rejected)).logits[:, 0]
         return -torch.nn.functional.logsigmoid(scores[:64] - scores[64:]).mean()
 
     rm = GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1}))
     train(rm, s.rm_steps, "builtin: reward model", 1e-3, rm_loss)
-    tok.padding_side = "left"
+
+    # 3. Save the models, each with the tokenizer, and the datasets.
     for model, name in ((sft, "sft"), (rm, "reward")):
-        model.save_pretrained(f"{path}/{name}"), tok.save_pretrained(f"{path}/{name}")
+        model.save_pretrained(f"{path}/{name}")
+        tok.save_pretrained(f"{path}/{name}")
     offline = sample(offline_prompts)
     offline_rewards = rm(**encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])).logits[:, 0].tolist()
-    DatasetDict(train=Dataset.from_dict({"prompt": train_prompts}),
-                test=Dataset.from_dict({"prompt": eval_prompts})).save_to_disk(f"{path}/data/prompts")
-    Dataset.from_dict({"prompt": offline_prompts, "response": offline, "reward": offline_rewards,
-                       "gold": builtin_gold_score(offline)}).save_to_disk(f"{path}/data/offline")
-    Dataset.from_dict(dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*pairs))))).save_to_disk(
-        f"{path}/data/preference")
-    Dataset.from_dict({"text": [sample_review(rng) for _ in range(2048)]}).save_to_disk(f"{path}/data/pretrain")
-    open(f"{path}/DONE", "w").write(json.dumps({**settings, "build_seconds": round(time.time() - t0, 1)}))
-    print(f"built-in task ready ({time.time() - t0:.0f} s)", file=sys.stderr)
+    prompt_splits = DatasetDict(
+        train=Dataset.from_dict({"prompt": train_prompts}),
+        test=Dataset.from_dict({"prompt": eval_prompts}),
+    )
+    prompt_splits.save_to_disk(f"{path}/data/prompts")
+    offline_rows = {
+        "prompt": offline_prompts,
+        "response": offline,
+        "reward": offline_rewards,
+        "gold": builtin_gold_score(offline),
+    }
+    Dataset.from_dict(offline_rows).save_to_disk(f"{path}/data/offline")
+    preference_rows = {
+        "prompt": [prompt for prompt, _, _ in pairs],
+        "chosen": [chosen for _, chosen, _ in pairs],
+        "rejected": [rejected for _, _, rejected in pairs],
+    }
+    Dataset.from_dict(preference_rows).save_to_disk(f"{path}/data/preference")
+    pretrain_texts = [sample_review(rng) for _ in range(s.n_pretrain_texts)]
+    Dataset.from_dict({"text": pretrain_texts}).save_to_disk(f"{path}/data/pretrain")
 
 
 def resolve(name: str, role: str) -> str:
@@ -745,3 +860,20 @@ def check_finite(metrics: dict, step: int, resume_path: str):
                 else "no checkpoint was written yet (pass --save-every N)")
         fail(f"step {step}: {', '.join(f'{k} = {metrics[k]}' for k in bad[:3])}{' ...' * (len(bad) > 3)}; the run "
              f"stopped and {kept}; lower --learning-rate, or check the reward model / function for NaN or inf")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Tools of common.py that are not part of a training run.")
+    parser.add_argument(
+        "--rebuild-builtin",
+        metavar="FOLDER",
+        nargs="?",
+        const=BUILTIN_SHIPPED,
+        help="build the built-in task anew into FOLDER (default: the shipped builtin/ beside common.py)",
+    )
+    cli = parser.parse_args()
+    if cli.rebuild_builtin is None:
+        parser.error("nothing to do; pass --rebuild-builtin")
+    build_builtin(cli.rebuild_builtin, BUILTIN_SETTINGS)
