@@ -7,6 +7,12 @@ error and drops the normaliser: loss = E[(log π_θ(a|s) − log π_init(a|s) �
     python apa.py                                          # online, the built-in task, one CPU process
     python apa.py --offline-dataset builtin                # offline, from the built-in scored SFT responses
     torchrun --nproc_per_node 2 apa.py --zero-stage 3      # two processes (CPU or GPUs)
+
+Sampling is set by `Args` alone (temperature, top-k, top-p): the sampling fields of a checkpoint's
+generation_config.json are dropped when the policy is loaded. The log-probs of the loss (and of the KL to π_ref)
+are those of softmax(logits / temperature) over the whole vocabulary. With top-k or top-p set, responses come from
+the truncated distribution and are scored as samples of the untruncated one, as the released trlX and MOSS-RLHF code
+did; keep top-k 0 and top-p 1 (the defaults) for exactly on-policy samples.
 """
 import math
 import os
@@ -256,8 +262,14 @@ if __name__ == "__main__":
                   "initialised from the policy (--value-model policy)")
     value_source = {"reward": common.resolve(args.reward_model[0], "reward"),
                     "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
-    value_model = common.load_model(value_source, "score", "--value-model", dtype="float32",
-                                     trust_remote_code=args.trust_remote_code)
+    value_model = common.load_model(
+        value_source,
+        "score",
+        "--value-model",
+        dtype="float32",
+        trust_remote_code=args.trust_remote_code,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
     log = common.make_logger(args, run_name, rank)  # after loading: args.json records what was really used
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 try:
     import deepspeed
@@ -309,11 +309,34 @@ def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="
     return tok
 
 
-def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False):
-    """kind `causal` (policy / reference) or `score` (reward / value: a 1-output sequence-classification model)."""
+def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False, pad_token_id=None):
+    """kind `causal` (policy / reference) or `score` (reward / value: a 1-output sequence-classification model).
+
+    A causal model comes without the sampling settings of its checkpoint's generation_config.json (temperature,
+    top-k / top-p, repetition penalty, ...): `generate` fills every field that the script's GenerationConfig leaves
+    unset from the model's own, so an instruct checkpoint would otherwise change how the script samples. Only its
+    token ids (BOS, EOS, pad) are kept. A score model whose config has no pad id gets `pad_token_id` (its
+    tokenizer's): transformers needs one to read a batch of more than one sequence."""
     cls, role = (AutoModelForCausalLM, "sft") if kind == "causal" else (AutoModelForSequenceClassification, "reward")
-    return _from_pretrained(cls, resolve(name, role), flag, dtype=getattr(torch, dtype),
-                            trust_remote_code=trust_remote_code, **({} if kind == "causal" else {"num_labels": 1}))
+    extra = {} if kind == "causal" else {"num_labels": 1}
+    model = _from_pretrained(
+        cls,
+        resolve(name, role),
+        flag,
+        dtype=getattr(torch, dtype),
+        trust_remote_code=trust_remote_code,
+        **extra,
+    )
+    if kind == "causal":
+        saved = model.generation_config
+        model.generation_config = GenerationConfig(
+            bos_token_id=saved.bos_token_id,
+            eos_token_id=saved.eos_token_id,
+            pad_token_id=saved.pad_token_id,
+        )
+    elif model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
 
 
 def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, bf16=False,
@@ -343,9 +366,23 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
             return torch.tensor(scores)
         return score_with_function
     dtype = ("bfloat16" if bf16 else "float32") if dtype == "auto" else dtype
-    model = prepare_frozen(load_model(name, "score", "--reward-model", dtype, trust_remote_code), placement,
-                           zero_stage, micro_batch_size, bf16=dtype == "bfloat16", fp16=dtype == "float16")
     rm_tokenizer = load_tokenizer(name, "--reward-model", "right", trust_remote_code)
+    model = load_model(
+        name,
+        "score",
+        "--reward-model",
+        dtype,
+        trust_remote_code,
+        pad_token_id=rm_tokenizer.pad_token_id,
+    )
+    model = prepare_frozen(
+        model,
+        placement,
+        zero_stage,
+        micro_batch_size,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+    )
     same_vocabulary = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
     rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
 

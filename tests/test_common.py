@@ -443,3 +443,92 @@ def test_freeze_lower_layers_trains_the_top_blocks_and_what_follows(unfrozen, tr
              for n, p in model.named_parameters() if p.requires_grad}
     assert names == trained
     assert model.lm_head.weight.requires_grad == (unfrozen == -1)  # tied to wte
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampling is the script's: a checkpoint's generation_config.json changes nothing
+# ------------------------------------------------------------------------------------------------------------
+CHAT_SAMPLING = dict(temperature=0.2, top_p=0.5, top_k=5, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                     min_new_tokens=4, do_sample=True)
+
+
+def test_checkpoint_sampling_settings_do_not_reach_generate(tmp_path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    model = tiny_causal_lm(seed=3)
+    model.save_pretrained(tmp_path / "plain")
+    model.generation_config = GenerationConfig(eos_token_id=1, bos_token_id=1, **CHAT_SAMPLING)
+    model.save_pretrained(tmp_path / "chat")
+    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["repetition_penalty"] == 1.3
+    # as the scripts sample: every field they own is set, the rest is left to generate's defaults
+    script_config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
+                                     pad_token_id=PAD_ID, eos_token_id=1)
+    prompts = torch.randint(2, VOCAB, (8, 5), generator=torch.Generator().manual_seed(0))
+
+    def sample(model):
+        torch.manual_seed(7)
+        return model.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=script_config)
+    plain = sample(common.load_model(str(tmp_path / "plain"), "causal", "--model-name-or-path"))
+    chat = sample(common.load_model(str(tmp_path / "chat"), "causal", "--model-name-or-path"))
+    assert torch.equal(plain, chat)
+    # the same checkpoint loaded bare samples otherwise: the settings would have leaked into the rollouts
+    assert not torch.equal(plain, sample(AutoModelForCausalLM.from_pretrained(tmp_path / "chat")))
+    # the token ids of the checkpoint's generation config are kept
+    assert common.load_model(str(tmp_path / "chat"), "causal", "--model-name-or-path").generation_config.eos_token_id == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A reward / value model whose config has no pad id gets its tokenizer's
+# ------------------------------------------------------------------------------------------------------------
+GPT2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
+
+
+def save_llama_without_pad(folder):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    assert GPT2_TOKENIZER.exists(), f"{GPT2_TOKENIZER} is missing: the tests read the real GPT-2 BPE tokenizer there"
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_reward_model_without_pad_id_scores_a_batch(tmp_path, architecture):
+    """A GPT-2 or Llama reward model whose config has no pad id, with another tokenizer than the policy's: the
+    texts are re-encoded and padded, and the model must read each row at its own last token."""
+    folder = tmp_path / "rm"
+    if architecture == "gpt2":
+        from transformers import GPT2ForSequenceClassification
+        torch.manual_seed(0)
+        GPT2ForSequenceClassification(tiny_config(num_labels=1)).save_pretrained(folder)
+        word_tokenizer(words=WORDS, pad=False).save_pretrained(folder)  # pad = EOS, as with GPT-2's tokenizer
+    else:
+        save_llama_without_pad(folder)
+    assert json.loads((folder / "config.json").read_text()).get("pad_token_id") is None
+    policy_tokenizer = word_tokenizer(words=WORDS + ("x",))  # another vocabulary than the reward model's
+    queries = [policy_tokenizer.encode(q) for q in ("the film", "the story", "film")]
+    responses = [policy_tokenizer.encode(r) for r in ("was great", "was dull", "was long and dull")]
+    query_ids, query_mask = common.pad_left(queries, policy_tokenizer.pad_token_id)
+    response_ids = torch.zeros(len(responses), max(map(len, responses)), dtype=torch.long)
+    response_mask = torch.zeros_like(response_ids)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.tensor(r)
+        response_mask[i, : len(r)] = 1
+
+    reward = common.load_reward(str(folder), policy_tokenizer)
+    assert not reward.same_vocabulary
+    scores = reward(query_ids, query_mask, response_ids, response_mask)
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    rm_tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = [policy_tokenizer.decode(q + r) for q, r in zip(queries, responses)]
+    with torch.no_grad():  # one row at a time: no padding, so no pad id needed
+        alone = [model(**rm_tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    assert scores.tolist() == pytest.approx(alone, abs=1e-5)
+
+
+WORDS = ("the", "film", "story", "was", "great", "dull", "long", "and")
