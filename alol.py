@@ -84,6 +84,11 @@ class Args:
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr (released PPO-max: 100)"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step), PPO-max); each trained model counts its own optimiser steps"""
     unfrozen_layers: int = -1
     """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
     clip: float = 0.9
@@ -322,9 +327,12 @@ if __name__ == "__main__":
     log = common.make_logger(args, run_name, rank)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     common.freeze_lower_layers(policy, args.unfrozen_layers)  # released HH: only the top 2 blocks train
+    # The learning-rate schedule counts optimiser steps; the decay ends at --total-steps (good-priority scaling can
+    # end the run sooner: it trains on the positive-advantage share of the steps).
+    schedule = common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule)
     policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.batch_size, args.learning_rate,
                                       args.bf16, args.offload, args.max_grad_norm,
-                                      args.adam_betas, args.weight_decay)
+                                      args.adam_betas, args.weight_decay, schedule=schedule)
     greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
@@ -500,6 +508,7 @@ if __name__ == "__main__":
             metrics.update({**eval_history[-1][1], "time/steps_per_s": len(window) / seconds,
                             "time/tokens_per_s": tokens / seconds})
             window = []
+        metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
         log(step, metrics)
         if rank == 0 and "eval/reward" in metrics:
             gold = f" gold {metrics['eval/gold_score']:+.3f}" if gold_score else ""

@@ -87,6 +87,11 @@ class Args:
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr (released PPO-max: 100)"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step), PPO-max); each trained model counts its own optimiser steps"""
     unfrozen_layers: int = -1
     """train only the top N transformer blocks of the policy and value model, and what follows; -1 = all (HH: 2)"""
     max_prompt_length: int = 16
@@ -278,12 +283,18 @@ if __name__ == "__main__":
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     for model in (policy, value_model):  # released HH: only the top 2 blocks (and the heads) train
         common.freeze_lower_layers(model, args.unfrozen_layers)
+    # The learning-rate schedule counts optimiser steps; the decay ends at the policy's last one.
+    if args.offline_dataset is not None:
+        total_steps = args.offline_epochs * math.ceil(n_rows // world_size / args.mini_batch_size)
+    else:
+        total_steps = args.total_episodes // per_iteration * args.ppo_epochs * (args.rollout_batch_size // args.mini_batch_size)
+    schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
     policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.mini_batch_size, args.learning_rate,
                                       args.bf16, args.offload, args.max_grad_norm,
-                                      args.adam_betas, args.weight_decay)
+                                      args.adam_betas, args.weight_decay, schedule=schedule)
     value_model = common.prepare_trainable(value_model, args.value_device, args.zero_stage, args.mini_batch_size,
                                            args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm,
-                                           args.adam_betas, args.weight_decay)
+                                           args.adam_betas, args.weight_decay, schedule=schedule)
     ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size, args.bf16)
     generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
@@ -432,6 +443,7 @@ if __name__ == "__main__":
             common.check_finite(metrics, epoch, resume_path)  # before evaluating (sampling) from NaN weights
             eval_history.append((epoch, evaluate()))
             metrics.update(eval_history[-1][1])
+            metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(epoch, metrics)
             if rank == 0:
                 print(f"epoch {epoch}/{args.offline_epochs} loss {metrics['policy/loss']:.4f} value loss "
@@ -490,6 +502,7 @@ if __name__ == "__main__":
             if iteration % args.eval_every == 0 or iteration == num_iterations:
                 eval_history.append((iteration, evaluate()))
                 metrics.update(eval_history[-1][1])
+            metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(iteration, metrics)
             if rank == 0:
                 gold = f" gold {metrics['rollout/gold_score']:+.3f}" if gold_score else ""

@@ -7,7 +7,13 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+)
 
 try:
     import deepspeed
@@ -291,6 +297,17 @@ def _build_builtin(path: str, settings: dict):
 def resolve(name: str, role: str) -> str:
     """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged."""
     return os.path.join(builtin_dir(), role) if name == BUILTIN else name
+
+
+def flags_given(argv=None) -> set:
+    """The Args fields named on the command line: `--init-kl-coef 0.1`, `--lr=1e-5`, `--no-adaptive-kl` ..."""
+    names = set()
+    for word in sys.argv[1:] if argv is None else argv:
+        if word.startswith("--"):
+            name = word[2:].split("=")[0].replace("-", "_")
+            names.add(name)
+            names.add(name.removeprefix("no_"))
+    return names
 
 
 # ---- Loading models, tokenizers and datasets: a hub name and a local folder take the same path --------------------
@@ -592,12 +609,43 @@ def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=Fal
             **({"gradient_clipping": max_grad_norm, "optimizer": optimizer} if train else {})}
 
 
+LR_SCHEDULES = ("constant", "linear", "cosine", "inverse_sqrt")
+
+
+def lr_schedule(warmup_steps: int, total_steps: int, kind: str = "constant"):
+    """The learning rate's factor at optimiser step s (0, 1, ...), for torch's LambdaLR: a linear warm-up from
+    1/warmup_steps to 1 over the first `warmup_steps` steps, then `constant` 1, `linear` decay to 0 at `total_steps`,
+    `cosine` decay to 0 at `total_steps`, or `inverse_sqrt`: sqrt(warmup_steps / s) (the PPO-max scripts' schedule)."""
+    if kind not in LR_SCHEDULES:
+        fail(f"unknown --lr-schedule {kind}; pick one of {', '.join(LR_SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        if kind == "inverse_sqrt":
+            return math.sqrt(max(warmup_steps, 1) / max(step, 1))
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def current_lr(engine) -> float:
+    """The learning rate the engine's next optimiser step uses."""
+    return engine.optimizer.param_groups[0]["lr"]
+
+
 class TorchEngine:
     """Engine calls (forward, backward, step, .module, .device) for a model on its own device, or without DeepSpeed."""
 
-    def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0):
+    def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
         self.module, self.device, self.max_grad_norm = model, model.device, max_grad_norm
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or (lambda step: 1.0))
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -609,7 +657,9 @@ class TorchEngine:
         for p in params if _world() > 1 else []:
             dist.all_reduce(p.grad), p.grad.div_(_world())
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        self.optimizer.step(), self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
 
 
 def _device(placement: str):  # `policy` -> this rank's device; otherwise the named one (`cpu`, `cuda:N`)
@@ -618,13 +668,15 @@ def _device(placement: str):  # `policy` -> this rank's device; otherwise the na
 
 
 def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=False, offload=False,
-                      max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0):
-    """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere."""
+                      max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
+    """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere. `schedule`
+    (see lr_schedule) scales `lr` at every optimiser step; resumable checkpoints keep its position."""
     if deepspeed is None or placement != "policy":
-        return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay)
+        return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay, schedule)
     config = deepspeed_config(zero_stage, micro_batch_size, lr, bf16, offload, max_grad_norm, betas, weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    return deepspeed.initialize(model=model, model_parameters=params, config=config)[0]
+    scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda step: 1.0))
+    return deepspeed.initialize(model=model, model_parameters=params, config=config, lr_scheduler=scheduler)[0]
 
 
 def freeze_lower_layers(model, unfrozen_layers: int):
@@ -660,18 +712,53 @@ def concat_inputs(query_ids, query_mask, response_ids, response_mask, device):
 
 
 def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature=1.0,
-                     with_entropy=False):
+                     with_entropy=False, repetition_penalty=1.0):
     """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from
-    logits[:, P-1:-1] where P is the padded prompt length (ALGORITHMS.md §0). Optionally the entropy per token."""
+    logits[:, P-1:-1] where P is the padded prompt length (ALGORITHMS.md §0). Optionally the entropy per token.
+    The logits are first penalised as ResponseRepetitionPenalty does while sampling, then divided by temperature:
+    the log-probs are those of the distribution the responses were sampled from (top-k / top-p aside)."""
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    logits = logits[:, query_ids.shape[1] - 1:-1].float() / temperature
+    logits = logits[:, query_ids.shape[1] - 1:-1].float()
+    if repetition_penalty != 1.0:
+        logits = penalise_repeats(logits, ids[:, query_ids.shape[1]:], repetition_penalty)
+    logits = logits / temperature
     logsumexp = logits.logsumexp(-1)  # gather − logsumexp: no [batch, len, vocab] log-softmax kept around
     response_mask = mask[:, query_ids.shape[1]:]
     logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp) * response_mask
     if not with_entropy:
         return logprobs
     return logprobs, (logsumexp - (logits.softmax(-1) * logits).sum(-1)) * response_mask
+
+
+class ResponseRepetitionPenalty(LogitsProcessor):
+    """PPO-max's repetition penalty, for `generate`: the logit of every token the response has already emitted is
+    divided by `penalty` where positive and multiplied by it where negative. Unlike transformers' own
+    repetition_penalty, the prompt does not count (nor does its padding), as in the released MOSS-RLHF sampler."""
+
+    def __init__(self, penalty: float, prompt_length: int):
+        self.penalty = penalty
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        emitted = input_ids[:, self.prompt_length :]
+        if emitted.shape[1] == 0:
+            return scores
+        picked = scores.gather(1, emitted)
+        penalised = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, emitted, penalised)
+
+
+def penalise_repeats(logits, response_ids, penalty: float):
+    """The teacher-forced ResponseRepetitionPenalty: logits[:, t] with the tokens response_ids[:, :t] penalised.
+    logits [batch, response_len, vocab] predict response_ids [batch, response_len]."""
+    seen = torch.zeros_like(logits[:, 0], dtype=torch.bool)
+    penalised = []
+    for t in range(logits.shape[1]):
+        step = logits[:, t]
+        penalised.append(torch.where(seen, torch.where(step < 0, step * penalty, step / penalty), step))
+        seen = seen.scatter(1, response_ids[:, t : t + 1], True)
+    return torch.stack(penalised, 1)
 
 
 def token_scores(model, ids, mask, position_ids):
@@ -822,8 +909,12 @@ def save_resume(path: str, script: str, step: int, engines: dict, state: dict, a
     for name, engine in engines.items():
         if isinstance(engine, TorchEngine):  # identical on every rank
             if rank == 0:
-                torch.save({"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()},
-                           os.path.join(tmp, f"{name}.pt"))
+                saved = {
+                    "model": engine.module.state_dict(),
+                    "optimizer": engine.optimizer.state_dict(),
+                    "lr_scheduler": engine.lr_scheduler.state_dict(),
+                }
+                torch.save(saved, os.path.join(tmp, f"{name}.pt"))
         else:  # a collective: every rank writes its shard
             engine.save_checkpoint(tmp, tag=name, save_latest=False)
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
@@ -849,7 +940,9 @@ def load_resume(path: str, engines: dict, rank: int):
     for name, engine in engines.items():
         if isinstance(engine, TorchEngine):
             saved = torch.load(os.path.join(path, f"{name}.pt"), weights_only=False)
-            engine.module.load_state_dict(saved["model"]), engine.optimizer.load_state_dict(saved["optimizer"])
+            engine.module.load_state_dict(saved["model"])
+            engine.optimizer.load_state_dict(saved["optimizer"])
+            engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         else:
             engine.load_checkpoint(path, tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
     saved = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)

@@ -91,6 +91,11 @@ class Args:
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr (released PPO-max: 100)"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step), PPO-max); each trained model counts its own optimiser steps"""
     unfrozen_layers: int = -1
     """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
     max_prompt_length: int = 16
@@ -314,9 +319,11 @@ if __name__ == "__main__":
     # copy on the same device (Polyak steps of α ~ 1e-4 would vanish in bf16); the reward models, used only to
     # score evaluations, are frozen on `policy` (sharded under ZeRO-3), `cpu` or `cuda:N`.
     model.lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The learning-rate schedule counts optimiser steps; the decay ends at the last one.
+    schedule = common.lr_schedule(args.lr_warmup_steps, args.epochs * (rows_per_rank // args.batch_size), args.lr_schedule)
     model = common.prepare_trainable(model, "policy", args.zero_stage, args.batch_size, args.learning_rate,
                                      args.bf16, args.offload, args.max_grad_norm,
-                                     args.adam_betas, args.weight_decay)
+                                     args.adam_betas, args.weight_decay, schedule=schedule)
     target_q_heads = target_q_heads.float().to(device)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
     reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size, args.bf16,
@@ -441,6 +448,7 @@ if __name__ == "__main__":
             common.check_finite(stats, step, resume_path)
             if step % args.log_every == 0:
                 stats["time/tokens_per_s"] = n_tokens / (time.time() - t0)
+                stats["policy/learning_rate"] = common.current_lr(model)  # of the next step (--lr-schedule)
                 log(step, stats)
                 if rank == 0:
                     print(f"epoch {epoch} step {step:5d} q {stats['loss/q']:.4f} v {stats['loss/v']:.4f} "

@@ -138,8 +138,8 @@ preset() {  # preset NAME SIZE: sets p_script, p_gpus, p_layout, p_mem and the a
   case $name in
     apa-hh) p_script=apa; p_args=("${hh[@]}" "${online[@]}" --lam 0.1 --learning-rate 1e-6 --reward-scaling running
                                   --reward-clip 100) ;;
-    awr-hh) p_script=awr; p_args=("${hh[@]}" "${online[@]}" --learning-rate 1e-6 --reward-scaling running
-                                  --reward-clip 100) ;;
+    awr-hh) p_script=awr; p_args=("${hh[@]}" "${online[@]}" --lam 2 --learning-rate 1e-6 --reward-scaling running
+                                  --reward-clip 100) ;;  # λ = 2: the released HH adv_coeff_log = 1/λ = 0.5
     ppo-hh) p_script=ppo; local lr=8e-6; if [[ $size == 1b ]]; then lr=1e-6; fi  # released: 1e-6 for the 1B model
             p_args=("${hh[@]}" "${online[@]}" --learning-rate $lr
                                   --init-kl-coef 0.05 --adaptive-kl --target-kl 6 --cliprange 0.2 --cliprange-value 0.2

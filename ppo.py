@@ -23,7 +23,7 @@ from typing import List, Literal, Optional, Tuple
 import torch
 import torch.distributed as dist
 import tyro
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 import common
 from common import masked_mean, whiten_masked
@@ -73,6 +73,11 @@ class Args:
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr (released PPO-max: 100)"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step), PPO-max); each trained model counts its own optimiser steps"""
     unfrozen_layers: int = -1
     """train only the top N transformer blocks of the policy and value model, and what follows; -1 = all (HH: 2)"""
     max_prompt_length: int = 16
@@ -87,6 +92,9 @@ class Args:
     """top-k sampling, 0 = off (ALGORITHMS.md §1: one sampling setting for PPO, APA and AWR)"""
     top_p: float = 1.0
     """nucleus sampling, 1 = off"""
+    repetition_penalty: float = 1.0
+    """divide the logit of every token the response already holds by this (×, if negative), 1 = off (PPO-max: 1.1);
+    the log-probs of the loss carry the same penalty, so they are those of the distribution sampled"""
     missing_eos_penalty: Optional[float] = None
     """if set, the score of a response that never emitted EOS is replaced by this value (e.g. -1)"""
     reward_scaling: Literal["none", "running", "running_mean_std"] = "none"
@@ -122,7 +130,8 @@ class Args:
     ptx_field: str = "text"
     """the text column of `ptx_dataset`"""
     ppo_max: bool = False
-    """PPO-max (Zheng et al. 2023): sets the fields in PPO_MAX below (reward normalisation, fixed KL 0.01, ...)"""
+    """PPO-max (Zheng et al. 2023): the released recipe's values (PPO_MAX below: reward scaling, fixed KL 0.01,
+    learning rates with warm-up, sampling ...) for every field not given on the command line"""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
     bf16: bool = False
@@ -151,9 +160,26 @@ class Args:
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
-# PPO-max (Zheng et al. 2023, "Secrets of RLHF Part I"): the fields `--ppo-max` overrides.
-PPO_MAX = dict(reward_scaling="running_mean_std", reward_clip=10.0, adaptive_kl=False, init_kl_coef=0.01,
-               cliprange_value=0.2, whiten_advantages=True, max_grad_norm=1.0, value_model="reward")
+# PPO-max (Zheng et al. 2023, "Secrets of RLHF Part I"): the values of the released MOSS-RLHF script
+# (train_ppo_en.sh and config_ppo.py), which `--ppo-max` sets unless the same flag is given on the command line.
+PPO_MAX = dict(
+    reward_scaling="running",  # use_reward_scaling: divide by the running std; use_reward_norm (the mean) off
+    reward_clip=None,  # reward_clip 0 and use_reward_clip off
+    adaptive_kl=False,  # a fixed per-token KL penalty...
+    init_kl_coef=0.01,  # ...of kl_penalty_weight 0.01
+    cliprange=0.2,  # use_policy_loss_clip, pg_clip 0.2
+    cliprange_value=0.2,  # use_critic_loss_clip, value_clip 0.2
+    whiten_advantages=False,  # use_advantage_norm off
+    value_model="reward",  # the critic starts from the reward model
+    max_grad_norm=1.0,
+    learning_rate=5e-7,
+    value_learning_rate=1.5e-6,
+    lr_warmup_steps=100,
+    lr_schedule="inverse_sqrt",
+    temperature=0.8,
+    top_p=0.9,
+    repetition_penalty=1.1,
+)
 
 
 # ALGO LOGIC: GAE, ALGORITHMS.md §2 (Schulman et al. 2016, eq. 11-16)
@@ -225,17 +251,25 @@ def update_kl_coef(kl_coef, current_kl, target_kl, horizon, n_steps):
 
 
 @torch.no_grad()
-def generate(policy, query_ids, query_mask, generation_config, zero3):
+def generate(policy, query_ids, query_mask, generation_config, zero3, repetition_penalty=1.0):
     """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
     rollout, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
     model = getattr(policy, "module", policy)  # the HF model inside a DeepSpeed engine
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:  # applied before temperature, top-k and top-p, as forward_logprobs does
+        processors.append(common.ResponseRepetitionPenalty(repetition_penalty, query_ids.shape[1]))
     gather = nullcontext()
     if zero3:
         import deepspeed
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
     with gather:
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config,
-                             synced_gpus=zero3)
+        out = model.generate(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            generation_config=generation_config,
+            logits_processor=processors,
+            synced_gpus=zero3,
+        )
     return out[:, query_ids.shape[1]:]
 
 
@@ -251,7 +285,9 @@ if __name__ == "__main__":
         common.fail(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_model)} "
                     f"--reward-model entries; give one weight per reward model")
     if args.ppo_max:
-        args = dataclasses.replace(args, **PPO_MAX)
+        # An explicit flag wins over the recipe: `--ppo-max --init-kl-coef 0.05` keeps β = 0.05.
+        given = common.flags_given()
+        args = dataclasses.replace(args, **{name: value for name, value in PPO_MAX.items() if name not in given})
     if args.rollout_batch_size % args.mini_batch_size:
         common.fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
                     f"{args.mini_batch_size}; pick a mini-batch size that divides it")
@@ -305,12 +341,15 @@ if __name__ == "__main__":
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     for model in (policy, value_model):  # released HH: only the top 2 blocks (and the heads) train
         common.freeze_lower_layers(model, args.unfrozen_layers)
+    # The learning-rate schedule counts optimiser steps; the decay ends at the policy's last one.
+    total_steps = args.total_episodes // per_iteration * args.ppo_epochs * (args.rollout_batch_size // args.mini_batch_size)
+    schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
     policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.mini_batch_size, args.learning_rate,
                                       args.bf16, args.offload, args.max_grad_norm,
-                                      args.adam_betas, args.weight_decay)
+                                      args.adam_betas, args.weight_decay, schedule=schedule)
     value_model = common.prepare_trainable(value_model, args.value_device, args.zero_stage, args.mini_batch_size,
                                            args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm,
-                                           args.adam_betas, args.weight_decay)
+                                           args.adam_betas, args.weight_decay, schedule=schedule)
     ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size, args.bf16)
     generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
@@ -339,7 +378,7 @@ if __name__ == "__main__":
     def rollout(prompt_rows):
         """Sample, cut at EOS, score, and forward π_old, π_ref and V over the result (ALGORITHMS.md §1)."""
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
-        response_ids = generate(policy, query_ids, query_mask, generation_config, zero3)
+        response_ids = generate(policy, query_ids, query_mask, generation_config, zero3, args.repetition_penalty)
         response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                        tokenizer.pad_token_id, tokenizer,
                                                                        args.stop_strings)
@@ -347,8 +386,9 @@ if __name__ == "__main__":
                      for w, reward in zip(reward_weights, reward_fns)).to(device)
         with torch.no_grad():
             fwd = (query_ids, query_mask, response_ids, response_mask)
-            logprobs = common.forward_logprobs(policy, *fwd, temperature=args.temperature)
-            ref_logprobs = common.forward_logprobs(ref_policy, *fwd, temperature=args.temperature).to(device)
+            sampling = dict(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
+            logprobs = common.forward_logprobs(policy, *fwd, **sampling)
+            ref_logprobs = common.forward_logprobs(ref_policy, *fwd, **sampling).to(device)
         return query_ids, query_mask, response_ids, response_mask.to(logprobs.dtype), ended, scores, logprobs, \
             ref_logprobs
 
@@ -425,6 +465,7 @@ if __name__ == "__main__":
             for idx in torch.randperm(args.rollout_batch_size, generator=sampler).split(args.mini_batch_size):
                 fwd = (query_ids[idx], query_mask[idx], response_ids[idx], mask[idx])
                 logprobs, entropy = common.forward_logprobs(policy, *fwd, temperature=args.temperature,
+                                                            repetition_penalty=args.repetition_penalty,
                                                             with_entropy=True)
                 values = common.forward_values(value_model, *fwd).to(device)
                 _, stats = ppo_loss(logprobs, old_logprobs[idx], values, old_values[idx], advantages[idx],
@@ -479,6 +520,7 @@ if __name__ == "__main__":
         if iteration % args.eval_every == 0 or iteration == num_iterations:
             eval_history.append((iteration, evaluate()))
             metrics.update(eval_history[-1][1])
+        metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
         log(iteration, metrics)
         if rank == 0:
             gold = f" gold {metrics['rollout/gold_score']:+.3f}" if gold_score else ""

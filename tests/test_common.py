@@ -532,3 +532,58 @@ def test_reward_model_without_pad_id_scores_a_batch(tmp_path, architecture):
 
 
 WORDS = ("the", "film", "story", "was", "great", "dull", "long", "and")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Learning-rate schedules, PPO-max's repetition penalty, flags given on the command line
+# ------------------------------------------------------------------------------------------------------------
+def test_lr_schedules_by_hand():
+    constant = common.lr_schedule(4, 20, "constant")
+    assert [constant(s) for s in (0, 1, 3, 4, 19, 50)] == pytest.approx([0.25, 0.5, 1, 1, 1, 1])
+    linear = common.lr_schedule(4, 20, "linear")  # warm-up to step 4, then 1 → 0 over steps 4..20
+    assert [linear(s) for s in (0, 3, 4, 12, 20, 30)] == pytest.approx([0.25, 1, 1, 0.5, 0, 0])
+    cosine = common.lr_schedule(0, 10, "cosine")
+    assert [cosine(s) for s in (0, 5, 10)] == pytest.approx([1, 0.5, 0], abs=1e-12)
+    inverse_sqrt = common.lr_schedule(100, 1000, "inverse_sqrt")  # MOSS-RLHF's sqrt(warm-up / step) after warm-up
+    assert [inverse_sqrt(s) for s in (49, 100, 400, 10000)] == pytest.approx([0.5, 1, 0.5, 0.1])
+    with pytest.raises(SystemExit, match="--lr-schedule"):
+        common.lr_schedule(0, 10, "exponential")
+
+
+def test_response_repetition_penalty_on_crafted_scores():
+    processor = common.ResponseRepetitionPenalty(2.0, prompt_length=2)
+    input_ids = torch.tensor([[3, 1, 2, 2, 0], [4, 4, 1, 1, 1]])  # prompt 2 tokens, then the response so far
+    scores = torch.tensor([[1.0, -1.0, 4.0, -2.0, 6.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    expected = torch.tensor([[0.5, -1.0, 2.0, -2.0, 6.0],  # 0 and 2 emitted; 3 only in the prompt: kept
+                             [1.0, 1.0, 3.0, 4.0, 5.0]])  # 1 emitted (three times: penalised once); 4 prompt only
+    assert torch.equal(processor(input_ids, scores), expected)
+    assert torch.equal(common.ResponseRepetitionPenalty(2.0, 5)(input_ids, scores), scores)  # nothing emitted yet
+
+
+@pytest.mark.parametrize("penalty, temperature", [(1.3, 1.0), (1.1, 0.8), (1.0, 0.7)])
+def test_forward_logprobs_are_those_of_the_distribution_generate_sampled(penalty, temperature):
+    """generate's processed scores (penalty, then temperature) give each sampled token's log-prob; forward_logprobs
+    over the same (left-padded prompt | response) must give the very same numbers."""
+    from transformers import GenerationConfig, LogitsProcessorList
+    model = tiny_causal_lm(seed=11)
+    _, _, query_ids, query_mask, _, _ = ragged_batch(seed=4)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=10,
+                              pad_token_id=PAD_ID, eos_token_id=VOCAB + 1, output_scores=True,
+                              return_dict_in_generate=True)  # no EOS: every response runs 10 tokens
+    processors = LogitsProcessorList([common.ResponseRepetitionPenalty(penalty, query_ids.shape[1])])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config,
+                             logits_processor=processors)
+        response_ids = out.sequences[:, query_ids.shape[1]:]
+        sampled = torch.stack([torch.log_softmax(step.float(), -1) for step in out.scores], 1)
+        expected = sampled.gather(-1, response_ids[..., None]).squeeze(-1)
+        got = common.forward_logprobs(model, query_ids, query_mask, response_ids, torch.ones_like(response_ids),
+                                      temperature=temperature, repetition_penalty=penalty)
+    assert got.tolist() == [pytest.approx(row, abs=1e-4) for row in expected.tolist()]
+
+
+def test_flags_given():
+    given = common.flags_given(["--init-kl-coef", "0.1", "--lr=3", "--no-adaptive-kl", "builtin", "-h"])
+    assert {"init_kl_coef", "lr", "adaptive_kl"} <= given
+    assert "builtin" not in given and "h" not in given

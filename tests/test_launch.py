@@ -75,6 +75,8 @@ def test_every_paper_preset_parses_with_its_script_args(name):
             assert args.stop_strings == ["Human:", "Assistant:"] and args.max_new_tokens == 128
         if name in ("apa-hh", "apa-tldr", "apa-off-hh"):
             assert args.lam == 0.1 and args.learning_rate == 1e-6
+        if name == "awr-hh":
+            assert args.lam == 2 and args.learning_rate == 1e-6  # released HH: adv_coeff_log = 1/λ = 0.5
         if name == "ppo-hh":
             assert args.learning_rate == (1e-6 if size == "1b" else 8e-6) and args.target_kl == 6
         if name == "ilql-hh":

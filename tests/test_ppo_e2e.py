@@ -30,12 +30,19 @@ def test_help_lists_every_argument_with_its_docstring():
 
 
 def test_single_process_stopped_and_resumed_is_identical_and_checkpoint_reloads(builtin_path, tmp_path):
-    """Also determinism: the stopped run's first records, carried into the resumed run, must equal run a's."""
-    proc = run_script("ppo.py", *TINY, "--output-dir", str(tmp_path / "a"))
+    """Also determinism: the stopped run's first records, carried into the resumed run, must equal run a's. With a
+    learning-rate warm-up and decay, whose position the checkpoint must keep."""
+    args = [*TINY, "--lr-warmup-steps", "2", "--lr-schedule", "linear"]
+    proc = run_script("ppo.py", *args, "--output-dir", str(tmp_path / "a"))
     assert "done in" in proc.stdout and "tokens/s" in proc.stdout
     run_a, records_a = read_run(tmp_path / "a")
     _check_metrics(records_a, 2)
-    assert_resume_reproduces("ppo.py", TINY, records_a, tmp_path)
+    # 2 mini-batches an iteration, 4 steps in all: after warm-up the rate falls linearly to 0 at step 4
+    import common
+    factor = common.lr_schedule(2, 4, "linear")
+    assert [r["policy/learning_rate"] for r in records_a[1:]] == pytest.approx([3e-5 * factor(2), 3e-5 * factor(4)])
+    assert records_a[1]["policy/learning_rate"] == pytest.approx(3e-5) and records_a[2]["policy/learning_rate"] == 0
+    assert_resume_reproduces("ppo.py", args, records_a, tmp_path)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -64,15 +71,24 @@ def test_torchrun_two_ranks(builtin_path, tmp_path, zero_stage):
 
 
 def test_frozen_models_and_value_model_on_cpu_with_ppo_max(builtin_path, tmp_path):
-    run_script("ppo.py", *TINY, "--ref-device", "cpu", "--reward-device", "cpu", "--value-device", "cpu",
-               "--ppo-max", "--entropy-coef", "0.01", "--ptx-coef", "0.5", "--missing-eos-penalty", "-1",
-               "--output-dir", str(tmp_path))
-    run, records = read_run(tmp_path)
+    """PPO-max's released values, except the flags given (they win); the value model on the CPU as a plain AdamW
+    engine with the recipe's warm-up, stopped and resumed exactly."""
+    args = [*TINY, "--ref-device", "cpu", "--reward-device", "cpu", "--value-device", "cpu", "--ppo-max",
+            "--entropy-coef", "0.01", "--ptx-coef", "0.5", "--missing-eos-penalty", "-1", "--init-kl-coef", "0.02",
+            "--learning-rate", "1e-4", "--whiten-advantages"]
+    run_script("ppo.py", *args, "--output-dir", str(tmp_path / "a"))
+    run, records = read_run(tmp_path / "a")
     _check_metrics(records, 2)
-    args = json.loads((run / "args.json").read_text())
-    assert args["reward_scaling"] == "running_mean_std" and args["adaptive_kl"] is False
-    assert records[1]["rollout/kl_coef"] == pytest.approx(0.01) == records[2]["rollout/kl_coef"]
+    used = json.loads((run / "args.json").read_text())
+    import ppo
+    given = {"init_kl_coef": 0.02, "learning_rate": 1e-4, "whiten_advantages": True}
+    for name, value in ppo.PPO_MAX.items():
+        assert used[name] == given.get(name, value), name
+    assert used["repetition_penalty"] == 1.1 and used["top_p"] == 0.9 and used["lr_schedule"] == "inverse_sqrt"
+    assert records[1]["rollout/kl_coef"] == pytest.approx(0.02) == records[2]["rollout/kl_coef"]  # fixed, as given
     assert records[-1]["policy/ptx_loss"] > 0
+    assert records[-1]["policy/learning_rate"] == pytest.approx(1e-4 * 5 / 100)  # warm-up: step 4 of 100
+    assert_resume_reproduces("ppo.py", args, records, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
