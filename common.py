@@ -362,8 +362,9 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
     `module:function`, a Python f(prompts, responses) -> list of floats on the decoded texts (the module is looked
     up in the working directory and on PYTHONPATH); or a 1-output sequence-classification model (hub name, folder,
     builtin), frozen on `placement`. A model with the policy's vocabulary reads its head at the last real token of
-    the policy's ids; another tokenizer gets prompt + response decoded and re-encoded (left-truncated). `dtype`
-    float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
+    the policy's ids; another tokenizer gets prompt + response decoded and re-encoded (left-truncated). A released
+    layout (trlX / Dahoas hf_ckpt.pt, trlX TL;DR, OpenAssistant) gets its own text format (load_released_reward).
+    `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
     texts = lambda ids, mask: [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
     module, _, function = name.partition(":")
     if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
@@ -383,6 +384,17 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
             return torch.tensor(scores)
         return score_with_function
     dtype = ("bfloat16" if bf16 else "float32") if dtype == "auto" else dtype
+    released = reward_layout(resolve(name, "reward"))
+    if released != "score":  # a released layout: see "Reward models as released"
+        return load_released_reward(
+            released,
+            resolve(name, "reward"),
+            tokenizer,
+            placement,
+            zero_stage,
+            micro_batch_size,
+            dtype,
+        )
     rm_tokenizer = load_tokenizer(name, "--reward-model", "right", trust_remote_code)
     model = load_model(
         name,
@@ -574,6 +586,200 @@ def pad_left(rows, pad_id: int, device=None):
     ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return ids.to(device), mask.to(device)
+
+
+# ---- Reward models as released: trlX / Dahoas GPT-J, CarperAI TL;DR, OpenAssistant --------------------------------
+# A released reward model is a trunk (a transformers base model) and a 1-output linear head, stored in its own layout
+# and trained on its own text; each layout below as the released code reads it (file / line of the upstream repo):
+# - trlx-hh: Dahoas/gptj-rm-static holds `hf_ckpt.pt`, the state dict of Dahoas' RewardModel (Dahoas/reward-modeling
+#   reward-modeling/reward_model.py:17-18: `transformer.*` a GPT-J trunk, `v_head` Linear(n_embd, 1, bias=False)) and
+#   no config or tokenizer. trlX (CarperAI/trlx examples/hh/ppo_hh.py) builds the trunk from EleutherAI/gpt-j-6B
+#   (l.158), pins the repo at revision 676bfd4d (l.159), scores with the gpt2 tokenizer (l.116-118) the text
+#   prompt + response + EOS (l.192), left-truncated to 1024 tokens (l.178), and reads the head at the first EOS
+#   (l.154-155). Dahoas trained it on the same text (reward-modeling/rm_datasets.py, PairwiseDataset).
+# - trlx-tldr: CarperAI/openai_summarize_tldr_rm_checkpoint holds only `pytorch_model.bin`, the state dict of trlX's
+#   GPTRewardModel (examples/summarize_rlhf/reward_model/reward_model.py:13-14, the same keys as above), trunk from
+#   CarperAI/openai_summarize_tldr_sft (trlx_gptj_text_summarization.py:28, 93), tokenizer EleutherAI/gpt-j-6B
+#   (l.91); text "<|startoftext|>" + prompt + response + "<|endoftext|>" (l.105), right-truncated to 550 tokens
+#   (l.32, 109; the training cut, train_reward_model_gptj.py:133); the head read at the token BEFORE the first EOS
+#   (reward_model.py:63-65).
+# - oasst: OpenAssistant's GPTNeoXRewardModel (LAION-AI/Open-Assistant model/model_training/models/reward_model.py:
+#   config model_type gpt_neox_reward_model with `pooling` (l.11-22), keys `gpt_neox.*` and `out_proj`, a
+#   Linear(hidden_size, 1) WITH bias (l.50-51), pooled at the last real token or the mean (l.73-85)); its repo has the
+#   config and the tokenizer. A-LoL (abaheti95/LoL-RL metrics_hh.py:44-78) scores the turns
+#   "<|prompter|>…EOS<|assistant|>…EOS" (l.60-63; model_training/custom_datasets/formatting.py:10-16 names the
+#   tokens), left-truncated to 1024 tokens (l.48, 68).
+# A local folder overrides the trunk: a config.json (and tokenizer files) beside the state dict replace the base's.
+RELEASED_TRUNKS = {
+    "trlx-hh": ("EleutherAI/gpt-j-6B", "gpt2"),
+    "trlx-tldr": ("CarperAI/openai_summarize_tldr_sft", "EleutherAI/gpt-j-6B"),
+}
+RELEASED_REVISIONS = {"Dahoas/gptj-rm-static": "676bfd4d"}  # trlX's pin (ppo_hh.py:159); later uploads differ
+REWARD_LAYOUTS = (
+    "hf_ckpt.pt (trlX / Dahoas GPT-J), pytorch_model.bin without config.json or with a v_head.weight "
+    "(trlX TL;DR), config.json of model_type gpt_neox_reward_model (OpenAssistant), config.json with "
+    "*.safetensors or *.bin weights (a sequence-classification model)"
+)
+
+
+def reward_layout_of(files, config=None, keys=None):
+    """A reward model's layout from its top-level file names, its config.json (a dict; None without one) and, where
+    known, the keys of its pytorch_model.bin: trlx-hh, trlx-tldr, oasst, score (sequence classification), or None."""
+    files = set(files)
+    if "hf_ckpt.pt" in files:
+        return "trlx-hh"
+    if (config or {}).get("model_type") == "gpt_neox_reward_model":
+        return "oasst"
+    if "pytorch_model.bin" in files and (config is None or "v_head.weight" in (keys or ())):
+        return "trlx-tldr"
+    if config is not None and any(f.endswith((".safetensors", ".bin")) for f in files):
+        return "score"
+    return None
+
+
+def _state_dict(file: str) -> dict:
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: only the keys are read now
+
+
+def _reward_file(path: str, filename: str) -> str:
+    """A file of a local folder, or of a hub repo (downloaded; at the pinned revision where there is one)."""
+    if os.path.isdir(path):
+        return os.path.join(path, filename)
+    from huggingface_hub import hf_hub_download
+
+    return hf_hub_download(path, filename, revision=RELEASED_REVISIONS.get(path))
+
+
+def reward_layout(path: str) -> str:
+    """The layout of a --reward-model folder or hub repo, decided from its file list and config.json (no weights
+    downloaded); `score` for a hub name that cannot be listed (offline, unknown), whose loading then says why."""
+    if os.path.isdir(path):
+        files = sorted(os.listdir(path))
+    else:
+        from huggingface_hub import list_repo_files
+
+        try:
+            files = list_repo_files(path, revision=RELEASED_REVISIONS.get(path))
+        except (OSError, ValueError):  # offline, no such repo, or not a repo name: load_model then says which
+            return "score"
+    config = None
+    if "config.json" in files:
+        with open(_reward_file(path, "config.json")) as f:
+            config = json.load(f)
+    keys = None
+    if os.path.isdir(path) and config is not None and "pytorch_model.bin" in files:
+        keys = set(_state_dict(os.path.join(path, "pytorch_model.bin")))  # a v_head.weight marks trlX's TL;DR layout
+    layout = reward_layout_of(files, config, keys)
+    if layout is None:
+        fail(
+            f"'{path}' holds no reward model in a known layout (it has: {', '.join(files)[:160] or 'nothing'}); "
+            f"looked for {REWARD_LAYOUTS}"
+        )
+    return layout
+
+
+def oasst_dialogue(prompt: str, response: str, eos: str) -> str:
+    """An HH prompt ("\n\nHuman: …\n\nAssistant: …\n\nAssistant:") and a reply as OpenAssistant's turns
+    "<|prompter|>…EOS<|assistant|>…EOS", each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63).
+    A prompt without HH markers is one prompter turn."""
+    import re
+
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", prompt)
+    turns = [("Human", parts[0])] if parts[0].strip() else []
+    turns += list(zip(parts[1::2], parts[2::2]))
+    if turns and turns[-1][0] == "Assistant" and not turns[-1][1].strip():
+        turns.pop()  # the open "Assistant:" the policy answered
+    turns.append(("Assistant", response))
+    tags = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
+    return "".join(f"{tags[role]}{text.strip()}{eos}" for role, text in turns)
+
+
+def released_text(layout: str, prompt: str, response: str, eos: str) -> str:
+    """The text a released reward model was trained on and is scored on (see the section comment)."""
+    if layout == "trlx-hh":
+        return prompt + response + eos
+    if layout == "trlx-tldr":
+        return "<|startoftext|>" + prompt + response + eos
+    return oasst_dialogue(prompt, response, eos)
+
+
+def load_released_reward(
+    layout: str, path: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, dtype="float32"
+):
+    """A reward model in a released layout as load_reward's score(query_ids, query_mask, response_ids,
+    response_mask) -> [batch] float32 (CPU): the policy's prompt and response decoded, put in the layout's text,
+    re-encoded with the model's own tokenizer, the head read where its released code reads it."""
+    from transformers import MODEL_MAPPING, AutoConfig, GPTNeoXConfig
+
+    local_files = os.listdir(path) if os.path.isdir(path) else []  # a hub repo: the released files only
+    if layout == "oasst":
+        with open(_reward_file(path, "config.json")) as f:
+            fields = json.load(f)
+        config = GPTNeoXConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
+        pooling = fields.get("pooling") or "last"
+        weights = "model.safetensors" if "model.safetensors" in local_files else "pytorch_model.bin"
+        prefix, head_keys = "gpt_neox.", ("out_proj.weight", "out_proj.bias")
+        tokenizer_source = path
+    else:
+        base_config, base_tokenizer = RELEASED_TRUNKS[layout]
+        config = AutoConfig.from_pretrained(path if "config.json" in local_files else base_config)
+        pooling = "eos"
+        weights = "hf_ckpt.pt" if layout == "trlx-hh" else "pytorch_model.bin"
+        prefix, head_keys = "transformer.", ("v_head.weight",)
+        has_tokenizer = any(f in local_files for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        tokenizer_source = path if has_tokenizer else base_tokenizer
+    if pooling not in ("last", "mean", "eos"):
+        fail(f"'{path}' has pooling '{pooling}'; OpenAssistant's reward model knows last and mean")
+    state = _state_dict(_reward_file(path, weights))
+    if missing := [k for k in head_keys if k not in state]:
+        fail(f"'{path}' ({layout} layout) has no {', '.join(missing)} in {weights}; not a released reward checkpoint")
+    trunk_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    trunk, info = MODEL_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=trunk_state, dtype=getattr(torch, dtype), output_loading_info=True
+    )
+    if info["missing_keys"]:
+        fail(
+            f"'{path}' ({layout} layout) lacks {len(info['missing_keys'])} weights of its {config.model_type} trunk "
+            f"(e.g. {min(info['missing_keys'])}); the trunk config must be the one it was trained from"
+        )
+    trunk = prepare_frozen(
+        trunk, placement, zero_stage, micro_batch_size, bf16=dtype == "bfloat16", fp16=dtype == "float16"
+    )
+    head_state = {"weight": state[head_keys[0]].float().reshape(1, -1)}  # the head stays in float32
+    if len(head_keys) == 2:
+        head_state["bias"] = state[head_keys[1]].float().reshape(1)
+    head = torch.nn.Linear(head_state["weight"].shape[1], 1, bias=len(head_keys) == 2)
+    head.load_state_dict(head_state)
+    head = head.requires_grad_(False).to(trunk.device)
+    rm_tokenizer = load_tokenizer(tokenizer_source, "--reward-model", "right")
+    rm_tokenizer.truncation_side = "right" if layout == "trlx-tldr" else "left"
+    max_length = 550 if layout == "trlx-tldr" else 1024
+
+    def decoded(ids, mask):  # the policy's tokens as text (its EOS dropped: the layout adds the model's own)
+        return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+
+    @torch.no_grad()
+    def score_released(query_ids, query_mask, response_ids, response_mask):
+        pairs = zip(decoded(query_ids, query_mask), decoded(response_ids, response_mask))
+        joined = [released_text(layout, prompt, response, rm_tokenizer.eos_token) for prompt, response in pairs]
+        enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        ids, mask = enc.input_ids.to(trunk.device), enc.attention_mask.to(trunk.device)
+        hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        last = mask.sum(1) - 1  # right padding: the last real token (OpenAssistant's pooling "last")
+        if pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            return head(pooled).squeeze(-1).cpu()
+        if pooling == "eos":  # trlX: the first EOS (HH), or the token before it (TL;DR); the last token without one
+            is_eos = (ids == rm_tokenizer.eos_token_id) & mask.bool()
+            last = torch.where(is_eos.any(1), is_eos.int().argmax(1) - int(layout == "trlx-tldr"), last)
+        return head(hidden[torch.arange(len(ids)), last]).squeeze(-1).cpu()
+
+    score_released.same_vocabulary = False  # its own tokenizer and text: never read on the policy's ids
+    return score_released
 
 
 # ---- Distributed set-up and DeepSpeed ------------------------------------------------------------------------------

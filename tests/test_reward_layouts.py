@@ -1,0 +1,296 @@
+"""Reward models as released (common.py, "Reward models as released"): each layout is written tiny and random to a
+folder exactly as its authors stored it, loaded through common.load_reward, and its score checked against a hand
+computation with plain transformers modules on the text its released code scores (so a wrong text format, a wrong
+read position or a random head fails). Also: the layout of every `launch.sh paper` reward model from the real repos'
+file lists, and one error line for a folder in no known layout. CPU, offline, a few seconds."""
+
+import json
+import shlex
+import subprocess
+
+import pytest
+import torch
+from conftest import ROOT
+
+import common
+
+GPT2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
+EOS = "<|endoftext|>"
+PROMPTS = [
+    "\n\nHuman: How do I bake bread?\n\nAssistant:",
+    "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\nAssistant:",
+    "SUBREDDIT: r/cooking\nTITLE: flat bread\nPOST: My bread does not rise at all.\nTL;DR:",
+]
+RESPONSES = [" Mix flour, water and yeast, then bake it.", " Why did the chicken cross the road?", " bread is flat"]
+# OpenAssistant's turns for PROMPTS + RESPONSES, written out by hand (LoL-RL metrics_hh.py:60-63)
+OASST_TEXTS = [
+    f"<|prompter|>How do I bake bread?{EOS}<|assistant|>Mix flour, water and yeast, then bake it.{EOS}",
+    (
+        f"<|prompter|>Hi there{EOS}<|assistant|>Hello! How can I help?{EOS}<|prompter|>Tell me a joke.{EOS}"
+        f"<|assistant|>Why did the chicken cross the road?{EOS}"
+    ),
+    (
+        f"<|prompter|>SUBREDDIT: r/cooking\nTITLE: flat bread\nPOST: My bread does not rise at all.\nTL;DR:{EOS}"
+        f"<|assistant|>bread is flat{EOS}"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    """The real GPT-2 BPE tokenizer (GPT-J's and trlX's gpt2 share it), from the shared data folder: no hub."""
+    from transformers import AutoTokenizer
+
+    if not (GPT2_TOKENIZER / "tokenizer.json").exists():
+        pytest.fail(
+            f"the GPT-2 tokenizer is missing: these tests need {GPT2_TOKENIZER} (tokenizer.json, vocab.json, "
+            f"merges.txt), the shared data folder beside the project"
+        )
+    return AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
+
+
+def policy_batch(tok):
+    """PROMPTS left-padded and RESPONSES right-padded with the policy's (GPT-2) ids; the first response ends with EOS
+    (mask 1, as truncate_after_eos leaves it). Padding slots hold garbage ids: only the masks say what is padding."""
+    prompts = [tok(p).input_ids for p in PROMPTS]
+    responses = [tok(r).input_ids + ([tok.eos_token_id] if i == 0 else []) for i, r in enumerate(RESPONSES)]
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    q, r = torch.full((3, P), 17), torch.full((3, R), 23)
+    qm, rm = torch.zeros(3, P, dtype=torch.long), torch.zeros(3, R, dtype=torch.long)
+    for i, (p, s) in enumerate(zip(prompts, responses)):
+        q[i, P - len(p) :], qm[i, P - len(p) :] = torch.tensor(p), 1
+        r[i, : len(s)], rm[i, : len(s)] = torch.tensor(s), 1
+    return q, qm, r, rm
+
+
+def tiny_gptj(vocab_size):
+    from transformers import GPTJConfig, GPTJModel
+
+    torch.manual_seed(0)
+    config = GPTJConfig(
+        vocab_size=vocab_size,
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        rotary_dim=8,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
+    return GPTJModel(config).eval()
+
+
+def trlx_state_dict(trunk, head_weight):
+    """A trlX / Dahoas RewardModel's state dict: `transformer.*` and a bias-free `v_head.weight` [1, n_embd], plus the
+    causal-mask buffer old transformers saved with GPT-J (ignored on load)."""
+    state = {f"transformer.{k}": v for k, v in trunk.state_dict().items()}
+    return {**state, "v_head.weight": head_weight, "transformer.h.0.attn.masked_bias": torch.tensor(-1e9)}
+
+
+def hand_scores(trunk, tok, texts, position, weight, bias=0.0):
+    """Each text encoded alone (no padding), the trunk's last hidden state at `position(ids)` times the head."""
+    scores = []
+    for text in texts:
+        ids = tok(text).input_ids
+        with torch.no_grad():
+            hidden = trunk(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        scores.append(float(hidden[position(ids)] @ weight.reshape(-1) + bias))
+    return torch.tensor(scores)
+
+
+def test_trlx_hh_hf_ckpt_appends_eos_and_reads_the_first_eos(tmp_path, gpt2):
+    trunk = tiny_gptj(len(gpt2))
+    weight = torch.randn(1, 32)
+    folder = tmp_path / "gptj-rm-static"  # hf_ckpt.pt with the trunk's config.json and a tokenizer beside it
+    folder.mkdir()
+    torch.save(trlx_state_dict(trunk, weight), folder / "hf_ckpt.pt")
+    trunk.config.save_pretrained(folder)
+    gpt2.save_pretrained(folder)
+    assert common.reward_layout(str(folder)) == "trlx-hh"
+    score = common.load_reward(str(folder), gpt2)
+    got = score(*policy_batch(gpt2))
+    texts = [p + r + EOS for p, r in zip(PROMPTS, RESPONSES)]
+    want = hand_scores(trunk, gpt2, texts, lambda ids: ids.index(gpt2.eos_token_id), weight)
+    assert not score.same_vocabulary and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    without_eos = hand_scores(trunk, gpt2, [p + r for p, r in zip(PROMPTS, RESPONSES)], lambda ids: -1, weight)
+    assert (got - without_eos).abs().max() > 1e-2  # the EOS position matters: the test would see it missing
+
+
+def test_trlx_hh_bare_state_dict_takes_its_trunk_from_the_base(tmp_path, gpt2, monkeypatch):
+    """As on the hub (hf_ckpt.pt alone): the trunk config and tokenizer come from RELEASED_TRUNKS (EleutherAI/gpt-j-6B
+    and gpt2 for the real thing; a local folder here)."""
+    trunk = tiny_gptj(len(gpt2))
+    weight = torch.randn(1, 32)
+    (bare := tmp_path / "bare").mkdir()
+    (base := tmp_path / "base").mkdir()
+    torch.save(trlx_state_dict(trunk, weight), bare / "hf_ckpt.pt")
+    trunk.config.save_pretrained(base)
+    gpt2.save_pretrained(base)
+    assert common.RELEASED_TRUNKS["trlx-hh"] == ("EleutherAI/gpt-j-6B", "gpt2")
+    monkeypatch.setitem(common.RELEASED_TRUNKS, "trlx-hh", (str(base), str(base)))
+    got = common.load_reward(str(bare), gpt2)(*policy_batch(gpt2))
+    texts = [p + r + EOS for p, r in zip(PROMPTS, RESPONSES)]
+    want = hand_scores(trunk, gpt2, texts, lambda ids: ids.index(gpt2.eos_token_id), weight)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_trlx_tldr_wraps_the_text_and_reads_the_token_before_eos(tmp_path, gpt2, monkeypatch):
+    trunk = tiny_gptj(len(gpt2))
+    weight = torch.randn(1, 32)
+    texts = [f"<|startoftext|>{p}{r}{EOS}" for p, r in zip(PROMPTS, RESPONSES)]
+    want = hand_scores(trunk, gpt2, texts, lambda ids: ids.index(gpt2.eos_token_id) - 1, weight)
+    (bare := tmp_path / "openai_summarize_tldr_rm_checkpoint").mkdir()  # as on the hub: pytorch_model.bin alone
+    torch.save(trlx_state_dict(trunk, weight), bare / "pytorch_model.bin")
+    (base := tmp_path / "sft").mkdir()
+    trunk.config.save_pretrained(base)
+    gpt2.save_pretrained(base)
+    monkeypatch.setitem(common.RELEASED_TRUNKS, "trlx-tldr", (str(base), str(base)))
+    assert common.reward_layout(str(bare)) == "trlx-tldr"
+    torch.testing.assert_close(common.load_reward(str(bare), gpt2)(*policy_batch(gpt2)), want, atol=1e-4, rtol=1e-4)
+    # the same state dict with its config.json and tokenizer beside it: still trlX's layout (its v_head says so)
+    trunk.config.save_pretrained(bare)
+    gpt2.save_pretrained(bare)
+    monkeypatch.setitem(common.RELEASED_TRUNKS, "trlx-tldr", ("no/such-trunk", "no/such-tokenizer"))
+    assert common.reward_layout(str(bare)) == "trlx-tldr"
+    got = common.load_reward(str(bare), gpt2)(*policy_batch(gpt2))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = hand_scores(trunk, gpt2, [p + r for p, r in zip(PROMPTS, RESPONSES)], lambda ids: -1, weight)
+    assert (got - plain).abs().max() > 1e-2  # without "<|startoftext|>" the scores differ: the wrapping is tested
+
+
+def test_oasst_gpt_neox_reward_model_scores_prompter_assistant_turns(tmp_path, gpt2):
+    from transformers import GPTNeoXConfig, GPTNeoXModel
+
+    tok = gpt2.__class__.from_pretrained(str(GPT2_TOKENIZER))
+    tok.add_special_tokens({"additional_special_tokens": ["<|prompter|>", "<|assistant|>"]})  # as OA's tokenizer
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        rotary_pct=0.25,
+    )
+    trunk = GPTNeoXModel(config).eval()
+    weight, bias = torch.randn(1, 32), torch.randn(1)
+    folder = tmp_path / "oasst-rm"
+    folder.mkdir()
+    state = {f"gpt_neox.{k}": v for k, v in trunk.state_dict().items()}
+    torch.save({**state, "out_proj.weight": weight, "out_proj.bias": bias}, folder / "pytorch_model.bin")
+    fields = {
+        **config.to_dict(),
+        "model_type": "gpt_neox_reward_model",
+        "pooling": "last",
+        "architectures": ["GPTNeoXRewardModel"],
+    }
+    (folder / "config.json").write_text(json.dumps(fields))
+    tok.save_pretrained(folder)
+    assert common.reward_layout(str(folder)) == "oasst"
+    assert [common.oasst_dialogue(p, r, EOS) for p, r in zip(PROMPTS, RESPONSES)] == OASST_TEXTS
+    assert tok("<|prompter|>Hi").input_ids[0] == tok.convert_tokens_to_ids("<|prompter|>")  # one token, as in OA's
+    score = common.load_reward(str(folder), gpt2)
+    got = score(*policy_batch(gpt2))
+    want = hand_scores(trunk, tok, OASST_TEXTS, lambda ids: -1, weight, float(bias))  # the last real token + bias
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    no_bias = hand_scores(trunk, tok, OASST_TEXTS, lambda ids: -1, weight)
+    assert not score.same_vocabulary and (got - no_bias).abs().min() > 1e-3 * abs(float(bias)) > 0
+
+
+def test_a_folder_in_no_known_layout_is_one_error_line(tmp_path):
+    (tmp_path / "weights.npz").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit) as info:
+        common.load_reward(str(tmp_path), None)
+    message = str(info.value)
+    assert message.startswith("error:") and "\n" not in message
+    for looked_for in ("hf_ckpt.pt", "pytorch_model.bin", "gpt_neox_reward_model", "config.json", "safetensors"):
+        assert looked_for in message
+    assert "weights.npz" in message  # and what the folder has
+
+
+def test_the_standard_layout_still_loads_as_sequence_classification(builtin_path):
+    assert common.reward_layout(common.resolve("builtin", "reward")) == "score"
+
+
+# Top-level files of the released repos (their hub "Files" pages and commit histories, as stored by the search
+# tools): Dahoas/gptj-rm-static at trlX's pinned revision 676bfd4d (commit "Delete pytorch_model.bin", after
+# hf_ckpt.pt was uploaded and config.json deleted); CarperAI's TL;DR RM (2 commits: .gitattributes,
+# pytorch_model.bin); OpenAssistant's RM 2.1 (model, tokenizer, README, LICENSE uploads) and its config.json fields.
+OASST_CONFIG = {
+    "architectures": ["GPTNeoXRewardModel"],
+    "model_type": "gpt_neox_reward_model",
+    "pooling": "last",
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "vocab_size": 50288,
+}
+HUB_REPOS = {
+    "Dahoas/gptj-rm-static": ([".gitattributes", "hf_ckpt.pt"], None),
+    "CarperAI/openai_summarize_tldr_rm_checkpoint": ([".gitattributes", "pytorch_model.bin"], None),
+    "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5": (
+        [
+            ".gitattributes",
+            "LICENSE",
+            "README.md",
+            "config.json",
+            "pytorch_model.bin",
+            "special_tokens_map.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ],
+        OASST_CONFIG,
+    ),
+}
+PAPER_LAYOUTS = {
+    "apa-hh": "trlx-hh",
+    "awr-hh": "trlx-hh",
+    "ppo-hh": "trlx-hh",
+    "ilql-hh": "trlx-hh",
+    "apa-off-hh": "trlx-hh",
+    "awr-off-hh": "trlx-hh",
+    "apa-tldr": "trlx-tldr",
+    "ppo-tldr": "trlx-tldr",
+    "alol-hh": "oasst",
+}
+
+
+def test_every_paper_preset_reward_model_maps_to_its_released_layout():
+    listed = subprocess.run(
+        ["bash", str(ROOT / "launch.sh"), "paper", "--list"], capture_output=True, text=True, check=False
+    )
+    assert sorted(line.split()[0] for line in listed.stdout.splitlines() if line[:1] != " ") == sorted(PAPER_LAYOUTS)
+    for preset, layout in PAPER_LAYOUTS.items():
+        proc = subprocess.run(
+            ["bash", str(ROOT / "launch.sh"), "paper", preset, "--dry-run"], capture_output=True, text=True, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        words = shlex.split(proc.stdout.strip().splitlines()[-1])
+        name = words[words.index("--reward-model") + 1]
+        files, config = HUB_REPOS[name]
+        assert common.reward_layout_of(files, config) == layout, (preset, name)
+    assert common.RELEASED_REVISIONS == {"Dahoas/gptj-rm-static": "676bfd4d"}
+
+
+def test_layout_rules_on_file_lists():
+    hf_folder = ["config.json", "model.safetensors", "tokenizer.json"]
+    assert common.reward_layout_of(hf_folder, {"model_type": "gpt2"}) == "score"
+    assert common.reward_layout_of(["config.json", "pytorch_model.bin"], {"model_type": "gptj"}) == "score"
+    assert (
+        common.reward_layout_of(
+            ["config.json", "pytorch_model.bin"],
+            {"model_type": "gptj"},
+            keys={"transformer.wte.weight", "v_head.weight"},
+        )
+        == "trlx-tldr"
+    )
+    assert (
+        common.reward_layout_of([".gitattributes", "hf_ckpt.pt", "config.json"], {"model_type": "gptj"}) == "trlx-hh"
+    )  # the config.json of the repo's open PR #1 changes nothing
+    assert common.reward_layout_of(["config.json"], {"model_type": "gpt2"}) is None
+    assert common.reward_layout_of(["README.md"]) is None
+    assert (
+        common.oasst_dialogue("Summarize this.", " ok ", EOS) == f"<|prompter|>Summarize this.{EOS}<|assistant|>ok{EOS}"
+    )
