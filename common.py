@@ -797,8 +797,32 @@ def init_distributed(zero_stage: int):
     if cuda:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
-    deepspeed.init_distributed(dist_backend=backend) if deepspeed else dist.init_process_group(backend)
+    if deepspeed is None:
+        dist.init_process_group(backend)
+    else:
+        if not cuda and os.environ["WORLD_SIZE"] == "1":
+            # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks when it starts; one process reduces
+            # nothing, so it is marked unavailable and nothing is compiled.
+            deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+        elif not cuda:
+            check_build_lock(SHM_COMM_OP)
+        deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU comm op (deepspeed/ops/op_builder/cpu/comm.py)
+
+
+def check_build_lock(op_name: str, stale_after=600):
+    """torch compiles an extension under a lock file and every later build waits for it to go, silently and
+    forever: a build killed half-way leaves it behind. A lock older than `stale_after` seconds (a build takes about
+    a minute) is reported in one line instead of a hang."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(op_name, False), "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > stale_after:
+        fail(f"{lock} was left by a DeepSpeed build that was killed ({time.time() - os.path.getmtime(lock):.0f} s "
+             f"old), and every build waits for it; remove it (rm {lock}) and start again")
 
 
 def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=False, offload=False,
