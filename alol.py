@@ -58,8 +58,9 @@ class Args:
     """prompts for fitting V_ref and for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
     prompt_field: str = "prompt"
     """the column of --dataset holding the prompt text"""
-    value_split: str = "train"
-    """the split of --dataset whose prompts π_ref answers greedily to fit V_ref"""
+    value_split: str = "test"
+    """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
+    evaluated, are left out"""
     eval_split: str = "test"
     """the held-out split of --dataset used for evaluation"""
     value_prompts: int = 512
@@ -247,10 +248,48 @@ def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
 
 
 def fingerprint(name: str, role: str):
-    """A model or dataset for the cache key: its resolved path, plus size and mtime of each file if it is local."""
-    path = name if name == "gold" else common.resolve(name, role)
-    files = sorted(os.scandir(path), key=lambda e: e.name) if os.path.isdir(path) else []
-    return [path] + [(e.name, e.stat().st_size, e.stat().st_mtime) for e in files if e.is_file()]
+    """A model for the cache key. A local folder: its files' contents (SHA-256 of each; of its size and first and
+    last 16 MiB above 64 MiB, as weights change everywhere when trained). A hub name: the commit it resolves to,
+    asked of the hub, else that of the copy in the local hub cache, else the name alone."""
+    if name == "gold":
+        return [name]
+    path = common.resolve(name, role)
+    if ":" in path and not os.path.exists(path):  # a module:function reward: its name
+        return [path]
+    if not os.path.isdir(path):
+        return [path, hub_commit(path)]
+    contents = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            contents.append((entry.name, file_digest(entry.path)))
+    return contents
+
+
+def file_digest(path: str, whole_below=64 << 20, chunk=16 << 20) -> str:
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(chunk))
+            f.seek(size - chunk)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def hub_commit(name: str):
+    """The commit a hub model name resolves to now (None when neither the hub nor its local cache knows it)."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.model_info(name).sha
+    except Exception:  # noqa: BLE001 - offline, unknown name: try the local hub cache
+        pass
+    try:
+        return os.path.basename(huggingface_hub.snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached either: the name alone keys the cache
+        return None
 
 
 def distinct_n(texts, n):
@@ -350,10 +389,18 @@ if __name__ == "__main__":
     rows = (*common.pad_left(query_rows, tokenizer.pad_token_id),
             torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in response_rows]),
             torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in response_rows]))
-    value_prompts, _ = common.encode_prompts(tokenizer, common.load_prompts(
-        args.dataset, args.value_split, args.prompt_field)[:args.value_prompts], **encode)
-    eval_prompts, _ = common.encode_prompts(
-        tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    # V_ref is fitted on held-out prompts, as in the paper: none that a training row has, and none of the prompts
+    # evaluated (the first --eval-prompts of the evaluation split, which is also the default --value-split).
+    held_out = set(map(str, data["prompt"])) | set(eval_texts[: args.eval_prompts])
+    value_texts = common.load_prompts(args.dataset, args.value_split, args.prompt_field)
+    value_texts = [prompt for prompt in value_texts if prompt not in held_out]
+    if len(value_texts) < 2:  # one to fit, one to choose the epoch
+        common.fail(f"the '{args.value_split}' split of --dataset {args.dataset} has {len(value_texts)} prompt(s) "
+                    f"that neither a training row nor the evaluation has; V_ref needs held-out prompts: pass another "
+                    f"--value-split or --dataset")
+    value_prompts, _ = common.encode_prompts(tokenizer, value_texts[: args.value_prompts], **encode)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
     if n_eval == 0:
@@ -423,7 +470,7 @@ if __name__ == "__main__":
                reward_weights=weights.tolist(), reward_transform=args.reward_transform, seed=args.seed, dtype=dtype,
                rows=sha([query_rows, response_rows, raw_data.tolist()]), value_prompts=sha(value_prompts),
                value_fit=[args.value_epochs, args.value_learning_rate, args.value_batch_size],
-               max_new_tokens=args.max_new_tokens)
+               max_new_tokens=args.max_new_tokens, stop_strings=args.stop_strings, reward_dtype=args.reward_dtype)
     cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(
         os.path.expanduser("~"), ".cache", "onefile-rlhf")), "alol")
     t0 = time.time()

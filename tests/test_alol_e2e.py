@@ -1,5 +1,5 @@
 """alol.py end to end on the built-in task (subprocesses, tiny settings): each of the eight variants, two processes
-under torchrun, the V_ref / advantage cache, a bad dataset; and the learning test (a_lol beats nll on gold)."""
+under torchrun, the V_ref / advantage cache and its key, a bad dataset."""
 import json
 import math
 import os
@@ -108,3 +108,39 @@ def test_dataset_without_response_column_names_the_shapes(builtin_path, tmp_path
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "A-LoL rows need prompt and response" in errors[0], proc.stderr[-2000:]
+
+
+def test_cache_key_covers_stop_strings_and_reward_dtype(builtin_path, tmp_path):
+    """V_ref's targets are π_ref's greedy responses, cut at the stop strings, and the rewards come from the reward
+    model in its dtype: either changed is a new cache entry, never a stale one reused."""
+    cache = tmp_path / "cache"
+    run_script("alol.py", *TINY, "--cache-dir", str(cache), "--output-dir", str(tmp_path / "base"))
+    assert len(list(cache.glob("*.json"))) == 1
+    jobs = {
+        "stop": ("alol.py", [*TINY, "--stop-strings", "film", "--cache-dir", str(cache), "--output-dir",
+                             str(tmp_path / "stop")], {}),
+        "dtype": ("alol.py", [*TINY, "--reward-dtype", "bfloat16", "--cache-dir", str(cache), "--output-dir",
+                              str(tmp_path / "dtype")], {}),
+    }
+    for name, proc in run_pairs(jobs).items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "V_ref fitted" in proc.stdout, name  # computed, not read from the base run's entry
+    assert len(list(cache.glob("*.json"))) == 3
+
+
+def test_fingerprint_is_the_content_of_a_local_model(tmp_path):
+    import shutil
+
+    import alol
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)  # new modification times, same bytes
+    assert alol.fingerprint(str(folder), "sft") == alol.fingerprint(str(copy), "sft")
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[1234] ^= 1  # one bit of the weights
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert alol.fingerprint(str(folder), "sft") != alol.fingerprint(str(copy), "sft")
+    assert alol.fingerprint("gold", "reward") == ["gold"]

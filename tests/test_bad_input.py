@@ -54,6 +54,9 @@ def runs(builtin_path, tmp_path_factory):
         "small": ("apa.py", ["--offline-dataset", small, "--mini-batch-size", "8"], {}),
         "episodes": ("ppo.py", [*TINY, "--total-episodes", "48"], {"nproc": 2}),
         "algorithm": ("alol.py", ["--algorithm", "ppo"], {}),
+        "value_prompts": ("alol.py", ["--dataset", small, "--offline-dataset", small, "--eval-split", "train",
+                                      "--value-split", "train", "--cache-dir", str(tmp / "cache")],
+                          {}),  # V_ref would see training prompts
         "resume_none": ("ppo.py", ["--resume", resume["none"]], {}),
         "resume_ilql": ("ppo.py", ["--resume", resume["ilql"]], {}),
         "resume_offline": ("apa.py", ["--resume", resume["offline"]], {}),  # online: not the same run
@@ -128,3 +131,8 @@ def test_nan_loss_from_a_huge_learning_rate(runs):
     line = error_line(runs["nan_loss"][0])
     assert "policy/loss = nan" in line and "lower --learning-rate" in line
     assert "no checkpoint was written yet (pass --save-every N)" in line
+
+
+def test_alol_value_prompts_must_be_held_out(runs):
+    line = error_line(runs["value_prompts"][0])
+    assert "0 prompt(s) that neither a training row nor the evaluation has" in line and "--value-split" in line

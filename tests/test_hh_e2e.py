@@ -61,13 +61,16 @@ def hh(tmp_path_factory):
     data = root / "hh.jsonl"
     data.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
                             for r in rows[:N_DATA_ROWS]))
+    heldout = root / "heldout.jsonl"  # other rows: A-LoL fits V_ref on prompts that no training row has
+    heldout.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
+                               for r in rows[N_DATA_ROWS: 2 * N_DATA_ROWS]))
     pairs = 0  # rows with one prompt before the last "\n\nAssistant:" and two non-empty replies (counted here)
     for r in rows[:N_DATA_ROWS]:
         (head_c, _, chosen), (head_r, _, rejected) = (r[k].rpartition("\n\nAssistant:") for k in ("chosen", "rejected"))
         pairs += bool(head_c) and head_c == head_r and bool(chosen.strip()) and bool(rejected.strip())
     assert pairs >= 16, pairs  # one rollout batch of prompts, and A-LoL's --value-prompts
     return dict(tokenizer=tokenizer, human=human, policy=str(root / "policy"), reward=str(root / "reward"),
-                data=str(data), pairs=pairs, cache=str(root / "alol_cache"))
+                data=str(data), heldout=str(heldout), pairs=pairs, cache=str(root / "alol_cache"))
 
 
 def test_the_tiny_policy_says_human_and_the_tokenizer_reloads(hh):
@@ -106,7 +109,7 @@ RUNS = {
                                    "--log-every", "2"]),
     "alol": ("alol.py", _offline, ["--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "8",
                                    "--value-split", "train", "--value-prompts", "16", "--value-epochs", "1",
-                                   "--eval-every", "2"]),
+                                   "--eval-every", "2"]),  # --dataset: the held-out rows (the runs fixture)
 }
 
 
@@ -118,7 +121,7 @@ def runs(hh, tmp_path_factory):
     def launch(name):
         script, flags, extra = RUNS[name]
         out = tmp_path_factory.mktemp(name)
-        extra = extra + (["--cache-dir", hh["cache"]] if script == "alol.py" else [])
+        extra = extra + (["--cache-dir", hh["cache"], "--dataset", hh["heldout"]] if script == "alol.py" else [])
         return name, out, run_script(script, *flags(hh), *extra, "--output-dir", str(out), check=False,
                                      env={"OMP_NUM_THREADS": "1"})
     with ThreadPoolExecutor(max_workers=2) as pool:
