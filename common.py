@@ -884,8 +884,10 @@ class TorchEngine:
 
     def step(self):
         params = [p for p in self.module.parameters() if p.grad is not None]
-        for p in params if _world() > 1 else []:
-            dist.all_reduce(p.grad), p.grad.div_(_world())
+        if _world() > 1:  # the mean gradient over ranks, in one flat buffer (through this rank's GPU under NCCL)
+            flat = all_reduce_cpu(torch.cat([p.grad.flatten() for p in params]))
+            for p, reduced in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(reduced.view_as(p.grad) / _world())
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -901,6 +903,9 @@ def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=F
                       max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
     """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere. `schedule`
     (see lr_schedule) scales `lr` at every optimiser step; resumable checkpoints keep its position."""
+    if placement.startswith("cuda") and int(os.environ.get("LOCAL_WORLD_SIZE", _world())) > 1:
+        fail(f"--value-device {placement} would put the value model of every rank of this node on one GPU, where NCCL "
+             f"cannot all-reduce its gradients; use --value-device policy (each rank's own GPU) or cpu")
     if deepspeed is None or placement != "policy":
         return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay, schedule)
     config = deepspeed_config(zero_stage, micro_batch_size, lr, bf16, offload, max_grad_norm, betas, weight_decay)

@@ -53,6 +53,7 @@ def runs(builtin_path, tmp_path_factory):
         "nan_in_rows": ("awr.py", ["--offline-dataset", nan, "--mini-batch-size", "2"], {}),
         "small": ("apa.py", ["--offline-dataset", small, "--mini-batch-size", "8"], {}),
         "episodes": ("ppo.py", [*TINY, "--total-episodes", "48"], {"nproc": 2}),
+        "value_device": ("ppo.py", [*TINY, "--total-episodes", "32", "--value-device", "cuda:0"], {"nproc": 2}),
         "algorithm": ("alol.py", ["--algorithm", "ppo"], {}),
         "value_prompts": ("alol.py", ["--dataset", small, "--offline-dataset", small, "--eval-split", "train",
                                       "--value-split", "train", "--cache-dir", str(tmp / "cache")],
@@ -136,3 +137,8 @@ def test_nan_loss_from_a_huge_learning_rate(runs):
 def test_alol_value_prompts_must_be_held_out(runs):
     line = error_line(runs["value_prompts"][0])
     assert "0 prompt(s) that neither a training row nor the evaluation has" in line and "--value-split" in line
+
+
+def test_value_model_shared_by_the_ranks_of_a_node_on_one_gpu(runs):
+    line = error_line(runs["value_device"][0], nproc=2)
+    assert "--value-device cuda:0" in line and "use --value-device policy" in line

@@ -70,6 +70,19 @@ def test_torchrun_two_ranks(builtin_path, tmp_path, zero_stage):
     assert model.transformer.wte.weight.shape[0] > 100
 
 
+def test_torchrun_value_model_on_cpu_trains_as_the_default_placement(builtin_path, tmp_path):
+    """Two ranks: the value model as a plain AdamW engine on the CPU (gradients averaged over the ranks by hand)
+    logs the numbers of the default placement, a DeepSpeed engine on each rank's device."""
+    args = [*TINY, "--total-episodes", "64"]
+    run_script("ppo.py", *args, "--output-dir", str(tmp_path / "default"), nproc=2)
+    run_script("ppo.py", *args, "--value-device", "cpu", "--output-dir", str(tmp_path / "cpu"), nproc=2)
+    _, default = read_run(tmp_path / "default")
+    _, on_cpu = read_run(tmp_path / "cpu")
+    assert [r.keys() for r in on_cpu] == [r.keys() for r in default]
+    for a, b in zip(default, on_cpu):
+        assert b == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in a.items()}
+
+
 def test_frozen_models_and_value_model_on_cpu_with_ppo_max(builtin_path, tmp_path):
     """PPO-max's released values, except the flags given (they win); the value model on the CPU as a plain AdamW
     engine with the recipe's warm-up, stopped and resumed exactly."""
