@@ -519,5 +519,4 @@ if __name__ == "__main__":
         first, final = eval_history[0][1], eval_history[-1][1]
         print(f"done in {time.time() - start_time:.0f} s; held-out before → after: " + ", ".join(
             f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in first) + f"; policy saved to {run_dir}/policy")
-    dist.barrier()
-    dist.destroy_process_group()  # a clean exit: no communication thread may outlive the interpreter
+    common.exit_cleanly()

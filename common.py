@@ -1115,6 +1115,19 @@ def _barrier():
         dist.barrier()
 
 
+def exit_cleanly():
+    """The end of a run, once every rank has written all it writes. With several ranks the process then leaves at
+    once: at interpreter shutdown a communication thread (gloo's, DeepSpeed's) can still be joinable and abort the
+    finished process ("terminate called without an active exception"), failing a run that had succeeded."""
+    world_size = _world()
+    dist.barrier()
+    dist.destroy_process_group()
+    if world_size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def check_resume(path: str, script: str):
     """Fail in the first second when --resume cannot be continued by this script with this many ranks."""
     meta_file = os.path.join(path, "meta.json")

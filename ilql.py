@@ -375,8 +375,7 @@ if __name__ == "__main__":
     if args.eval_only:
         report(f"{args.checkpoint}: ", metrics := evaluate())
         log(0, metrics)
-        dist.barrier()
-        dist.destroy_process_group()
+        common.exit_cleanly()
         raise SystemExit(0)
 
     # Data: scored responses, EOS appended, the z-scored reward on the last token (ALGORITHMS.md §7).
@@ -471,5 +470,4 @@ if __name__ == "__main__":
         first, final = eval_history[0][1], eval_history[-1][1]
         print(f"done in {time.time() - start_time:.0f} s; held-out before → after: " + ", ".join(
             f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in final) + f"; saved to {run_dir}/policy")
-    dist.barrier()
-    dist.destroy_process_group()  # a clean exit: no communication thread may outlive the interpreter
+    common.exit_cleanly()
