@@ -85,7 +85,7 @@ def build_zoo(root):
     trained here), `rm_neox_gpt2` (GPT-2's tokenizer, Pythia's padded vocabulary); `data` (HH rows {chosen,
     rejected}), `pairs` (how many are preference rows), `root` (the folder, with arch_rewards.py)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
         AutoTokenizer,
         GPTJConfig,
@@ -118,6 +118,15 @@ def build_zoo(root):
     assert len(gpt2) == 50257 and gpt2.pad_token is None  # as released: no pad token
     say = [gpt2.convert_tokens_to_ids("Human"), gpt2.convert_tokens_to_ids(":")]
     assert gpt2.decode(say) == "Human:"
+    # Llama 3's layout on GPT-2's BPE: <|begin_of_text|> before every text (its post-processor), <|end_of_text|> ends
+    llama_tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(gpt2.backend_tokenizer.to_str()),
+                                        bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    bos = llama_tok.bos_token_id
+    llama_tok.backend_tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    assert llama_tok("Hello world")["input_ids"] == [bos, 15496, 995]
     qwen = AutoTokenizer.from_pretrained(GPT2_DIR)  # Qwen2 instruct's special tokens and roles, on GPT-2's BPE
     qwen.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     qwen.eos_token, qwen.pad_token = "<|im_end|>", "<|endoftext|>"
@@ -132,8 +141,9 @@ def build_zoo(root):
     eos = {"bos_token_id": gpt2.eos_token_id, "eos_token_id": gpt2.eos_token_id}
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(gpt2), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False, **eos))
+        vocab_size=len(llama_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=bos,
+        eos_token_id=llama_tok.eos_token_id))
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(
         vocab_size=50304, hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
         rotary_pct=0.25, max_position_embeddings=256, tie_word_embeddings=False, **eos))
@@ -145,7 +155,9 @@ def build_zoo(root):
         num_key_value_heads=1, max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=endoftext,
         eos_token_id=im_end, pad_token_id=endoftext))
     paths = {"root": str(root), "data": str(data), "pairs": pairs}
-    for name, model in (("llama", llama), ("neox", neox), ("gptj", gptj)):
+    paths["llama"] = _save(_chatty(llama, say), llama_tok, root / "llama")
+    assert AutoTokenizer.from_pretrained(root / "llama")("Hello")["input_ids"][0] == bos
+    for name, model in (("neox", neox), ("gptj", gptj)):
         paths[name] = _save(_chatty(model, say), gpt2, root / name)
     paths["qwen2"] = _save(_chatty(qwen2, say), qwen, root / "qwen2", generation_eos=[im_end, endoftext])
     # the chat template where released Qwen2 checkpoints keep it: in tokenizer_config.json
@@ -188,7 +200,8 @@ def _offline(policy, reward):
 
 # name: (script, policy, arguments with the checkpoints' names, what the run does)
 RUNS = {
-    "ppo_llama": ("ppo.py", "llama", _online("llama", ["rm_neox_bpe", "arch_rewards:spy"]) + ["--ppo-epochs", "1"]),
+    "ppo_llama": ("ppo.py", "llama", _online("llama", ["rm_neox_bpe", "arch_rewards:spy"]) + [
+        "--ppo-epochs", "1", "--unfrozen-layers", "1"]),
     "apa_neox": ("apa.py", "neox", _online("neox", ["rm_neox_gpt2", "arch_rewards:length"]) + [
         "--reward-weights", "1", "0.5"]),
     "awr_gptj": ("awr.py", "gptj", _offline("gptj", ["rm_neox_bpe", "arch_rewards:spy"]) + ["--offline-epochs", "1", "--mini-batch-size",
@@ -295,8 +308,26 @@ def _rescore(reward_path, log):
     return means
 
 
+def test_a_truncated_prompt_keeps_the_bos_token(zoo):
+    """Llama's tokenizer starts every text with <|begin_of_text|>: a prompt cut on the left keeps it first (the model
+    never saw a text without it); GPT-2's adds nothing, and its prompts are cut to their last tokens."""
+    import common
+    text = "\n\nHuman: " + "tell me more " * 20 + "\n\nAssistant:"
+    for name in ("llama", "neox"):
+        tokenizer = common.load_tokenizer(zoo[name])
+        full = tokenizer(text)["input_ids"]
+        (row,), n_truncated = common.encode_prompts(tokenizer, [text], max_prompt_length=16, max_new_tokens=8,
+                                                    context=256)
+        assert n_truncated == 1 and len(row) == 16, row
+        if name == "llama":
+            assert full[0] == row[0] == tokenizer.bos_token_id and row[1:] == full[-15:], (full, row)
+        else:
+            assert full[0] != tokenizer.bos_token_id and row == full[-16:], (full, row)
+
+
 def test_ppo_llama_scored_by_a_neox_reward_model_with_another_tokenizer(zoo, runs, tmp_path):
     output_dir, proc, log = runs["ppo_llama"]
+    import torch
     run, records, _ = _check_common(zoo, "ppo_llama", output_dir, proc)
     assert "the value model is initialised from the policy" in proc.stdout  # the reward model reads other ids
     rollouts = [r for r in records if "rollout/score" in r]
@@ -306,8 +337,14 @@ def test_ppo_llama_scored_by_a_neox_reward_model_with_another_tokenizer(zoo, run
     means = _rescore(zoo["rm_neox_bpe"], log)
     for r in rollouts:
         assert min(abs(r["rollout/score"] - m) for m in means) < 1e-4, (r["rollout/score"], means)
+    from safetensors.torch import load_file
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(run / "value").model_type == "llama"  # the value model: the policy's trunk
+    # --unfrozen-layers 1: Llama's lower block and embeddings stay as they were; the top block and the head train
+    before, after = load_file(f"{zoo['llama']}/model.safetensors"), load_file(f"{run}/policy/model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not any(k.startswith(("model.embed_tokens.", "model.layers.0.")) for k in changed), changed
+    assert "lm_head.weight" in changed and any(k.startswith("model.layers.1.") for k in changed), changed
     # stopped by SIGTERM after the first iteration and resumed: every logged number as in the uninterrupted run
     args = [*_args(zoo, "ppo_llama")]
     start = time.time()
