@@ -14,9 +14,10 @@ import gzip
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_resume_reproduces, read_run
+from conftest import ROOT, assert_resume_reproduces, read_run, run_script
 
 DATA = ROOT.parent / "shared" / "data"
 GPT2_DIR = DATA / "tokenizers" / "gpt2"
@@ -250,7 +251,7 @@ def _run_measured(jobs: dict, workers=2):
                                     stderr=err, text=True)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            RUN_STATS[name] = (time.time() - start, usage.ru_maxrss / 1024)  # Linux: ru_maxrss in KiB
+            RUN_STATS[name] = (time.time() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)  # KiB
             out.seek(0)
             err.seek(0)
             return name, subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
@@ -350,7 +351,7 @@ def test_ppo_llama_scored_by_a_neox_reward_model_with_another_tokenizer(zoo, run
     start = time.time()
     assert_resume_reproduces("ppo.py", args, records, tmp_path, env={"OMP_NUM_THREADS": "1",
                                                                      "PYTHONPATH": zoo["root"]})
-    RUN_STATS["ppo_llama stop + resume"] = (time.time() - start, None)
+    RUN_STATS["ppo_llama stop + resume"] = (time.time() - start, None, None)
 
 
 def test_apa_online_on_neox_with_a_padded_vocabulary(zoo, runs):
@@ -379,9 +380,22 @@ def test_ilql_on_qwen2_with_a_chat_template_as_raw_text(zoo, runs):
     run, records, tokenizer = _check_common(zoo, "ilql_qwen2", output_dir, proc)
     assert f"{2 * zoo['pairs']} rows" in proc.stdout
     assert tokenizer.chat_template == CHATML and tokenizer.eos_token == "<|im_end|>"
-    assert json.loads((run / "policy" / "generation_config.json").read_text())["eos_token_id"] is not None
+    saved, original = (json.loads((path / "generation_config.json").read_text()) for path in (run / "policy",
+                                                                                             Path(zoo["qwen2"])))
+    assert saved["eos_token_id"] == original["eos_token_id"] == tokenizer.convert_tokens_to_ids(["<|im_end|>",
+                                                                                                 "<|endoftext|>"])
     rewards = [v for r in records for k, v in r.items() if k.startswith("eval/") and k.endswith("reward")]
     assert rewards and all(v > 0 for v in rewards), records  # length / 10 of non-empty responses
+    # the saved LM (tied head) and its ILQL heads decode again as the run's final evaluation did
+    args = _args(zoo, "ilql_qwen2")
+    args[args.index("--model-name-or-path"):args.index("--model-name-or-path") + 2] = ["--checkpoint", str(run / "policy")]
+    start = time.time()
+    proc = run_script("ilql.py", "--eval-only", *args, "--output-dir", str(output_dir.parent / "eval_only"),
+                      env={"OMP_NUM_THREADS": "1", "PYTHONPATH": zoo["root"]})
+    RUN_STATS["ilql_qwen2 --eval-only"] = (time.time() - start, None, None)
+    _, reloaded = read_run(output_dir.parent / "eval_only")
+    final = {k: v for k, v in records[-1].items() if k.startswith("eval/")}
+    assert final and all(reloaded[0][k] == pytest.approx(v, abs=1e-4) for k, v in final.items()), (final, reloaded)
 
 
 def test_alol_on_llama_scored_by_a_gptj_reward_model(zoo, runs):
@@ -392,7 +406,7 @@ def test_alol_on_llama_scored_by_a_gptj_reward_model(zoo, runs):
 
 
 def test_run_costs(runs):
-    """Each run's wall time and peak RSS (shown with -rP): the 50k vocabulary is what costs here."""
-    for name, (wall, rss) in RUN_STATS.items():
-        print(f"{name}: {wall:.1f} s" + (f", peak RSS {rss:.0f} MiB" if rss else ""))
+    """Each run's wall time, CPU time and peak RSS (shown with -rP)."""
+    for name, (wall, cpu, rss) in RUN_STATS.items():
+        print(f"{name}: {wall:.1f} s" + (f" ({cpu:.1f} s CPU), peak RSS {rss:.0f} MiB" if rss else ""))
         assert rss is None or rss < 4096, (name, rss)
