@@ -8,8 +8,9 @@ model ties its embeddings and ends turns with <|im_end|>, and reward models of a
 small BPE trained here) score through the decode / re-encode path; one run is stopped by SIGTERM and resumed.
 
 Each tiny policy is made to say "Human:" often (the blocks' output projections zeroed, every embedding row ≈ one
-direction u but that of "Human" (v), so the last hidden state is u or v after whatever context, and the output rows
-of "Human" and ":" point along u and v): a run whose stop strings did nothing would show full-length responses."""
+direction u but, with an untied head, that of "Human" (v), so the last hidden state is u or v whatever the context,
+and the output rows of "Human" and ":" point along u and v): a run whose stop strings did nothing would show
+full-length responses."""
 import gzip
 import json
 import math
@@ -38,7 +39,7 @@ def length(prompts, responses):
     return [len(r) / 10 for r in responses]
 '''
 CHECKPOINTS = ("llama", "neox", "gptj", "qwen2", "rm_neox_bpe", "rm_gptj_bpe", "rm_neox_gpt2")
-RUN_STATS = {}  # name -> (wall s, peak RSS MiB), printed by the last test
+RUN_STATS = {}  # name -> (wall s, CPU s, peak RSS MiB), printed by the last test
 
 
 def _chatty(model, say):
@@ -62,8 +63,10 @@ def _chatty(model, say):
         if head.data_ptr() == embed.data_ptr():  # logits √h·u·row: 11.5 + √h for both, √h for rows ≈ u
             for token in say:
                 head[token] = (11.5 / root + 1) * u
-        else:  # an untied head's random rows give logits ≈ 0
-            head[say[0]], head[say[1]], embed[say[0]] = 12 / root * u, 14 / root * v, v
+        else:  # an untied head's random rows give logits ≈ 0; "Human" is read as v, and v is what says ":"
+            embed[say[0]] = v
+            head[say[0]] = 12 / root * u
+            head[say[1]] = 14 / root * v
     return model
 
 
@@ -186,9 +189,9 @@ def build_zoo(root):
     return paths
 
 
-def _online(policy, reward, episodes=16):
+def _online(policy, reward):
     return ["--model-name-or-path", policy, "--reward-model", *reward, "--dataset", "DATA", "--train-split", "train",
-            "--eval-split", "train", "--total-episodes", str(episodes), "--rollout-batch-size", "8",
+            "--eval-split", "train", "--total-episodes", "16", "--rollout-batch-size", "8",
             "--mini-batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
             "--eval-prompts", "8", "--eval-every", "1", *STOP]
 
@@ -199,14 +202,14 @@ def _offline(policy, reward):
             "--eval-prompts", "8", *STOP]
 
 
-# name: (script, policy, arguments with the checkpoints' names, what the run does)
+# name: (script, policy, arguments with the checkpoints' names and DATA for the HH rows' file)
 RUNS = {
     "ppo_llama": ("ppo.py", "llama", _online("llama", ["rm_neox_bpe", "arch_rewards:spy"]) + [
         "--ppo-epochs", "1", "--unfrozen-layers", "1"]),
     "apa_neox": ("apa.py", "neox", _online("neox", ["rm_neox_gpt2", "arch_rewards:length"]) + [
         "--reward-weights", "1", "0.5"]),
-    "awr_gptj": ("awr.py", "gptj", _offline("gptj", ["rm_neox_bpe", "arch_rewards:spy"]) + ["--offline-epochs", "1", "--mini-batch-size",
-                                                                         "8", "--eval-every", "1"]),
+    "awr_gptj": ("awr.py", "gptj", _offline("gptj", ["rm_neox_bpe", "arch_rewards:spy"]) + [
+        "--offline-epochs", "1", "--mini-batch-size", "8", "--eval-every", "1"]),
     "ilql_qwen2": ("ilql.py", "qwen2", _offline("qwen2", ["arch_rewards:length"]) + [
         "--epochs", "1", "--batch-size", "8", "--eval-betas", "1", "--eval-every", "1", "--log-every", "1"]),
     "alol_llama": ("alol.py", "llama", _offline("llama", ["rm_gptj_bpe"]) + [
@@ -235,8 +238,8 @@ def runs(zoo, tmp_path_factory):
 
 
 def _run_measured(jobs: dict, workers=2):
-    """run_pairs (conftest) with each run's wall time and peak RSS kept in RUN_STATS: os.wait4 reaps one process and
-    returns its own resource usage, where getrusage(RUSAGE_CHILDREN) would mix two runs that overlap."""
+    """run_pairs (conftest) with each run's wall time, CPU time and peak RSS kept in RUN_STATS: os.wait4 reaps one
+    process and returns its own resource usage, where getrusage(RUSAGE_CHILDREN) would mix two runs that overlap."""
     import os
     import subprocess
     import sys
@@ -251,7 +254,8 @@ def _run_measured(jobs: dict, workers=2):
                                     stderr=err, text=True)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-            RUN_STATS[name] = (time.time() - start, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)  # KiB
+            cpu, peak_mib = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
+            RUN_STATS[name] = (time.time() - start, cpu, peak_mib)
             out.seek(0)
             err.seek(0)
             return name, subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
@@ -269,7 +273,7 @@ def _check_common(zoo, name, output_dir, proc):
     assert all(math.isfinite(v) for r in records for v in r.values()), records
     losses = [v for r in records for k, v in r.items() if "loss" in k and "learning_rate" not in k]
     assert losses and any(v != 0 for v in losses), records
-    # the stop strings cut responses ("Human" ":" come ~40% of the time each; the budget is MAX_NEW tokens)
+    # the stop strings cut responses (the policies say "Human:" often; the budget is MAX_NEW tokens)
     lengths = [v for r in records for k, v in r.items() if k.endswith("response_length")]
     assert lengths and all(v < MAX_NEW - 1 for v in lengths), lengths
     # the saved policy: the same architecture, the same tensors (a tied head stays tied), changed by training
@@ -287,8 +291,7 @@ def _check_common(zoo, name, output_dir, proc):
     assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(zoo[policy_name]).get_vocab()
     model = AutoModelForCausalLM.from_pretrained(run / "policy")
     prompt = tokenizer("\n\nHuman: Hello\n\nAssistant:", return_tensors="pt")
-    out = model.generate(**prompt, do_sample=False, max_new_tokens=2, pad_token_id=tokenizer.pad_token_id or
-                         tokenizer.eos_token_id)
+    out = model.generate(**prompt, do_sample=False, max_new_tokens=2, pad_token_id=tokenizer.eos_token_id)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 2 and tokenizer.decode(out[0, -2:]) != ""
     return run, records, tokenizer
 
@@ -388,7 +391,8 @@ def test_ilql_on_qwen2_with_a_chat_template_as_raw_text(zoo, runs):
     assert rewards and all(v > 0 for v in rewards), records  # length / 10 of non-empty responses
     # the saved LM (tied head) and its ILQL heads decode again as the run's final evaluation did
     args = _args(zoo, "ilql_qwen2")
-    args[args.index("--model-name-or-path"):args.index("--model-name-or-path") + 2] = ["--checkpoint", str(run / "policy")]
+    at = args.index("--model-name-or-path")
+    args[at:at + 2] = ["--checkpoint", str(run / "policy")]
     start = time.time()
     proc = run_script("ilql.py", "--eval-only", *args, "--output-dir", str(output_dir.parent / "eval_only"),
                       env={"OMP_NUM_THREADS": "1", "PYTHONPATH": zoo["root"]})
