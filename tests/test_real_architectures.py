@@ -381,7 +381,8 @@ def test_awr_offline_on_gptj_scored_by_a_neox_reward_model(zoo, runs):
 def test_ilql_on_qwen2_with_a_chat_template_as_raw_text(zoo, runs):
     output_dir, proc, _ = runs["ilql_qwen2"]
     run, records, tokenizer = _check_common(zoo, "ilql_qwen2", output_dir, proc)
-    assert f"{2 * zoo['pairs']} rows" in proc.stdout
+    assert f"{2 * zoo['pairs']} rows" in proc.stdout  # chosen (reward 1) and rejected (reward 0) replies
+    assert records[-1]["step"] == 2 * zoo["pairs"] // 8  # one epoch of batches of 8
     assert tokenizer.chat_template == CHATML and tokenizer.eos_token == "<|im_end|>"
     saved, original = (json.loads((path / "generation_config.json").read_text()) for path in (run / "policy",
                                                                                              Path(zoo["qwen2"])))
