@@ -577,7 +577,11 @@ def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: i
     ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     if any(len(row) == 0 for row in ids):
         fail("the dataset has an empty prompt; remove it or pick another --prompt-field")
-    return [row[-budget:] for row in ids], sum(len(row) > budget for row in ids)
+    # A tokenizer that starts every text with BOS (Llama, Mistral, Gemma) keeps it first when a prompt is cut on the
+    # left: the model never saw a text without it. GPT-2 / Pythia / Qwen add nothing, and `keep` is empty.
+    keep = [tokenizer.bos_token_id] if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else []
+    cut = lambda row: keep + row[len(row) - budget + len(keep):] if len(row) > budget else row
+    return [cut(row) for row in ids], sum(len(row) > budget for row in ids)
 
 
 def pad_left(rows, pad_id: int, device=None):

@@ -319,8 +319,10 @@ if __name__ == "__main__":
     # copy on the same device (Polyak steps of α ~ 1e-4 would vanish in bf16); the reward models, used only to
     # score evaluations, are frozen on `policy` (sharded under ZeRO-3), `cpu` or `cuda:N`.
     model.lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    # The learning-rate schedule counts optimiser steps; the decay ends at the last one.
-    schedule = common.lr_schedule(args.lr_warmup_steps, args.epochs * (rows_per_rank // args.batch_size), args.lr_schedule)
+    # The learning-rate schedule counts optimiser steps; the decay ends at the last one (--eval-only takes none and
+    # reads no rows).
+    total_steps = 0 if args.eval_only else args.epochs * (rows_per_rank // args.batch_size)
+    schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
     model = common.prepare_trainable(model, "policy", args.zero_stage, args.batch_size, args.learning_rate,
                                      args.bf16, args.offload, args.max_grad_norm,
                                      args.adam_betas, args.weight_decay, schedule=schedule)
