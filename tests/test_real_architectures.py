@@ -108,9 +108,13 @@ def build_zoo(root):
                                                      f"../shared/data/tokenizers/gpt2 beside the project")
     assert HH_FILE.exists(), f"{HH_FILE} is missing: these tests need ../shared/data/hh-rlhf beside the project"
     with gzip.open(HH_FILE, "rt") as f:
-        rows = [json.loads(line) for _, line in zip(range(N_ROWS), f)]
+        rows = [json.loads(line) for _, line in zip(range(2 * N_ROWS), f)]
+    rows, heldout_rows = rows[:N_ROWS], rows[N_ROWS:]
     data = root / "hh.jsonl"
     data.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n" for r in rows))
+    heldout = root / "heldout.jsonl"  # other dialogues: A-LoL fits V_ref on prompts no training row has
+    heldout.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
+                               for r in heldout_rows))
     pairs = 0  # rows with one prompt before the last "\n\nAssistant:" and two non-empty replies
     for r in rows:
         (head_c, _, chosen), (head_r, _, rejected) = (r[k].rpartition("\n\nAssistant:") for k in ("chosen", "rejected"))
@@ -158,7 +162,7 @@ def build_zoo(root):
         vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=endoftext,
         eos_token_id=im_end, pad_token_id=endoftext))
-    paths = {"root": str(root), "data": str(data), "pairs": pairs}
+    paths = {"root": str(root), "data": str(data), "heldout": str(heldout), "pairs": pairs}
     paths["llama"] = _save(_chatty(llama, say), llama_tok, root / "llama")
     assert AutoTokenizer.from_pretrained(root / "llama")("Hello")["input_ids"][0] == bos
     for name, model in (("neox", neox), ("gptj", gptj)):
@@ -213,14 +217,15 @@ RUNS = {
     "ilql_qwen2": ("ilql.py", "qwen2", _offline("qwen2", ["arch_rewards:length"]) + [
         "--epochs", "1", "--batch-size", "8", "--eval-betas", "1", "--eval-every", "1", "--log-every", "1"]),
     "alol_llama": ("alol.py", "llama", _offline("llama", ["rm_gptj_bpe"]) + [
-        "--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "4", "--value-split", "train",
-        "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2"]),
+        "--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "4", "--dataset", "HELDOUT", "--value-split",
+        "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2"]),
 }
 
 
 def _args(zoo, name):
     """RUNS[name]'s arguments with the checkpoints' folders in place of their names."""
-    return [zoo["data"] if a == "DATA" else zoo[a] if a in CHECKPOINTS else a for a in RUNS[name][2]]
+    files = {"DATA": zoo["data"], "HELDOUT": zoo["heldout"]}
+    return [files[a] if a in files else zoo[a] if a in CHECKPOINTS else a for a in RUNS[name][2]]
 
 
 @pytest.fixture(scope="module")
