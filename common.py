@@ -1,7 +1,14 @@
-"""What the five algorithm scripts share that is not an algorithm: the built-in task, loading models / tokenizers /
-datasets, DeepSpeed set-up, log-prob gathering, masked statistics, logging and checkpoints. Conventions
-(../shared/ALGORITHMS.md §0): prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens
-(its EOS included)."""
+"""What the five algorithm scripts share that is not an algorithm. Sections, in order:
+
+- the built-in task: its world (vocabulary, grammar, gold score) and the code that built builtin/;
+- loading models, tokenizers and datasets: a hub name and a local folder take the same path; rewards;
+- reward models as released: the trlX / Dahoas, trlX TL;DR and OpenAssistant layouts;
+- distributed set-up, DeepSpeed engines, learning-rate schedules;
+- forward passes over (left-padded prompt | right-padded response): log-probs, values, sampling penalties;
+- masked statistics, optionally over all ranks;
+- logging and checkpoints; resumable checkpoints, stop signals, non-finite guards.
+
+Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens (its EOS included)."""
 import fcntl, hashlib, inspect, json, math, os, random, shutil, signal, socket, sys, time
 from types import SimpleNamespace
 
@@ -25,6 +32,17 @@ BUILTIN = "builtin"
 
 def fail(message: str):  # a one-line error that names the fix; no traceback: the input was wrong, not the code
     raise SystemExit(f"error: {message}")
+
+
+def flags_given(argv=None) -> set:
+    """The Args fields named on the command line: `--init-kl-coef 0.1`, `--lr=1e-5`, `--no-adaptive-kl` ..."""
+    names = set()
+    for word in sys.argv[1:] if argv is None else argv:
+        if word.startswith("--"):
+            name = word[2:].split("=")[0].replace("-", "_")
+            names.add(name)
+            names.add(name.removeprefix("no_"))
+    return names
 
 
 # ---- The built-in task: a tiny movie-review world that needs no download (README, "The built-in task") ---------------
@@ -297,17 +315,6 @@ def _build_builtin(path: str, settings: dict):
 def resolve(name: str, role: str) -> str:
     """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged."""
     return os.path.join(builtin_dir(), role) if name == BUILTIN else name
-
-
-def flags_given(argv=None) -> set:
-    """The Args fields named on the command line: `--init-kl-coef 0.1`, `--lr=1e-5`, `--no-adaptive-kl` ..."""
-    names = set()
-    for word in sys.argv[1:] if argv is None else argv:
-        if word.startswith("--"):
-            name = word[2:].split("=")[0].replace("-", "_")
-            names.add(name)
-            names.add(name.removeprefix("no_"))
-    return names
 
 
 # ---- Loading models, tokenizers and datasets: a hub name and a local folder take the same path --------------------
