@@ -23,6 +23,20 @@ def builtin_path():
     return common.builtin_dir()
 
 
+def train_bpe(texts, vocab_size):
+    """A byte-level BPE tokenizer trained on `texts`, with <|endoftext|> (EOS) and <|pad|> (pad): a tokenizer of
+    another vocabulary than the policy's, made in seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
 def free_port():
     """A port no other run of this session uses: DeepSpeed names its CPU shared-memory all-reduce buffers
     (/dev/shm/deepspeed_allreduce_buffer_*) after the master port, so two runs on one port share them."""

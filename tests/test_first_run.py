@@ -18,16 +18,13 @@ def test_one_process_compiles_nothing(builtin_path, tmp_path):
     read_run(tmp_path / "run")
 
 
-def test_stale_build_lock_is_one_error_line(builtin_path, tmp_path):
+def test_stale_build_lock_is_one_error_line(builtin_path, tmp_path, monkeypatch):
     import common
     from torch.utils.cpp_extension import _get_build_directory
 
     extensions = tmp_path / "torch_extensions"
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
-    try:
-        lock = os.path.join(_get_build_directory(common.SHM_COMM_OP, False), "lock")
-    finally:
-        del os.environ["TORCH_EXTENSIONS_DIR"]
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # where the run below looks for its build lock
+    lock = os.path.join(_get_build_directory(common.SHM_COMM_OP, False), "lock")
     open(lock, "w").close()
     an_hour_ago = time.time() - 3600
     os.utime(lock, (an_hour_ago, an_hour_ago))

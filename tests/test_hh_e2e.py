@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from conftest import ROOT, read_run, run_script
+from conftest import ROOT, read_run, run_script, train_bpe
 
 HH_FILE = ROOT.parent / "shared" / "data" / "hh-rlhf" / "helpful-base-test.jsonl.gz"
 N_TOKENIZER_ROWS, N_DATA_ROWS = 200, 32
@@ -23,20 +23,13 @@ def hh(tmp_path_factory):
     saved with it (folders `policy`, `reward`), the first rows of the file as a .jsonl of HH transcripts {chosen,
     rejected} (`data`; `pairs`: how many of them are preference rows), and a folder for A-LoL's cache (`cache`)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
     assert HH_FILE.exists(), f"{HH_FILE} is missing: the HH end-to-end tests need ../shared/data beside the project"
     with gzip.open(HH_FILE, "rt") as f:
         rows = [json.loads(line) for _, line in zip(range(N_TOKENIZER_ROWS), f)]
     assert len(rows) == N_TOKENIZER_ROWS and all({"chosen", "rejected"} <= set(r) for r in rows)
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([r[k] for r in rows for k in ("chosen", "rejected")], trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer = train_bpe([r[k] for r in rows for k in ("chosen", "rejected")], vocab_size=500)
     tokenizer.add_tokens(["Human:"])  # one token, so the tiny policy below can be made to say it
     human = tokenizer.convert_tokens_to_ids("Human:")
     assert len(tokenizer) <= 512 and tokenizer.eos_token_id != tokenizer.pad_token_id

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_resume_reproduces, read_run, run_script
+from conftest import ROOT, assert_resume_reproduces, read_run, run_script, train_bpe
 
 DATA = ROOT.parent / "shared" / "data"
 GPT2_DIR = DATA / "tokenizers" / "gpt2"
@@ -89,7 +89,7 @@ def build_zoo(root):
     trained here), `rm_neox_gpt2` (GPT-2's tokenizer, Pythia's padded vocabulary); `data` (HH rows {chosen,
     rejected}), `pairs` (how many are preference rows), `root` (the folder, with arch_rewards.py)."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, processors
     from transformers import (
         AutoTokenizer,
         GPTJConfig,
@@ -138,13 +138,7 @@ def build_zoo(root):
     qwen = AutoTokenizer.from_pretrained(GPT2_DIR)  # Qwen2 instruct's special tokens and roles, on GPT-2's BPE
     qwen.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     qwen.eos_token, qwen.pad_token = "<|im_end|>", "<|endoftext|>"
-    bpe = Tokenizer(models.BPE())  # the reward models' own tokenizer
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([r[k] for r in rows for k in ("chosen", "rejected")], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>", "<|pad|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    small = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    small = train_bpe([r[k] for r in rows for k in ("chosen", "rejected")], vocab_size=400)  # the RMs' own
 
     eos = {"bos_token_id": gpt2.eos_token_id, "eos_token_id": gpt2.eos_token_id}
     torch.manual_seed(0)
