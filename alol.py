@@ -58,6 +58,9 @@ class Args:
     """prompts for fitting V_ref and for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
     prompt_field: str = "prompt"
     """the column of --dataset holding the prompt text"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     value_split: str = "test"
     """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
     evaluated, are left out"""
@@ -379,8 +382,10 @@ if __name__ == "__main__":
     raw_data = torch.tensor([[float(v) for v in data[f]] if f not in missing else [float("nan")] * len(data)
                              for f in args.reward_fields]).T  # [rows, fields]; NaN: scored in compute_advantages
     encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-                  context=policy.module.config.max_position_embeddings)  # GPT-2's n_positions is mapped to it
-    query_rows, _ = common.encode_prompts(tokenizer, [str(p) for p in data["prompt"]], **encode)
+                  context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
+                  chat_template=args.chat_template)
+    train_texts = [p if isinstance(p, list) else str(p) for p in data["prompt"]]  # a text, or chat messages
+    query_rows, _ = common.encode_prompts(tokenizer, train_texts, **encode)
     eos = tokenizer.eos_token
     texts = [str(r).replace(eos, "").rstrip() if eos else str(r) for r in data[response_field]]
     response_rows = [ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id]  # EOS appended to every response
@@ -392,17 +397,18 @@ if __name__ == "__main__":
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
     # V_ref is fitted on held-out prompts, as in the paper: none that a training row has, and none of the prompts
     # evaluated (the first --eval-prompts of the evaluation split, which is also the default --value-split).
-    held_out = set(map(str, data["prompt"])) | set(eval_texts[: args.eval_prompts])
+    held_out = {json.dumps(prompt) for prompt in train_texts + eval_texts[: args.eval_prompts]}
     value_texts = common.load_prompts(args.dataset, args.value_split, args.prompt_field)
-    value_texts = [prompt for prompt in value_texts if prompt not in held_out]
+    value_texts = [prompt for prompt in value_texts if json.dumps(prompt) not in held_out][: args.value_prompts]
     if len(value_texts) < 2:  # one to fit, one to choose the epoch
         common.fail(f"the '{args.value_split}' split of --dataset {args.dataset} has {len(value_texts)} prompt(s) "
                     f"that neither a training row nor the evaluation has; V_ref needs held-out prompts: pass another "
                     f"--value-split or --dataset")
-    value_prompts, _ = common.encode_prompts(tokenizer, value_texts[: args.value_prompts], **encode)
+    value_prompts, _ = common.encode_prompts(tokenizer, value_texts, **encode)
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     if n_eval == 0:
         common.fail(f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
                     f"--eval-split or raise --eval-prompts")
@@ -412,14 +418,15 @@ if __name__ == "__main__":
         for i in range(0, len(tensors[0]), args.forward_batch_size):
             yield [t[i:i + args.forward_batch_size] for t in tensors]
 
-    def reward(query_ids, query_mask, response_ids, response_mask, raw=None):
-        """R = Σ_i w_i · transform(r_i), [n]: r_i from `raw` [n, fields] where not NaN, else from field i's scorer."""
+    def reward(query_ids, query_mask, response_ids, response_mask, prompts, raw=None):
+        """R = Σ_i w_i · transform(r_i), [n]: r_i from `raw` [n, fields] where not NaN, else from field i's scorer,
+        which reads the token ids and the `prompts` as the dataset gave them."""
         raw = torch.full((len(query_ids), n_fields), float("nan")) if raw is None else raw.clone()
         for i, name in enumerate(scorer_names):
             if raw[:, i].isnan().any():
                 raw[:, i] = torch.tensor(common.builtin_gold_score(decode_responses(
                     tokenizer, response_ids, response_mask))) if name == "gold" else scorers[name](
-                    query_ids, query_mask, response_ids, response_mask)
+                    query_ids, query_mask, response_ids, response_mask, prompts)
         return (transform(raw) * weights).sum(1)
 
     @torch.no_grad()
@@ -437,12 +444,12 @@ if __name__ == "__main__":
 
         value_ids, value_mask = common.pad_left(value_prompts, tokenizer.pad_token_id, device)  # one prompt width
         targets, hidden = [], []
-        for ids, mask in chunks(value_ids, value_mask):
+        for ids, mask, prompts in chunks(value_ids, value_mask, value_texts):
             out, out_mask, _ = common.truncate_after_eos(generate(
                 ref_policy, ids, mask, greedy, zero3 and args.ref_device == "policy"), tokenizer.eos_token_id,
                 tokenizer.pad_token_id, tokenizer,
                 args.stop_strings)
-            targets.append(reward(ids, mask, out, out_mask))
+            targets.append(reward(ids, mask, out, out_mask, prompts))
             hidden.append(prompt_hidden(ids, mask))
         targets, hidden = torch.cat(targets), torch.cat(hidden)
         lo, hi = (weights.clamp(max=0).sum().item(), weights.clamp(min=0).sum().item()) if args.reward_transform \
@@ -450,9 +457,9 @@ if __name__ == "__main__":
         head, history = fit_value_head(hidden, value_mask, targets, lo, hi, args.value_epochs,
                                        args.value_learning_rate, args.value_batch_size, args.seed, device)
         rewards, values, ref_logprobs = [], [], []
-        for q, qm, r, rm, raw in chunks(*rows, raw_data):
+        for q, qm, r, rm, raw, prompts in chunks(*rows, raw_data, train_texts):
             q, qm, r, rm = (t.to(device) for t in trim(q, qm, r, rm))
-            rewards.append(reward(q, qm, r, rm.long(), raw))
+            rewards.append(reward(q, qm, r, rm.long(), prompts, raw))
             values.append(head(prompt_hidden(q, qm), qm).cpu())  # head in eval mode: no dropout
             logprobs = common.forward_logprobs(ref_policy, q, qm, r, rm).cpu()
             ref_logprobs.append(torch.nn.functional.pad(logprobs, (0, rows[2].shape[1] - logprobs.shape[1])))
@@ -470,7 +477,8 @@ if __name__ == "__main__":
                reward_weights=weights.tolist(), reward_transform=args.reward_transform, seed=args.seed, dtype=dtype,
                rows=sha([query_rows, response_rows, raw_data.tolist()]), value_prompts=sha(value_prompts),
                value_fit=[args.value_epochs, args.value_learning_rate, args.value_batch_size],
-               max_new_tokens=args.max_new_tokens, stop_strings=args.stop_strings, reward_dtype=args.reward_dtype)
+               max_new_tokens=args.max_new_tokens, stop_strings=args.stop_strings, reward_dtype=args.reward_dtype,
+               chat_template=tokenizer.chat_template if args.chat_template else None)
     cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(
         os.path.expanduser("~"), ".cache", "onefile-rlhf")), "alol")
     t0 = time.time()
@@ -501,13 +509,13 @@ if __name__ == "__main__":
     def evaluate():
         """Greedy responses to held-out prompts: proxy reward (R's scale), gold score, distinct-1/2, length."""
         stats, texts = [], []
-        for (prompt_rows,) in chunks(eval_prompts):
+        for prompt_rows, prompts in chunks(eval_prompts, eval_texts):
             ids, mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
             out, out_mask, _ = common.truncate_after_eos(generate(policy, ids, mask, greedy, zero3),
                                                          tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer,
                                                          args.stop_strings)
             kept = decode_responses(tokenizer, out, out_mask)
-            stats.append(torch.stack([reward(ids, mask, out, out_mask), out_mask.sum(1).float().cpu(),
+            stats.append(torch.stack([reward(ids, mask, out, out_mask, prompts), out_mask.sum(1).float().cpu(),
                                       torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))], 1))
             texts += [t.replace(eos, " ") if eos else t for t in kept]
         names = ["eval/reward", "eval/response_length", "eval/gold_score"]

@@ -53,6 +53,9 @@ class Args:
     """prompts: a hub name, a folder saved with `save_to_disk`, a .jsonl/.json/.parquet file, or `builtin`"""
     prompt_field: str = "prompt"
     """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     response_field: str = "response"
     """the column of --offline-dataset rows holding the response text"""
     reward_field: str = "reward"
@@ -307,10 +310,12 @@ if __name__ == "__main__":
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
     # Data: each rank draws its own prompts (seed + rank) from the whole training split.
-    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context)
+    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context,
+                  chat_template=args.chat_template)
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     if n_eval == 0:
         common.fail(f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
                     f"--eval-split or raise --eval-prompts")
@@ -319,14 +324,15 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed + rank)
     sampler = torch.Generator().manual_seed(args.seed + rank)
 
-    def rollout(prompt_rows):
-        """Sample, cut at EOS, score, and forward π_old and π_init over the result (ALGORITHMS.md §1)."""
+    def rollout(prompt_rows, prompts):
+        """Sample, cut at EOS, score, and forward π_old and π_init over the result (ALGORITHMS.md §1).
+        `prompts`: the same prompts as the dataset gave them, for reward models and functions that read text."""
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
         response_ids = generate(policy, query_ids, query_mask, generation_config, zero3)
         response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                        tokenizer.pad_token_id, tokenizer,
                                                                        args.stop_strings)
-        scores = sum(w * reward(query_ids, query_mask, response_ids, response_mask)  # several: a weighted sum
+        scores = sum(w * reward(query_ids, query_mask, response_ids, response_mask, prompts)  # several: a weighted sum
                      for w, reward in zip(reward_weights, reward_fns)).to(device)
         with torch.no_grad():
             fwd = (query_ids, query_mask, response_ids, response_mask)
@@ -342,7 +348,7 @@ if __name__ == "__main__":
             torch.manual_seed(10**6 + rank)
             for i in range(0, len(eval_prompts), args.rollout_batch_size):
                 _, _, response_ids, mask, ended, scores, logprobs, ref_logprobs = \
-                    rollout(eval_prompts[i:i + args.rollout_batch_size])
+                    rollout(eval_prompts[i:i + args.rollout_batch_size], eval_texts[i:i + args.rollout_batch_size])
                 texts = decode_responses(tokenizer, response_ids, mask)
                 rows.append(torch.stack([scores.cpu(), ((logprobs - ref_logprobs) * mask).sum(1).cpu(),
                                          mask.sum(1).cpu(), (~ended).float().cpu(),
@@ -471,7 +477,7 @@ if __name__ == "__main__":
             t0 = time.time()
             batch_index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
             query_ids, query_mask, response_ids, mask, ended, scores, old_logprobs, ref_logprobs = \
-                rollout([train_prompts[i] for i in batch_index])
+                rollout([train_prompts[i] for i in batch_index], [train_texts[i] for i in batch_index])
             t_rollout = time.time() - t0
             batch = (query_ids, query_mask, response_ids, mask)
             # ALGO LOGIC: the score on the last response token, no KL term in the reward (ALGORITHMS.md §1):

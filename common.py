@@ -365,14 +365,20 @@ def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_co
 
 def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, bf16=False,
                 trust_remote_code=False, dtype="auto"):
-    """One --reward-model entry as score(query_ids, query_mask, response_ids, response_mask) -> [batch] float (CPU):
-    `module:function`, a Python f(prompts, responses) -> list of floats on the decoded texts (the module is looked
-    up in the working directory and on PYTHONPATH); or a 1-output sequence-classification model (hub name, folder,
-    builtin), frozen on `placement`. A model with the policy's vocabulary reads its head at the last real token of
-    the policy's ids; another tokenizer gets prompt + response decoded and re-encoded (left-truncated). A released
-    layout (trlX / Dahoas hf_ckpt.pt, trlX TL;DR, OpenAssistant) gets its own text format (load_released_reward).
+    """One --reward-model entry as score(query_ids, query_mask, response_ids, response_mask, prompts=None) -> [batch]
+    float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without them, the
+    decoded query ids stand in). An entry is:
+    - `module:function`, a Python f(prompts, responses) -> list of floats: the prompts as given (texts, or lists of
+      messages), the decoded responses (the module is looked up in the working directory and on PYTHONPATH);
+    - a 1-output sequence-classification model (hub name, folder, builtin), frozen on `placement`. One whose tokenizer
+      has a chat template scores its own template of (prompt messages, response); else one with the policy's
+      vocabulary reads its head at the last real token of the policy's ids; else it reads the prompt text and the
+      response re-encoded with its own tokenizer (left-truncated);
+    - a released layout (trlX / Dahoas hf_ckpt.pt, trlX TL;DR, OpenAssistant), scored on its own text format
+      (load_released_reward).
     `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
     texts = lambda ids, mask: [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
+    replies = lambda *batch: response_texts(tokenizer, *batch)
     module, _, function = name.partition(":")
     if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
         import importlib
@@ -383,8 +389,9 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
             fail(f"cannot import the reward function '{name}' ({e}); put {module}.py in the working directory or on "
                  f"PYTHONPATH, and give --reward-model as module:function")
 
-        def score_with_function(query_ids, query_mask, response_ids, response_mask):
-            scores = [float(s) for s in fn(texts(query_ids, query_mask), texts(response_ids, response_mask))]
+        def score_with_function(query_ids, query_mask, response_ids, response_mask, prompts=None):
+            prompts = texts(query_ids, query_mask) if prompts is None else list(prompts)
+            scores = [float(s) for s in fn(prompts, texts(response_ids, response_mask))]
             if len(scores) != len(query_ids):
                 fail(f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
                      f"must return one float per (prompt, response)")
@@ -420,19 +427,31 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
         fp16=dtype == "float16",
     )
     same_vocabulary = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    own_template = bool(rm_tokenizer.chat_template)
     rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
+    max_length = min(rm_tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
+
+    def own_texts(query_ids, query_mask, response_ids, response_mask, prompts):
+        """The texts the reward model reads: its chat template of (prompt, response), or prompt text + response."""
+        if prompts is None:  # the policy's prompt as decoded from its ids
+            prompts = texts(query_ids, query_mask)
+        responses = replies(query_ids, query_mask, response_ids, response_mask)
+        if own_template:
+            return [rm_tokenizer.apply_chat_template(prompt_messages(prompt) + [{"role": "assistant", "content": reply}],
+                                                     tokenize=False) for prompt, reply in zip(prompts, responses)]
+        return [prompt_text(prompt) + reply for prompt, reply in zip(prompts, responses)]
 
     @torch.no_grad()
-    def score_with_model(query_ids, query_mask, response_ids, response_mask):
-        if same_vocabulary:  # the head at the last real token (the response's EOS if it emitted one)
+    def score_with_model(query_ids, query_mask, response_ids, response_mask, prompts=None):
+        if same_vocabulary and not own_template:  # the head at the last real token (the response's EOS if any)
             ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
             last = query_ids.shape[1] + response_mask.sum(1).cpu() - 1
             return token_scores(model, ids, mask, pos)[torch.arange(len(ids)), last].cpu()
-        joined = [tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
-                  for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask)]  # no split word
-        enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True).to(model.device)
+        joined = own_texts(query_ids, query_mask, response_ids, response_mask, prompts)
+        enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                           add_special_tokens=not own_template).to(model.device)  # a template writes its own BOS
         return model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
-    score_with_model.same_vocabulary = same_vocabulary
+    score_with_model.same_vocabulary = same_vocabulary  # the value model may start from it: it reads the same ids
     return score_with_model
 
 
@@ -466,6 +485,59 @@ def split_hh(dialogue: str):
     "\n\nAssistant:": the prompt ends with it (the policy continues from there); (None, dialogue) without one."""
     cut = dialogue.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
     return (dialogue[:cut], dialogue[cut:]) if cut >= len(HH_ASSISTANT) else (None, dialogue)
+
+
+def hh_turns(prompt: str):
+    """An HH prompt ("\n\nHuman: …\n\nAssistant: …\n\nAssistant:") as [(role, text)], role user / assistant, each text
+    stripped; the open "Assistant:" the policy answers is dropped. Text without HH markers is one user turn."""
+    import re
+
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", prompt)
+    turns = [("user", parts[0].strip())] if parts[0].strip() else []
+    turns += [("user" if marker == "Human" else "assistant", text.strip()) for marker, text in zip(parts[1::2], parts[2::2])]
+    if turns and turns[-1][0] == "assistant" and not turns[-1][1]:
+        turns.pop()
+    return turns
+
+
+def prompt_messages(prompt) -> list:
+    """A prompt as chat messages [{role, content}]: a `messages` prompt as it is; an HH prompt as alternating user /
+    assistant turns (hh_turns); any other text as one user message."""
+    if isinstance(prompt, str):
+        return [{"role": role, "content": text} for role, text in hh_turns(prompt)]
+    return [dict(m) for m in prompt]
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as plain text: a text as it is; `messages` as an HH transcript ending with the open "Assistant:" (a
+    system message first, as plain text), for a reward model or function that reads text without a template."""
+    if isinstance(prompt, str):
+        return prompt
+    marker = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
+    return "".join(marker.get(m["role"], f"\n\n{m['role']}: ") + m["content"] for m in prompt) + HH_ASSISTANT
+
+
+def render_prompts(tokenizer, prompts, chat_template: bool) -> list:
+    """The text the policy sees for each prompt: with `chat_template`, the tokenizer's template of its messages with
+    the assistant turn opened (add_generation_prompt); without, the prompt text as it is."""
+    if not chat_template:
+        if any(not isinstance(p, str) for p in prompts):
+            fail("the dataset's prompts are chat messages; pass --chat-template to render them with the tokenizer's "
+                 "chat template")
+        return list(prompts)
+    if not tokenizer.chat_template:
+        fail(f"the tokenizer of '{tokenizer.name_or_path}' has no chat template (chat_template in "
+             f"tokenizer_config.json, or chat_template.jinja); drop --chat-template, or use a chat model's tokenizer")
+    return [tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+
+
+def split_messages(messages):
+    """A conversation [{role, content}, …] -> (prompt messages, the last assistant reply, or None without one)."""
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
 
 
 PRO_ROLES = {"<|prompter|>": "\n\nHuman: ", "<|assistant|>": "\n\nAssistant: "}
@@ -504,6 +576,12 @@ def canonical_rows(data, name: str) -> dict:
     logit in PRO's files; rows whose prefix, suffix and reward lists differ in length are dropped and counted, and
     so are blank suffixes)."""
     cols = set(data.column_names)
+    if "messages" in cols and "prompt" not in cols:
+        prompts, replies = map(list, zip(*map(split_messages, data["messages"]))) if len(data) else ([], [])
+        if not all(replies):  # prompts only: each conversation without a trailing assistant reply
+            return {"prompt": prompts}
+        rows = {"prompt": prompts, "response": replies}
+        return rows | ({"reward": data["reward"]} if "reward" in cols else {})
     if {"prefix", "suffix", "reward"} <= cols and "prompt" not in cols:
         kept, ragged, blank = [], 0, 0
         for prefix, suffixes, rewards in zip(data["prefix"], data["suffix"], data["reward"]):
@@ -519,11 +597,12 @@ def canonical_rows(data, name: str) -> dict:
                   f"lists differ in length; {blank} blank suffixes dropped")
         return dict(zip(("prompt", "response", "reward"), map(list, zip(*kept)))) if kept else {}
     if {"chosen", "rejected"} <= cols and "prompt" not in cols:
-        pairs = [(split_hh(c), split_hh(r)) for c, r in zip(data["chosen"], data["rejected"])]
-        kept = [(p, c, r) for (p, c), (q, r) in pairs if p is not None and p == q and c.strip() and r.strip()]
+        split = split_messages if len(data) and isinstance(data[0]["chosen"], list) else split_hh  # chat or HH text
+        pairs = [(split(c), split(r)) for c, r in zip(data["chosen"], data["rejected"])]
+        kept = [(p, c, r) for (p, c), (q, r) in pairs if p and p == q and c and c.strip() and r and r.strip()]
         if len(kept) < len(data) and os.environ.get("RANK", "0") == "0":
             print(f"note: {len(data) - len(kept)} of {len(data)} HH rows of '{name}' dropped: no shared prompt before "
-                  f"the last \"Assistant:\", or an empty reply")
+                  f"the last assistant reply, or an empty reply")
         return dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*kept)))) if kept else {}
     if {"prompt", "chosen", "rejected"} <= cols:
         return {k: [str(v) for v in data[k]] for k in ("prompt", "chosen", "rejected")}
@@ -534,15 +613,17 @@ def canonical_rows(data, name: str) -> dict:
 
 
 def check_rows(name: str, **columns):
-    """Fail on the first empty text of any column (prompt=..., response=...), naming the row and the fix."""
+    """Fail on the first empty text (or empty list of messages) of any column (prompt=..., response=...), naming the
+    row and the fix."""
     for kind, texts in columns.items():
-        if empty := [i for i, text in enumerate(texts) if not str(text).strip()]:
+        if empty := [i for i, text in enumerate(texts) if not (text if isinstance(text, list) else str(text).strip())]:
             fail(f"dataset '{name}' has {len(empty)} row(s) with an empty {kind} (the first: row {empty[0]}); remove "
                  f"them, or map another column with --{kind}-field")
 
 
 def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
-    """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR rows (canonical_rows)."""
+    """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR / `messages` rows
+    (canonical_rows). A prompt is a text, or a list of chat messages [{role, content}] (rendered by render_prompts)."""
     data = load_split(name, split, "data/prompts", flag)
     if not (prompt_field == "prompt" and (prompts := canonical_rows(data, name).get("prompt"))):
         if prompt_field not in data.column_names:
@@ -550,7 +631,7 @@ def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset")
                  f"pass --prompt-field NAME")
         prompts = data[prompt_field]
     check_rows(name, prompt=prompts)
-    return [str(p) for p in prompts]
+    return [p if isinstance(p, list) else str(p) for p in prompts]
 
 
 def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None):
@@ -575,20 +656,26 @@ def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset",
          f"(or prompt, chosen, rejected, or HH dialogues chosen, rejected)")
 
 
-def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int):
-    """Token ids of each prompt, LEFT-truncated to what the context leaves after the response; and how many were."""
+def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int,
+                   chat_template=False):
+    """Token ids of each prompt (rendered by render_prompts: raw text, or the chat template with the assistant turn
+    opened), LEFT-truncated to what the context leaves after the response; and how many were truncated."""
     budget = min(max_prompt_length, context - max_new_tokens)
     if budget < 1:
         fail(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
              f"tokens; lower --max-new-tokens")
-    ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    texts = render_prompts(tokenizer, prompts, chat_template)
+    ids = tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]  # a template writes its own BOS
     if any(len(row) == 0 for row in ids):
         fail("the dataset has an empty prompt; remove it or pick another --prompt-field")
-    # A tokenizer that starts every text with BOS (Llama, Mistral, Gemma) keeps it first when a prompt is cut on the
-    # left: the model never saw a text without it. GPT-2 / Pythia / Qwen add nothing, and `keep` is empty.
-    keep = [tokenizer.bos_token_id] if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else []
-    cut = lambda row: keep + row[len(row) - budget + len(keep):] if len(row) > budget else row
-    return [cut(row) for row in ids], sum(len(row) > budget for row in ids)
+    # A prompt that starts with BOS (Llama, Mistral, Gemma; or a template that writes it) keeps it first when cut on
+    # the left: the model never saw a text without it. GPT-2 / Pythia / Qwen add none.
+    def cut(row):
+        keep = row[:1] if row[0] == tokenizer.bos_token_id else []
+        return keep + row[len(row) - budget + len(keep) :] if len(row) > budget else row
+
+    n_truncated = sum(len(row) > budget for row in ids)
+    return [cut(row) for row in ids], n_truncated
 
 
 def pad_left(rows, pad_id: int, device=None):
@@ -693,28 +780,23 @@ def reward_layout(path: str) -> str:
     return layout
 
 
-def oasst_dialogue(prompt: str, response: str, eos: str) -> str:
-    """An HH prompt ("\n\nHuman: …\n\nAssistant: …\n\nAssistant:") and a reply as OpenAssistant's turns
-    "<|prompter|>…EOS<|assistant|>…EOS", each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63).
-    A prompt without HH markers is one prompter turn."""
-    import re
-
-    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", prompt)
-    turns = [("Human", parts[0])] if parts[0].strip() else []
-    turns += list(zip(parts[1::2], parts[2::2]))
-    if turns and turns[-1][0] == "Assistant" and not turns[-1][1].strip():
-        turns.pop()  # the open "Assistant:" the policy answered
-    turns.append(("Assistant", response))
-    tags = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
-    return "".join(f"{tags[role]}{text.strip()}{eos}" for role, text in turns)
+def oasst_dialogue(prompt, response: str, eos: str) -> str:
+    """A prompt (an HH prompt, text or messages) and a reply as OpenAssistant's turns "<|prompter|>…EOS<|assistant|>…EOS",
+    each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63). Text without HH markers is one
+    prompter turn."""
+    tags = {"user": "<|prompter|>", "assistant": "<|assistant|>"}
+    turns = [(m["role"], m["content"].strip()) for m in prompt_messages(prompt) if m["role"] in tags]
+    turns.append(("assistant", response.strip()))
+    return "".join(f"{tags[role]}{text}{eos}" for role, text in turns)
 
 
-def released_text(layout: str, prompt: str, response: str, eos: str) -> str:
-    """The text a released reward model was trained on and is scored on (see the section comment)."""
+def released_text(layout: str, prompt, response: str, eos: str) -> str:
+    """The text a released reward model was trained on and is scored on (see the section comment); `messages`
+    prompts as their HH transcript (prompt_text)."""
     if layout == "trlx-hh":
-        return prompt + response + eos
+        return prompt_text(prompt) + response + eos
     if layout == "trlx-tldr":
-        return "<|startoftext|>" + prompt + response + eos
+        return "<|startoftext|>" + prompt_text(prompt) + response + eos
     return oasst_dialogue(prompt, response, eos)
 
 
@@ -770,12 +852,12 @@ def load_released_reward(
     rm_tokenizer.truncation_side = "right" if layout == "trlx-tldr" else "left"
     max_length = 550 if layout == "trlx-tldr" else 1024
 
-    def decoded(ids, mask):  # the policy's tokens as text (its EOS dropped: the layout adds the model's own)
-        return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
-
     @torch.no_grad()
-    def score_released(query_ids, query_mask, response_ids, response_mask):
-        pairs = zip(decoded(query_ids, query_mask), decoded(response_ids, response_mask))
+    def score_released(query_ids, query_mask, response_ids, response_mask, prompts=None):
+        if prompts is None:  # the policy's prompt as decoded from its ids; else as given: text or messages
+            prompts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(query_ids, query_mask)]
+        # the policy's response as text (its EOS dropped: the layout adds the model's own)
+        pairs = zip(prompts, response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask))
         joined = [released_text(layout, prompt, response, rm_tokenizer.eos_token) for prompt, response in pairs]
         enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         ids, mask = enc.input_ids.to(trunk.device), enc.attention_mask.to(trunk.device)
@@ -1019,6 +1101,18 @@ def forward_values(model, query_ids, query_mask, response_ids, response_mask):
     """V(s_t) for every response token t, where s_t = x + y_<t: [batch, response_len] (0 on padding)."""
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
     return token_scores(model, ids, mask, pos)[:, query_ids.shape[1] - 1:-1] * mask[:, query_ids.shape[1]:]
+
+
+def response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask):
+    """Each response as text, decoded after its prompt and cut off it: a SentencePiece tokenizer (Llama) drops the
+    space that starts a text decoded alone, which would glue the reply's first word to the prompt's last."""
+    out = []
+    for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask):
+        prompt = tokenizer.decode(q[qm.bool()], skip_special_tokens=True)
+        both = tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
+        alone = tokenizer.decode(r[rm.bool()], skip_special_tokens=True)
+        out.append(both[len(prompt) :] if both.startswith(prompt) else alone)
+    return out
 
 
 def truncate_after_eos(response_ids, eos_id: int, pad_id: int, tokenizer=None, stop_strings=()):

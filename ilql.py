@@ -57,6 +57,9 @@ class Args:
     """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
     prompt_field: str = "prompt"
     """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     response_field: str = "response"
     """the column of --offline-dataset rows holding the response text"""
     reward_field: str = "reward"
@@ -333,14 +336,16 @@ if __name__ == "__main__":
     generation_config = GenerationConfig(do_sample=True, top_k=args.top_k, temperature=args.temperature,
                                          max_new_tokens=args.max_new_tokens, use_cache=True,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context)
-    eval_prompts, _ = common.encode_prompts(
-        tokenizer, common.load_prompts(args.dataset, args.eval_split, args.prompt_field), **encode)
+    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context,
+                  chat_template=args.chat_template)
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     if n_eval == 0:
         common.fail(f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
                     f"--eval-split or raise --eval-prompts")
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
 
     def evaluate():
@@ -357,7 +362,7 @@ if __name__ == "__main__":
                     response_ids, mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                           tokenizer.pad_token_id, tokenizer,
                                                                           args.stop_strings)
-                    scores = sum(w * reward(query_ids, query_mask, response_ids, mask)
+                    scores = sum(w * reward(query_ids, query_mask, response_ids, mask, eval_texts[i:i + 64])
                                  for w, reward in zip(reward_weights, reward_fns))
                     texts = decode_responses(tokenizer, response_ids, mask)
                     rows.append(torch.stack([scores, mask.sum(1).float().cpu(), (~ended).float().cpu(),

@@ -1,11 +1,12 @@
 """Every script end to end on tiny random models of the architectures users bring (Llama, GPT-NeoX / Pythia, GPT-J,
-Qwen2 with a chat template), saved with `save_pretrained` in the layout real checkpoints have (config.json,
+Qwen2 with a chat template, run with and without --chat-template), saved with `save_pretrained` in the layout real checkpoints have (config.json,
 model.safetensors, generation_config.json, tokenizer files), with GPT-2's real 50k BPE tokenizer
 (../shared/data/tokenizers/gpt2) and HH rows (../shared/data/hh-rlhf), stop strings "Human:" "Assistant:" on.
 
 Vocabularies are padded past the tokenizer as released checkpoints do (Pythia 50,304 rows, GPT-J 50,400), the Qwen2
 model ties its embeddings and ends turns with <|im_end|>, and reward models of another architecture and tokenizer (a
-small BPE trained here) score through the decode / re-encode path; one run is stopped by SIGTERM and resumed.
+small BPE trained here) score through the decode / re-encode path, one of them in its own chat template; one run is
+stopped by SIGTERM and resumed.
 
 Each tiny policy is made to say "Human:" often (the blocks' output projections zeroed, every embedding row ≈ one
 direction u but, with an untied head, that of "Human" (v), so the last hidden state is u or v whatever the context,
@@ -14,6 +15,7 @@ full-length responses."""
 import gzip
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -38,7 +40,14 @@ def spy(prompts, responses):
 def length(prompts, responses):
     return [len(r) / 10 for r in responses]
 '''
-CHECKPOINTS = ("llama", "neox", "gptj", "qwen2", "rm_neox_bpe", "rm_gptj_bpe", "rm_neox_gpt2")
+# The chat reward model's own template: another format than the policy's ChatML, on another tokenizer
+RM_TEMPLATE = ("{% for message in messages %}{{ '### ' + message['role'] + ': ' + message['content'] + '<|endoftext|>' }}"
+               "{% endfor %}")
+# Llama 3's template shape (BOS written by the template, the turn ended by EOS) in plain-text role headers
+LLAMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] + ':\n' + message['content'] + "
+                  "eos_token }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\n' }}{% endif %}")
+CHECKPOINTS = ("llama", "llama_chat", "neox", "gptj", "qwen2", "rm_neox_bpe", "rm_gptj_bpe", "rm_neox_gpt2",
+               "rm_neox_chat")
 RUN_STATS = {}  # name -> (wall s, CPU s, peak RSS MiB), printed by the last test
 
 
@@ -85,9 +94,10 @@ def zoo(tmp_path_factory):
 
 
 def build_zoo(root):
-    """Checkpoints: policies `llama`, `neox`, `gptj`, `qwen2`; reward models `rm_neox_bpe`, `rm_gptj_bpe` (a small BPE
-    trained here), `rm_neox_gpt2` (GPT-2's tokenizer, Pythia's padded vocabulary); `data` (HH rows {chosen,
-    rejected}), `pairs` (how many are preference rows), `root` (the folder, with arch_rewards.py)."""
+    """Checkpoints: policies `llama`, `llama_chat` (the same with a chat template), `neox`, `gptj`, `qwen2`; reward models `rm_neox_bpe`, `rm_gptj_bpe` (a small BPE
+    trained here), `rm_neox_gpt2` (GPT-2's tokenizer, Pythia's padded vocabulary), `rm_neox_chat` (the small BPE with
+    its own chat template); `data` (HH rows {chosen, rejected}), `chat_data` / `chat_heldout` (the same dialogues as
+    chat messages), `pairs` (how many are preference rows), `root` (the folder, with arch_rewards.py)."""
     import torch
     from tokenizers import Tokenizer, processors
     from transformers import (
@@ -115,6 +125,14 @@ def build_zoo(root):
     heldout = root / "heldout.jsonl"  # other dialogues: A-LoL fits V_ref on prompts no training row has
     heldout.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
                                for r in heldout_rows))
+    import common
+    chat_data, chat_heldout = root / "hh_messages.jsonl", root / "heldout_messages.jsonl"  # TRL's conversational rows
+    conversation = lambda dialogue: [*common.prompt_messages(common.split_hh(dialogue)[0]),
+                                     {"role": "assistant", "content": common.split_hh(dialogue)[1].strip()}]
+    chat_data.write_text("".join(json.dumps({k: conversation(r[k]) for k in ("chosen", "rejected")}) + "\n"
+                                 for r in rows))
+    chat_heldout.write_text("".join(json.dumps({"messages": conversation(r["chosen"])[:-1]}) + "\n"
+                                    for r in heldout_rows))
     pairs = 0  # rows with one prompt before the last "\n\nAssistant:" and two non-empty replies
     for r in rows:
         (head_c, _, chosen), (head_r, _, rejected) = (r[k].rpartition("\n\nAssistant:") for k in ("chosen", "rejected"))
@@ -156,9 +174,14 @@ def build_zoo(root):
         vocab_size=50304, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=endoftext,
         eos_token_id=im_end, pad_token_id=endoftext))
-    paths = {"root": str(root), "data": str(data), "heldout": str(heldout), "pairs": pairs}
+    paths = {"root": str(root), "data": str(data), "heldout": str(heldout), "pairs": pairs, "chat_data": str(chat_data),
+             "chat_heldout": str(chat_heldout)}
     paths["llama"] = _save(_chatty(llama, say), llama_tok, root / "llama")
     assert AutoTokenizer.from_pretrained(root / "llama")("Hello")["input_ids"][0] == bos
+    shutil.copytree(root / "llama", root / "llama_chat")
+    llama_tok.chat_template = LLAMA_TEMPLATE
+    llama_tok.save_pretrained(root / "llama_chat")
+    paths["llama_chat"] = str(root / "llama_chat")
     for name, model in (("neox", neox), ("gptj", gptj)):
         paths[name] = _save(_chatty(model, say), gpt2, root / name)
     paths["qwen2"] = _save(_chatty(qwen2, say), qwen, root / "qwen2", generation_eos=[im_end, endoftext])
@@ -174,6 +197,10 @@ def build_zoo(root):
                  "eos_token_id": small.eos_token_id}
     paths["rm_neox_bpe"] = _save(GPTNeoXForSequenceClassification(GPTNeoXConfig(
         **score, **small_ids, intermediate_size=64, max_position_embeddings=512)), small, root / "rm_neox_bpe")
+    chat_small = train_bpe([r[k] for r in rows for k in ("chosen", "rejected")], vocab_size=400)
+    chat_small.chat_template = RM_TEMPLATE
+    paths["rm_neox_chat"] = _save(GPTNeoXForSequenceClassification(GPTNeoXConfig(
+        **score, **small_ids, intermediate_size=64, max_position_embeddings=512)), chat_small, root / "rm_neox_chat")
     gptj_score = {"n_embd": 32, "n_layer": 1, "n_head": 2, "rotary_dim": 8, "n_positions": 512, "num_labels": 1}
     paths["rm_gptj_bpe"] = _save(GPTJForSequenceClassification(GPTJConfig(**gptj_score, **small_ids)), small,
                                  root / "rm_gptj_bpe")
@@ -213,12 +240,22 @@ RUNS = {
     "alol_llama": ("alol.py", "llama", _offline("llama", ["rm_gptj_bpe"]) + [
         "--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "4", "--dataset", "HELDOUT", "--value-split",
         "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2"]),
+    # --chat-template: ChatML prompts for the policy, the reward model's own template for (prompt, response)
+    "ppo_qwen2_chat": ("ppo.py", "qwen2", _online("qwen2", ["rm_neox_chat", "arch_rewards:spy"]) + [
+        "--ppo-epochs", "1", "--chat-template"]),
+    "alol_llama_chat": ("alol.py", "llama_chat", [
+        "--model-name-or-path", "llama_chat", "--reward-model", "rm_neox_chat", "--offline-dataset", "CHAT_DATA",
+        "--dataset", "CHAT_HELDOUT", "--eval-split", "train", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length",
+        str(MAX_PROMPT), "--eval-prompts", "8", *STOP, "--algorithm", "a_lol", "--total-steps", "2", "--batch-size",
+        "4", "--value-split", "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2",
+        "--chat-template"]),
 }
 
 
 def _args(zoo, name):
     """RUNS[name]'s arguments with the checkpoints' folders in place of their names."""
-    files = {"DATA": zoo["data"], "HELDOUT": zoo["heldout"]}
+    files = {"DATA": zoo["data"], "HELDOUT": zoo["heldout"], "CHAT_DATA": zoo["chat_data"],
+             "CHAT_HELDOUT": zoo["chat_heldout"]}
     return [files[a] if a in files else zoo[a] if a in CHECKPOINTS else a for a in RUNS[name][2]]
 
 
@@ -295,17 +332,26 @@ def _check_common(zoo, name, output_dir, proc):
     return run, records, tokenizer
 
 
-def _rescore(reward_path, log):
-    """Each batch the spy saw, scored here by the reward model at `reward_path` on prompt + response: [batch means]."""
+def _rescore(reward_path, log, chat=False):
+    """Each batch the spy saw, scored here by the reward model at `reward_path` on prompt + response (`chat`: on its
+    chat template of the prompt's turns and the response), cut on the left to its context: [batch means]."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(reward_path)
+
+    import common
+    tokenizer = AutoTokenizer.from_pretrained(reward_path, truncation_side="left")
     model = AutoModelForSequenceClassification.from_pretrained(reward_path).eval()
     means = []
     for line in log.read_text().splitlines():
         batch = json.loads(line)
-        enc = tokenizer([p + r for p, r in zip(batch["prompts"], batch["responses"])], return_tensors="pt",
-                        padding=True)
+        pairs = list(zip(batch["prompts"], batch["responses"]))
+        if chat:
+            texts = [tokenizer.apply_chat_template([*common.prompt_messages(p), {"role": "assistant", "content": r}],
+                                                   tokenize=False) for p, r in pairs]
+        else:
+            texts = [p + r for p, r in pairs]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat, truncation=True,
+                        max_length=model.config.max_position_embeddings)
         with torch.no_grad():
             means.append(model(**enc).logits[:, 0].mean().item())
     return means
@@ -407,6 +453,32 @@ def test_alol_on_llama_scored_by_a_gptj_reward_model(zoo, runs):
     _, records, _ = _check_common(zoo, "alol_llama", output_dir, proc)
     assert records[0]["data/rows"] == zoo["pairs"]
     assert records[-1]["step"] == 2
+
+
+def test_ppo_qwen2_with_chat_templates_for_the_policy_and_the_reward_model(zoo, runs):
+    """--chat-template: the policy reads ChatML prompts; the reward model, with another tokenizer and template, scores
+    its own template of (the HH dialogue as messages, the response); reward functions get the prompts as given."""
+    import common
+    output_dir, proc, log = runs["ppo_qwen2_chat"]
+    _, records, _ = _check_common(zoo, "ppo_qwen2_chat", output_dir, proc)
+    batches = [json.loads(line) for line in log.read_text().splitlines()]
+    hh_prompts = set(common.load_prompts(zoo["data"], "train"))
+    assert batches and all(p in hh_prompts for b in batches for p in b["prompts"])  # HH text, not ChatML
+    rollouts = [r for r in records if "rollout/score" in r]
+    means = _rescore(zoo["rm_neox_chat"], log, chat=True)
+    assert len(rollouts) == 2 and all(r["rollout/score_std"] > 0 for r in rollouts), rollouts
+    for r in rollouts:
+        assert min(abs(r["rollout/score"] - m) for m in means) < 1e-4, (r["rollout/score"], means)
+
+
+def test_alol_on_llama_with_a_template_and_chat_messages(zoo, runs):
+    """Conversational rows ({chosen, rejected} message lists, {messages} prompts) under --chat-template; the cache key
+    holds the template."""
+    output_dir, proc, _ = runs["alol_llama_chat"]
+    _, records, _ = _check_common(zoo, "alol_llama_chat", output_dir, proc)
+    assert records[0]["data/rows"] == zoo["pairs"] and records[-1]["step"] == 2
+    (entry,) = (output_dir.parent / "cache").glob("*.json")
+    assert json.loads(entry.read_text())["key"]["chat_template"] == LLAMA_TEMPLATE
 
 
 def test_run_costs(runs):
