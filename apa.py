@@ -18,7 +18,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple
 
@@ -204,8 +203,7 @@ def generate(policy, query_ids, query_mask, generation_config, zero3):
     """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
     rollout, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
     model = getattr(policy, "module", policy)  # the HF model inside a DeepSpeed engine
-    gather = common.deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else nullcontext()
-    with gather:
+    with common.gathered_for_generation(policy, zero3):
         out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config,
                              synced_gpus=zero3)
     return out[:, query_ids.shape[1]:]

@@ -9,7 +9,7 @@
 - logging and checkpoints; resumable checkpoints, stop signals, non-finite guards.
 
 Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens (its EOS included)."""
-import fcntl, hashlib, inspect, json, math, os, random, shutil, signal, socket, sys, time
+import contextlib, fcntl, hashlib, inspect, json, math, os, random, shutil, signal, socket, sys, time
 from types import SimpleNamespace
 
 import torch
@@ -904,6 +904,29 @@ def init_distributed(zero_stage: int):
 
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU comm op (deepspeed/ops/op_builder/cpu/comm.py)
+
+
+@contextlib.contextmanager
+def gathered_for_generation(engine, zero3: bool):
+    """Under ZeRO-3, the engine's whole model for one `generate` call: its shards gathered once, and DeepSpeed's
+    per-module fetch / release hooks off meanwhile (as TRL's unwrap_model_for_generation does). With the hooks on,
+    the prefetching that a traced training step turns on leaves parameters in flight when the gathered weights are
+    partitioned again ("Cannot partition a param in flight" on GPUs, from the second rollout on). Else: nothing."""
+    if not zero3:
+        yield
+        return
+    model = engine.module
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # frozen engines: the offload itself
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        for param in model.parameters():
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)  # the hooks back; the fetch trace is recorded anew
 
 
 def check_build_lock(op_name: str, stale_after=600):

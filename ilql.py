@@ -233,9 +233,8 @@ class ILQLLogitsProcessor(LogitsProcessor):
 def generate(model, target_q_heads, query_ids, query_mask, generation_config, beta, zero3):
     """Sample with the β-shifted logits and the KV cache. Under ZeRO-3 the shards are gathered once for the whole
     decode, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
-    model = getattr(model, "module", model)  # the ILQLModel inside a DeepSpeed engine
-    gather = common.deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else nullcontext()
-    with gather, ILQLLogitsProcessor(model, target_q_heads, beta) as processor:
+    engine, model = model, getattr(model, "module", model)  # the ILQLModel inside a DeepSpeed engine
+    with common.gathered_for_generation(engine, zero3), ILQLLogitsProcessor(model, target_q_heads, beta) as processor:
         out = model.lm.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config,
                                 logits_processor=LogitsProcessorList([processor]), synced_gpus=zero3)
     return out[:, query_ids.shape[1]:]

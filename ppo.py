@@ -16,7 +16,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple
 
@@ -261,11 +260,7 @@ def generate(policy, query_ids, query_mask, generation_config, zero3, repetition
     processors = LogitsProcessorList()
     if repetition_penalty != 1.0:  # applied before temperature, top-k and top-p, as forward_logprobs does
         processors.append(common.ResponseRepetitionPenalty(repetition_penalty, query_ids.shape[1]))
-    gather = nullcontext()
-    if zero3:
-        import deepspeed
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
-    with gather:
+    with common.gathered_for_generation(policy, zero3):
         out = model.generate(
             input_ids=query_ids,
             attention_mask=query_mask,
