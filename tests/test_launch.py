@@ -92,3 +92,35 @@ def test_paper_list_and_bad_input():
     assert proc.returncode != 0 and "has one size" in proc.stderr
     proc = launch("paper", "nope")
     assert proc.returncode != 0 and "unknown preset 'nope'" in proc.stderr
+
+
+def readme_launch_commands():
+    """Every complete `./launch.sh SCRIPT ... -- ARGS` command of README.md's bash blocks (lines joined at a trailing
+    `\\`; those with a `...` placeholder left out)."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    scripts = ("ppo", "apa", "awr", "ilql", "alol")
+    return [line.split("#")[0].strip() for line in lines
+            if line.startswith("./launch.sh ") and line.split()[1] in scripts and " -- " in line and "..." not in line]
+
+
+def test_readme_launch_commands_parse_with_their_script_args():
+    """The README's worked examples (a hub policy, a paper reward model, HH prompts, --chat-template) build a command
+    that the script's own Args accept."""
+    import importlib
+    import shlex
+
+    import tyro
+    commands = readme_launch_commands()
+    assert any("--chat-template" in c for c in commands) and len(commands) >= 3, commands
+    for command in commands:
+        words = shlex.split(command)[1:]
+        proc = launch(*words[: words.index("--")], "--dry-run", *words[words.index("--") :])
+        assert proc.returncode == 0, (command, proc.stderr)
+        words = shlex.split(proc.stdout.strip().splitlines()[-1])
+        script = next(w for w in words if w.endswith(".py"))
+        args = tyro.cli(importlib.import_module(script[:-3]).Args, args=words[words.index(script) + 1:])
+        if "--chat-template" in command:
+            assert args.chat_template and args.model_name_or_path.startswith("Qwen/"), args
