@@ -81,6 +81,9 @@ class Args:
     """responses sampled per rank per iteration"""
     mini_batch_size: int = 16
     """responses per rank per optimisation step"""
+    forward_batch_size: Optional[int] = None
+    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over a rollout or the offline rows; default
+    --mini-batch-size, so that scoring holds no more than an update step does"""
     ppo_epochs: int = 2
     """passes over each rollout batch"""
     learning_rate: float = 3.5e-5
@@ -330,12 +333,17 @@ if __name__ == "__main__":
         response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                        tokenizer.pad_token_id, tokenizer,
                                                                        args.stop_strings)
-        scores = sum(w * reward(query_ids, query_mask, response_ids, response_mask, prompts)  # several: a weighted sum
-                     for w, reward in zip(reward_weights, reward_fns)).to(device)
+        # Scoring without gradients, --forward-batch-size rows at a time: the rewards (several: a weighted sum), then
+        # the log-probs of π_old and π_ref
+        fwd = (query_ids, query_mask, response_ids, response_mask)
+        chunk = args.forward_batch_size or args.mini_batch_size
+        score = lambda *rows: sum(w * reward(*rows) for w, reward in zip(reward_weights, reward_fns))
+        scores = common.in_chunks(score, (*fwd, prompts), chunk).to(device)
         with torch.no_grad():
-            fwd = (query_ids, query_mask, response_ids, response_mask)
-            logprobs = common.forward_logprobs(policy, *fwd, temperature=args.temperature)
-            ref_logprobs = common.forward_logprobs(ref_policy, *fwd, temperature=args.temperature).to(device)
+            sampling = dict(temperature=args.temperature)
+            logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(policy, *rows, **sampling), fwd, chunk)
+            ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows, **sampling), fwd,
+                                            chunk).to(device)
         return query_ids, query_mask, response_ids, response_mask.to(logprobs.dtype), ended, scores, logprobs, \
             ref_logprobs
 
@@ -381,10 +389,10 @@ if __name__ == "__main__":
         return dict(zip(["policy/loss", "value/loss", "policy/log_ratio_to_ref", "policy/clamped_weight_fraction"],
                         means))
 
-    def all_values(batch, chunk=256):
+    def all_values(batch):
         with torch.no_grad():
-            return torch.cat([common.forward_values(value_model, *[t[i:i + chunk] for t in batch]).to(device)
-                              for i in range(0, len(batch[0]), chunk)])
+            return common.in_chunks(lambda *rows: common.forward_values(value_model, *rows), batch,
+                                    args.forward_batch_size or args.mini_batch_size).to(device)
 
     # Checkpoints: `resume/` holds all a run needs to go on as if never stopped (the engines with their optimizers,
     # the running score moments, each rank's RNG and sampler states, the epoch or iteration).
@@ -431,9 +439,9 @@ if __name__ == "__main__":
         token_rewards = torch.zeros_like(mask)
         token_rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] = rewards[mine].to(device)  # on the last token
         with torch.no_grad():  # π_init's log-probs, once
-            ref_logprobs = torch.cat([common.forward_logprobs(ref_policy, *[t[i:i + 256] for t in batch],
-                                                              temperature=args.temperature).to(device)
-                                      for i in range(0, len(mask), 256)])
+            ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows,
+                                                                                  temperature=args.temperature),
+                                            batch, args.forward_batch_size or args.mini_batch_size).to(device)
 
         # Fix over the released code (advantages from a random value head, never refreshed): fit V to the returns
         # first, then recompute the advantages from the current value model before every epoch.

@@ -1062,15 +1062,27 @@ def concat_inputs(query_ids, query_mask, response_ids, response_mask, device):
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the mask: left padding changes nothing
 
 
+def in_chunks(fn, rows, size: int):
+    """fn(*chunk) over chunks of `size` rows of `rows` (tensors, or lists, of one length), its outputs concatenated:
+    a no-grad pass whose memory is bounded by `size` rows, with the result of one pass over all rows. Every rank
+    calls fn equally often for equal rows (ZeRO-3 forwards gather parameters together)."""
+    return torch.cat([fn(*[r[i : i + size] for r in rows]) for i in range(0, len(rows[0]), size)])
+
+
 def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature=1.0,
-                     with_entropy=False, repetition_penalty=1.0):
-    """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from
-    logits[:, P-1:-1] where P is the padded prompt length (ALGORITHMS.md §0). Optionally the entropy per token.
+                     with_entropy=False, repetition_penalty=1.0, entropy_grad=True):
+    """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from the logits at the
+    last prompt position and the response's (ALGORITHMS.md §0): the LM head runs on those R + 1 positions only
+    (`logits_to_keep`), never on the prompt's, where a real vocabulary would cost prompt × vocabulary floats each.
     The logits are first penalised as ResponseRepetitionPenalty does while sampling, then divided by temperature:
-    the log-probs are those of the distribution the responses were sampled from (top-k / top-p aside)."""
+    the log-probs are those of the distribution the responses were sampled from (top-k / top-p aside). Optionally the
+    entropy per token; `entropy_grad=False` computes it without a graph (logged, not trained on)."""
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    logits = logits[:, query_ids.shape[1] - 1:-1].float()
+    width = response_ids.shape[1]
+    forward = getattr(model, "module", model).forward  # a DeepSpeed engine passes keyword arguments through
+    keep = {"logits_to_keep": width + 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **keep).logits  # remote code: all positions
+    logits = logits[:, -width - 1 : -1].float()  # the logit at position t predicts token t + 1
     if repetition_penalty != 1.0:
         logits = penalise_repeats(logits, ids[:, query_ids.shape[1]:], repetition_penalty)
     logits = logits / temperature
@@ -1079,7 +1091,9 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
     logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp) * response_mask
     if not with_entropy:
         return logprobs
-    return logprobs, (logsumexp - (logits.softmax(-1) * logits).sum(-1)) * response_mask
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = logsumexp - (logits.softmax(-1) * logits).sum(-1)
+    return logprobs, entropy * response_mask
 
 
 class ResponseRepetitionPenalty(LogitsProcessor):

@@ -63,6 +63,9 @@ class Args:
     """responses sampled per rank per iteration"""
     mini_batch_size: int = 16
     """responses per rank per optimisation step"""
+    forward_batch_size: Optional[int] = None
+    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over a rollout or the offline rows; default
+    --mini-batch-size, so that scoring holds no more than an update step does"""
     ppo_epochs: int = 2
     """passes over each rollout batch"""
     learning_rate: float = 3e-5
@@ -383,13 +386,17 @@ if __name__ == "__main__":
         response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                        tokenizer.pad_token_id, tokenizer,
                                                                        args.stop_strings)
-        scores = sum(w * reward(query_ids, query_mask, response_ids, response_mask, prompts)  # several: a weighted sum
-                     for w, reward in zip(reward_weights, reward_fns)).to(device)
+        # Scoring without gradients, --forward-batch-size rows at a time: the rewards (several: a weighted sum), then
+        # the log-probs of π_old and π_ref
+        fwd = (query_ids, query_mask, response_ids, response_mask)
+        chunk = args.forward_batch_size or args.mini_batch_size
+        score = lambda *rows: sum(w * reward(*rows) for w, reward in zip(reward_weights, reward_fns))
+        scores = common.in_chunks(score, (*fwd, prompts), chunk).to(device)
         with torch.no_grad():
-            fwd = (query_ids, query_mask, response_ids, response_mask)
             sampling = dict(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
-            logprobs = common.forward_logprobs(policy, *fwd, **sampling)
-            ref_logprobs = common.forward_logprobs(ref_policy, *fwd, **sampling).to(device)
+            logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(policy, *rows, **sampling), fwd, chunk)
+            ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows, **sampling), fwd,
+                                            chunk).to(device)
         return query_ids, query_mask, response_ids, response_mask.to(logprobs.dtype), ended, scores, logprobs, \
             ref_logprobs
 
@@ -436,7 +443,9 @@ if __name__ == "__main__":
             rollout([train_prompts[i] for i in batch_index], [train_texts[i] for i in batch_index])
         t_rollout = time.time() - t0
         with torch.no_grad():
-            old_values = common.forward_values(value_model, query_ids, query_mask, response_ids, mask).to(device)
+            old_values = common.in_chunks(lambda *rows: common.forward_values(value_model, *rows),
+                                          (query_ids, query_mask, response_ids, mask),
+                                          args.forward_batch_size or args.mini_batch_size).to(device)
 
             # ALGO LOGIC: per-token rewards, ALGORITHMS.md §1. The score (scaled, clipped) goes on the last response
             # token; every token pays the k1 KL penalty −β(log π_old − log π_ref).
@@ -467,7 +476,7 @@ if __name__ == "__main__":
                 fwd = (query_ids[idx], query_mask[idx], response_ids[idx], mask[idx])
                 logprobs, entropy = common.forward_logprobs(policy, *fwd, temperature=args.temperature,
                                                             repetition_penalty=args.repetition_penalty,
-                                                            with_entropy=True)
+                                                            with_entropy=True, entropy_grad=args.entropy_coef != 0)
                 values = common.forward_values(value_model, *fwd).to(device)
                 _, stats = ppo_loss(logprobs, old_logprobs[idx], values, old_values[idx], advantages[idx],
                                     returns[idx], mask[idx], args.cliprange, args.cliprange_value, args.vf_coef)

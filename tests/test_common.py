@@ -108,6 +108,54 @@ def test_forward_logprobs_and_entropy_match_unpadded_per_row_loop(temperature):
     assert max(values_seen) - min(values_seen) > 0.5
 
 
+def test_forward_logprobs_runs_the_lm_head_on_the_response_positions_only():
+    """The LM head never sees a prompt position but the last: with a real vocabulary, prompt × vocabulary logits are
+    the largest tensor of a forward pass. The head is wrapped to record how many positions each call gets."""
+    model = tiny_causal_lm()
+    prompts, _, q, qm, r, rm = ragged_batch()
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    with torch.no_grad():
+        common.forward_logprobs(model, q, qm, r, rm, with_entropy=True)
+    assert seen == [r.shape[1] + 1] and q.shape[1] > 2, (seen, q.shape)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+def test_chunked_scoring_gives_the_one_pass_result(size):
+    """--forward-batch-size: log-probs, values and a reward function's scores over chunks of rows (the last one short)
+    are those of one pass over the whole ragged batch."""
+    model, value_model = tiny_causal_lm(), tiny_score_model()
+    prompts, _, q, qm, r, rm = ragged_batch()
+    assert len(q) % size or size == 1  # a short last chunk where the size allows
+    with torch.no_grad():
+        whole = common.forward_logprobs(model, q, qm, r, rm)
+        chunked = common.in_chunks(lambda *rows: common.forward_logprobs(model, *rows), (q, qm, r, rm), size)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+        whole = common.forward_values(value_model, q, qm, r, rm)
+        chunked = common.in_chunks(lambda *rows: common.forward_values(value_model, *rows), (q, qm, r, rm), size)
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    calls, texts = [], [f"prompt {i}" for i in range(len(q))]
+
+    def score(query_ids, query_mask, response_ids, response_mask, prompts):  # a reward: the response's length
+        calls.append(prompts)
+        return response_mask.sum(1).float()
+    assert common.in_chunks(score, (q, qm, r, rm, texts), size).tolist() == rm.sum(1).float().tolist()
+    assert [len(c) for c in calls] == [min(size, len(q) - i) for i in range(0, len(q), size)]
+    assert sum(calls, []) == texts
+
+
+def test_entropy_has_a_graph_only_when_it_is_trained_on():
+    """PPO's entropy bonus needs the entropy's gradient only when --entropy-coef is not 0; without it the [batch, len,
+    vocabulary] softmax is not kept for backward, and the values are the same."""
+    model = tiny_causal_lm()
+    _, _, q, qm, r, rm = ragged_batch()
+    logprobs, trained = common.forward_logprobs(model, q, qm, r, rm, with_entropy=True)
+    logprobs_2, logged = common.forward_logprobs(model, q, qm, r, rm, with_entropy=True, entropy_grad=False)
+    assert trained.requires_grad and logprobs.requires_grad and logprobs_2.requires_grad
+    assert not logged.requires_grad
+    torch.testing.assert_close(trained.detach(), logged, rtol=0, atol=0)
+
+
 def test_forward_logprobs_temperature_changes_the_result():
     """Temperature is applied to the logits (not ignored): T=0.5 must differ from T=1 on the same batch."""
     model = tiny_causal_lm()
