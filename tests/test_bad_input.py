@@ -12,14 +12,14 @@ TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-si
 
 
 NAN_REWARD = '''
-calls = 0
+rows = 0
 
 
 def late_nan(prompts, responses):
-    """1 for the first three batches (evaluation, iteration 1, its evaluation), then NaN"""
-    global calls
-    calls += 1
-    return [1.0 if calls <= 3 else float("nan") for _ in responses]
+    """1 for the first 48 responses (evaluation, iteration 1, its evaluation: 16 each), then NaN"""
+    global rows
+    rows += len(responses)
+    return [1.0 if rows - len(responses) + i < 48 else float("nan") for i in range(len(responses))]
 '''
 
 

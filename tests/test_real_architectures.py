@@ -218,7 +218,8 @@ def _online(policy, reward):
     return ["--model-name-or-path", policy, "--reward-model", *reward, "--dataset", "DATA", "--train-split", "train",
             "--eval-split", "train", "--total-episodes", "16", "--rollout-batch-size", "8",
             "--mini-batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length", str(MAX_PROMPT),
-            "--eval-prompts", "8", "--eval-every", "1", *STOP]
+            "--eval-prompts", "8", "--eval-every", "1", *STOP,
+            "--forward-batch-size", "8"]  # one reward call per rollout: the spy's batches are the logged ones
 
 
 def _offline(policy, reward):
