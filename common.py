@@ -369,7 +369,8 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
     float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without them, the
     decoded query ids stand in). An entry is:
     - `module:function`, a Python f(prompts, responses) -> list of floats: the prompts as given (texts, or lists of
-      messages), the decoded responses (the module is looked up in the working directory and on PYTHONPATH);
+      messages), the responses decoded after their prompts (response_texts; the module is looked up in the working
+      directory and on PYTHONPATH);
     - a 1-output sequence-classification model (hub name, folder, builtin), frozen on `placement`. One whose tokenizer
       has a chat template scores its own template of (prompt messages, response); else one with the policy's
       vocabulary reads its head at the last real token of the policy's ids; else it reads the prompt text and the
@@ -391,7 +392,7 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
 
         def score_with_function(query_ids, query_mask, response_ids, response_mask, prompts=None):
             prompts = texts(query_ids, query_mask) if prompts is None else list(prompts)
-            scores = [float(s) for s in fn(prompts, texts(response_ids, response_mask))]
+            scores = [float(s) for s in fn(prompts, replies(query_ids, query_mask, response_ids, response_mask))]
             if len(scores) != len(query_ids):
                 fail(f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
                      f"must return one float per (prompt, response)")
@@ -1143,13 +1144,12 @@ def forward_values(model, query_ids, query_mask, response_ids, response_mask):
 def response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask):
     """Each response as text, decoded after its prompt and cut off it: a SentencePiece tokenizer (Llama) drops the
     space that starts a text decoded alone, which would glue the reply's first word to the prompt's last."""
-    out = []
-    for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask):
-        prompt = tokenizer.decode(q[qm.bool()], skip_special_tokens=True)
-        both = tokenizer.decode(torch.cat([q[qm.bool()], r[rm.bool()]]), skip_special_tokens=True)
-        alone = tokenizer.decode(r[rm.bool()], skip_special_tokens=True)
-        out.append(both[len(prompt) :] if both.startswith(prompt) else alone)
-    return out
+    prompts = [q[m.bool()] for q, m in zip(query_ids, query_mask)]
+    responses = [r[m.bool()] for r, m in zip(response_ids, response_mask)]
+    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    both = tokenizer.batch_decode([torch.cat(pair) for pair in zip(prompts, responses)], skip_special_tokens=True)
+    return [text[len(prompt) :] if text.startswith(prompt) else tokenizer.decode(response, skip_special_tokens=True)
+            for prompt, text, response in zip(prompt_texts, both, responses)]
 
 
 def truncate_after_eos(response_ids, eos_id: int, pad_id: int, tokenizer=None, stop_strings=()):
@@ -1231,7 +1231,9 @@ def make_logger(args, run_name: str, rank: int):
         for k, v in metrics.items():
             writer.add_scalar(k, v, step)
         record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items()) if not k.startswith("time/")}}
-        metrics_file.write(json.dumps(record) + "\n"), metrics_file.flush(), writer.flush()
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        writer.flush()
 
     return log
 
@@ -1336,7 +1338,8 @@ def load_resume(path: str, engines: dict, rank: int):
         else:
             engine.load_checkpoint(path, tag=name, load_optimizer_states=True, load_lr_scheduler_states=True)
     saved = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
-    random.setstate(saved["rng"]["python"]), torch.set_rng_state(saved["rng"]["torch"])
+    random.setstate(saved["rng"]["python"])
+    torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     if rank == 0:
@@ -1353,7 +1356,8 @@ def stop_signals():
 
     def handler(signum, frame):
         if caught and time.time() - caught[1] > 3:
-            signal.signal(signum, signal.SIG_DFL), os.kill(os.getpid(), signum)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         if not caught:
             caught.extend([signum, time.time()])
             print(f"\n{signal.Signals(signum).name}: stopping after this step with a resumable checkpoint",

@@ -415,7 +415,8 @@ if __name__ == "__main__":
     if args.resume:
         state = common.load_resume(args.resume, engines, rank)
         step, eval_history = state["step"], state["eval_history"]
-        target_q_heads.load_state_dict(state["target_q_heads"]), shuffler.set_state(state["epoch_shuffler"])
+        target_q_heads.load_state_dict(state["target_q_heads"])
+        shuffler.set_state(state["epoch_shuffler"])
         first_epoch = (step - 1) // steps_per_epoch + 1  # the epoch of the saved step; its batches before it skipped
         skip = step - (first_epoch - 1) * steps_per_epoch
     else:

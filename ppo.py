@@ -428,7 +428,8 @@ if __name__ == "__main__":
     if args.resume:
         state = common.load_resume(args.resume, engines, rank)
         start, kl_coef, eval_history = state["step"] + 1, state["kl_coef"], state["eval_history"]
-        vars(score_moments).update(state["score_moments"]), sampler.set_state(state["sampler"])
+        vars(score_moments).update(state["score_moments"])
+        sampler.set_state(state["sampler"])
     else:
         eval_history = [(0, evaluate())]
         log(0, eval_history[-1][1])

@@ -299,7 +299,8 @@ def test_reward_function_gets_decoded_prompts_and_responses(tmp_path, monkeypatc
     prompts, responses, q, qm, r, rm = policy_batch(tok)
     assert common.load_reward("my_rewards:words", tok)(q, qm, r, rm).tolist() == [2.5, 1.5, 1.5]
     import my_rewards
-    assert my_rewards.CALLS == [(prompts, ["was great", "it", "awful"])]  # special tokens skipped
+    # the responses as they continue their prompts (" was great" after "the movie"), special tokens skipped
+    assert my_rewards.CALLS == [(prompts, [" was great", " it", " awful"])]
     with pytest.raises(SystemExit, match="returned 1 scores for 3 responses"):
         common.load_reward("my_rewards:wrong_length", tok)(q, qm, r, rm)
     with pytest.raises(SystemExit, match="cannot import the reward function 'my_rewards:nothing'.*module:function"):
