@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import List, Literal, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import tyro
 from transformers import GenerationConfig, LogitsProcessorList
 
