@@ -116,6 +116,23 @@ class Args:
     """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
     offload: bool = False
     """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute, in the update's forward passes only"""
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train).
+    π_ref is then the policy with its adapter switched off: no second copy of the model (alol-hh: 64)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the update's forward passes"""
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
+    head (as QLoRA and the A-LoL paper did)"""
+    load_in_4bit: bool = False
+    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
     ref_device: str = "policy"
     """where π_ref lives while V_ref and advantages are computed: `policy` (sharded with ZeRO-3), `cpu` or `cuda:N`"""
     reward_device: str = "policy"
@@ -331,6 +348,7 @@ if __name__ == "__main__":
     if len(args.reward_weights) not in (0, n_fields) or len(args.reward_model) not in (1, n_fields):
         common.fail(f"--reward-weights ({len(args.reward_weights)}) and --reward-model ({len(args.reward_model)}) "
                     f"need one value per --reward-fields entry ({n_fields}); --reward-model may also give one")
+    common.check_lora(args)
     rank, world_size, device = common.init_distributed(args.zero_stage)
     if args.resume:
         common.check_resume(args.resume, "alol.py")
@@ -358,15 +376,23 @@ if __name__ == "__main__":
     # with no communication); rank r then draws its own batches with seed + r.
     torch.manual_seed(args.seed)
     dtype = "bfloat16" if args.bf16 else "float32"
-    load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
+    load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation,
+                load_in_4bit=args.load_in_4bit)
+    # Under ZeRO-3 every model on `policy` is loaded shard by shard: no rank ever holds a whole copy
+    sharded = lambda placement: common.zero3_config(placement, args.zero_stage, args.batch_size, args.bf16,
+                                                    args.offload)
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
+    policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load,
+                               sharded=sharded("policy"))
     scorers = {name: common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size,
                                         args.bf16, args.trust_remote_code, args.reward_dtype)
                for name in dict.fromkeys(n for n in scorer_names if n != "gold")}  # a model or module:function
     log = common.make_logger(args, run_name, rank)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     common.freeze_lower_layers(policy, args.unfrozen_layers)  # released HH: only the top 2 blocks train
+    common.gradient_checkpointing(policy, args.gradient_checkpointing)
+    policy = common.add_lora(policy, "causal", r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                             target_modules=args.lora_target_modules, quantized=args.load_in_4bit)
     # The learning-rate schedule counts optimiser steps; the decay ends at --total-steps (good-priority scaling can
     # end the run sooner: it trains on the positive-advantage share of the steps).
     schedule = common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule)
@@ -431,20 +457,23 @@ if __name__ == "__main__":
     def compute_advantages():
         """V_ref fitted on π_ref's greedy responses; then R, V_ref(x), A and π_ref's per-token log-probs of all rows.
         π_ref is loaded here only: a cache hit needs no π_ref, and it is freed afterwards."""
-        ref_policy = common.prepare_frozen(common.load_model(
-            args.model_name_or_path, "causal", "--model-name-or-path", **load), args.ref_device, args.zero_stage,
-            args.batch_size, args.bf16)
+        if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
+            ref_policy = policy
+        else:
+            ref_policy = common.prepare_frozen(common.load_model(
+                args.model_name_or_path, "causal", "--model-name-or-path", **load, sharded=sharded(args.ref_device)),
+                args.ref_device, args.zero_stage, args.batch_size, args.bf16)
 
         def prompt_hidden(query_ids, query_mask):  # π_ref's last-layer hidden states of the (left-padded) prompt
             ids, mask = query_ids.to(ref_policy.device), query_mask.to(ref_policy.device)
-            return ref_policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                              output_hidden_states=True).hidden_states[-1].float().to(device)
+            return common.last_hidden(ref_policy, ids, mask, (mask.cumsum(1) - 1).clamp(min=0)).float().to(device)
 
         value_ids, value_mask = common.pad_left(value_prompts, tokenizer.pad_token_id, device)  # one prompt width
         targets, hidden = [], []
         for ids, mask, prompts in chunks(value_ids, value_mask, value_texts):
             out, out_mask, _ = common.truncate_after_eos(generate(
-                ref_policy, ids, mask, greedy, zero3 and args.ref_device == "policy"), tokenizer.eos_token_id,
+                ref_policy, ids, mask, greedy, zero3 and (ref_policy is policy or args.ref_device == "policy")),
+                tokenizer.eos_token_id,
                 tokenizer.pad_token_id, tokenizer,
                 args.stop_strings)
             targets.append(reward(ids, mask, out, out_mask, prompts))
@@ -476,11 +505,12 @@ if __name__ == "__main__":
                rows=sha([query_rows, response_rows, raw_data.tolist()]), value_prompts=sha(value_prompts),
                value_fit=[args.value_epochs, args.value_learning_rate, args.value_batch_size],
                max_new_tokens=args.max_new_tokens, stop_strings=args.stop_strings, reward_dtype=args.reward_dtype,
-               chat_template=tokenizer.chat_template if args.chat_template else None)
+               chat_template=tokenizer.chat_template if args.chat_template else None, load_in_4bit=args.load_in_4bit)
     cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(
         os.path.expanduser("~"), ".cache", "onefile-rlhf")), "alol")
     t0 = time.time()
-    cache, info, hit = cached(key, compute_advantages, cache_dir, not args.no_cache, rank)
+    with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
+        cache, info, hit = cached(key, compute_advantages, cache_dir, not args.no_cache, rank)
     rewards, advantages, ref_logprobs = cache["rewards"], cache["advantages"], cache["ref_logprobs"]
 
     # Sampling, A-LoL §8: good_priority draws rows i.i.d. ∝ max(A, 0) (∝ R for wbc, r_gold, r_lol) and scales the
@@ -507,6 +537,7 @@ if __name__ == "__main__":
     def evaluate():
         """Greedy responses to held-out prompts: proxy reward (R's scale), gold score, distinct-1/2, length."""
         stats, texts = [], []
+        policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
         for prompt_rows, prompts in chunks(eval_prompts, eval_texts):
             ids, mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
             out, out_mask, _ = common.truncate_after_eos(generate(policy, ids, mask, greedy, zero3),
@@ -523,6 +554,7 @@ if __name__ == "__main__":
         gathered = [None] * world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
         dist.all_gather_object(gathered, texts)
         texts = [t for part in gathered for t in part]
+        policy.train()
         return {**common.mean_across_ranks(metrics), "eval/distinct_1": distinct_n(texts, 1),
                 "eval/distinct_2": distinct_n(texts, 2)}
 

@@ -9,7 +9,19 @@
 - logging and checkpoints; resumable checkpoints, stop signals, non-finite guards.
 
 Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens (its EOS included)."""
-import contextlib, fcntl, hashlib, inspect, json, math, os, random, shutil, signal, socket, sys, time
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
 from types import SimpleNamespace
 
 import torch
@@ -184,7 +196,12 @@ def _build_builtin(path: str, settings: dict):
     from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tqdm import tqdm
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+        PreTrainedTokenizerFast,
+    )
 
     print(f"building the built-in task in {path} (about 3 minutes on 2 CPU cores)", file=sys.stderr)
     s = SimpleNamespace(**settings)
@@ -333,24 +350,35 @@ def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="
     return tok
 
 
-def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False, pad_token_id=None):
+def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False, pad_token_id=None,
+               attn_implementation=None, sharded=None, load_in_4bit=False):
     """kind `causal` (policy / reference) or `score` (reward / value: a 1-output sequence-classification model).
 
     A causal model comes without the sampling settings of its checkpoint's generation_config.json (temperature,
     top-k / top-p, repetition penalty, ...): `generate` fills every field that the script's GenerationConfig leaves
     unset from the model's own, so an instruct checkpoint would otherwise change how the script samples. Only its
     token ids (BOS, EOS, pad) are kept. A score model whose config has no pad id gets `pad_token_id` (its
-    tokenizer's): transformers needs one to read a batch of more than one sequence."""
+    tokenizer's): transformers needs one to read a batch of more than one sequence.
+
+    `attn_implementation`: eager / sdpa / flash_attention_2 (None: transformers' choice). `sharded`: a ZeRO-3
+    DeepSpeed config; the model is then built and loaded shard by shard, each rank keeping its own (see
+    sharded_loading). `load_in_4bit`: NF4 base weights (QLoRA; bitsandbytes and a GPU). Dropout is switched off in
+    every model (see disable_dropout)."""
     cls, role = (AutoModelForCausalLM, "sft") if kind == "causal" else (AutoModelForSequenceClassification, "reward")
     extra = {} if kind == "causal" else {"num_labels": 1}
-    model = _from_pretrained(
-        cls,
-        resolve(name, role),
-        flag,
-        dtype=getattr(torch, dtype),
-        trust_remote_code=trust_remote_code,
-        **extra,
-    )
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        extra.update(quantization_4bit(dtype))
+    with sharded_loading(sharded):
+        model = _from_pretrained(
+            cls,
+            resolve(name, role),
+            flag,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            **extra,
+        )
     if kind == "causal":
         saved = model.generation_config
         model.generation_config = GenerationConfig(
@@ -360,6 +388,150 @@ def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_co
         )
     elif model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
+    return disable_dropout(model)
+
+
+def disable_dropout(model):
+    """Every dropout of the model off (p = 0), as most RLHF code does: the scripts switch their trained models to train
+    mode for the update (gradient checkpointing and LoRA's own dropout act only there), and dropout in the base model
+    would make π_θ's forward differ from the π_old that sampled the responses."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@contextlib.contextmanager
+def sharded_loading(config):
+    """With a ZeRO-3 DeepSpeed `config`, `from_pretrained` inside builds the model under deepspeed.zero.Init and
+    loads the checkpoint into it shard by shard: each rank holds only its part of the weights, never a whole copy
+    (transformers reads the config through HfDeepSpeedConfig while the object lives). None: nothing changes."""
+    if config is None:
+        yield
+        return
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        unset_hf_deepspeed_config,
+    )
+
+    live = HfDeepSpeedConfig(config)
+    try:
+        yield live
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def quantization_4bit(dtype: str) -> dict:
+    """from_pretrained arguments for NF4 base weights with double quantisation, computing in `dtype` (QLoRA)."""
+    if not torch.cuda.is_available():
+        fail("--load-in-4bit needs a CUDA GPU (bitsandbytes' 4-bit kernels); drop --load-in-4bit on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        fail("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float16
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
+# ---- LoRA adapters (peft): the trained model's weights frozen, low-rank updates trained beside them -----------------
+def check_lora(args):
+    """One-line errors for LoRA settings that cannot work together, before anything is loaded."""
+    if args.lora_r < 0:
+        fail(f"--lora-r must be 0 (no adapter: train the weights) or a positive rank, got {args.lora_r}")
+    if args.load_in_4bit and not args.lora_r:
+        fail("--load-in-4bit trains an adapter on frozen 4-bit weights: pass --lora-r (e.g. 64), or drop "
+             "--load-in-4bit")
+    if args.load_in_4bit and args.zero_stage:
+        fail(f"--load-in-4bit runs without DeepSpeed (4-bit weights cannot be sharded or cast): use --zero-stage 0, "
+             f"not {args.zero_stage}")
+    if args.lora_r and args.unfrozen_layers != -1:
+        fail(f"--unfrozen-layers {args.unfrozen_layers} trains the top blocks' own weights, --lora-r an adapter on all "
+             f"of them: pass one of the two")
+
+
+def add_lora(model, kind: str, r: int, alpha: float, dropout: float, target_modules, quantized=False):
+    """The model with a LoRA adapter (Hu et al. 2021) of rank `r` on `target_modules` (`all-linear`: every linear
+    layer but the output head), scaled by alpha / r: only the adapter trains, and a `score` model's 1-output head
+    (a value model's) trains in full beside it. r = 0: the model as it is. Quantised weights are first readied for
+    training (norms in float32) as QLoRA does."""
+    if not r:
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers.pytorch_utils import Conv1D
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules="all-linear" if list(target_modules) == ["all-linear"] else list(target_modules),
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2's layers store weight.T
+        task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS",
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # a target that this architecture does not have
+        fail(f"--lora-target-modules {' '.join(target_modules)}: {str(e).splitlines()[0][:200]}; name this model's "
+             f"linear layers (e.g. q_proj v_proj) or pass all-linear")
+
+
+def peft_model(model):
+    """The PeftModel in a DeepSpeed engine / TorchEngine, or None when the model has no adapter."""
+    from peft import PeftModel
+
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, PeftModel) else None
+
+
+def hf_model(model):
+    """The transformers model itself, inside a DeepSpeed engine and a PeftModel (which injects its layers into it)."""
+    inner = getattr(model, "module", model)
+    return peft_model(inner).get_base_model() if peft_model(inner) is not None else inner
+
+
+@contextlib.contextmanager
+def adapter_off(model):
+    """With LoRA, π_ref is the policy itself with its adapter switched off: the frozen base weights, no second copy.
+    Without an adapter: nothing changes (π_ref is then a model of its own)."""
+    peft = peft_model(model)
+    if peft is None:
+        yield
+        return
+    with peft.disable_adapter():
+        yield
+
+
+def merged_state_dict(state: dict, model) -> dict:
+    """A PeftModel's state dict (`state`, possibly gathered from ZeRO-3 shards) as the plain transformers model's:
+    each adapted weight W + (α / r) · B A (transposed for fan-in-fan-out layers), the keys without peft's prefixes,
+    a fully trained head (modules_to_save) in place of its original. `from_pretrained` loads the result as it is."""
+    config = peft_model(model).peft_config["default"]
+    scaling = config.lora_alpha / config.r
+    merged = {}
+    for key, value in state.items():
+        name = key.removeprefix("base_model.model.")
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+        lora_a = key.replace(".base_layer.weight", ".lora_A.default.weight")
+        if key.endswith(".base_layer.weight") and lora_a in state:
+            delta = state[key.replace(".base_layer.weight", ".lora_B.default.weight")].float() @ state[lora_a].float()
+            value = (value.float() + scaling * (delta.T if config.fan_in_fan_out else delta)).to(value.dtype)
+        merged[name] = value.contiguous()
+    return merged
+
+
+def gradient_checkpointing(model, enabled: bool):
+    """Recompute each block's activations in the backward pass instead of keeping them (transformers' own, the
+    non-reentrant kind, in train mode only): memory for about a third more compute."""
+    if enabled:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -418,6 +590,7 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
         dtype,
         trust_remote_code,
         pad_token_id=rm_tokenizer.pad_token_id,
+        sharded=zero3_config(placement, zero_stage, micro_batch_size, dtype == "bfloat16", fp16=dtype == "float16"),
     )
     model = prepare_frozen(
         model,
@@ -991,13 +1164,21 @@ class TorchEngine:
 
     def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
         self.module, self.device, self.max_grad_norm = model, model.device, max_grad_norm
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or (lambda step: 1.0))
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     backward = staticmethod(torch.Tensor.backward)  # engine.backward(loss) is loss.backward() here
+
+    def train(self, mode=True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
 
     def step(self):
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -1023,6 +1204,8 @@ def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=F
     if placement.startswith("cuda") and int(os.environ.get("LOCAL_WORLD_SIZE", _world())) > 1:
         fail(f"--value-device {placement} would put the value model of every rank of this node on one GPU, where NCCL "
              f"cannot all-reduce its gradients; use --value-device policy (each rank's own GPU) or cpu")
+    if getattr(hf_model(model), "is_loaded_in_4bit", False):  # 4-bit weights: already on this rank's GPU
+        return TorchEngine(model, lr, max_grad_norm, betas, weight_decay, schedule)
     if deepspeed is None or placement != "policy":
         return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay, schedule)
     config = deepspeed_config(zero_stage, micro_batch_size, lr, bf16, offload, max_grad_norm, betas, weight_decay)
@@ -1047,11 +1230,18 @@ def freeze_lower_layers(model, unfrozen_layers: int):
     return model
 
 
+def zero3_config(placement, zero_stage, micro_batch_size, bf16=False, offload=False, fp16=False):
+    """The DeepSpeed config of a model sharded under ZeRO-3 (at `policy`), for sharded_loading and prepare_frozen;
+    None for a model that is not sharded."""
+    if placement != "policy" or zero_stage != 3 or deepspeed is None:
+        return None
+    return {**deepspeed_config(3, micro_batch_size, 0.0, bf16, offload, train=False), "fp16": {"enabled": fp16}}
+
+
 def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False, fp16=False):
     """A frozen model (eval, no grad): sharded like the policy under ZeRO-3 at `policy`, else a copy on its device."""
     model.requires_grad_(False).eval()
-    if placement == "policy" and zero_stage == 3:
-        config = {**deepspeed_config(3, micro_batch_size, 0, bf16, train=False), "fp16": {"enabled": fp16}}
+    if config := zero3_config(placement, zero_stage, micro_batch_size, bf16, fp16=fp16):
         return deepspeed.initialize(model=model, config=config)[0]
     return model.to(_device(placement))
 
@@ -1080,9 +1270,9 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
     entropy per token; `entropy_grad=False` computes it without a graph (logged, not trained on)."""
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
     width = response_ids.shape[1]
-    forward = getattr(model, "module", model).forward  # a DeepSpeed engine passes keyword arguments through
+    forward = hf_model(model).forward  # a DeepSpeed engine and a PeftModel pass keyword arguments through
     keep = {"logits_to_keep": width + 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **keep).logits  # remote code: all positions
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
     logits = logits[:, -width - 1 : -1].float()  # the logit at position t predicts token t + 1
     if repetition_penalty != 1.0:
         logits = penalise_repeats(logits, ids[:, query_ids.shape[1]:], repetition_penalty)
@@ -1127,12 +1317,16 @@ def penalise_repeats(logits, response_ids, penalty: float):
     return torch.stack(penalised, 1)
 
 
+def last_hidden(model, ids, mask, position_ids):
+    """The backbone's last hidden state (after its final norm) at every position, [batch, seq_len, hidden]: no head."""
+    inner = hf_model(model)  # the transformers model in a DeepSpeed engine (LoRA layers are injected into it)
+    return getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                                   use_cache=False).last_hidden_state
+
+
 def token_scores(model, ids, mask, position_ids):
     """A sequence-classification model's head at every position, [batch, seq_len]: V(s_t), or a reward read anywhere."""
-    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
-    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask,
-                                                     position_ids=position_ids).last_hidden_state
-    return inner.score(hidden).squeeze(-1).float()
+    return hf_model(model).score(last_hidden(model, ids, mask, position_ids)).squeeze(-1).float()
 
 
 def forward_values(model, query_ids, query_mask, response_ids, response_mask):
@@ -1239,13 +1433,21 @@ def make_logger(args, run_name: str, rank: int):
 
 
 def save_hf(engine, tokenizer, path: str, rank: int):
-    """An HF folder (ZeRO-3 shards gathered first), written aside and renamed: never half a checkpoint under `path`."""
+    """An HF folder (ZeRO-3 shards gathered first), written aside and renamed: never half a checkpoint under `path`.
+    A model with a LoRA adapter is saved twice: merged into its weights under `path` (from_pretrained loads it like
+    any checkpoint) and as the adapter alone under `path`/adapter (peft's PeftModel.from_pretrained on the base)."""
     state_dict = None
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
     if rank == 0:
         shutil.rmtree(tmp := path.rstrip("/") + ".tmp", ignore_errors=True)
-        getattr(engine, "module", engine).save_pretrained(tmp, state_dict=state_dict)
+        peft = peft_model(engine)
+        if peft is None:
+            getattr(engine, "module", engine).save_pretrained(tmp, state_dict=state_dict)
+        else:
+            state_dict = state_dict if state_dict is not None else peft.state_dict()
+            hf_model(peft).save_pretrained(tmp, state_dict=merged_state_dict(state_dict, peft))
+            peft.save_pretrained(os.path.join(tmp, "adapter"), state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)

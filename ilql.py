@@ -11,6 +11,7 @@ regressed on r + γ V(s'). At decoding time the LM's log-probabilities are shift
     torchrun --nproc_per_node 2 ilql.py --zero-stage 2        # two processes (CPU or GPUs)
 """
 import copy
+import inspect
 import os
 import random
 import shutil
@@ -123,6 +124,23 @@ class Args:
     """train in bfloat16 (DeepSpeed) and hold the reward model in bfloat16; the target Q heads stay float32"""
     offload: bool = False
     """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute, in the update's forward passes only"""
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the LM's weights (0: no adapter, the weights train); the V and
+    Q heads always train in full"""
+    lora_alpha: float = 16.0
+    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the update's forward passes"""
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
+    head (as QLoRA and the A-LoL paper did)"""
+    load_in_4bit: bool = False
+    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
     reward_device: str = "policy"
     """where the reward model lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
     reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -154,12 +172,20 @@ class ILQLModel(nn.Module):
         self.lm, self.v_head = lm, mlp(hidden, 1)
         self.q_heads = nn.ModuleList(mlp(hidden, vocab) for _ in range(n_q))
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        """(LM logits [B, L, vocab], last hidden state [B, L, h], V [B, L], Q [n_q, B, L, vocab]) at every position."""
+    def forward(self, input_ids, attention_mask, position_ids, keep: int):
+        """(LM logits [B, K, vocab], last hidden state [B, K, h], V [B, K], Q [n_q, B, K, vocab]) at the last K = `keep`
+        positions only (the states of the response): no vocabulary-wide head runs over the prompt."""
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True)
-        hidden = out.hidden_states[-1]  # after the final norm: what the LM head reads
-        return out.logits, hidden, self.v_head(hidden).squeeze(-1), torch.stack([q(hidden) for q in self.q_heads])
+                      output_hidden_states=True, use_cache=False, **self.keep_logits(keep))
+        hidden = out.hidden_states[-1][:, -keep:]  # after the final norm: what the LM head reads
+        logits = out.logits[:, -keep:]  # remote code without `logits_to_keep`: all positions, cut here
+        heads_in = hidden.to(self.v_head[0].weight.dtype)  # float32 heads on a 4-bit LM's half-precision states
+        return logits, hidden, self.v_head(heads_in).squeeze(-1), torch.stack([q(heads_in) for q in self.q_heads])
+
+    def keep_logits(self, keep: int) -> dict:
+        """`logits_to_keep` for the LM's forward where it takes it: the LM head on the last `keep` positions only."""
+        forward = common.hf_model(self.lm).forward
+        return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
 # ALGO LOGIC: the four ILQL loss terms, ALGORITHMS.md §7 (ILQL eq. 1-5)
@@ -247,8 +273,9 @@ def decode_responses(tokenizer, response_ids, response_mask):
 
 
 def save_checkpoint(engine, target_q_heads, tokenizer, path: str, rank: int):
-    """The LM as an HF folder (from_pretrained loads it) plus V, Q and target Q heads in ilql_heads.safetensors.
-    Written aside and renamed: never half a checkpoint under `path`."""
+    """The LM as an HF folder (from_pretrained loads it) plus V, Q and target Q heads in ilql_heads.safetensors; an
+    LM with a LoRA adapter is saved merged into its weights, and the adapter alone under `path`/adapter. Written
+    aside and renamed: never half a checkpoint under `path`."""
     model = getattr(engine, "module", engine)
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
@@ -259,7 +286,11 @@ def save_checkpoint(engine, target_q_heads, tokenizer, path: str, rank: int):
         lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
         heads = {k: v.contiguous() for k, v in state.items() if not k.startswith("lm.")}
         heads.update({f"target_q_heads.{k}": v.contiguous() for k, v in target_q_heads.state_dict().items()})
-        model.lm.save_pretrained(tmp, state_dict=lm_state)
+        if common.peft_model(model.lm) is None:
+            model.lm.save_pretrained(tmp, state_dict=lm_state)
+        else:
+            common.hf_model(model.lm).save_pretrained(tmp, state_dict=common.merged_state_dict(lm_state, model.lm))
+            model.lm.save_pretrained(os.path.join(tmp, "adapter"), state_dict=lm_state)
         save_file(heads, os.path.join(tmp, "ilql_heads.safetensors"))
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -275,6 +306,7 @@ if __name__ == "__main__":
                     f"--reward-model entries; give one weight per reward model")
     if args.eval_only and args.checkpoint is None:
         common.fail("--eval-only needs --checkpoint PATH (a folder written by ilql.py)")
+    common.check_lora(args)
     rank, world_size, device = common.init_distributed(args.zero_stage)
     if args.resume:
         common.check_resume(args.resume, "ilql.py")
@@ -298,9 +330,23 @@ if __name__ == "__main__":
     source = args.checkpoint or args.model_name_or_path
     flag = "--checkpoint" if args.checkpoint else "--model-name-or-path"
     tokenizer = common.load_tokenizer(source, flag, trust_remote_code=args.trust_remote_code)
-    model = ILQLModel(common.freeze_lower_layers(common.load_model(  # the heads always train
-        source, "causal", flag, dtype="float32", trust_remote_code=args.trust_remote_code), args.unfrozen_layers))
-    target_q_heads = copy.deepcopy(model.q_heads).requires_grad_(False)  # tQ starts as Q
+    lm = common.load_model(
+        source,
+        "causal",
+        flag,
+        dtype="bfloat16" if args.bf16 else "float32",  # DeepSpeed keeps float32 master weights under bf16
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        # under ZeRO-3 the LM is loaded shard by shard: no rank ever holds a whole copy
+        sharded=common.zero3_config("policy", args.zero_stage, args.batch_size, args.bf16, args.offload),
+        load_in_4bit=args.load_in_4bit,
+    )
+    common.freeze_lower_layers(lm, args.unfrozen_layers)
+    common.gradient_checkpointing(lm, args.gradient_checkpointing)
+    lm = common.add_lora(lm, "causal", r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                         target_modules=args.lora_target_modules, quantized=args.load_in_4bit)
+    model = ILQLModel(lm)  # the heads always train
+    target_q_heads = copy.deepcopy(model.q_heads).float().requires_grad_(False)  # tQ starts as Q
     if args.checkpoint:
         heads_file = os.path.join(args.checkpoint, "ilql_heads.safetensors")
         if not os.path.exists(heads_file):
@@ -350,6 +396,7 @@ if __name__ == "__main__":
     def evaluate():
         """Held-out prompts decoded at every β of the sweep, one fixed seed: proxy reward, gold score, length."""
         metrics = {}
+        model.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for beta in args.eval_betas:
                 torch.manual_seed(10**6 + rank)  # the same draws at every β: differences come from β alone
@@ -370,6 +417,7 @@ if __name__ == "__main__":
                 means = torch.cat(rows).mean(0).tolist()
                 names = ["reward", "response_length", "no_eos_fraction"] + (["gold_score"] if gold_score else [])
                 metrics.update({f"eval/beta_{beta:g}/{k}": v for k, v in zip(names, means)})
+        model.train()
         return common.mean_across_ranks(metrics)
 
     def report(prefix, metrics):
@@ -423,19 +471,19 @@ if __name__ == "__main__":
         eval_history = [(0, {**evaluate(), **data_gold})]
         log(0, eval_history[-1][1])
     report(f"{run_name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1])
-    prompt_width = query_ids.shape[1]
+    model.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
     for epoch in range(first_epoch, args.epochs + 1):
         t0, n_tokens, epoch_shuffler = time.time(), 0, shuffler.get_state()
         order = torch.randperm(rows_per_rank, generator=shuffler)[: steps_per_epoch * args.batch_size]
         for idx in order.split(args.batch_size)[skip:]:
             ids, mask, pos = common.concat_inputs(query_ids[idx], query_mask[idx], response_ids[idx],
                                                   response_mask[idx], device)
-            logits, hidden, values, q_logits = model(ids, mask, pos)
-            # state s_t (before response token t) sits at position P−1+t; s_T, after the last column, at P−1+T
-            states = slice(prompt_width - 1, -1)
+            # state s_t (before response token t) sits at position P−1+t; s_T, after the last column, at P−1+T: the
+            # model's heads run on these T + 1 positions only, and V(s_0..s_T) is `values` whole
+            logits, hidden, values, q_logits = model(ids, mask, pos, keep=response_ids.shape[1] + 1)
+            states = slice(0, -1)  # s_0..s_{T-1}: the states where a response token is chosen
             with torch.no_grad():
                 target_q_logits = torch.stack([q(hidden[:, states].float()) for q in target_q_heads])
-            values = torch.cat([values[:, states], values[:, -1:]], 1)  # V(s_0..s_T)
             # ALGO LOGIC: loss = Q + expectile V + cql_scale · CQL + awac_scale · AWAC (ALGORITHMS.md §7)
             loss, stats = ilql_loss(logits[:, states], q_logits[:, :, states], target_q_logits, values,
                                     response_ids[idx], token_rewards[idx], response_mask[idx], args.gamma, args.tau,

@@ -163,14 +163,16 @@ preset() {  # preset NAME SIZE: sets p_script, p_gpus, p_layout, p_mem and the a
     apa-off-hh|awr-off-hh) p_script=${name%%-*}
       p_args=("${hh[@]}" "${online[@]}" --offline-dataset Dahoas/rm-static --learning-rate 1e-6)
       if [[ $name == apa-off-hh ]]; then p_args+=(--lam 0.1); fi ;;
-    alol-hh) p_script=alol p_layout="2 GPUs: policy cuda:0 and π_ref (while A is computed) cuda:0, reward model cuda:1"
+    alol-hh) p_script=alol p_layout="2 GPUs: policy (π_ref = its adapter off) cuda:0, reward model cuda:1"
       # A-LoL HH: 16 sequences a step, 9000 steps, lr 2e-4 constant, grad clip 0.3, greedy evaluation on 280 prompts,
-      # reward = sigmoid(OpenAssistant RM logit). Released on QLoRA LLaMA-7B; here the Pythia SFT policies, top 2
-      # blocks trained (no QLoRA), HH transcripts whose chosen replies the reward model scores.
-      p_mem="policy ≈ 0.6/4/21 GB, π_ref ≈ 0.3/2/14 GB (freed after A is computed), RM (Pythia 1.4B) ≈ 3 GB"
+      # reward = sigmoid(OpenAssistant RM logit). Released on QLoRA LLaMA-7B: LoRA r 64, α 16, dropout 0.05 on every
+      # linear layer (the QLoRA HH adapter it continues); here the same adapter on the Pythia SFT policies, 16-bit
+      # base weights (add --load-in-4bit on a GPU for QLoRA), HH transcripts whose chosen replies the RM scores.
+      p_mem="policy ≈ 0.3/2/14 GB bf16 + adapter with its AdamW state ≈ 0.15/0.5/2.1 GB (9/34/134 M params), RM ≈ 3 GB"
       p_args=(--model-name-or-path "Dahoas/pythia-$S-static-sft" --offline-dataset Anthropic/hh-rlhf
               --dataset Anthropic/hh-rlhf --eval-split test --eval-prompts 280 --max-prompt-length 896
-              --max-new-tokens 128 --stop-strings "Human:" "Assistant:" --unfrozen-layers 2 --bf16
+              --max-new-tokens 128 --stop-strings "Human:" "Assistant:" --bf16
+              --lora-r 64 --lora-alpha 16 --lora-dropout 0.05 --lora-target-modules all-linear
               --reward-model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 --reward-transform sigmoid
               --reward-device cuda:1 --batch-size 16 --total-steps 9000 --learning-rate 2e-4 --max-grad-norm 0.3) ;;
     *) die "paper: unknown preset '$name'; one of: $PAPER (./launch.sh paper --list)" ;;

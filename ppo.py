@@ -142,6 +142,23 @@ class Args:
     """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
     offload: bool = False
     """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute, in the update's forward passes only"""
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    lora_r: int = 0
+    """rank r of the LoRA adapters trained in place of the policy's and the value model's weights (0: no adapter,
+    the weights train; the value head trains in full). π_ref is then the policy with its adapter switched off"""
+    lora_alpha: float = 16.0
+    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the update's forward passes"""
+    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
+    head (as QLoRA and the A-LoL paper did)"""
+    load_in_4bit: bool = False
+    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
     ref_device: str = "policy"
     """where π_ref lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
     reward_device: str = "policy"
@@ -291,6 +308,7 @@ if __name__ == "__main__":
     if args.rollout_batch_size % args.mini_batch_size:
         common.fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
                     f"{args.mini_batch_size}; pick a mini-batch size that divides it")
+    common.check_lora(args)
     rank, world_size, device = common.init_distributed(args.zero_stage)
     per_iteration = args.rollout_batch_size * world_size  # episodes per iteration, all ranks together
     if args.total_episodes % per_iteration or not args.total_episodes:
@@ -311,9 +329,16 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     dtype = "bfloat16" if args.bf16 else "float32"
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    load = dict(dtype=dtype, trust_remote_code=args.trust_remote_code)
-    policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
-    ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", **load)
+    load = dict(trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation,
+                load_in_4bit=args.load_in_4bit)
+    # Under ZeRO-3 every model on `policy` is loaded shard by shard: no rank ever holds a whole copy
+    sharded = lambda placement: common.zero3_config(placement, args.zero_stage, args.mini_batch_size, args.bf16,
+                                                    args.offload)
+    policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", dtype, **load,
+                               sharded=sharded("policy"))
+    if not args.lora_r:  # with LoRA, π_ref is the policy with its adapter switched off (common.adapter_off)
+        ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", dtype, **load,
+                                       sharded=sharded(args.ref_device))
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
     reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.mini_batch_size,
                                      args.bf16, args.trust_remote_code, args.reward_dtype)
@@ -329,9 +354,10 @@ if __name__ == "__main__":
         value_source,
         "score",
         "--value-model",
-        dtype="float32",
-        trust_remote_code=args.trust_remote_code,
+        dtype if args.value_device == "policy" else "float32",  # DeepSpeed keeps float32 master weights under bf16
+        **load,
         pad_token_id=tokenizer.pad_token_id,
+        sharded=sharded(args.value_device),
     )
     context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
     log = common.make_logger(args, run_name, rank)  # after loading: args.json records what was really used
@@ -341,6 +367,11 @@ if __name__ == "__main__":
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     for model in (policy, value_model):  # released HH: only the top 2 blocks (and the heads) train
         common.freeze_lower_layers(model, args.unfrozen_layers)
+        common.gradient_checkpointing(model, args.gradient_checkpointing)
+    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                target_modules=args.lora_target_modules, quantized=args.load_in_4bit)
+    policy = common.add_lora(policy, "causal", **lora)
+    value_model = common.add_lora(value_model, "score", **lora)
     # The learning-rate schedule counts optimiser steps; the decay ends at the policy's last one.
     total_steps = args.total_episodes // per_iteration * args.ppo_epochs * (args.rollout_batch_size // args.mini_batch_size)
     schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
@@ -350,7 +381,11 @@ if __name__ == "__main__":
     value_model = common.prepare_trainable(value_model, args.value_device, args.zero_stage, args.mini_batch_size,
                                            args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm,
                                            args.adam_betas, args.weight_decay, schedule=schedule)
-    ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size, args.bf16)
+    if args.lora_r:
+        ref_policy = policy  # read through common.adapter_off: the base weights
+    else:
+        ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size,
+                                           args.bf16)
     generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -381,6 +416,8 @@ if __name__ == "__main__":
         """Sample, cut at EOS, score, and forward π_old, π_ref and V over the result (ALGORITHMS.md §1). `prompts`:
         the same prompts as the dataset gave them, for reward models and functions that read text."""
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
+        policy.eval()  # sampling and scoring in eval mode; the update switches to train mode
+        value_model.eval()
         response_ids = generate(policy, query_ids, query_mask, generation_config, zero3, args.repetition_penalty)
         response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
                                                                        tokenizer.pad_token_id, tokenizer,
@@ -394,8 +431,9 @@ if __name__ == "__main__":
         with torch.no_grad():
             sampling = dict(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
             logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(policy, *rows, **sampling), fwd, chunk)
-            ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows, **sampling), fwd,
-                                            chunk).to(device)
+            with common.adapter_off(ref_policy):
+                ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows, **sampling),
+                                                fwd, chunk).to(device)
         return query_ids, query_mask, response_ids, response_mask.to(logprobs.dtype), ended, scores, logprobs, \
             ref_logprobs
 
@@ -471,6 +509,8 @@ if __name__ == "__main__":
 
         # ALGO LOGIC: `ppo_epochs` passes of clipped-PPO updates over shuffled mini-batches (ALGORITHMS.md §3)
         t1, step_stats = time.time(), []
+        policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
+        value_model.train()
         for epoch in range(args.ppo_epochs):
             for idx in torch.randperm(args.rollout_batch_size, generator=sampler).split(args.mini_batch_size):
                 fwd = (query_ids[idx], query_mask[idx], response_ids[idx], mask[idx])

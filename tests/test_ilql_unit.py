@@ -132,13 +132,35 @@ def test_logits_processor_reads_the_state_the_heads_are_trained_on():
     ids = torch.randint(3, 48, (2, 6))
     mask, pos = torch.ones_like(ids), torch.arange(6).expand(2, -1)
     with torch.no_grad():
-        logits, hidden, values, _ = model(ids, mask, pos)
+        logits, hidden, values, _ = model(ids, mask, pos, keep=6)
         with ilql.ILQLLogitsProcessor(model, target, beta=2.0) as processor:
             model.lm(input_ids=ids, attention_mask=mask)  # the hook keeps the last position's hidden state
             shifted = processor(ids, logits[:, -1])
         target_q = torch.stack([q(hidden[:, -1]) for q in target]).min(0).values
     expected = torch.log_softmax(logits[:, -1], -1) + 2.0 * (target_q - values[:, -1:])
     assert torch.allclose(shifted, expected, atol=1e-5)
+
+
+def test_heads_run_on_the_kept_positions_only_and_match_a_full_forward():
+    """The LM head and the vocabulary-wide Q heads see the last `keep` positions (the response's states) and nothing
+    of the prompt; what they return equals the same positions of a forward over every position."""
+    model, _ = _tiny_ilql()
+    seen = {"lm_head": [], "q": [], "v": []}
+    model.lm.lm_head.register_forward_hook(lambda m, inputs, out: seen["lm_head"].append(inputs[0].shape[1]))
+    model.q_heads[0].register_forward_hook(lambda m, inputs, out: seen["q"].append(inputs[0].shape[1]))
+    model.v_head.register_forward_hook(lambda m, inputs, out: seen["v"].append(inputs[0].shape[1]))
+    ids = torch.randint(3, 48, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits, hidden, values, q = model(ids, mask, pos, keep=4)
+        assert seen == {"lm_head": [4], "q": [4], "v": [4]}
+        full = model.lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    assert logits.shape == (3, 4, 48) and q.shape == (2, 3, 4, 48) and values.shape == (3, 4)
+    assert torch.allclose(logits, full.logits[:, -4:], atol=1e-5)
+    assert torch.allclose(hidden, full.hidden_states[-1][:, -4:], atol=1e-6)
+    assert torch.allclose(q[1], model.q_heads[1](full.hidden_states[-1][:, -4:]), atol=1e-5)
 
 
 def test_beta_zero_leaves_sampling_unchanged_and_beta_changes_it():

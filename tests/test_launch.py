@@ -83,6 +83,9 @@ def test_every_paper_preset_parses_with_its_script_args(name):
             assert (args.tau, args.alpha, args.eval_betas, args.top_k) == (0.6, 1e-4, [1.0, 4.0], 20)
         if name == "alol-hh":
             assert (args.batch_size, args.total_steps, args.max_grad_norm) == (16, 9000, 0.3)
+            # the released QLoRA adapter's settings, on every linear layer
+            assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (64, 16, 0.05)
+            assert args.lora_target_modules == ["all-linear"] and args.unfrozen_layers == -1
 
 
 def test_paper_list_and_bad_input():
@@ -123,4 +126,7 @@ def test_readme_launch_commands_parse_with_their_script_args():
         script = next(w for w in words if w.endswith(".py"))
         args = tyro.cli(importlib.import_module(script[:-3]).Args, args=words[words.index(script) + 1:])
         if "--chat-template" in command:
-            assert args.chat_template and args.model_name_or_path.startswith("Qwen/"), args
+            assert args.chat_template and "/" in args.model_name_or_path, args  # a hub name
+        if "--lora-r" in command:  # the 7B-on-one-GPU example
+            assert args.lora_r > 0 and args.gradient_checkpointing and args.bf16, args
+    assert any("Qwen/" in c for c in commands) and any("--lora-r" in c for c in commands), commands
