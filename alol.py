@@ -399,6 +399,7 @@ if __name__ == "__main__":
     policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.batch_size, args.learning_rate,
                                       args.bf16, args.offload, args.max_grad_norm,
                                       args.adam_betas, args.weight_decay, schedule=schedule)
+    policy.eval()  # eval mode (π_ref's passes, decoding); the training loop switches to train mode
     greedy = GenerationConfig(do_sample=False, max_new_tokens=args.max_new_tokens, use_cache=True,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
@@ -570,6 +571,7 @@ if __name__ == "__main__":
     if rank == 0:
         print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
     start_time, window = time.time(), []
+    policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
     for step in range(state.get("step", 0) + 1, num_steps + 1):
         t_step = time.time()
         idx = draws[(step - 1) * args.batch_size: step * args.batch_size]

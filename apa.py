@@ -334,6 +334,8 @@ if __name__ == "__main__":
     else:
         ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size,
                                            args.bf16)
+    policy.eval()  # eval mode (sampling, scoring); the update switches to train mode and back
+    value_model.eval()
     generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -374,6 +374,7 @@ if __name__ == "__main__":
     model = common.prepare_trainable(model, "policy", args.zero_stage, args.batch_size, args.learning_rate,
                                      args.bf16, args.offload, args.max_grad_norm,
                                      args.adam_betas, args.weight_decay, schedule=schedule)
+    model.eval()  # eval mode (decoding); the training loop switches to train mode
     target_q_heads = target_q_heads.float().to(device)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
     reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size, args.bf16,

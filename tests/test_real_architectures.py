@@ -250,6 +250,14 @@ RUNS = {
         str(MAX_PROMPT), "--eval-prompts", "8", *STOP, "--algorithm", "a_lol", "--total-steps", "2", "--batch-size",
         "4", "--value-split", "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2",
         "--chat-template"]),
+    # LoRA on the architectures' own layer names, with gradient checkpointing and eager attention
+    "ppo_neox_lora": ("ppo.py", "neox", _online("neox", ["rm_neox_gpt2"]) + [
+        "--ppo-epochs", "1", "--lora-r", "8", "--lora-target-modules", "query_key_value", "dense",
+        "--learning-rate", "1e-3", "--gradient-checkpointing", "--attn-implementation", "eager"]),
+    "alol_llama_lora": ("alol.py", "llama", _offline("llama", ["rm_gptj_bpe"]) + [
+        "--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "4", "--dataset", "HELDOUT", "--value-split",
+        "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2", "--lora-r", "8",
+        "--lora-target-modules", "o_proj", "down_proj", "--learning-rate", "1e-3"]),  # the blocks' outputs: _chatty
 }
 
 
@@ -480,6 +488,25 @@ def test_alol_on_llama_with_a_template_and_chat_messages(zoo, runs):
     assert records[0]["data/rows"] == zoo["pairs"] and records[-1]["step"] == 2
     (entry,) = (output_dir.parent / "cache").glob("*.json")
     assert json.loads(entry.read_text())["key"]["chat_template"] == LLAMA_TEMPLATE
+
+
+@pytest.mark.parametrize("name, adapted", [("ppo_neox_lora", ("query_key_value", "attention.dense")),
+                                           ("alol_llama_lora", ("o_proj", "down_proj"))])
+def test_lora_on_real_layer_names(zoo, runs, name, adapted):
+    """A LoRA adapter on the architecture's own layers, by name: the merged policy differs from the SFT one in those
+    weights only, by a matrix of rank ≤ r; the adapter folder names them. (The blocks' output layers: _chatty zeroes
+    them, so an adapter before them would get no gradient.)"""
+    import torch
+    from safetensors.torch import load_file
+    output_dir, proc, _ = runs[name]
+    run, _, _ = _check_common(zoo, name, output_dir, proc)
+    before, after = load_file(f"{zoo[RUNS[name][1]]}/model.safetensors"), load_file(f"{run}/policy/model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(".weight") and any(a in k for a in adapted) for k in changed), changed
+    for k in changed:
+        assert torch.linalg.matrix_rank((after[k] - before[k]).float()) <= 8, k
+    targets = json.loads((run / "policy" / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(targets) == sorted(a.split(".")[-1] for a in adapted)
 
 
 def test_run_costs(runs):
