@@ -1,4 +1,8 @@
-"""`./launch.sh bench` runs end to end on a tiny setting and prints its table; no timing is asserted."""
+"""`./launch.sh bench` runs end to end on tiny settings of the built-in models and prints its table; no timing or
+memory target is asserted, only that every number is there and finite, and that LoRA's memory floor is below full
+fine-tuning's."""
+
+import json
 import math
 import os
 import re
@@ -7,30 +11,103 @@ import sys
 
 from conftest import ROOT
 
-COLUMNS = ("script", "rollout tok/s", "bare generate tok/s", "rollout ratio", "update tok/s", "bare loop tok/s",
-           "update ratio", "peak memory", "gen / score / update")
+COLUMNS = (
+    "script",
+    "variant",
+    "rollout tok/s",
+    "bare generate tok/s",
+    "rollout ratio",
+    "whole rollout ratio",
+    "update tok/s",
+    "bare loop tok/s",
+    "update ratio",
+    "peak above idle",
+    "floor",
+    "peak / floor",
+    "gen / score / update",
+)
 
 
-def test_bench_prints_a_table_with_finite_ratios(builtin_path, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # this test's python
-    proc = subprocess.run(["bash", str(ROOT / "launch.sh"), "bench", "--batch-size", "4", "--max-new-tokens", "4",
-                           "--repeats", "1", "--scripts", "ppo", "--json", str(tmp_path / "bench.json")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def run_bench(tmp_path, *args):
+    """Run `./launch.sh bench ARGS --json` with this test's python; return (table rows as dicts, the JSON record)."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+    }
+    command = ["bash", str(ROOT / "launch.sh"), "bench", *args, "--json", str(tmp_path / "bench.json")]
+    proc = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     lines = proc.stdout.splitlines()
     assert any(line.startswith("machine: ") for line in lines), proc.stdout
     header = next(line for line in lines if line.startswith("| script |"))
     cells = [c.strip() for c in header.strip("|").split("|")]
     assert all(any(c.startswith(name) for c in cells) for name in COLUMNS), header
-    rows = [line for line in lines if line.startswith("| ppo |")]
-    assert len(rows) == 1, proc.stdout
-    row = dict(zip(cells, (c.strip() for c in rows[0].strip("|").split("|"))))
+    rows = []
+    for line in lines:
+        if line.startswith("| ppo |"):
+            rows.append(dict(zip(cells, (c.strip() for c in line.strip("|").split("|")))))
+    with open(tmp_path / "bench.json") as f:
+        record = json.load(f)
+    return rows, record
+
+
+def check_row(row):
+    """Every cell but the names holds finite numbers; the three time shares add up to 100 %."""
     for column, cell in row.items():
-        if column == "script":
+        if column in ("script", "variant"):
             continue
         numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", cell)]
         assert numbers and all(math.isfinite(x) for x in numbers), (column, cell)
     shares = [float(x) for x in re.findall(r"\d+", row["gen / score / update"])]
     assert len(shares) == 3 and 97 <= sum(shares) <= 103, row
-    assert (tmp_path / "bench.json").exists()
+
+
+def test_bench_prints_a_table_with_finite_ratios(builtin_path, tmp_path):
+    rows, record = run_bench(
+        tmp_path, "--batch-size", "4", "--max-new-tokens", "4", "--repeats", "1", "--scripts", "ppo"
+    )
+    assert len(rows) == 1, rows
+    assert rows[0]["variant"].startswith("full"), rows
+    check_row(rows[0])
+    assert record["results"][0]["floor_bytes"] > 0
+
+
+def test_bench_lora_and_unchunked_variants_report_memory_against_the_floor(builtin_path, tmp_path):
+    """Three variants on the built-in models: the scoring chunked (2 rows) and unchunked (the 4 rows at once), and
+    LoRA. Each row has its peak above the idle process, its floor and their ratio; LoRA holds no π_ref and no
+    gradients or AdamW states of the weights, so its floor is smaller."""
+    rows, record = run_bench(
+        tmp_path,
+        "--batch-size",
+        "4",
+        "--mini-batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--scripts",
+        "ppo",
+        "--variants",
+        "full",
+        "unchunked",
+        "lora",
+        "--lora-r",
+        "4",
+    )
+    assert [row["variant"].split()[0] for row in rows] == ["full", "unchunked", "lora"], rows
+    for row in rows:
+        check_row(row)
+    results = {r["variant"]: r for r in record["results"]}
+    assert results["full"]["forward_batch_size"] == 2
+    assert results["unchunked"]["forward_batch_size"] == 4
+    assert results["lora"]["lora_r"] == 4
+    for r in results.values():
+        assert r["floor_bytes"] > 0
+        assert math.isfinite(r["peak_above_idle_bytes"])
+        assert math.isfinite(r["peak_over_floor"])
+        assert r["same_tokens"], r["variant"]
+    assert results["lora"]["floor_bytes"] < results["full"]["floor_bytes"]
+    assert results["lora"]["trainable_parameters"] < results["full"]["trainable_parameters"]
