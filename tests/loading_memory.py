@@ -24,7 +24,12 @@ GPT2_DIR = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "gpt2")
 def build(folder: str, hidden: int, layers: int):
     """A random Llama with GPT-2's 50k BPE as a policy (`folder`/policy) and as a 1-output classifier (`folder`/rm)."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(GPT2_DIR)
     tokenizer.pad_token = tokenizer.eos_token
@@ -69,7 +74,7 @@ def run(folder: str, zero_stage: int, ranks: int) -> list:
         "/usr/bin/time", "-f", "peak-rss-kib %M", sys.executable, os.path.join(ROOT, "ppo.py"), *script_args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: ZeRO-{zero_stage} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return [int(kib) / 1024 for kib in re.findall(r"peak-rss-kib (\d+)", proc.stderr)]
