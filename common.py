@@ -1292,7 +1292,8 @@ def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, 
     logits = logits[:, -width - 1 : -1].float()  # the logit at position t predicts token t + 1
     if repetition_penalty != 1.0:
         logits = penalise_repeats(logits, ids[:, query_ids.shape[1]:], repetition_penalty)
-    logits = logits / temperature
+    if temperature != 1.0:  # a division by 1 would still be a pass (and its backward) over batch × length × vocabulary
+        logits = logits / temperature
     logsumexp = logits.logsumexp(-1)  # gather − logsumexp: no [batch, len, vocab] log-softmax kept around
     response_mask = mask[:, query_ids.shape[1]:]
     logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp) * response_mask
