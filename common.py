@@ -196,12 +196,7 @@ def _build_builtin(path: str, settings: dict):
     from datasets import Dataset, DatasetDict
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tqdm import tqdm
-    from transformers import (
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     print(f"building the built-in task in {path} (about 3 minutes on 2 CPU cores)", file=sys.stderr)
     s = SimpleNamespace(**settings)
