@@ -362,7 +362,7 @@ if __name__ == "__main__":
     sampler = torch.Generator().manual_seed(args.seed + rank)
 
     def rollout(prompt_rows, prompts):
-        """Sample, cut at EOS, score, and forward π_old and π_init over the result (ALGORITHMS.md §1).
+        """Sample, cut at EOS, score, and forward π_old and π_init over the result.
         `prompts`: the same prompts as the dataset gave them, for reward models and functions that read text."""
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
         response_ids = generate(policy, query_ids, query_mask, generation_config, zero3)

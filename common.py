@@ -404,14 +404,11 @@ def sharded_loading(config):
     if config is None:
         yield
         return
-    from transformers.integrations.deepspeed import (
-        HfDeepSpeedConfig,
-        unset_hf_deepspeed_config,
-    )
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    live = HfDeepSpeedConfig(config)
+    live = HfDeepSpeedConfig(config)  # noqa: F841 (transformers holds only a weak reference: it must live here)
     try:
-        yield live
+        yield
     finally:
         unset_hf_deepspeed_config()
 
@@ -486,8 +483,8 @@ def peft_model(model):
 
 def hf_model(model):
     """The transformers model itself, inside a DeepSpeed engine and a PeftModel (which injects its layers into it)."""
-    inner = getattr(model, "module", model)
-    return peft_model(inner).get_base_model() if peft_model(inner) is not None else inner
+    peft = peft_model(model)
+    return peft.get_base_model() if peft is not None else getattr(model, "module", model)
 
 
 @contextlib.contextmanager
@@ -1274,7 +1271,7 @@ def in_chunks(fn, rows, size: int):
 def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature=1.0,
                      with_entropy=False, repetition_penalty=1.0, entropy_grad=True):
     """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from the logits at the
-    last prompt position and the response's (ALGORITHMS.md §0): the LM head runs on those R + 1 positions only
+    last prompt position and the response's: the LM head runs on those R + 1 positions only
     (`logits_to_keep`), never on the prompt's, where a real vocabulary would cost prompt × vocabulary floats each.
     The logits are first penalised as ResponseRepetitionPenalty does while sampling, then divided by temperature:
     the log-probs are those of the distribution the responses were sampled from (top-k / top-p aside). Optionally the

@@ -415,7 +415,7 @@ if __name__ == "__main__":
     sampler = torch.Generator().manual_seed(args.seed + rank)
 
     def rollout(prompt_rows, prompts):
-        """Sample, cut at EOS, score, and forward π_old, π_ref and V over the result (ALGORITHMS.md §1). `prompts`:
+        """Sample, cut at EOS, score, and forward π_old, π_ref and V over the result. `prompts`:
         the same prompts as the dataset gave them, for reward models and functions that read text."""
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
         policy.eval()  # sampling and scoring in eval mode; the update switches to train mode
