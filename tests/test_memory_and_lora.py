@@ -2,6 +2,7 @@
 with its adapter off, ZeRO-0/2/3, exact resume), ZeRO-3 sharded loading, gradient checkpointing, the attention
 implementation and bf16 training of every trained model. Tiny random models of the real architectures' code paths
 (GPT-2's Conv1D layers, Llama's Linear ones) and subprocess runs on the built-in task."""
+
 import copy
 import json
 import math
@@ -24,17 +25,78 @@ sys.path.insert(0, str(ROOT))
 import common
 
 LORA = ["--lora-r", "4", "--lora-alpha", "8", "--learning-rate", "1e-3"]
-ONLINE = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
-          "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
+ONLINE = [
+    "--total-episodes",
+    "32",
+    "--rollout-batch-size",
+    "16",
+    "--mini-batch-size",
+    "8",
+    "--ppo-epochs",
+    "1",
+    "--max-new-tokens",
+    "12",
+    "--eval-prompts",
+    "16",
+    "--eval-every",
+    "1",
+]
 RUNS = {
     "ppo": ("ppo.py", [*ONLINE, "--value-learning-rate", "1e-3"]),
     "apa": ("apa.py", [*ONLINE, "--value-learning-rate", "1e-3"]),
-    "awr": ("awr.py", ["--offline-dataset", "builtin", "--offline-epochs", "1", "--mini-batch-size", "32",
-                       "--max-new-tokens", "16", "--eval-prompts", "16"]),
-    "alol": ("alol.py", ["--total-steps", "8", "--batch-size", "4", "--eval-every", "4", "--eval-prompts", "8",
-                         "--value-prompts", "40", "--value-epochs", "2", "--max-new-tokens", "12", "--no-cache"]),
-    "ilql": ("ilql.py", ["--epochs", "1", "--batch-size", "64", "--eval-prompts", "16", "--max-new-tokens", "16",
-                         "--log-every", "4", "--eval-betas", "0", "2"]),
+    "awr": (
+        "awr.py",
+        [
+            "--offline-dataset",
+            "builtin",
+            "--offline-epochs",
+            "1",
+            "--mini-batch-size",
+            "32",
+            "--max-new-tokens",
+            "16",
+            "--eval-prompts",
+            "16",
+        ],
+    ),
+    "alol": (
+        "alol.py",
+        [
+            "--total-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "4",
+            "--eval-prompts",
+            "8",
+            "--value-prompts",
+            "40",
+            "--value-epochs",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--no-cache",
+        ],
+    ),
+    "ilql": (
+        "ilql.py",
+        [
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--eval-prompts",
+            "16",
+            "--max-new-tokens",
+            "16",
+            "--log-every",
+            "4",
+            "--eval-betas",
+            "0",
+            "2",
+        ],
+    ),
 }
 
 
@@ -46,12 +108,21 @@ def _tiny(arch: str, kind: str, seed=0):
         GPT2Config,
         LlamaConfig,
     )
+
     torch.manual_seed(seed)
     if arch == "gpt2":
         config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)
     else:
-        config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0)
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+            pad_token_id=0,
+        )
     config.num_labels = 1
     cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
     return cls.from_config(config).eval()
@@ -95,11 +166,13 @@ def test_merged_state_dict_equals_peft_merge_and_loads_as_a_plain_checkpoint(arc
     rows = _ragged()
     with torch.no_grad():
         if kind == "causal":
-            torch.testing.assert_close(common.forward_logprobs(reloaded, *rows), common.forward_logprobs(model, *rows),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                common.forward_logprobs(reloaded, *rows), common.forward_logprobs(model, *rows), rtol=1e-4, atol=1e-5
+            )
         else:
-            torch.testing.assert_close(common.forward_values(reloaded, *rows), common.forward_values(model, *rows),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                common.forward_values(reloaded, *rows), common.forward_values(model, *rows), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_adapter_off_is_the_base_model_and_the_head_sees_response_positions_only():
@@ -140,8 +213,14 @@ def test_gradient_checkpointing_recomputes_in_train_mode_with_the_same_gradients
         model.eval()
         count.clear()
         with torch.no_grad():
-            out = model.generate(input_ids=rows[0], attention_mask=rows[1], max_new_tokens=3, do_sample=False,
-                                 pad_token_id=0, use_cache=True)
+            out = model.generate(
+                input_ids=rows[0],
+                attention_mask=rows[1],
+                max_new_tokens=3,
+                do_sample=False,
+                pad_token_id=0,
+                use_cache=True,
+            )
         assert len(count) == 3 and out.shape[1] == rows[0].shape[1] + 3  # one cached step per new token
     assert calls == {False: 1, True: 2}
     for a, b in zip(grads[False], grads[True]):
@@ -153,8 +232,19 @@ def test_attention_implementation_and_dropout_off(tmp_path):
     model = common.load_model(str(tmp_path / "llama"), "causal", "--model-name-or-path", attn_implementation="eager")
     assert model.config._attn_implementation == "eager"
     from transformers import GPT2Config, GPT2LMHeadModel
-    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.5,
-                               attn_pdrop=0.5, embd_pdrop=0.5)).save_pretrained(tmp_path / "gpt2")
+
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=64,
+            n_positions=32,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            resid_pdrop=0.5,
+            attn_pdrop=0.5,
+            embd_pdrop=0.5,
+        )
+    ).save_pretrained(tmp_path / "gpt2")
     model = common.load_model(str(tmp_path / "gpt2"), "causal", "--model-name-or-path").train()
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p == 0 for m in dropouts)
@@ -171,8 +261,9 @@ def _adapted_weight(state, prefix):
 def lora_runs(builtin_path, tmp_path_factory):
     """Every script once with a LoRA adapter (ZeRO-0, one process), two at a time, plus PPO under --bf16."""
     tmp = tmp_path_factory.mktemp("lora")
-    jobs = {name: (script, [*args, *LORA, "--output-dir", str(tmp / name)], {}) for name, (script, args) in
-            RUNS.items()}
+    jobs = {
+        name: (script, [*args, *LORA, "--output-dir", str(tmp / name)], {}) for name, (script, args) in RUNS.items()
+    }
     jobs["ppo"][1].append("--gradient-checkpointing")
     jobs["apa"][1].extend(["--attn-implementation", "eager"])
     jobs["ppo_bf16"] = ("ppo.py", [*RUNS["ppo"][1], "--bf16", "--output-dir", str(tmp / "ppo_bf16")], {})
@@ -190,6 +281,7 @@ def test_lora_end_to_end_in_every_script(lora_runs, builtin_path, name):
     log-probs; the value models of PPO / APA / AWR are adapters too, with a head trained in full."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     run, records = read_run(lora_runs / name)
     assert all(math.isfinite(v) for r in records for v in r.values())
     sft_dir = os.path.join(builtin_path, "sft")
@@ -197,23 +289,28 @@ def test_lora_end_to_end_in_every_script(lora_runs, builtin_path, name):
     merged = load_file(run / "policy" / "model.safetensors")
     assert torch.equal(merged["transformer.wte.weight"], sft["transformer.wte.weight"])  # frozen base
     delta = _adapted_weight(merged, "transformer.h.1") - _adapted_weight(sft, "transformer.h.1")
-    assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta.float()) <= 4
+    # rank ≤ r, counting singular values above 1e-3 of the largest: the rest is rounding in W + ΔW − W
+    assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta.float(), rtol=1e-3) <= 4
     adapter_config = json.loads((run / "policy" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
     policy = AutoModelForCausalLM.from_pretrained(run / "policy").eval()
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_dir), run / "policy" / "adapter")
     rows = [t.clamp(max=200) for t in _ragged()]
     with torch.no_grad():
-        torch.testing.assert_close(common.forward_logprobs(policy, *rows),
-                                   common.forward_logprobs(adapted.eval(), *rows), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            common.forward_logprobs(policy, *rows), common.forward_logprobs(adapted.eval(), *rows), rtol=1e-4, atol=1e-4
+        )
     if name in ("ppo", "apa", "awr"):
         value = AutoModelForSequenceClassification.from_pretrained(run / "value")
         reward = load_file(os.path.join(builtin_path, "reward", "model.safetensors"))
         assert not torch.equal(value.score.weight, reward["score.weight"])  # the head trains in full
         assert (run / "value" / "adapter" / "adapter_config.json").exists()
     if name == "ilql":
-        assert {k.split(".")[0] for k in load_file(run / "policy" / "ilql_heads.safetensors")} == \
-            {"v_head", "q_heads", "target_q_heads"}
+        assert {k.split(".")[0] for k in load_file(run / "policy" / "ilql_heads.safetensors")} == {
+            "v_head",
+            "q_heads",
+            "target_q_heads",
+        }
     if name in ("ppo", "apa"):  # π_ref is the SFT model: before training the policy is it, after it has moved
         assert records[0]["eval/kl_to_ref"] == 0 and records[-1]["eval/kl_to_ref"] != 0
 
@@ -256,11 +353,12 @@ def test_lora_two_ranks_resumes_exactly(builtin_path, tmp_path, zero_stage):
     assert records[-1]["eval/kl_to_ref"] != 0
     assert_resume_reproduces("ppo.py", args, records, tmp_path, nproc=2)
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(run / "policy")  # gathered from the ZeRO-3 shards, merged
     assert (run / "policy" / "adapter" / "adapter_model.safetensors").exists()
 
 
-SHARDED_LOADING = '''
+SHARDED_LOADING = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 import common
@@ -276,7 +374,7 @@ with common.deepspeed.zero.GatheredParameters(list(model.parameters())):
 with open({out!r} + f"/rank{{rank}}.json", "w") as f:  # one file per rank: two ranks' prints can interleave
     json.dump(dict(rank=rank, local=local, total=total, empty=empty, same=same), f)
 common.exit_cleanly()
-'''
+"""
 
 
 def test_zero3_loads_each_rank_its_own_shards(tmp_path):
@@ -304,10 +402,9 @@ def test_lora_settings_that_cannot_work_fail_in_one_line(builtin_path, tmp_path)
     for name, (_, args, _) in jobs.items():
         args += ["--output-dir", str(tmp_path / name)]
     procs = run_pairs(jobs)
-    assert "pass --lora-r" in error_line(procs["four_bit_alone"])
-    assert "needs a CUDA GPU" in error_line(procs["four_bit_cpu"]) and "drop --load-in-4bit" in \
-        error_line(procs["four_bit_cpu"])
-    assert "--unfrozen-layers 2" in error_line(procs["unfrozen"]) and "pass one" in error_line(procs["unfrozen"])
-    assert "use --zero-stage 0" in error_line(procs["four_bit_zero"])
-    line = error_line(procs["target"])
-    assert "--lora-target-modules q_proj" in line and "all-linear" in line
+    lines = {name: error_line(proc) for name, proc in procs.items()}
+    assert "pass --lora-r" in lines["four_bit_alone"]
+    assert "needs a CUDA GPU" in lines["four_bit_cpu"] and "drop --load-in-4bit" in lines["four_bit_cpu"]
+    assert "--unfrozen-layers 2" in lines["unfrozen"] and "pass one" in lines["unfrozen"]
+    assert "use --zero-stage 0" in lines["four_bit_zero"]
+    assert "--lora-target-modules q_proj" in lines["target"] and "all-linear" in lines["target"]

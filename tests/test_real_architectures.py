@@ -504,7 +504,8 @@ def test_lora_on_real_layer_names(zoo, runs, name, adapted):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(".weight") and any(a in k for a in adapted) for k in changed), changed
     for k in changed:
-        assert torch.linalg.matrix_rank((after[k] - before[k]).float()) <= 8, k
+        # rank ≤ r, counting singular values above 1e-3 of the largest: the rest is rounding in W + ΔW − W
+        assert torch.linalg.matrix_rank((after[k] - before[k]).float(), rtol=1e-3) <= 8, k
     targets = json.loads((run / "policy" / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert sorted(targets) == sorted(a.split(".")[-1] for a in adapted)
 
