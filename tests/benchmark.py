@@ -598,25 +598,19 @@ def main(argv=None):
         # ---- the script's path --------------------------------------------------------------------------------------
         def script_generate():
             """rollout() up to scoring: eval mode (ppo.py), generate, cut after EOS / stop strings."""
+            penalty = {}
             if name == "ppo":
                 policy.eval()
                 value_model.eval()
-                response_ids = mod.generate(
-                    policy=policy,
-                    query_ids=query_ids,
-                    query_mask=query_mask,
-                    generation_config=generation_config,
-                    zero3=False,
-                    repetition_penalty=sargs.repetition_penalty,
-                )
-            else:
-                response_ids = mod.generate(
-                    policy=policy,
-                    query_ids=query_ids,
-                    query_mask=query_mask,
-                    generation_config=generation_config,
-                    zero3=False,
-                )
+                penalty["repetition_penalty"] = sargs.repetition_penalty  # only ppo.py's generate() takes it
+            response_ids = mod.generate(
+                policy=policy,
+                query_ids=query_ids,
+                query_mask=query_mask,
+                generation_config=generation_config,
+                zero3=False,
+                **penalty,
+            )
             return common.truncate_after_eos(
                 response_ids,
                 eos_id=tokenizer.eos_token_id,
@@ -625,18 +619,11 @@ def main(argv=None):
                 stop_strings=sargs.stop_strings,
             )
 
-        def bare_generate():
+        def bare_generate():  # transformers' own generate with the same settings, nothing of the script around it
             return raw_policy.generate(
                 input_ids=query_ids,
                 attention_mask=query_mask,
-                do_sample=True,
-                temperature=sargs.temperature,
-                top_k=sargs.top_k,
-                top_p=sargs.top_p,
-                max_new_tokens=opts.max_new_tokens,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                generation_config=generation_config,
             )
 
         def policy_logprobs(*rows):
