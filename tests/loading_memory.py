@@ -10,6 +10,7 @@ so a rank holds about 1/ranks of every model. Each rank runs under /usr/bin/time
 is that process's peak; the table prints it for every rank, with the weights' own size for scale. One iteration:
 loading, one rollout (8 prompts, 8 new tokens per rank), one update; no timing is measured.
 """
+
 import argparse
 import os
 import re
@@ -90,8 +91,10 @@ def main():
         n_params = build(folder, opts.hidden, opts.layers)
         peaks = {(stage, ranks): run(folder, stage, ranks) for ranks in opts.ranks for stage in (2, 3)}
     weights_mib = n_params * 4 / 2**20
-    print(f"a random Llama of {n_params / 1e6:.1f} M parameters ({weights_mib:.0f} MiB in float32; four models "
-          f"of it: policy, π_ref, value, reward), CPU ranks, one ppo.py iteration")
+    print(
+        f"a random Llama of {n_params / 1e6:.1f} M parameters ({weights_mib:.0f} MiB in float32; four models "
+        f"of it: policy, π_ref, value, reward), CPU ranks, one ppo.py iteration"
+    )
     print("| ZeRO stage | ranks | peak RSS of each rank (MiB) |")
     print("|---|---|---|")
     for (stage, ranks), values in peaks.items():

@@ -1,6 +1,7 @@
 """Chat templates: prompts rendered with the policy tokenizer's template (--chat-template), HH dialogues as messages, a
 `messages` column, and reward models that score their own template of (prompt, response). On GPT-2's real BPE
 (../shared/data/tokenizers/gpt2) with Qwen2's and Llama 3's special tokens added, as instruct checkpoints have them."""
+
 import json
 
 import pytest
@@ -8,19 +9,27 @@ import torch
 from conftest import ROOT, train_bpe
 
 GPT2_DIR = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-          " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-          "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 HH = "\n\nHuman: What is a good film?\n\nAssistant: Try Alien.\n\nHuman: Why that one?\n\nAssistant:"
-HH_MESSAGES = [{"role": "user", "content": "What is a good film?"}, {"role": "assistant", "content": "Try Alien."},
-               {"role": "user", "content": "Why that one?"}]
+HH_MESSAGES = [
+    {"role": "user", "content": "What is a good film?"},
+    {"role": "assistant", "content": "Try Alien."},
+    {"role": "user", "content": "Why that one?"},
+]
 
 
 def qwen_tokenizer():
     """GPT-2's BPE with Qwen2 instruct's turn tokens, EOS <|im_end|> and its ChatML template."""
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(GPT2_DIR)
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.eos_token, tok.pad_token, tok.chat_template = "<|im_end|>", "<|endoftext|>", CHATML
@@ -32,23 +41,34 @@ def llama3_tokenizer():
     """GPT-2's BPE with Llama 3's layout: <|begin_of_text|> before every text, and a template that writes it too."""
     from tokenizers import Tokenizer, processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     gpt2 = AutoTokenizer.from_pretrained(GPT2_DIR)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(gpt2.backend_tokenizer.to_str()),
-                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|end_of_text|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(gpt2.backend_tokenizer.to_str()),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|end_of_text|>",
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
-    tok.backend_tokenizer.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>",
-                                                                                      tok.bos_token_id)])])
+    tok.backend_tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", tok.bos_token_id)]
+            ),
+        ]
+    )
     tok.chat_template = LLAMA3
     return tok
 
 
 def test_prompts_become_chat_messages():
     import common
+
     assert common.prompt_messages(HH) == HH_MESSAGES
     assert common.prompt_messages("Summarize: the cat sat.\nTL;DR:") == [
-        {"role": "user", "content": "Summarize: the cat sat.\nTL;DR:"}]
+        {"role": "user", "content": "Summarize: the cat sat.\nTL;DR:"}
+    ]
     system = [{"role": "system", "content": "Be brief."}, *HH_MESSAGES]
     assert common.prompt_messages(system) == system
     # messages as plain text for a reward without a template: an HH transcript that reads back as the same turns
@@ -56,13 +76,16 @@ def test_prompts_become_chat_messages():
     assert common.prompt_messages(common.prompt_text(HH_MESSAGES)) == HH_MESSAGES
     assert common.prompt_text(system).startswith("Be brief.\n\nHuman: ")
     assert common.split_messages([*HH_MESSAGES, {"role": "assistant", "content": "It is tense."}]) == (
-        HH_MESSAGES, "It is tense.")
+        HH_MESSAGES,
+        "It is tense.",
+    )
     assert common.split_messages(HH_MESSAGES) == (HH_MESSAGES, None)
 
 
 @pytest.mark.parametrize("kind", ["qwen", "llama3"])
 def test_encode_prompts_renders_the_template_with_the_assistant_turn_opened(kind):
     import common
+
     tok = qwen_tokenizer() if kind == "qwen" else llama3_tokenizer()
     (row,), n_truncated = common.encode_prompts(tok, [HH], 512, 16, 1024, chat_template=True)
     text = tok.apply_chat_template(HH_MESSAGES, tokenize=False, add_generation_prompt=True)
@@ -82,9 +105,12 @@ def test_chat_template_errors_are_one_line():
     """A tokenizer without a template under --chat-template, and chat messages without it: one line naming the fix."""
     import common
     from transformers import AutoTokenizer
+
     gpt2 = AutoTokenizer.from_pretrained(GPT2_DIR)
-    for tok, prompts, flag, fix in ((gpt2, [HH], True, "drop --chat-template"),
-                                    (qwen_tokenizer(), [HH_MESSAGES], False, "pass --chat-template")):
+    for tok, prompts, flag, fix in (
+        (gpt2, [HH], True, "drop --chat-template"),
+        (qwen_tokenizer(), [HH_MESSAGES], False, "pass --chat-template"),
+    ):
         with pytest.raises(SystemExit) as stop:
             common.encode_prompts(tok, prompts, 64, 8, 1024, chat_template=flag)
         message = str(stop.value)
@@ -93,6 +119,7 @@ def test_chat_template_errors_are_one_line():
 
 def test_a_messages_column_gives_prompts_rows_and_preference_pairs(tmp_path):
     import common
+
     reply = {"role": "assistant", "content": "It is tense."}
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (HH_MESSAGES, HH_MESSAGES[:1])))
@@ -101,14 +128,19 @@ def test_a_messages_column_gives_prompts_rows_and_preference_pairs(tmp_path):
     rows.write_text(json.dumps({"messages": [*HH_MESSAGES, reply], "reward": 0.5}) + "\n")
     assert common.load_offline_rows(str(rows)) == ([HH_MESSAGES], ["It is tense."], [0.5])
     pairs = tmp_path / "pairs.jsonl"  # conversational preference rows: chosen / rejected conversations
-    pairs.write_text(json.dumps({"chosen": [*HH_MESSAGES, reply],
-                                 "rejected": [*HH_MESSAGES, {"role": "assistant", "content": "No idea."}]}) + "\n")
+    pairs.write_text(
+        json.dumps(
+            {"chosen": [*HH_MESSAGES, reply], "rejected": [*HH_MESSAGES, {"role": "assistant", "content": "No idea."}]}
+        )
+        + "\n"
+    )
     assert common.load_offline_rows(str(pairs)) == ([HH_MESSAGES] * 2, ["It is tense.", "No idea."], [1.0, 0.0])
 
 
 def policy_batch(tok, prompts, responses):
     """The policy's batch as the scripts hold it: rendered prompts LEFT-padded, responses + EOS RIGHT-padded."""
     import common
+
     rows, _ = common.encode_prompts(tok, prompts, 512, 16, 1024, chat_template=True)
     query_ids, query_mask = common.pad_left(rows, tok.pad_token_id)
     ids = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
@@ -124,14 +156,26 @@ def test_a_reward_model_with_its_own_template_scores_its_rendering(tmp_path):
     messages must score the same."""
     import common
     from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
-    template = ("{% for message in messages %}{{ '[' + message['role'] + '] ' + message['content'] + '<|endoftext|>' }}"
-                "{% endfor %}")
+
+    template = (
+        "{% for message in messages %}{{ '[' + message['role'] + '] ' + message['content'] + '<|endoftext|>' }}"
+        "{% endfor %}"
+    )
     rm_tok = train_bpe([HH, "It is tense. No idea. A classic of the genre."] * 4, vocab_size=300)
     rm_tok.chat_template = template
     torch.manual_seed(0)
-    model = GPTNeoXForSequenceClassification(GPTNeoXConfig(
-        vocab_size=len(rm_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_labels=1, max_position_embeddings=512, pad_token_id=rm_tok.pad_token_id))
+    model = GPTNeoXForSequenceClassification(
+        GPTNeoXConfig(
+            vocab_size=len(rm_tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_labels=1,
+            max_position_embeddings=512,
+            pad_token_id=rm_tok.pad_token_id,
+        )
+    )
     model.save_pretrained(tmp_path / "rm")
     rm_tok.save_pretrained(tmp_path / "rm")
     tok = qwen_tokenizer()
@@ -149,22 +193,26 @@ def test_a_reward_model_with_its_own_template_scores_its_rendering(tmp_path):
         with torch.no_grad():
             expected.append(model(**rm_tok(text, return_tensors="pt")).logits[0, 0].item())
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
-    assert got[0].item() == pytest.approx(score(*policy_batch(tok, [HH_MESSAGES], responses[:1]), [HH]).item(),
-                                          abs=1e-6)  # HH text and messages: one rendering
+    assert got[0].item() == pytest.approx(
+        score(*policy_batch(tok, [HH_MESSAGES], responses[:1]), [HH]).item(), abs=1e-6
+    )  # HH text and messages: one rendering
     assert len(set(expected)) == 3
 
 
 def test_a_reward_function_gets_the_prompts_as_given(tmp_path, monkeypatch):
     import common
+
     (tmp_path / "chat_rewards.py").write_text(
         "CALLS = []\n"
         "def spy(prompts, responses):\n"
         "    CALLS.append((prompts, responses))\n"
-        "    return [float(len(r)) for r in responses]\n")
+        "    return [float(len(r)) for r in responses]\n"
+    )
     monkeypatch.chdir(tmp_path)
     tok = qwen_tokenizer()
     prompts, responses = [HH_MESSAGES, HH], [" It is tense.", "No idea."]
     score = common.load_reward("chat_rewards:spy", tok)
     assert score(*policy_batch(tok, prompts, responses), prompts).tolist() == [13.0, 8.0]
     import chat_rewards
+
     assert chat_rewards.CALLS == [(prompts, responses)]  # the messages and the text as the dataset gave them
