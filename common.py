@@ -9,7 +9,9 @@
 - logging and checkpoints; resumable checkpoints, stop signals, non-finite guards.
 
 Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens (its EOS included)."""
+import ast
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import inspect
@@ -23,6 +25,7 @@ import socket
 import sys
 import time
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -46,15 +49,25 @@ def fail(message: str):  # a one-line error that names the fix; no traceback: th
     raise SystemExit(f"error: {message}")
 
 
-def flags_given(argv=None) -> set:
-    """The Args fields named on the command line: `--init-kl-coef 0.1`, `--lr=1e-5`, `--no-adaptive-kl` ..."""
-    names = set()
-    for word in sys.argv[1:] if argv is None else argv:
-        if word.startswith("--"):
-            name = word[2:].split("=")[0].replace("-", "_")
-            names.add(name)
-            names.add(name.removeprefix("no_"))
-    return names
+def parse_args(args_class, presets: dict, argv=None):
+    """The script's `Args` from the command line. `--preset NAME` makes the values of presets[NAME] (a paper's
+    released settings) the defaults, so that every flag given on the command line still wins over them:
+    `--preset hh --learning-rate 1e-5` runs the preset with another learning rate."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = None
+    for i, word in enumerate(argv):
+        if word == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif word.startswith("--preset="):
+            name = word.split("=", 1)[1]
+    if name is None:
+        return tyro.cli(args_class, args=argv)
+    if name not in presets:
+        fail(f"--preset {name} is not one of this script's presets; pick one of: {', '.join(presets) or 'none'}")
+    default = dataclasses.replace(args_class(), **presets[name], preset=name)
+    return tyro.cli(args_class, args=argv, default=default)
 
 
 # ---- The built-in task: a tiny movie-review world that needs no download (README, "The built-in task") ---------------
@@ -124,8 +137,9 @@ BUILTIN_MANIFEST = "MANIFEST.json"
 
 
 def builtin_key(settings: dict = BUILTIN_SETTINGS) -> str:
-    """A hash of everything the task is built from: its settings, the vocabulary and the builder's code."""
-    code = [inspect.getsource(f) for f in (sample_review, builtin_gold_score, _build_builtin)]
+    """A hash of everything the task is built from: its settings, the vocabulary and the builder's code. The code
+    counts by its syntax tree, so that formatting and comments never change the key; what it does does."""
+    code = [ast.dump(ast.parse(inspect.getsource(f))) for f in (sample_review, builtin_gold_score, _build_builtin)]
     return hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
 
 
@@ -852,6 +866,47 @@ def pad_left(rows, pad_id: int, device=None):
     return ids.to(device), mask.to(device)
 
 
+class Batch(NamedTuple):
+    """Rows of (left-padded prompt | right-padded response), in the order every forward pass takes them:
+    `forward_logprobs(model, *batch)`."""
+
+    query_ids: torch.Tensor  # [batch, prompt_len], left-padded
+    query_mask: torch.Tensor  # [batch, prompt_len], 1 on prompt tokens
+    response_ids: torch.Tensor  # [batch, response_len], right-padded
+    response_mask: torch.Tensor  # [batch, response_len], float, 1 on response tokens (their EOS included)
+
+    def rows(self, index) -> "Batch":
+        """The rows at `index` (a slice, a list or a tensor of row numbers)."""
+        return Batch(*(tensor[index] for tensor in self))
+
+
+def encode_offline_rows(tokenizer, prompts, responses, *, max_prompt_length, max_new_tokens, context,
+                        chat_template=False, device=None) -> Batch:
+    """Dataset rows (prompt, response text) as a Batch. Each response is cut to --max-new-tokens − 1 tokens and
+    ends in EOS (an EOS in its text is dropped first), so that every row ends as a sampled response that stopped
+    does, and the last response token is where a sequence's reward goes."""
+    prompts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in prompts]  # text, or chat messages
+    query_rows, _ = encode_prompts(
+        tokenizer,
+        prompts,
+        max_prompt_length=max_prompt_length,
+        max_new_tokens=max_new_tokens,
+        context=context,
+        chat_template=chat_template,
+    )
+    eos = tokenizer.eos_token
+    texts = [str(response).replace(eos, "").rstrip() if eos else str(response) for response in responses]
+    response_rows = [
+        ids[: max_new_tokens - 1] + [tokenizer.eos_token_id]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+    query_ids, query_mask = pad_left(query_rows, tokenizer.pad_token_id, device)
+    width = max(len(row) for row in response_rows)
+    response_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in response_rows])
+    response_mask = torch.tensor([[1.0] * len(row) + [0.0] * (width - len(row)) for row in response_rows])
+    return Batch(query_ids, query_mask, response_ids.to(device), response_mask.to(device))
+
+
 # ---- Reward models as released: trlX / Dahoas GPT-J, CarperAI TL;DR, OpenAssistant --------------------------------
 # A released reward model is a trunk (a transformers base model) and a 1-output linear head, stored in its own layout
 # and trained on its own text; each layout below as the released code reads it (file / line of the upstream repo):
@@ -1464,6 +1519,56 @@ def save_hf(engine, tokenizer, path: str, rank: int):
         dist.barrier()
 
 
+# ---- Start-up: the checks every script makes, the run's name and folder, checkpoints when due --------------------
+class Run(NamedTuple):
+    """This process's place in the run, and where the run is written."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    name: str  # {exp_name}__{seed}__{unix time}
+    dir: str  # {output_dir}/{name}: args.json, metrics.jsonl, TensorBoard events, the saved models
+    script: str  # whose checkpoints these are: "ppo.py", or "apa.py --offline-dataset" (modes do not mix)
+
+    @property
+    def resume_path(self) -> str:  # the resumable checkpoint, rewritten in place
+        return os.path.join(self.dir, "resume")
+
+
+def start_run(args, script: str) -> Run:
+    """What every script checks before it loads anything (one weight per reward model, the LoRA flags, a --resume
+    folder this script with this many ranks can continue), then the process group. `script` names the script and
+    its mode: a checkpoint is continued only by the same."""
+    weights = getattr(args, "reward_weights", None)
+    if weights and len(weights) != len(args.reward_model):
+        fail(
+            f"--reward-weights has {len(weights)} values for {len(args.reward_model)} --reward-model entries; give "
+            f"one weight per reward model"
+        )
+    check_lora(args)
+    rank, world_size, device = init_distributed(args.zero_stage)
+    if args.resume:
+        check_resume(args.resume, script)
+    name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    return Run(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        name=name,
+        dir=os.path.join(args.output_dir, name),
+        script=script,
+    )
+
+
+def checkpoint_if_due(run: Run, args, *, step: int, engines: dict, state: dict, signum: int):
+    """Write the resumable checkpoint every --save-every steps, or now when the run was signalled (`signum`, from
+    stop_requested(); 0 if not); after a signal the run then exits with 128 + signum."""
+    if signum or (args.save_every and step % args.save_every == 0):
+        save_resume(run.resume_path, run.script, step, engines, state, args, run.dir, run.rank)
+    if signum:
+        exit_after_signal(signum, run.resume_path, run.script, run.rank)
+
+
 # ---- Resumable checkpoints, stop signals, non-finite guards (every script) ---------------------------------------
 def _barrier():
     if dist.is_initialized():
@@ -1580,8 +1685,8 @@ def stop_signals():
 
 def exit_after_signal(signum: int, path: str, script: str, rank: int):
     if rank == 0:
-        print(f"stopped by {signal.Signals(signum).name}; continue with: {script} --resume {path} (and the same "
-              f"arguments)", flush=True)
+        print(f"stopped by {signal.Signals(signum).name}; continue with: {script.split()[0]} --resume {path} (and "
+              f"the same arguments)", flush=True)
     _barrier()
     dist.destroy_process_group()
     raise SystemExit(128 + signum)

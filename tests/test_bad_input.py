@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import error_line, read_run, run_pairs
 
-TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
+TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--update-epochs", "1",
         "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
 
 
@@ -64,7 +64,7 @@ def runs(builtin_path, tmp_path_factory):
         "resume_ranks": ("ppo.py", ["--resume", resume["ranks"]], {}),
         "nan_reward": ("ppo.py", [*TINY, "--reward-model", "nan_reward:late_nan", "--save-every", "1"],
                        {"env": {"PYTHONPATH": str(tmp)}}),
-        "nan_loss": ("alol.py", ["--algorithm", "nll", "--learning-rate", "1e30", "--total-steps", "8", "--batch-size",
+        "nan_loss": ("alol.py", ["--algorithm", "nll", "--learning-rate", "1e30", "--total-steps", "8", "--mini-batch-size",
                                  "4", "--eval-every", "100", "--eval-prompts", "8", "--value-prompts", "40",
                                  "--value-epochs", "1", "--max-new-tokens", "8", "--cache-dir", str(tmp / "cache")],
                      {}),

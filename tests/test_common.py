@@ -1,5 +1,6 @@
 """Unit tests of common.py: log-prob / value gathering against per-row loops, EOS truncation, masked statistics,
 the built-in gold score, prompt encoding and the loaders' one-line errors. CPU, offline, fast."""
+import dataclasses
 import json
 
 import pytest
@@ -631,7 +632,47 @@ def test_forward_logprobs_are_those_of_the_distribution_generate_sampled(penalty
     assert got.tolist() == [pytest.approx(row, abs=1e-4) for row in expected.tolist()]
 
 
-def test_flags_given():
-    given = common.flags_given(["--init-kl-coef", "0.1", "--lr=3", "--no-adaptive-kl", "builtin", "-h"])
-    assert {"init_kl_coef", "lr", "adaptive_kl"} <= given
-    assert "builtin" not in given and "h" not in given
+@dataclasses.dataclass
+class _Args:
+    preset: str | None = None
+    """a preset's name"""
+    learning_rate: float = 1e-3
+    """a rate"""
+    adaptive_kl: bool = True
+    """a switch"""
+
+
+_PRESETS = {"paper": dict(learning_rate=5e-7, adaptive_kl=False)}
+
+
+def test_a_preset_sets_the_defaults_and_flags_on_the_command_line_win():
+    assert common.parse_args(_Args, _PRESETS, argv=[]) == _Args()
+    assert common.parse_args(_Args, _PRESETS, argv=["--preset", "paper"]) == _Args("paper", 5e-7, False)
+    given = common.parse_args(_Args, _PRESETS, argv=["--learning-rate", "3e-5", "--preset=paper", "--adaptive-kl"])
+    assert given == _Args("paper", 3e-5, True)
+
+
+def test_an_unknown_preset_is_a_one_line_error_that_lists_the_presets():
+    with pytest.raises(SystemExit, match="--preset hh is not one of this script's presets; pick one of: paper"):
+        common.parse_args(_Args, _PRESETS, argv=["--preset", "hh"])
+
+
+def test_offline_rows_end_in_eos_within_the_response_budget():
+    tokenizer = common.load_tokenizer("builtin")
+    eos = tokenizer.eos_token
+    batch = common.encode_offline_rows(
+        tokenizer,
+        ["the film", "a plot"],
+        ["was great" + eos, "was " + "very " * 40 + "dull"],
+        max_prompt_length=8,
+        max_new_tokens=6,
+        context=64,
+    )
+    lengths = batch.response_mask.sum(1).long().tolist()
+    assert lengths == [len(tokenizer("was great", add_special_tokens=False)["input_ids"]) + 1, 6]
+    for row, n in zip(batch.response_ids.tolist(), lengths):
+        assert row[n - 1] == tokenizer.eos_token_id  # one EOS, last: the one in the text was dropped
+        assert tokenizer.eos_token_id not in row[: n - 1]
+        assert row[n:] == [tokenizer.pad_token_id] * (len(row) - n)
+    assert batch.rows([1]).response_ids.tolist() == batch.response_ids[1:].tolist()
+    assert batch.query_mask.sum(1).tolist() == [len(tokenizer(p)["input_ids"]) for p in ["the film", "a plot"]]

@@ -83,7 +83,7 @@ def test_the_tiny_policy_says_human_and_the_tokenizer_reloads(hh):
 def _online(hh):
     return ["--model-name-or-path", hh["policy"], "--reward-model", hh["reward"], "--dataset", hh["data"],
             "--train-split", "train", "--eval-split", "train", "--total-episodes", "16", "--rollout-batch-size", "16",
-            "--mini-batch-size", "8", "--ppo-epochs", "1", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length",
+            "--mini-batch-size", "8", "--update-epochs", "1", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length",
             str(MAX_PROMPT), "--eval-prompts", "8", "--eval-every", "1", *STOP]
 
 
@@ -98,9 +98,9 @@ RUNS = {
     "apa": ("apa.py", _online, []),
     "awr": ("awr.py", _online, []),
     "apa_offline": ("apa.py", _offline, ["--offline-epochs", "1", "--mini-batch-size", "32", "--eval-every", "1"]),
-    "ilql": ("ilql.py", _offline, ["--epochs", "1", "--batch-size", "16", "--eval-betas", "1", "--eval-every", "1",
+    "ilql": ("ilql.py", _offline, ["--offline-epochs", "1", "--mini-batch-size", "16", "--eval-betas", "1", "--eval-every", "1",
                                    "--log-every", "2"]),
-    "alol": ("alol.py", _offline, ["--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "8",
+    "alol": ("alol.py", _offline, ["--algorithm", "a_lol", "--total-steps", "2", "--mini-batch-size", "8",
                                    "--value-split", "train", "--value-prompts", "16", "--value-epochs", "1",
                                    "--eval-every", "2"]),  # --dataset: the held-out rows (the runs fixture)
 }

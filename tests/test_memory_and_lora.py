@@ -32,7 +32,7 @@ ONLINE = [
     "16",
     "--mini-batch-size",
     "8",
-    "--ppo-epochs",
+    "--update-epochs",
     "1",
     "--max-new-tokens",
     "12",
@@ -64,7 +64,7 @@ RUNS = {
         [
             "--total-steps",
             "8",
-            "--batch-size",
+            "--mini-batch-size",
             "4",
             "--eval-every",
             "4",
@@ -82,9 +82,9 @@ RUNS = {
     "ilql": (
         "ilql.py",
         [
-            "--epochs",
+            "--offline-epochs",
             "1",
-            "--batch-size",
+            "--mini-batch-size",
             "64",
             "--eval-prompts",
             "16",

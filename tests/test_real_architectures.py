@@ -231,31 +231,31 @@ def _offline(policy, reward):
 # name: (script, policy, arguments with the checkpoints' names and DATA for the HH rows' file)
 RUNS = {
     "ppo_llama": ("ppo.py", "llama", _online("llama", ["rm_neox_bpe", "arch_rewards:spy"]) + [
-        "--ppo-epochs", "1", "--unfrozen-layers", "1"]),
+        "--update-epochs", "1", "--unfrozen-layers", "1"]),
     "apa_neox": ("apa.py", "neox", _online("neox", ["rm_neox_gpt2", "arch_rewards:length"]) + [
         "--reward-weights", "1", "0.5"]),
     "awr_gptj": ("awr.py", "gptj", _offline("gptj", ["rm_neox_bpe", "arch_rewards:spy"]) + [
         "--offline-epochs", "1", "--mini-batch-size", "8", "--eval-every", "1"]),
     "ilql_qwen2": ("ilql.py", "qwen2", _offline("qwen2", ["arch_rewards:length"]) + [
-        "--epochs", "1", "--batch-size", "8", "--eval-betas", "1", "--eval-every", "1", "--log-every", "1"]),
+        "--offline-epochs", "1", "--mini-batch-size", "8", "--eval-betas", "1", "--eval-every", "1", "--log-every", "1"]),
     "alol_llama": ("alol.py", "llama", _offline("llama", ["rm_gptj_bpe"]) + [
-        "--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "4", "--dataset", "HELDOUT", "--value-split",
+        "--algorithm", "a_lol", "--total-steps", "2", "--mini-batch-size", "4", "--dataset", "HELDOUT", "--value-split",
         "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2"]),
     # --chat-template: ChatML prompts for the policy, the reward model's own template for (prompt, response)
     "ppo_qwen2_chat": ("ppo.py", "qwen2", _online("qwen2", ["rm_neox_chat", "arch_rewards:spy"]) + [
-        "--ppo-epochs", "1", "--chat-template"]),
+        "--update-epochs", "1", "--chat-template"]),
     "alol_llama_chat": ("alol.py", "llama_chat", [
         "--model-name-or-path", "llama_chat", "--reward-model", "rm_neox_chat", "--offline-dataset", "CHAT_DATA",
         "--dataset", "CHAT_HELDOUT", "--eval-split", "train", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length",
-        str(MAX_PROMPT), "--eval-prompts", "8", *STOP, "--algorithm", "a_lol", "--total-steps", "2", "--batch-size",
+        str(MAX_PROMPT), "--eval-prompts", "8", *STOP, "--algorithm", "a_lol", "--total-steps", "2", "--mini-batch-size",
         "4", "--value-split", "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2",
         "--chat-template"]),
     # LoRA on the architectures' own layer names, with gradient checkpointing and eager attention
     "ppo_neox_lora": ("ppo.py", "neox", _online("neox", ["rm_neox_gpt2"]) + [
-        "--ppo-epochs", "1", "--lora-r", "8", "--lora-target-modules", "query_key_value", "dense",
+        "--update-epochs", "1", "--lora-r", "8", "--lora-target-modules", "query_key_value", "dense",
         "--learning-rate", "1e-3", "--gradient-checkpointing", "--attn-implementation", "eager"]),
     "alol_llama_lora": ("alol.py", "llama", _offline("llama", ["rm_gptj_bpe"]) + [
-        "--algorithm", "a_lol", "--total-steps", "2", "--batch-size", "4", "--dataset", "HELDOUT", "--value-split",
+        "--algorithm", "a_lol", "--total-steps", "2", "--mini-batch-size", "4", "--dataset", "HELDOUT", "--value-split",
         "train", "--value-prompts", "8", "--value-epochs", "1", "--eval-every", "2", "--lora-r", "8",
         "--lora-target-modules", "o_proj", "down_proj", "--learning-rate", "1e-3"]),  # the blocks' outputs: _chatty
 }

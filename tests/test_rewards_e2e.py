@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import read_run, run_script
 
-TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
+TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--update-epochs", "1",
         "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
 REWARD_MODULE = '''
 def words(prompts, responses):
