@@ -109,83 +109,49 @@ print(f"wrote {os.path.join(out, 'reward_vs_kl.png')}")
 PY
 }
 
-# ---- paper: the released experiments (../shared/ALGORITHMS.md §9, §10), their hub names and GPU layout ---------
+# ---- paper: a released experiment = one script's --preset (its values sit beside the script's Args) + a GPU layout --
 PAPER="apa-hh awr-hh ppo-hh apa-tldr ppo-tldr ilql-hh apa-off-hh awr-off-hh alol-hh"
-preset() {  # preset NAME SIZE: sets p_script, p_gpus, p_layout, p_mem and the argument array p_args
-  local name=$1 size=$2 S
+preset() {  # preset NAME SIZE: sets p_script, p_preset, p_gpus, p_layout, p_mem and the layout's arguments p_args
+  local name=$1 size=$2
   case $size in
-    125m) S=125M ;; 1b) S=1B ;; 6b) S=6B ;; *) die "paper: --size must be 125m, 1b or 6b, got '$size'" ;;
+    125m|1b|6b) ;;
+    *) die "paper: --size must be 125m, 1b or 6b, got '$size'" ;;
   esac
-  # HH (APA paper): Dahoas' Pythia SFT policies, prompts "Human: … Assistant:" from rm-static, 128 new tokens, stop
-  # strings, the first 280 test prompts; trlX trained the top 2 blocks, AdamW (0.9, 0.95), weight decay 1e-6.
-  # Prompts are cut to 896 tokens (trlX's seq_length 1024 − 128 new tokens): an assumption, not in the papers.
-  local hh=(--model-name-or-path "Dahoas/pythia-$S-static-sft" --dataset Dahoas/rm-static --eval-split test
-            --eval-prompts 280 --max-prompt-length 896 --max-new-tokens 128 --stop-strings "Human:" "Assistant:"
-            --unfrozen-layers 2 --adam-betas 0.9 0.95 --weight-decay 1e-6 --bf16)
-  local rollouts=64; if [[ $size == 125m ]]; then rollouts=128; fi
   # one training process; π_ref, the value model and the reward model on the next three GPUs, as released
   local four=(--ref-device cuda:1 --value-device cuda:2 --reward-device cuda:3)
-  local online=(--reward-model Dahoas/gptj-rm-static --value-model policy --rollout-batch-size $rollouts
-                --mini-batch-size 8 --ppo-epochs 2 --gamma 1 --gae-lambda 0.95 --vf-coef 1 "${four[@]}")
-  local tldr=(--model-name-or-path CarperAI/openai_summarize_tldr_sft --reward-model
-              CarperAI/openai_summarize_tldr_rm_checkpoint --dataset CarperAI/openai_summarize_tldr --eval-split test
-              --eval-prompts 280 --max-prompt-length 512 --max-new-tokens 50 --unfrozen-layers 8 --bf16
-              --value-model policy --rollout-batch-size 128 --mini-batch-size 8 --ppo-epochs 2 --gamma 1
-              --gae-lambda 0.95 "${four[@]}")
-  local mem_hh="policy/value ≈ 0.6/4/21 GB, π_ref ≈ 0.3/2/14 GB, RM (GPT-J 6B) ≈ 12 GB"
-  p_gpus=1 p_layout="4 GPUs: policy cuda:0 (the one training process), π_ref cuda:1, value cuda:2, reward cuda:3"
-  p_mem="$mem_hh (for 125m/1b/6b; bf16 weights + AdamW state of the trained blocks, activations not included)"
+  p_gpus=1
+  p_layout="4 GPUs: policy cuda:0 (the one training process), π_ref cuda:1, value cuda:2, reward cuda:3"
+  p_mem="policy/value ≈ 0.6/4/21 GB, π_ref ≈ 0.3/2/14 GB, RM (GPT-J 6B) ≈ 12 GB (for 125m/1b/6b; bf16 weights + AdamW"
+  p_mem+=" state of the trained blocks, activations not included)"
   case $name in
-    apa-hh) p_script=apa; p_args=("${hh[@]}" "${online[@]}" --lam 0.1 --learning-rate 1e-6 --reward-scaling running
-                                  --reward-clip 100) ;;
-    awr-hh) p_script=awr; p_args=("${hh[@]}" "${online[@]}" --lam 2 --learning-rate 1e-6 --reward-scaling running
-                                  --reward-clip 100) ;;  # λ = 2: the released HH adv_coeff_log = 1/λ = 0.5
-    ppo-hh) p_script=ppo; local lr=8e-6; if [[ $size == 1b ]]; then lr=1e-6; fi  # released: 1e-6 for the 1B model
-            p_args=("${hh[@]}" "${online[@]}" --learning-rate $lr
-                                  --init-kl-coef 0.05 --adaptive-kl --target-kl 6 --cliprange 0.2 --cliprange-value 0.2
-                                  --reward-scaling running --reward-clip 10) ;;
+    apa-hh|awr-hh|ppo-hh)
+      p_script=${name%%-*} p_preset=hh-$size p_args=("${four[@]}") ;;
     apa-tldr|ppo-tldr)
       [[ $size == 6b ]] || die "paper: $name has one size, the 6B GPT-J SFT model: drop --size or pass --size 6b"
-      p_mem="policy/value ≈ 40 GB, π_ref ≈ 12 GB, RM ≈ 12 GB (GPT-J 6B; 8 trained blocks; activations not included)"
-      if [[ $name == apa-tldr ]]; then
-        p_script=apa; p_args=("${tldr[@]}" --lam 0.1 --learning-rate 1e-6 --adam-betas 0.9 0.999 --weight-decay 1e-6
-                              --vf-coef 1 --reward-scaling running --reward-clip 100)
-      else
-        p_script=ppo; p_args=("${tldr[@]}" --learning-rate 1e-6 --adam-betas 0.9 0.999 --weight-decay 0.01 --vf-coef 0.2
-                              --init-kl-coef 0.1 --adaptive-kl --target-kl 6 --cliprange 0.2 --cliprange-value 0.2
-                              --reward-scaling none --reward-clip 10)
-      fi ;;
-    ilql-hh) p_script=ilql p_layout="1 GPU: the LM and its heads; the reward model (evaluation only) on cuda:1"
-      p_mem="LM + heads ≈ 1/4/30 GB (two 2h×50k Q heads and their targets), RM ≈ 12 GB"
-      p_args=("${hh[@]}" --offline-dataset Dahoas/rm-static --reward-model Dahoas/gptj-rm-static --reward-device cuda:1
-              --tau 0.6 --gamma 0.99 --cql-scale 0.1 --awac-scale 1 --alpha 1e-4 --beta-train 0
-              --steps-for-target-q-sync 1 --learning-rate 1e-6 --eval-betas 1 4 --top-k 20) ;;
-    apa-off-hh|awr-off-hh) p_script=${name%%-*}
-      p_args=("${hh[@]}" "${online[@]}" --offline-dataset Dahoas/rm-static --learning-rate 1e-6)
-      if [[ $name == apa-off-hh ]]; then p_args+=(--lam 0.1); fi ;;
-    alol-hh) p_script=alol p_layout="2 GPUs: policy (π_ref = its adapter off) cuda:0, reward model cuda:1"
-      # A-LoL HH: 16 sequences a step, 9000 steps, lr 2e-4 constant, grad clip 0.3, greedy evaluation on 280 prompts,
-      # reward = sigmoid(OpenAssistant RM logit). Released on QLoRA LLaMA-7B: LoRA r 64, α 16, dropout 0.05 on every
-      # linear layer (the QLoRA HH adapter it continues); here the same adapter on the Pythia SFT policies, 16-bit
-      # base weights (add --load-in-4bit on a GPU for QLoRA), HH transcripts whose chosen replies the RM scores.
-      p_mem="policy ≈ 0.3/2/14 GB bf16 + adapter with its AdamW state ≈ 0.15/0.5/2.1 GB (9/34/134 M params), RM ≈ 3 GB"
-      p_args=(--model-name-or-path "Dahoas/pythia-$S-static-sft" --offline-dataset Anthropic/hh-rlhf
-              --dataset Anthropic/hh-rlhf --eval-split test --eval-prompts 280 --max-prompt-length 896
-              --max-new-tokens 128 --stop-strings "Human:" "Assistant:" --bf16
-              --lora-r 64 --lora-alpha 16 --lora-dropout 0.05 --lora-target-modules all-linear
-              --reward-model OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5 --reward-transform sigmoid
-              --reward-device cuda:1 --batch-size 16 --total-steps 9000 --learning-rate 2e-4 --max-grad-norm 0.3) ;;
+      p_script=${name%%-*} p_preset=tldr p_args=("${four[@]}")
+      p_mem="policy/value ≈ 40 GB, π_ref ≈ 12 GB, RM ≈ 12 GB (GPT-J 6B; 8 trained blocks; activations not included)" ;;
+    apa-off-hh|awr-off-hh)
+      p_script=${name%%-*} p_preset=offline-hh-$size p_args=("${four[@]}") ;;
+    ilql-hh)
+      p_script=ilql p_preset=hh-$size p_args=(--reward-device cuda:1)
+      p_layout="2 GPUs: the LM and its heads cuda:0; the reward model (evaluation only) cuda:1"
+      p_mem="LM + heads ≈ 1/4/30 GB (two 2h×50k Q heads and their targets), RM ≈ 12 GB" ;;
+    alol-hh)
+      p_script=alol p_preset=hh-$size p_args=(--reward-device cuda:1)
+      p_layout="2 GPUs: policy (π_ref = its adapter off) cuda:0, reward model cuda:1"
+      p_mem="policy ≈ 0.3/2/14 GB bf16 + adapter with its AdamW state ≈ 0.15/0.5/2.1 GB (9/34/134 M params), RM ≈ 3 GB" ;;
     *) die "paper: unknown preset '$name'; one of: $PAPER (./launch.sh paper --list)" ;;
   esac
 }
 
 paper() {
-  local size="" name="" dry=() p_script p_gpus p_layout p_mem p_args
+  local size="" name="" dry=() p_script p_preset p_gpus p_layout p_mem p_args
   while (($#)); do
     case $1 in
       --list) for name in $PAPER; do
                 local sz=1b; if [[ $name == *tldr ]]; then sz=6b; fi
-                preset "$name" "$sz"; printf '%-11s %-5s %s\n%17s%s\n' "$name" "$p_script.py" "$p_layout" "" "$p_mem"
+                preset "$name" "$sz"
+                printf '%-11s %-7s --preset %-15s %s\n%17s%s\n' "$name" "$p_script.py" "$p_preset" "$p_layout" "" "$p_mem"
               done; exit 0 ;;
       --size) (($# >= 2)) || die "--size needs 125m, 1b or 6b"; size=$2; shift 2 ;;
       --dry-run) dry=(--dry-run); shift ;;
@@ -198,7 +164,7 @@ paper() {
   [[ -n $name ]] || die "paper: name a preset (./launch.sh paper --list)"
   if [[ -z $size && $name == *tldr ]]; then size=6b; fi  # TL;DR has one size
   preset "$name" "${size:-1b}"
-  exec bash "$PWD/launch.sh" "$p_script" --gpus "$p_gpus" "${dry[@]}" -- "${p_args[@]}" "$@"
+  exec bash "$PWD/launch.sh" "$p_script" --gpus "$p_gpus" "${dry[@]}" -- --preset "$p_preset" "${p_args[@]}" "$@"
 }
 
 # ---- subcommands ---------------------------------------------------------------------------------------------------

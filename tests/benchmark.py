@@ -61,6 +61,7 @@ alternating order. The peak is measured in the warm-up iteration, before anythin
 """
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -252,10 +253,8 @@ def release_freed_memory(torch, device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def reset_peak(torch, device):
@@ -742,7 +741,7 @@ def main(argv=None):
                 value_model.eval()
             return step_stats
 
-        # ---- the bare loop: same models, same mini-batch inputs, simplest loss, plain AdamW ---------------------------
+        # ---- the bare loop: same models, same mini-batch inputs, simplest loss, plain AdamW --------------------------
         value_inner = common.hf_model(value_model)  # the transformers model (LoRA layers injected, if any)
         value_body = getattr(value_inner, value_inner.base_model_prefix)
         takes_keep = "logits_to_keep" in inspect.signature(common.hf_model(policy).forward).parameters

@@ -1,4 +1,5 @@
 """Shared test plumbing: the scripts run as subprocesses with tiny settings (cleanRL-style), offline."""
+
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 def builtin_path():
     """The built-in task, built once (minutes the first time; cached after)."""
     import common
+
     return common.builtin_dir()
 
 
@@ -28,11 +30,16 @@ def train_bpe(texts, vocab_size):
     another vocabulary than the policy's, made in seconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
@@ -41,6 +48,7 @@ def free_port():
     """A port no other run of this session uses: DeepSpeed names its CPU shared-memory all-reduce buffers
     (/dev/shm/deepspeed_allreduce_buffer_*) after the master port, so two runs on one port share them."""
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,17 +56,30 @@ def free_port():
 
 def run_script(script, *args, nproc=1, env=None, check=True, timeout=600):
     """Run SCRIPT.py with ARGS in a subprocess (torchrun with nproc > 1); return the CompletedProcess."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                **(env or {})}
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env or {}),
+    }
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), str(ROOT / script), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            str(ROOT / script),
+            *args,
+        ]
     else:
         cmd = [sys.executable, str(ROOT / script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -75,12 +96,33 @@ def run_and_stop(script, *args, after, nproc=1, sig=None, env=None, timeout=600)
     preempting the job would (under torchrun: to the launcher, which forwards it); return (returncode, stdout)."""
     import signal
     import time
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
-                **(env or {})}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(free_port())] if nproc > 1 else [sys.executable]
-    proc = subprocess.Popen([*launcher, str(ROOT / script), *args], cwd=ROOT, env=full_env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    full_env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+        **(env or {}),
+    }
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
+    proc = subprocess.Popen(
+        [*launcher, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=full_env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     lines, deadline = [], time.time() + timeout
     for line in proc.stdout:
         lines.append(line)
@@ -96,16 +138,25 @@ def assert_resume_reproduces(script, args, records, tmp_path, nproc=1, env=None)
     """Stop SCRIPT with SIGTERM as soon as it starts training, resume it from the checkpoint it wrote, and check that
     the resumed run logs exactly `records`, those of an uninterrupted run with the same ARGS (and `env`: the thread
     count changes the last bits)."""
-    rc, out = run_and_stop(script, *args, "--output-dir", str(tmp_path / "stopped"), after="before training",
-                           nproc=nproc, env=env)
+    rc, out = run_and_stop(
+        script, *args, "--output-dir", str(tmp_path / "stopped"), after="before training", nproc=nproc, env=env
+    )
     assert "stopped by SIGTERM; continue with" in out, out[-3000:]
     assert rc == (143 if nproc == 1 else 1), out[-3000:]  # torchrun itself exits 1 after forwarding the signal
     stopped, _ = read_run(tmp_path / "stopped")
-    saved_step = json.load(open(stopped / "resume" / "meta.json"))["step"]
+    saved_step = json.loads((stopped / "resume" / "meta.json").read_text())["step"]
     assert 1 <= saved_step < records[-1]["step"], saved_step  # stopped mid-run, not at the end
     assert not (stopped / "policy").exists()  # no final model from a stopped run
-    resumed = run_script(script, *args, "--output-dir", str(tmp_path / "resumed"), "--resume",
-                         str(stopped / "resume"), nproc=nproc, env=env)
+    resumed = run_script(
+        script,
+        *args,
+        "--output-dir",
+        str(tmp_path / "resumed"),
+        "--resume",
+        str(stopped / "resume"),
+        nproc=nproc,
+        env=env,
+    )
     assert f"resumed from {stopped / 'resume'} at step {saved_step}" in resumed.stdout
     _, resumed_records = read_run(tmp_path / "resumed")
     assert resumed_records == records  # every logged number, before and after the stop, to the last digit written
@@ -131,5 +182,6 @@ def run_pairs(jobs: dict, workers=2):
         script, args, kwargs = jobs[name]
         env = {"OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
         return name, run_script(script, *args, env=env, check=False, **kwargs)
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(launch, jobs))

@@ -2,13 +2,28 @@
 a data set smaller than one batch, episodes that do not split over the ranks, an unknown --algorithm, a --resume
 folder from another script, and NaN/inf in a reward or a loss (the run stops at that step and keeps its last good
 checkpoint). Subprocesses on the built-in task, as a user would meet them."""
+
 import json
 
 import pytest
 from conftest import error_line, read_run, run_pairs
 
-TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--update-epochs", "1",
-        "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
+TINY = [
+    "--total-episodes",
+    "32",
+    "--rollout-batch-size",
+    "16",
+    "--mini-batch-size",
+    "8",
+    "--update-epochs",
+    "1",
+    "--max-new-tokens",
+    "12",
+    "--eval-prompts",
+    "16",
+    "--eval-every",
+    "1",
+]
 
 
 NAN_REWARD = '''
@@ -33,16 +48,23 @@ def runs(builtin_path, tmp_path_factory):
     """Every bad run of this file, two at a time (they are mostly start-up): name -> (CompletedProcess, folder)."""
     tmp = tmp_path_factory.mktemp("bad")
     prompts = _jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in ["the movie", "a film", "  ", "the plot"]])
-    empty = _jsonl(tmp / "empty.jsonl", [{"prompt": "the movie", "response": r, "reward": 1.0}
-                                         for r in ["was fine", "", "", "was dull"]])
-    nan = _jsonl(tmp / "nan.jsonl", [{"prompt": "the movie", "response": "was fine", "reward": r}
-                                     for r in [1.0, float("nan"), 0.5, 0.0]])
+    empty = _jsonl(
+        tmp / "empty.jsonl",
+        [{"prompt": "the movie", "response": r, "reward": 1.0} for r in ["was fine", "", "", "was dull"]],
+    )
+    nan = _jsonl(
+        tmp / "nan.jsonl",
+        [{"prompt": "the movie", "response": "was fine", "reward": r} for r in [1.0, float("nan"), 0.5, 0.0]],
+    )
     small = _jsonl(tmp / "small.jsonl", [{"prompt": "the movie", "response": "was fine", "reward": 1.0}] * 4)
     (tmp / "nan_reward.py").write_text(NAN_REWARD)
     resume = {}
-    for name, meta in [("none", None), ("ilql", {"script": "ilql.py", "step": 3, "world_size": 1}),
-                       ("offline", {"script": "apa.py --offline-dataset", "step": 3, "world_size": 1}),
-                       ("ranks", {"script": "ppo.py", "step": 3, "world_size": 2})]:
+    for name, meta in [
+        ("none", None),
+        ("ilql", {"script": "ilql.py", "step": 3, "world_size": 1}),
+        ("offline", {"script": "apa.py --offline-dataset", "step": 3, "world_size": 1}),
+        ("ranks", {"script": "ppo.py", "step": 3, "world_size": 2}),
+    ]:
         (folder := tmp / f"resume_{name}").mkdir()
         if meta:
             (folder / "meta.json").write_text(json.dumps(meta))
@@ -55,19 +77,57 @@ def runs(builtin_path, tmp_path_factory):
         "episodes": ("ppo.py", [*TINY, "--total-episodes", "48"], {"nproc": 2}),
         "value_device": ("ppo.py", [*TINY, "--total-episodes", "32", "--value-device", "cuda:0"], {"nproc": 2}),
         "algorithm": ("alol.py", ["--algorithm", "ppo"], {}),
-        "value_prompts": ("alol.py", ["--dataset", small, "--offline-dataset", small, "--eval-split", "train",
-                                      "--value-split", "train", "--cache-dir", str(tmp / "cache")],
-                          {}),  # V_ref would see training prompts
+        "value_prompts": (
+            "alol.py",
+            [
+                "--dataset",
+                small,
+                "--offline-dataset",
+                small,
+                "--eval-split",
+                "train",
+                "--value-split",
+                "train",
+                "--cache-dir",
+                str(tmp / "cache"),
+            ],
+            {},
+        ),  # V_ref would see training prompts
         "resume_none": ("ppo.py", ["--resume", resume["none"]], {}),
         "resume_ilql": ("ppo.py", ["--resume", resume["ilql"]], {}),
         "resume_offline": ("apa.py", ["--resume", resume["offline"]], {}),  # online: not the same run
         "resume_ranks": ("ppo.py", ["--resume", resume["ranks"]], {}),
-        "nan_reward": ("ppo.py", [*TINY, "--reward-model", "nan_reward:late_nan", "--save-every", "1"],
-                       {"env": {"PYTHONPATH": str(tmp)}}),
-        "nan_loss": ("alol.py", ["--algorithm", "nll", "--learning-rate", "1e30", "--total-steps", "8", "--mini-batch-size",
-                                 "4", "--eval-every", "100", "--eval-prompts", "8", "--value-prompts", "40",
-                                 "--value-epochs", "1", "--max-new-tokens", "8", "--cache-dir", str(tmp / "cache")],
-                     {}),
+        "nan_reward": (
+            "ppo.py",
+            [*TINY, "--reward-model", "nan_reward:late_nan", "--save-every", "1"],
+            {"env": {"PYTHONPATH": str(tmp)}},
+        ),
+        "nan_loss": (
+            "alol.py",
+            [
+                "--algorithm",
+                "nll",
+                "--learning-rate",
+                "1e30",
+                "--total-steps",
+                "8",
+                "--mini-batch-size",
+                "4",
+                "--eval-every",
+                "100",
+                "--eval-prompts",
+                "8",
+                "--value-prompts",
+                "40",
+                "--value-epochs",
+                "1",
+                "--max-new-tokens",
+                "8",
+                "--cache-dir",
+                str(tmp / "cache"),
+            ],
+            {},
+        ),
     }
     for name, (_, args, _) in jobs.items():
         args += ["--output-dir", str(tmp / "out" / name)]

@@ -103,8 +103,9 @@ def test_encode_prompts_renders_the_template_with_the_assistant_turn_opened(kind
 
 def test_chat_template_errors_are_one_line():
     """A tokenizer without a template under --chat-template, and chat messages without it: one line naming the fix."""
-    import common
     from transformers import AutoTokenizer
+
+    import common
 
     gpt2 = AutoTokenizer.from_pretrained(GPT2_DIR)
     for tok, prompts, flag, fix in (
@@ -154,8 +155,9 @@ def test_a_reward_model_with_its_own_template_scores_its_rendering(tmp_path):
     """The reward model has another tokenizer and another template than the policy: it must read its own template
     of (prompt messages, response), not the policy's ChatML ids decoded, and a prompt given as HH text or as
     messages must score the same."""
-    import common
     from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    import common
 
     template = (
         "{% for message in messages %}{{ '[' + message['role'] + '] ' + message['content'] + '<|endoftext|>' }}"
@@ -215,4 +217,4 @@ def test_a_reward_function_gets_the_prompts_as_given(tmp_path, monkeypatch):
     assert score(*policy_batch(tok, prompts, responses), prompts).tolist() == [13.0, 8.0]
     import chat_rewards
 
-    assert chat_rewards.CALLS == [(prompts, responses)]  # the messages and the text as the dataset gave them
+    assert [(prompts, responses)] == chat_rewards.CALLS  # the messages and the text as the dataset gave them

@@ -1,14 +1,15 @@
 """Unit tests of common.py: log-prob / value gathering against per-row loops, EOS truncation, masked statistics,
 the built-in gold score, prompt encoding and the loaders' one-line errors. CPU, offline, fast."""
+
 import dataclasses
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 
 import common
-from conftest import ROOT
 
 VOCAB = 64
 PAD_ID = 0
@@ -19,20 +20,22 @@ PAD_ID = 0
 # ------------------------------------------------------------------------------------------------------------
 def tiny_config(**extra):
     from transformers import GPT2Config
+
     # initializer_range 0.3 (instead of 0.02) so that log-probs / values vary by O(1) between tokens and positions:
     # an off-by-one shift or a wrong position id then moves the result far beyond the tolerance.
-    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3,
-                      **extra)
+    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3, **extra)
 
 
 def tiny_causal_lm(seed=0):
     from transformers import GPT2LMHeadModel
+
     torch.manual_seed(seed)
     return GPT2LMHeadModel(tiny_config()).eval()
 
 
 def tiny_score_model(seed=0):
     from transformers import GPT2ForSequenceClassification
+
     torch.manual_seed(seed)
     return GPT2ForSequenceClassification(tiny_config(num_labels=1, pad_token_id=PAD_ID)).eval()
 
@@ -53,16 +56,17 @@ def ragged_batch(seed=0):
     query_mask = torch.zeros(len(prompts), P, dtype=torch.long)
     response_mask = torch.zeros(len(prompts), R, dtype=torch.long)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        query_ids[i, P - len(p):] = torch.tensor(p)
-        query_mask[i, P - len(p):] = 1
-        response_ids[i, :len(r)] = torch.tensor(r)
-        response_mask[i, :len(r)] = 1
+        query_ids[i, P - len(p) :] = torch.tensor(p)
+        query_mask[i, P - len(p) :] = 1
+        response_ids[i, : len(r)] = torch.tensor(r)
+        response_mask[i, : len(r)] = 1
     return prompts, responses, query_ids, query_mask, response_ids, response_mask
 
 
 def word_tokenizer(words=("a", "b", "c", "d", "e", "f", "g", "h"), pad=True):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     specials = (["<pad>"] if pad else []) + ["<eos>", "<unk>"]
     vocab = {w: i for i, w in enumerate(specials + list(words))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -80,10 +84,14 @@ def loop_logprobs_entropy(model, prompts, responses, temperature):
     for p, r in zip(prompts, responses):
         ids = torch.tensor([p + r])
         logits = model(input_ids=ids).logits[0].double() / temperature
-        logits = logits[len(p) - 1: len(p) + len(r) - 1]  # the state before each response token
+        logits = logits[len(p) - 1 : len(p) + len(r) - 1]  # the state before each response token
         logp = F.log_softmax(logits, -1)
-        out.append(([logp[t, tok].item() for t, tok in enumerate(r)],
-                    [-(logp[t].exp() * logp[t]).sum().item() for t in range(len(r))]))
+        out.append(
+            (
+                [logp[t, tok].item() for t, tok in enumerate(r)],
+                [-(logp[t].exp() * logp[t]).sum().item() for t in range(len(r))],
+            )
+        )
     return out
 
 
@@ -93,8 +101,7 @@ def test_forward_logprobs_and_entropy_match_unpadded_per_row_loop(temperature):
     prompts, responses, q, qm, r, rm = ragged_batch()
     with torch.no_grad():
         logprobs_only = common.forward_logprobs(model, q, qm, r, rm, temperature=temperature)
-        logprobs, entropy = common.forward_logprobs(model, q, qm, r, rm, temperature=temperature,
-                                                    with_entropy=True)
+        logprobs, entropy = common.forward_logprobs(model, q, qm, r, rm, temperature=temperature, with_entropy=True)
     assert logprobs.shape == entropy.shape == r.shape
     torch.testing.assert_close(logprobs_only, logprobs, rtol=0, atol=0)
     expected = loop_logprobs_entropy(model, prompts, responses, temperature)
@@ -113,7 +120,7 @@ def test_forward_logprobs_runs_the_lm_head_on_the_response_positions_only():
     """The LM head never sees a prompt position but the last: with a real vocabulary, prompt × vocabulary logits are
     the largest tensor of a forward pass. The head is wrapped to record how many positions each call gets."""
     model = tiny_causal_lm()
-    prompts, _, q, qm, r, rm = ragged_batch()
+    _prompts, _, q, qm, r, rm = ragged_batch()
     seen = []
     model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[1]))
     with torch.no_grad():
@@ -126,7 +133,7 @@ def test_chunked_scoring_gives_the_one_pass_result(size):
     """--forward-batch-size: log-probs, values and a reward function's scores over chunks of rows (the last one short)
     are those of one pass over the whole ragged batch."""
     model, value_model = tiny_causal_lm(), tiny_score_model()
-    prompts, _, q, qm, r, rm = ragged_batch()
+    _prompts, _, q, qm, r, rm = ragged_batch()
     assert len(q) % size or size == 1  # a short last chunk where the size allows
     with torch.no_grad():
         whole = common.forward_logprobs(model, q, qm, r, rm)
@@ -140,9 +147,10 @@ def test_chunked_scoring_gives_the_one_pass_result(size):
     def score(query_ids, query_mask, response_ids, response_mask, prompts):  # a reward: the response's length
         calls.append(prompts)
         return response_mask.sum(1).float()
+
     assert common.in_chunks(score, (q, qm, r, rm, texts), size).tolist() == rm.sum(1).float().tolist()
     assert [len(c) for c in calls] == [min(size, len(q) - i) for i in range(0, len(q), size)]
-    assert sum(calls, []) == texts
+    assert [text for call in calls for text in call] == texts
 
 
 def test_entropy_has_a_graph_only_when_it_is_trained_on():
@@ -174,9 +182,14 @@ def test_forward_logprobs_is_independent_of_how_much_padding_there_is():
     with torch.no_grad():
         batched = common.forward_logprobs(model, q, qm, r, rm)
         for i, (p, resp) in enumerate(zip(prompts, responses)):
-            alone = common.forward_logprobs(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long),
-                                            torch.tensor([resp]), torch.ones(1, len(resp), dtype=torch.long))
-            torch.testing.assert_close(batched[i, :len(resp)], alone[0], rtol=0, atol=1e-5)
+            alone = common.forward_logprobs(
+                model,
+                torch.tensor([p]),
+                torch.ones(1, len(p), dtype=torch.long),
+                torch.tensor([resp]),
+                torch.ones(1, len(resp), dtype=torch.long),
+            )
+            torch.testing.assert_close(batched[i, : len(resp)], alone[0], rtol=0, atol=1e-5)
 
 
 def test_forward_values_match_unpadded_per_row_loop():
@@ -189,9 +202,9 @@ def test_forward_values_match_unpadded_per_row_loop():
         for i, (p, resp) in enumerate(zip(prompts, responses)):
             hidden = model.transformer(input_ids=torch.tensor([p + resp])).last_hidden_state
             per_token = model.score(hidden)[0, :, 0]
-            expected = per_token[len(p) - 1: len(p) + len(resp) - 1].tolist()  # V(x + y_<t) for each t
-            assert values[i, :len(resp)].tolist() == pytest.approx(expected, abs=1e-5)
-            assert values[i, len(resp):].tolist() == [0.0] * (r.shape[1] - len(resp))
+            expected = per_token[len(p) - 1 : len(p) + len(resp) - 1].tolist()  # V(x + y_<t) for each t
+            assert values[i, : len(resp)].tolist() == pytest.approx(expected, abs=1e-5)
+            assert values[i, len(resp) :].tolist() == [0.0] * (r.shape[1] - len(resp))
             seen += expected
     assert max(seen) - min(seen) > 0.1
 
@@ -201,22 +214,22 @@ def test_forward_values_match_unpadded_per_row_loop():
 # ------------------------------------------------------------------------------------------------------------
 def test_truncate_after_eos_crafted_rows():
     EOS, PAD = 1, 0
-    rows = [[5, EOS, 7, 8, 9],    # EOS in the middle
-            [EOS, 5, 6, 7, 8],    # EOS first
-            [5, 6, 7, 8, EOS],    # EOS last
-            [5, 6, 7, 8, 9],      # no EOS
-            [5, EOS, EOS, 9, EOS]]  # EOS twice in a row (and once more later)
+    rows = [
+        [5, EOS, 7, 8, 9],  # EOS in the middle
+        [EOS, 5, 6, 7, 8],  # EOS first
+        [5, 6, 7, 8, EOS],  # EOS last
+        [5, 6, 7, 8, 9],  # no EOS
+        [5, EOS, EOS, 9, EOS],
+    ]  # EOS twice in a row (and once more later)
     ids, mask, ended = common.truncate_after_eos(torch.tensor(rows), EOS, PAD)
-    assert ids.tolist() == [[5, EOS, PAD, PAD, PAD],
-                            [EOS, PAD, PAD, PAD, PAD],
-                            [5, 6, 7, 8, EOS],
-                            [5, 6, 7, 8, 9],
-                            [5, EOS, PAD, PAD, PAD]]
-    assert mask.tolist() == [[1, 1, 0, 0, 0],
-                             [1, 0, 0, 0, 0],
-                             [1, 1, 1, 1, 1],
-                             [1, 1, 1, 1, 1],
-                             [1, 1, 0, 0, 0]]
+    assert ids.tolist() == [
+        [5, EOS, PAD, PAD, PAD],
+        [EOS, PAD, PAD, PAD, PAD],
+        [5, 6, 7, 8, EOS],
+        [5, 6, 7, 8, 9],
+        [5, EOS, PAD, PAD, PAD],
+    ]
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert ended.tolist() == [True, True, True, False, True]
 
 
@@ -224,11 +237,16 @@ def test_stop_strings_cut_real_bpe_text_before_the_next_turn():
     """HH's stop strings on GPT-2 BPE text (../shared): the response is cut to the tokens before "Human:" /
     "Assistant:", counts as ended, and EOS still cuts first."""
     from transformers import AutoTokenizer
+
     path = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
     assert (path / "tokenizer.json").exists(), f"missing {path}: the test needs ../shared beside the project"
     tok = AutoTokenizer.from_pretrained(path)
-    texts = [" Sure, here it is.\n\nHuman: thanks", " No stop here at all", " Fine.\n\nAssistant: again",
-             "Human: at once"]
+    texts = [
+        " Sure, here it is.\n\nHuman: thanks",
+        " No stop here at all",
+        " Fine.\n\nAssistant: again",
+        "Human: at once",
+    ]
     rows = [tok.encode(t) for t in texts]
     eos = tok.eos_token_id
     rows[1] = rows[1][:3] + [eos] + rows[1][3:]  # EOS before any stop string: EOS cuts
@@ -317,18 +335,21 @@ def test_whiten_masked_float32_with_huge_padding():
 # ------------------------------------------------------------------------------------------------------------
 # builtin_gold_score
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("great wonderful <eos>", 1.0),                        # (+1 +1) / 2
-    ("awful movie . <eos>", -0.5),                         # (-1 + 0) / 2: '.' is not a word
-    ("the plot was dull , but the acting was superb and moving . <eos>", 1 / 11),  # (-1 +1 +1) / 11 words
-    ("great movie", 0.5 - 1.0),                            # no <eos>: -1 extra
-    ("terrible", -1.0 - 1.0),
-    ("<eos>", 0.0),                                        # no words: polarity 0, ended
-    ("", -1.0),                                            # no words, never ended
-    ("<bos> loved it <pad> <eos>", 0.5),                   # <bos>/<pad> not counted: loved, it
-    ("i hated the movie , painfully slow<eos>", -2 / 6),   # <eos> glued to a word still splits it off
-    (". , . <eos>", 0.0),                                  # punctuation only
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("great wonderful <eos>", 1.0),  # (+1 +1) / 2
+        ("awful movie . <eos>", -0.5),  # (-1 + 0) / 2: '.' is not a word
+        ("the plot was dull , but the acting was superb and moving . <eos>", 1 / 11),  # (-1 +1 +1) / 11 words
+        ("great movie", 0.5 - 1.0),  # no <eos>: -1 extra
+        ("terrible", -1.0 - 1.0),
+        ("<eos>", 0.0),  # no words: polarity 0, ended
+        ("", -1.0),  # no words, never ended
+        ("<bos> loved it <pad> <eos>", 0.5),  # <bos>/<pad> not counted: loved, it
+        ("i hated the movie , painfully slow<eos>", -2 / 6),  # <eos> glued to a word still splits it off
+        (". , . <eos>", 0.0),  # punctuation only
+    ],
+)
 def test_builtin_gold_score_crafted_texts(text, expected):
     assert common.builtin_gold_score([text]) == pytest.approx([expected], abs=1e-12)
 
@@ -369,8 +390,9 @@ def test_encode_prompts_left_truncates_and_counts():
 @pytest.mark.parametrize("max_new_tokens, context", [(8, 8), (9, 8)])
 def test_encode_prompts_no_room_for_a_prompt(max_new_tokens, context):
     with pytest.raises(SystemExit) as info:
-        common.encode_prompts(word_tokenizer(), ["a b"], max_prompt_length=4, max_new_tokens=max_new_tokens,
-                              context=context)
+        common.encode_prompts(
+            word_tokenizer(), ["a b"], max_prompt_length=4, max_new_tokens=max_new_tokens, context=context
+        )
     message = str(info.value)
     assert message.startswith("error:") and "--max-new-tokens" in message and "\n" not in message
 
@@ -393,8 +415,10 @@ def write_jsonl(path, records):
 
 
 def test_load_prompts_jsonl(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the movie", "id": 1}, {"prompt": "i loved", "id": 2},
-                                              {"prompt": "it was", "id": 3}])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "the movie", "id": 1}, {"prompt": "i loved", "id": 2}, {"prompt": "it was", "id": 3}],
+    )
     assert common.load_prompts(path, "train") == ["the movie", "i loved", "it was"]
     # a single-split file does not silently serve another split (that would evaluate on training data)
     with pytest.raises(SystemExit, match=r"no split 'test' \(it has: train\).*--eval-split"):
@@ -419,8 +443,11 @@ def test_load_prompts_missing_file(tmp_path):
 
 def test_load_prompts_save_to_disk_folder(tmp_path):
     from datasets import Dataset, DatasetDict
-    DatasetDict(train=Dataset.from_dict({"prompt": ["a b", "c d", "e"], "x": [1, 2, 3]}),
-                test=Dataset.from_dict({"prompt": ["f g"], "x": [4]})).save_to_disk(str(tmp_path / "dd"))
+
+    DatasetDict(
+        train=Dataset.from_dict({"prompt": ["a b", "c d", "e"], "x": [1, 2, 3]}),
+        test=Dataset.from_dict({"prompt": ["f g"], "x": [4]}),
+    ).save_to_disk(str(tmp_path / "dd"))
     assert common.load_prompts(str(tmp_path / "dd"), "train") == ["a b", "c d", "e"]
     assert common.load_prompts(str(tmp_path / "dd"), "test") == ["f g"]
     with pytest.raises(SystemExit) as info:
@@ -434,11 +461,14 @@ def test_load_prompts_save_to_disk_folder(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # load_model / load_tokenizer
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("load", [
-    lambda p: common.load_tokenizer(p),
-    lambda p: common.load_model(p, "causal", "--model-name-or-path"),
-    lambda p: common.load_model(p, "score", "--model-name-or-path"),
-])
+@pytest.mark.parametrize(
+    "load",
+    [
+        lambda p: common.load_tokenizer(p),
+        lambda p: common.load_model(p, "causal", "--model-name-or-path"),
+        lambda p: common.load_model(p, "score", "--model-name-or-path"),
+    ],
+)
 def test_loading_a_missing_folder_is_a_one_line_error(tmp_path, load):
     missing = str(tmp_path / "nope")
     with pytest.raises(SystemExit) as info:
@@ -456,6 +486,7 @@ def test_load_model_error_names_the_flag_it_was_given(tmp_path):
 
 def test_load_saved_tiny_gpt2(tmp_path):
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
     folder = str(tmp_path / "tiny")
     saved = tiny_causal_lm(seed=5)
     saved.save_pretrained(folder)
@@ -478,18 +509,29 @@ def test_load_saved_tiny_gpt2(tmp_path):
     assert common.load_tokenizer(folder, padding_side="right").padding_side == "right"
 
 
-@pytest.mark.parametrize("unfrozen, trained", [(-1, {"wte", "wpe", "h.0", "h.1", "h.2", "h.3", "ln_f"}),
-                                               (2, {"h.2", "h.3", "ln_f"}), (0, {"ln_f"}),
-                                               (9, {"h.0", "h.1", "h.2", "h.3", "ln_f"})])
+@pytest.mark.parametrize(
+    "unfrozen, trained",
+    [
+        (-1, {"wte", "wpe", "h.0", "h.1", "h.2", "h.3", "ln_f"}),
+        (2, {"h.2", "h.3", "ln_f"}),
+        (0, {"ln_f"}),
+        (9, {"h.0", "h.1", "h.2", "h.3", "ln_f"}),
+    ],
+)
 def test_freeze_lower_layers_trains_the_top_blocks_and_what_follows(unfrozen, trained):
     """trlX's num_layers_unfrozen (the released HH runs train the top 2 blocks): the embeddings, and the LM head
     tied to them, stay frozen unless every layer trains."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=4, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=50, n_positions=16, n_embd=8, n_layer=4, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
     common.freeze_lower_layers(model, unfrozen)
-    names = {".".join(n.split(".")[1:3]) if ".h." in n else n.split(".")[1]
-             for n, p in model.named_parameters() if p.requires_grad}
+    names = {
+        ".".join(n.split(".")[1:3]) if ".h." in n else n.split(".")[1]
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     assert names == trained
     assert model.lm_head.weight.requires_grad == (unfrozen == -1)  # tied to wte
 
@@ -497,32 +539,44 @@ def test_freeze_lower_layers_trains_the_top_blocks_and_what_follows(unfrozen, tr
 # ------------------------------------------------------------------------------------------------------------
 # Sampling is the script's: a checkpoint's generation_config.json changes nothing
 # ------------------------------------------------------------------------------------------------------------
-CHAT_SAMPLING = dict(temperature=0.2, top_p=0.5, top_k=5, repetition_penalty=1.3, no_repeat_ngram_size=2,
-                     min_new_tokens=4, do_sample=True)
+CHAT_SAMPLING = dict(
+    temperature=0.2,
+    top_p=0.5,
+    top_k=5,
+    repetition_penalty=1.3,
+    no_repeat_ngram_size=2,
+    min_new_tokens=4,
+    do_sample=True,
+)
 
 
 def test_checkpoint_sampling_settings_do_not_reach_generate(tmp_path):
     from transformers import AutoModelForCausalLM, GenerationConfig
+
     model = tiny_causal_lm(seed=3)
     model.save_pretrained(tmp_path / "plain")
     model.generation_config = GenerationConfig(eos_token_id=1, bos_token_id=1, **CHAT_SAMPLING)
     model.save_pretrained(tmp_path / "chat")
     assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["repetition_penalty"] == 1.3
     # as the scripts sample: every field they own is set, the rest is left to generate's defaults
-    script_config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
-                                     pad_token_id=PAD_ID, eos_token_id=1)
+    script_config = GenerationConfig(
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16, pad_token_id=PAD_ID, eos_token_id=1
+    )
     prompts = torch.randint(2, VOCAB, (8, 5), generator=torch.Generator().manual_seed(0))
 
     def sample(model):
         torch.manual_seed(7)
         return model.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=script_config)
+
     plain = sample(common.load_model(str(tmp_path / "plain"), "causal", "--model-name-or-path"))
     chat = sample(common.load_model(str(tmp_path / "chat"), "causal", "--model-name-or-path"))
     assert torch.equal(plain, chat)
     # the same checkpoint loaded bare samples otherwise: the settings would have leaked into the rollouts
     assert not torch.equal(plain, sample(AutoModelForCausalLM.from_pretrained(tmp_path / "chat")))
     # the token ids of the checkpoint's generation config are kept
-    assert common.load_model(str(tmp_path / "chat"), "causal", "--model-name-or-path").generation_config.eos_token_id == 1
+    assert (
+        common.load_model(str(tmp_path / "chat"), "causal", "--model-name-or-path").generation_config.eos_token_id == 1
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -533,12 +587,22 @@ GPT2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
 
 def save_llama_without_pad(folder):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
     assert GPT2_TOKENIZER.exists(), f"{GPT2_TOKENIZER} is missing: the tests read the real GPT-2 BPE tokenizer there"
     tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+    )
     LlamaForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return tokenizer
@@ -551,6 +615,7 @@ def test_reward_model_without_pad_id_scores_a_batch(tmp_path, architecture):
     folder = tmp_path / "rm"
     if architecture == "gpt2":
         from transformers import GPT2ForSequenceClassification
+
         torch.manual_seed(0)
         GPT2ForSequenceClassification(tiny_config(num_labels=1)).save_pretrained(folder)
         word_tokenizer(words=WORDS, pad=False).save_pretrained(folder)  # pad = EOS, as with GPT-2's tokenizer
@@ -572,6 +637,7 @@ def test_reward_model_without_pad_id_scores_a_batch(tmp_path, architecture):
     scores = reward(query_ids, query_mask, response_ids, response_mask)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     rm_tokenizer = AutoTokenizer.from_pretrained(folder)
     texts = [policy_tokenizer.decode(q + r) for q, r in zip(queries, responses)]
@@ -603,8 +669,12 @@ def test_response_repetition_penalty_on_crafted_scores():
     processor = common.ResponseRepetitionPenalty(2.0, prompt_length=2)
     input_ids = torch.tensor([[3, 1, 2, 2, 0], [4, 4, 1, 1, 1]])  # prompt 2 tokens, then the response so far
     scores = torch.tensor([[1.0, -1.0, 4.0, -2.0, 6.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
-    expected = torch.tensor([[0.5, -1.0, 2.0, -2.0, 6.0],  # 0 and 2 emitted; 3 only in the prompt: kept
-                             [1.0, 1.0, 3.0, 4.0, 5.0]])  # 1 emitted (three times: penalised once); 4 prompt only
+    expected = torch.tensor(
+        [
+            [0.5, -1.0, 2.0, -2.0, 6.0],  # 0 and 2 emitted; 3 only in the prompt: kept
+            [1.0, 1.0, 3.0, 4.0, 5.0],
+        ]
+    )  # 1 emitted (three times: penalised once); 4 prompt only
     assert torch.equal(processor(input_ids, scores), expected)
     assert torch.equal(common.ResponseRepetitionPenalty(2.0, 5)(input_ids, scores), scores)  # nothing emitted yet
 
@@ -614,21 +684,38 @@ def test_forward_logprobs_are_those_of_the_distribution_generate_sampled(penalty
     """generate's processed scores (penalty, then temperature) give each sampled token's log-prob; forward_logprobs
     over the same (left-padded prompt | response) must give the very same numbers."""
     from transformers import GenerationConfig, LogitsProcessorList
+
     model = tiny_causal_lm(seed=11)
     _, _, query_ids, query_mask, _, _ = ragged_batch(seed=4)
-    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=10,
-                              pad_token_id=PAD_ID, eos_token_id=VOCAB + 1, output_scores=True,
-                              return_dict_in_generate=True)  # no EOS: every response runs 10 tokens
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=10,
+        pad_token_id=PAD_ID,
+        eos_token_id=VOCAB + 1,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )  # no EOS: every response runs 10 tokens
     processors = LogitsProcessorList([common.ResponseRepetitionPenalty(penalty, query_ids.shape[1])])
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config,
-                             logits_processor=processors)
-        response_ids = out.sequences[:, query_ids.shape[1]:]
+        out = model.generate(
+            input_ids=query_ids, attention_mask=query_mask, generation_config=config, logits_processor=processors
+        )
+        response_ids = out.sequences[:, query_ids.shape[1] :]
         sampled = torch.stack([torch.log_softmax(step.float(), -1) for step in out.scores], 1)
         expected = sampled.gather(-1, response_ids[..., None]).squeeze(-1)
-        got = common.forward_logprobs(model, query_ids, query_mask, response_ids, torch.ones_like(response_ids),
-                                      temperature=temperature, repetition_penalty=penalty)
+        got = common.forward_logprobs(
+            model,
+            query_ids,
+            query_mask,
+            response_ids,
+            torch.ones_like(response_ids),
+            temperature=temperature,
+            repetition_penalty=penalty,
+        )
     assert got.tolist() == [pytest.approx(row, abs=1e-4) for row in expected.tolist()]
 
 

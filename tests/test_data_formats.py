@@ -1,14 +1,15 @@
 """Dataset shapes read by common.canonical_rows / load_prompts / load_offline_rows: Anthropic HH transcripts (the
 real test rows in ../shared/data/hh-rlhf), rm-static rows, TL;DR rows and PRO / A-LoL {prefix, suffix, reward} rows
 made here (some of them from the real HH rows)."""
+
 import gzip
 import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 import common
-from conftest import ROOT
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 FILES = ["harmless-base-test.jsonl.gz", "helpful-base-test.jsonl.gz"]
@@ -30,8 +31,9 @@ def test_hh_rows_split_exactly_at_the_last_assistant_turn(name):
     # the expected split, written independently: rpartition at the last "\n\nAssistant:"
     expected = []
     for row in raw:
-        (head_c, sep_c, chosen), (head_r, sep_r, rejected) = (row[k].rpartition("\n\nAssistant:")
-                                                              for k in ("chosen", "rejected"))
+        (head_c, sep_c, chosen), (head_r, _sep_r, rejected) = (
+            row[k].rpartition("\n\nAssistant:") for k in ("chosen", "rejected")
+        )
         if sep_c and head_c == head_r and chosen.strip() and rejected.strip():
             expected.append((head_c + sep_c, chosen, rejected))
     assert list(zip(prompts[:n], responses[:n], responses[n:])) == expected
@@ -45,8 +47,10 @@ def test_hh_rows_split_exactly_at_the_last_assistant_turn(name):
 
 def test_split_hh_by_hand():
     dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"
-    assert common.split_hh(dialogue) == ("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
-                                         " fine, thanks")
+    assert common.split_hh(dialogue) == (
+        "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
+        " fine, thanks",
+    )
     assert common.split_hh("no turns here") == (None, "no turns here")
 
 
@@ -57,8 +61,15 @@ def _write(tmp_path, rows):
 
 
 def test_rm_static_rows_are_preference_rows(tmp_path):
-    rows = [{"prompt": f"\n\nHuman: q{i}\n\nAssistant:", "response": f" good{i}", "chosen": f" good{i}",
-             "rejected": f" bad{i}"} for i in range(3)]
+    rows = [
+        {
+            "prompt": f"\n\nHuman: q{i}\n\nAssistant:",
+            "response": f" good{i}",
+            "chosen": f" good{i}",
+            "rejected": f" bad{i}",
+        }
+        for i in range(3)
+    ]
     prompts, responses, rewards = common.load_offline_rows(_write(tmp_path, rows))
     assert prompts == [r["prompt"] for r in rows] * 2
     assert responses == [" good0", " good1", " good2", " bad0", " bad1", " bad2"]
@@ -66,13 +77,18 @@ def test_rm_static_rows_are_preference_rows(tmp_path):
 
 
 def test_tldr_rows(tmp_path):
-    rows = [{"prompt": "SUBREDDIT: r/a\nPOST: my cat\nTL;DR:", "label": " cat"},
-            {"prompt": "SUBREDDIT: r/b\nPOST: my dog", "label": " dog"}]
+    rows = [
+        {"prompt": "SUBREDDIT: r/a\nPOST: my cat\nTL;DR:", "label": " cat"},
+        {"prompt": "SUBREDDIT: r/b\nPOST: my dog", "label": " dog"},
+    ]
     path = _write(tmp_path, rows)
     import datasets
+
     canonical = common.canonical_rows(datasets.load_dataset("json", data_files=path)["train"], "tldr")
-    assert canonical == {"prompt": ["SUBREDDIT: r/a\nPOST: my cat\nTL;DR:", "SUBREDDIT: r/b\nPOST: my dog\nTL;DR:"],
-                         "response": [" cat", " dog"]}
+    assert canonical == {
+        "prompt": ["SUBREDDIT: r/a\nPOST: my cat\nTL;DR:", "SUBREDDIT: r/b\nPOST: my dog\nTL;DR:"],
+        "response": [" cat", " dog"],
+    }
     assert common.load_prompts(path, "train") == canonical["prompt"]
 
 
@@ -80,7 +96,7 @@ def test_unknown_shape_names_the_columns(tmp_path):
     path = _write(tmp_path, [{"question": "q", "answer": "a"}])
     with pytest.raises(SystemExit, match="offline rows need prompt, response, reward"):
         common.load_offline_rows(path)
-    with pytest.raises(SystemExit, match="has no column 'prompt'.*--prompt-field"):
+    with pytest.raises(SystemExit, match=r"has no column 'prompt'.*--prompt-field"):
         common.load_prompts(path, "train")
 
 
@@ -96,21 +112,53 @@ def test_field_mapping_of_plain_rows(tmp_path):
 # PRO's preprocessed HH files (AlibabaResearch/DAMO-ConvAI PRO/train/hh_preprocess_data), which A-LoL trains on:
 # {"prefix": one list of turns per candidate, "suffix": candidates, "reward": one float each, "sft_index", "meta"}.
 def test_pro_rows_one_row_per_suffix(tmp_path, capsys):
-    turns = ["<|prompter|>How do I boil an egg?", "<|assistant|>In water.", "<|prompter|>For how long?",
-             "<|assistant|>"]
-    rows = [{"prefix": [turns, turns], "suffix": ["About ten minutes.", "Forever."], "reward": [1.5, -0.25],
-             "sft_index": 0, "meta": {"task": "dialogue", "line_num": 1}},
-            {"prefix": [["<|prompter|>Hi", "<|assistant|>"]] * 3, "suffix": ["Hello!", " Hey.", "Go away."],
-             "reward": [0.5, 0.0, -2.0], "sft_index": 0, "meta": {"task": "dialogue", "line_num": 2}},
-            {"prefix": [turns, turns, turns], "suffix": ["a", "b", "c"], "reward": [1.0, 2.0],  # ragged: dropped
-             "sft_index": 0, "meta": {"task": "dialogue", "line_num": 3}},
-            {"prefix": [turns, turns], "suffix": ["Ten.", "  "], "reward": [3.0, 4.0],  # a blank suffix: dropped
-             "sft_index": 0, "meta": {"task": "dialogue", "line_num": 4}}]
+    turns = [
+        "<|prompter|>How do I boil an egg?",
+        "<|assistant|>In water.",
+        "<|prompter|>For how long?",
+        "<|assistant|>",
+    ]
+    rows = [
+        {
+            "prefix": [turns, turns],
+            "suffix": ["About ten minutes.", "Forever."],
+            "reward": [1.5, -0.25],
+            "sft_index": 0,
+            "meta": {"task": "dialogue", "line_num": 1},
+        },
+        {
+            "prefix": [["<|prompter|>Hi", "<|assistant|>"]] * 3,
+            "suffix": ["Hello!", " Hey.", "Go away."],
+            "reward": [0.5, 0.0, -2.0],
+            "sft_index": 0,
+            "meta": {"task": "dialogue", "line_num": 2},
+        },
+        {
+            "prefix": [turns, turns, turns],
+            "suffix": ["a", "b", "c"],
+            "reward": [1.0, 2.0],  # ragged: dropped
+            "sft_index": 0,
+            "meta": {"task": "dialogue", "line_num": 3},
+        },
+        {
+            "prefix": [turns, turns],
+            "suffix": ["Ten.", "  "],
+            "reward": [3.0, 4.0],  # a blank suffix: dropped
+            "sft_index": 0,
+            "meta": {"task": "dialogue", "line_num": 4},
+        },
+    ]
     path = _write(tmp_path, rows)
     prompts, responses, rewards = common.load_offline_rows(path)
     dialogue = "\n\nHuman: How do I boil an egg?\n\nAssistant: In water.\n\nHuman: For how long?\n\nAssistant:"
-    assert prompts == [dialogue, dialogue, "\n\nHuman: Hi\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:",
-                       "\n\nHuman: Hi\n\nAssistant:", dialogue]
+    assert prompts == [
+        dialogue,
+        dialogue,
+        "\n\nHuman: Hi\n\nAssistant:",
+        "\n\nHuman: Hi\n\nAssistant:",
+        "\n\nHuman: Hi\n\nAssistant:",
+        dialogue,
+    ]
     assert responses == [" About ten minutes.", " Forever.", " Hello!", " Hey.", " Go away.", " Ten."]
     assert rewards == [1.5, -0.25, 0.5, 0.0, -2.0, 3.0]
     out = capsys.readouterr().out
@@ -120,20 +168,37 @@ def test_pro_rows_one_row_per_suffix(tmp_path, capsys):
 
 
 def test_pro_rows_with_one_shared_list_of_turns_or_plain_prompts(tmp_path):
-    shared = [{"prefix": ["<|prompter|>Hi", "<|assistant|>Hello", "<|prompter|>Bye", "<|assistant|>"],
-               "suffix": ["See you.", "No."], "reward": [1.0, 0.0]}]
+    shared = [
+        {
+            "prefix": ["<|prompter|>Hi", "<|assistant|>Hello", "<|prompter|>Bye", "<|assistant|>"],
+            "suffix": ["See you.", "No."],
+            "reward": [1.0, 0.0],
+        }
+    ]
     prompt = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant:"
     (tmp_path / "shared").mkdir(), (tmp_path / "tldr").mkdir()
-    assert common.load_offline_rows(_write(tmp_path / "shared", shared)) == ([prompt] * 2, [" See you.", " No."],
-                                                                             [1.0, 0.0])
-    tldr = [{"prefix": ["POST: my cat\nTL;DR:", "POST: my cat\nTL;DR:"], "suffix": [" cat", " a pet"],
-             "reward": [0.5, 0.25]}]  # PRO's TL;DR files: plain prompts, kept as they are
-    assert common.load_offline_rows(_write(tmp_path / "tldr", tldr)) == (["POST: my cat\nTL;DR:"] * 2,
-                                                                         [" cat", " a pet"], [0.5, 0.25])
+    assert common.load_offline_rows(_write(tmp_path / "shared", shared)) == (
+        [prompt] * 2,
+        [" See you.", " No."],
+        [1.0, 0.0],
+    )
+    tldr = [
+        {
+            "prefix": ["POST: my cat\nTL;DR:", "POST: my cat\nTL;DR:"],
+            "suffix": [" cat", " a pet"],
+            "reward": [0.5, 0.25],
+        }
+    ]  # PRO's TL;DR files: plain prompts, kept as they are
+    assert common.load_offline_rows(_write(tmp_path / "tldr", tldr)) == (
+        ["POST: my cat\nTL;DR:"] * 2,
+        [" cat", " a pet"],
+        [0.5, 0.25],
+    )
 
 
 def test_real_hh_rows_in_pro_shape_give_back_the_hh_split(tmp_path):
     import re
+
     path, raw = _hh_rows("harmless-base-test.jsonl.gz")
     role = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
     pro, expected = [], []
@@ -147,8 +212,15 @@ def test_real_hh_rows_in_pro_shape_give_back_the_hh_split(tmp_path):
             assert segment.startswith("\n\n") and (text.startswith(" ") or text == ""), segment
             turns.append(role[name] + text[1:])
         assert turns[-1] == "<|assistant|>" and chosen.startswith(" ") and rejected.startswith(" ")
-        pro.append({"prefix": [turns, turns], "suffix": [chosen[1:], rejected[1:]], "reward": [1, 0],
-                    "sft_index": 0, "meta": {"line_num": len(pro)}})
+        pro.append(
+            {
+                "prefix": [turns, turns],
+                "suffix": [chosen[1:], rejected[1:]],
+                "reward": [1, 0],
+                "sft_index": 0,
+                "meta": {"line_num": len(pro)},
+            }
+        )
         expected += [(prompt, chosen, 1.0), (prompt, rejected, 0.0)]
     assert len(pro) == 2303
     prompts, responses, rewards = common.load_offline_rows(_write(tmp_path, pro))

@@ -4,6 +4,7 @@ HH prompts; offline runs read the HH transcripts as preference rows. Stop string
 
 The tiny policy is built to say "Human:" often (one token here: the tokenizer has it as an added token, and the
 output layer is biased toward it), so a run whose stop strings did nothing would show full-length responses."""
+
 import gzip
 import json
 import math
@@ -24,6 +25,7 @@ def hh(tmp_path_factory):
     rejected} (`data`; `pairs`: how many of them are preference rows), and a folder for A-LoL's cache (`cache`)."""
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
     assert HH_FILE.exists(), f"{HH_FILE} is missing: the HH end-to-end tests need ../shared/data beside the project"
     with gzip.open(HH_FILE, "rt") as f:
         rows = [json.loads(line) for _, line in zip(range(N_TOKENIZER_ROWS), f)]
@@ -37,9 +39,16 @@ def hh(tmp_path_factory):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text and human in tokenizer(text)["input_ids"]
 
     root = tmp_path_factory.mktemp("hh")
-    ids = dict(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2,
-               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     policy = GPT2LMHeadModel(GPT2Config(**ids, tie_word_embeddings=False))
     with torch.no_grad():  # hidden state ≈ a fixed direction u, and the "Human:" row of the output layer along it:
@@ -52,23 +61,37 @@ def hh(tmp_path_factory):
     reward.save_pretrained(root / "reward")
     tokenizer.save_pretrained(root / "reward")
     data = root / "hh.jsonl"
-    data.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
-                            for r in rows[:N_DATA_ROWS]))
+    data.write_text(
+        "".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n" for r in rows[:N_DATA_ROWS])
+    )
     heldout = root / "heldout.jsonl"  # other rows: A-LoL fits V_ref on prompts that no training row has
-    heldout.write_text("".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
-                               for r in rows[N_DATA_ROWS: 2 * N_DATA_ROWS]))
+    heldout.write_text(
+        "".join(
+            json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n"
+            for r in rows[N_DATA_ROWS : 2 * N_DATA_ROWS]
+        )
+    )
     pairs = 0  # rows with one prompt before the last "\n\nAssistant:" and two non-empty replies (counted here)
     for r in rows[:N_DATA_ROWS]:
         (head_c, _, chosen), (head_r, _, rejected) = (r[k].rpartition("\n\nAssistant:") for k in ("chosen", "rejected"))
         pairs += bool(head_c) and head_c == head_r and bool(chosen.strip()) and bool(rejected.strip())
     assert pairs >= 16, pairs  # one rollout batch of prompts, and A-LoL's --value-prompts
-    return dict(tokenizer=tokenizer, human=human, policy=str(root / "policy"), reward=str(root / "reward"),
-                data=str(data), heldout=str(heldout), pairs=pairs, cache=str(root / "alol_cache"))
+    return dict(
+        tokenizer=tokenizer,
+        human=human,
+        policy=str(root / "policy"),
+        reward=str(root / "reward"),
+        data=str(data),
+        heldout=str(heldout),
+        pairs=pairs,
+        cache=str(root / "alol_cache"),
+    )
 
 
 def test_the_tiny_policy_says_human_and_the_tokenizer_reloads(hh):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(hh["policy"])
     assert tokenizer.get_vocab() == hh["tokenizer"].get_vocab() and len(tokenizer) <= 512
     policy = AutoModelForCausalLM.from_pretrained(hh["policy"])
@@ -81,16 +104,57 @@ def test_the_tiny_policy_says_human_and_the_tokenizer_reloads(hh):
 
 
 def _online(hh):
-    return ["--model-name-or-path", hh["policy"], "--reward-model", hh["reward"], "--dataset", hh["data"],
-            "--train-split", "train", "--eval-split", "train", "--total-episodes", "16", "--rollout-batch-size", "16",
-            "--mini-batch-size", "8", "--update-epochs", "1", "--max-new-tokens", str(MAX_NEW), "--max-prompt-length",
-            str(MAX_PROMPT), "--eval-prompts", "8", "--eval-every", "1", *STOP]
+    return [
+        "--model-name-or-path",
+        hh["policy"],
+        "--reward-model",
+        hh["reward"],
+        "--dataset",
+        hh["data"],
+        "--train-split",
+        "train",
+        "--eval-split",
+        "train",
+        "--total-episodes",
+        "16",
+        "--rollout-batch-size",
+        "16",
+        "--mini-batch-size",
+        "8",
+        "--update-epochs",
+        "1",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--max-prompt-length",
+        str(MAX_PROMPT),
+        "--eval-prompts",
+        "8",
+        "--eval-every",
+        "1",
+        *STOP,
+    ]
 
 
 def _offline(hh):
-    return ["--model-name-or-path", hh["policy"], "--reward-model", hh["reward"], "--dataset", hh["data"],
-            "--offline-dataset", hh["data"], "--eval-split", "train", "--max-new-tokens", str(MAX_NEW),
-            "--max-prompt-length", str(MAX_PROMPT), "--eval-prompts", "8", *STOP]
+    return [
+        "--model-name-or-path",
+        hh["policy"],
+        "--reward-model",
+        hh["reward"],
+        "--dataset",
+        hh["data"],
+        "--offline-dataset",
+        hh["data"],
+        "--eval-split",
+        "train",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--max-prompt-length",
+        str(MAX_PROMPT),
+        "--eval-prompts",
+        "8",
+        *STOP,
+    ]
 
 
 RUNS = {
@@ -98,11 +162,42 @@ RUNS = {
     "apa": ("apa.py", _online, []),
     "awr": ("awr.py", _online, []),
     "apa_offline": ("apa.py", _offline, ["--offline-epochs", "1", "--mini-batch-size", "32", "--eval-every", "1"]),
-    "ilql": ("ilql.py", _offline, ["--offline-epochs", "1", "--mini-batch-size", "16", "--eval-betas", "1", "--eval-every", "1",
-                                   "--log-every", "2"]),
-    "alol": ("alol.py", _offline, ["--algorithm", "a_lol", "--total-steps", "2", "--mini-batch-size", "8",
-                                   "--value-split", "train", "--value-prompts", "16", "--value-epochs", "1",
-                                   "--eval-every", "2"]),  # --dataset: the held-out rows (the runs fixture)
+    "ilql": (
+        "ilql.py",
+        _offline,
+        [
+            "--offline-epochs",
+            "1",
+            "--mini-batch-size",
+            "16",
+            "--eval-betas",
+            "1",
+            "--eval-every",
+            "1",
+            "--log-every",
+            "2",
+        ],
+    ),
+    "alol": (
+        "alol.py",
+        _offline,
+        [
+            "--algorithm",
+            "a_lol",
+            "--total-steps",
+            "2",
+            "--mini-batch-size",
+            "8",
+            "--value-split",
+            "train",
+            "--value-prompts",
+            "16",
+            "--value-epochs",
+            "1",
+            "--eval-every",
+            "2",
+        ],
+    ),  # --dataset: the held-out rows (the runs fixture)
 }
 
 
@@ -115,8 +210,12 @@ def runs(hh, tmp_path_factory):
         script, flags, extra = RUNS[name]
         out = tmp_path_factory.mktemp(name)
         extra = extra + (["--cache-dir", hh["cache"], "--dataset", hh["heldout"]] if script == "alol.py" else [])
-        return name, out, run_script(script, *flags(hh), *extra, "--output-dir", str(out), check=False,
-                                     env={"OMP_NUM_THREADS": "1"})
+        return (
+            name,
+            out,
+            run_script(script, *flags(hh), *extra, "--output-dir", str(out), check=False, env={"OMP_NUM_THREADS": "1"}),
+        )
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         return {name: (out, proc) for name, out, proc in pool.map(launch, RUNS)}
 
@@ -125,8 +224,9 @@ def runs(hh, tmp_path_factory):
 def test_script_runs_on_hh_text(hh, runs, name):
     script, flags, _ = RUNS[name]
     output_dir, proc = runs[name]
-    assert proc.returncode == 0 and "done in" in proc.stdout, (f"{' '.join(proc.args)} failed ({proc.returncode}):"
-                                                               f"\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    assert proc.returncode == 0 and "done in" in proc.stdout, (
+        f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     run, records = read_run(output_dir)
     steps = [r["step"] for r in records]
     assert steps[0] == 0 and steps[-1] > 0 and steps == sorted(steps), steps
@@ -135,8 +235,9 @@ def test_script_runs_on_hh_text(hh, runs, name):
     # the stop strings: responses end at "Human:" long before MAX_NEW tokens (the policy says it ~44% of the time)
     if "--total-episodes" in flags(hh):  # online: the rollouts too
         rollout = [r for r in records if "rollout/response_length" in r]
-        assert rollout and all(r["rollout/response_length"] < 4 and r["rollout/no_eos_fraction"] <= 0.25
-                               for r in rollout), rollout
+        assert rollout and all(
+            r["rollout/response_length"] < 4 and r["rollout/no_eos_fraction"] <= 0.25 for r in rollout
+        ), rollout
     lengths = [v for r in records for k, v in r.items() if k.startswith("eval/") and k.endswith("response_length")]
     assert lengths and all(v < 4 for v in lengths), records
     if script == "alol.py":  # greedy: "Human:" first, cut to the one token a response keeps
@@ -146,6 +247,7 @@ def test_script_runs_on_hh_text(hh, runs, name):
         assert f"{2 * hh['pairs']} rows" in proc.stdout  # chosen (reward 1) and rejected (reward 0) replies
     # the saved policy reloads with the tokenizer and generates
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(run / "policy")
     assert tokenizer.get_vocab() == hh["tokenizer"].get_vocab()
     policy = AutoModelForCausalLM.from_pretrained(run / "policy")

@@ -1,10 +1,10 @@
 """launch.sh builds the right launcher command (checked with --dry-run; no process is started)."""
+
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -25,8 +25,9 @@ def test_cpu_two_processes_use_torchrun_with_one_thread_each():
 
 
 def test_two_nodes_and_hostfile(tmp_path):
-    out = launch("ppo", "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--master", "10.0.0.1:29500",
-                 "--dry-run").stdout
+    out = launch(
+        "ppo", "--gpus", "8", "--nnodes", "2", "--node-rank", "1", "--master", "10.0.0.1:29500", "--dry-run"
+    ).stdout
     assert "--nnodes 2 --node_rank 1 --master_addr 10.0.0.1 --master_port 29500" in out
     (hostfile := tmp_path / "hosts.txt").write_text("10.0.0.1 slots=8\n10.0.0.2 slots=8\n")
     out = launch("ppo", "--hostfile", str(hostfile), "--master", "10.0.0.1:29500", "--zero", "3", "--dry-run").stdout
@@ -42,8 +43,24 @@ def test_help_and_bad_input():
 
 
 def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tmp_path):
-    proc = launch("compare", "--seeds", "1", "--episodes", "16", "--out", str(tmp_path), "--", "--rollout-batch-size",
-                  "16", "--mini-batch-size", "8", "--eval-prompts", "16", "--max-new-tokens", "12")
+    proc = launch(
+        "compare",
+        "--seeds",
+        "1",
+        "--episodes",
+        "16",
+        "--out",
+        str(tmp_path),
+        "--",
+        "--rollout-batch-size",
+        "16",
+        "--mini-batch-size",
+        "8",
+        "--eval-prompts",
+        "16",
+        "--max-new-tokens",
+        "12",
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (tmp_path / "table.md").read_text()
     assert table in proc.stdout
@@ -57,19 +74,24 @@ PRESETS = ["apa-hh", "awr-hh", "ppo-hh", "apa-tldr", "ppo-tldr", "ilql-hh", "apa
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_paper_preset_parses_with_its_script_args(name):
-    """./launch.sh paper NAME --dry-run builds the released experiment's full command; the script's own Args parse
-    it (no download: nothing is loaded)."""
+    """./launch.sh paper NAME --dry-run passes the script's --preset and the GPU layout; the script's own Args parse
+    the command with the preset's values (no download: nothing is loaded)."""
     import importlib
     import shlex
 
-    import tyro
+    import common
+
     for size in ["6b"] if "tldr" in name else ["125m", "1b", "6b"]:
         proc = launch("paper", name, "--size", size, "--dry-run", "--", "--seed", "7")
         assert proc.returncode == 0, proc.stderr
         words = shlex.split(proc.stdout.strip().splitlines()[-1])
         script = next(w for w in words if w.endswith(".py"))
-        args = tyro.cli(importlib.import_module(script[:-3]).Args, args=words[words.index(script) + 1:])
+        module = importlib.import_module(script[:-3])
+        args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
+        assert args.preset in module.PRESETS
         assert args.seed == 7 and args.bf16  # extra arguments pass through; every preset trains in bf16
+        if name not in ("ilql-hh", "alol-hh"):  # the released layout: π_ref, V and the reward model on GPUs 1-3
+            assert (args.ref_device, args.value_device, args.reward_device) == ("cuda:1", "cuda:2", "cuda:3")
         if name.endswith("-hh") and name != "alol-hh":
             assert args.model_name_or_path == f"Dahoas/pythia-{size.upper()}-static-sft"
             assert args.stop_strings == ["Human:", "Assistant:"] and args.max_new_tokens == 128
@@ -82,7 +104,7 @@ def test_every_paper_preset_parses_with_its_script_args(name):
         if name == "ilql-hh":
             assert (args.tau, args.alpha, args.eval_betas, args.top_k) == (0.6, 1e-4, [1.0, 4.0], 20)
         if name == "alol-hh":
-            assert (args.batch_size, args.total_steps, args.max_grad_norm) == (16, 9000, 0.3)
+            assert (args.mini_batch_size, args.total_steps, args.max_grad_norm) == (16, 9000, 0.3)
             # the released QLoRA adapter's settings, on every linear layer
             assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (64, 16, 0.05)
             assert args.lora_target_modules == ["all-linear"] and args.unfrozen_layers == -1
@@ -101,12 +123,16 @@ def readme_launch_commands():
     """Every complete `./launch.sh SCRIPT ... -- ARGS` command of README.md's bash blocks (lines joined at a trailing
     `\\`; those with a `...` placeholder left out)."""
     import re
+
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     scripts = ("ppo", "apa", "awr", "ilql", "alol")
-    return [line.split("#")[0].strip() for line in lines
-            if line.startswith("./launch.sh ") and line.split()[1] in scripts and " -- " in line and "..." not in line]
+    return [
+        line.split("#")[0].strip()
+        for line in lines
+        if line.startswith("./launch.sh ") and line.split()[1] in scripts and " -- " in line and "..." not in line
+    ]
 
 
 def test_readme_launch_commands_parse_with_their_script_args():
@@ -115,7 +141,8 @@ def test_readme_launch_commands_parse_with_their_script_args():
     import importlib
     import shlex
 
-    import tyro
+    import common
+
     commands = readme_launch_commands()
     assert any("--chat-template" in c for c in commands) and len(commands) >= 3, commands
     for command in commands:
@@ -124,7 +151,8 @@ def test_readme_launch_commands_parse_with_their_script_args():
         assert proc.returncode == 0, (command, proc.stderr)
         words = shlex.split(proc.stdout.strip().splitlines()[-1])
         script = next(w for w in words if w.endswith(".py"))
-        args = tyro.cli(importlib.import_module(script[:-3]).Args, args=words[words.index(script) + 1:])
+        module = importlib.import_module(script[:-3])
+        args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
         if "--chat-template" in command:
             assert args.chat_template and "/" in args.model_name_or_path, args  # a hub name
         if "--lora-r" in command:  # the 7B-on-one-GPU example

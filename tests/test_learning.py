@@ -5,6 +5,7 @@ The task ships in builtin/, so every machine trains from the same models and dat
 the last bits between CPUs. Measured with the shipped task, seed 1, one thread, on an AMD EPYC (AVX-512) under
 ATEN_CPU_CAPABILITY=avx512 (native), avx2 and default: PPO, APA, AWR and A-LoL logged the same numbers under all
 three; ILQL's differed (see its test). The margins are about 2/3 of the smallest rise seen (README "Measured")."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,25 +27,38 @@ RUNS = {
 @pytest.fixture(scope="module")
 def learned(builtin_path, tmp_path_factory):
     """name -> (first, last) metrics.jsonl record of each run of RUNS (seed 1); a failed run raises in its test."""
+
     def launch(name):
         script, *args = RUNS[name]
         out = tmp_path_factory.mktemp(name)
         extra = ["--cache-dir", str(out / "cache")] if script == "alol.py" else []
-        proc = run_script(script, *args, *extra, "--seed", "1", "--output-dir", str(out / "run"),
-                          env={"OMP_NUM_THREADS": "1"}, check=False)
+        proc = run_script(
+            script,
+            *args,
+            *extra,
+            "--seed",
+            "1",
+            "--output-dir",
+            str(out / "run"),
+            env={"OMP_NUM_THREADS": "1"},
+            check=False,
+        )
         if proc.returncode:
             return name, proc
         records = read_run(out / "run")[1]
         return name, (records[0], records[-1])
+
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(launch, RUNS))
 
 
 def _get(learned, name):
     result = learned[name]
-    assert isinstance(result, tuple), \
+    assert isinstance(result, tuple), (
         f"{' '.join(result.args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    )
     return result
+
 
 # Seed 1: PPO −0.008 → +0.164 (a rise of 0.172) at KL 5.8; APA λ = 0.1 → +0.125 (0.133) at KL 1.8, λ = 1 → +0.103
 # at KL 0.54; AWR → +0.166 (0.174) at KL 8.4. Earlier builds of the task, seeds 1-3: PPO rose 0.158-0.179, APA

@@ -1,12 +1,27 @@
 """--reward-model takes Python `module:function` rewards and several rewards summed with --reward-weights, end to end
 (apa.py, the main script, on the built-in task; tiny settings)."""
+
 import json
 
 import pytest
 from conftest import read_run, run_script
 
-TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--update-epochs", "1",
-        "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
+TINY = [
+    "--total-episodes",
+    "32",
+    "--rollout-batch-size",
+    "16",
+    "--mini-batch-size",
+    "8",
+    "--update-epochs",
+    "1",
+    "--max-new-tokens",
+    "12",
+    "--eval-prompts",
+    "16",
+    "--eval-every",
+    "1",
+]
 REWARD_MODULE = '''
 def words(prompts, responses):
     """one point per word of the response (special tokens are already stripped)"""
@@ -22,8 +37,17 @@ def reward_module(tmp_path):
 
 
 def test_python_reward_function_alone(builtin_path, tmp_path, reward_module):
-    proc = run_script("apa.py", *TINY, "--reward-model", "word_reward:words", "--reward-weights", "2",
-                      "--output-dir", str(tmp_path / "run"), env=reward_module)
+    proc = run_script(
+        "apa.py",
+        *TINY,
+        "--reward-model",
+        "word_reward:words",
+        "--reward-weights",
+        "2",
+        "--output-dir",
+        str(tmp_path / "run"),
+        env=reward_module,
+    )
     assert "value model is initialised from the policy" in proc.stdout  # no reward model to start it from
     run, records = read_run(tmp_path / "run")
     for r in records[1:]:
@@ -35,8 +59,19 @@ def test_python_reward_function_alone(builtin_path, tmp_path, reward_module):
 
 def test_reward_model_plus_function_summed_with_weights(builtin_path, tmp_path, reward_module):
     base = run_script("apa.py", *TINY, "--output-dir", str(tmp_path / "base"), env=reward_module)
-    run_script("apa.py", *TINY, "--reward-model", "builtin", "word_reward:words", "--reward-weights", "1", "0.5",
-               "--output-dir", str(tmp_path / "sum"), env=reward_module)
+    run_script(
+        "apa.py",
+        *TINY,
+        "--reward-model",
+        "builtin",
+        "word_reward:words",
+        "--reward-weights",
+        "1",
+        "0.5",
+        "--output-dir",
+        str(tmp_path / "sum"),
+        env=reward_module,
+    )
     _, base_records = read_run(tmp_path / "base")
     run, records = read_run(tmp_path / "sum")
     assert json.loads((run / "args.json").read_text())["value_model"] == "reward"  # from the builtin RM, first
@@ -49,7 +84,8 @@ def test_reward_model_plus_function_summed_with_weights(builtin_path, tmp_path, 
 
 
 def test_reward_weights_must_match(builtin_path, tmp_path):
-    proc = run_script("apa.py", "--reward-model", "builtin", "--reward-weights", "1", "2", "--output-dir",
-                      str(tmp_path), check=False)
+    proc = run_script(
+        "apa.py", "--reward-model", "builtin", "--reward-weights", "1", "2", "--output-dir", str(tmp_path), check=False
+    )
     assert proc.returncode != 0
     assert "--reward-weights has 2 values for 1 --reward-model entries" in proc.stderr.strip().splitlines()[-1]

@@ -1,4 +1,4 @@
-"""The code is formatted and linted as ruff.toml says (line length 120, import order, pyupgrade, bugbear ...), so
+"""The code is formatted and linted as .ruff.toml says (line length 120, import order, pyupgrade, bugbear ...), so
 that every file reads the same way. Fix a failure with `ruff format . && ruff check --fix .`, then read the diff."""
 
 import subprocess
