@@ -60,9 +60,8 @@ def _get(learned, name):
     return result
 
 
-# Seed 1: PPO −0.008 → +0.164 (a rise of 0.172) at KL 5.8; APA λ = 0.1 → +0.125 (0.133) at KL 1.8, λ = 1 → +0.103
-# at KL 0.54; AWR → +0.166 (0.174) at KL 8.4. Earlier builds of the task, seeds 1-3: PPO rose 0.158-0.179, APA
-# 0.133-0.173, AWR 0.174-0.221.
+# The margins and bounds sit well inside what seed 1 gives on the shipped task (README, "Measured": each run's rise of
+# the gold score and its final KL), with room for the last-bit differences between CPU builds that training amplifies.
 GOLD_MARGIN = 0.10  # held-out gold score must rise by at least this much
 KL_BOUND = 15.0  # nats per response to π_ref at the end
 
@@ -82,7 +81,7 @@ def test_apa_raises_the_gold_score_and_lam_controls_the_kl(learned):
     assert small_lam["eval/gold_score"] - before["eval/gold_score"] >= APA_MARGIN, (before, small_lam)
     assert 0 < small_lam["eval/kl_to_ref"] < APA_KL_BOUND
     _, large_lam = _get(learned, "apa_large_lam")
-    # a larger λ means a smaller target log π_θ − log π_init = A/λ: the policy stays nearer π_init (0.54 vs 1.8)
+    # a larger λ means a smaller target log π_θ − log π_init = A/λ: the policy stays nearer π_init
     assert large_lam["eval/kl_to_ref"] < small_lam["eval/kl_to_ref"] / 2, (small_lam, large_lam)
 
 
@@ -95,11 +94,10 @@ def test_awr_raises_the_gold_score(learned):
 # ---- A-LoL lands on positive reviews: the gold score of greedy responses to held-out prompts -------------------
 # Built-in offline rows (1024 SFT samples scored by the reward model), default settings (300 steps before
 # good_priority scaling, 16 rows per step, lr 3e-5, R = sigmoid(RM logit); V_ref fitted on the test prompts that are
-# neither evaluated nor training rows' prompts), greedy decoding of 128 held-out prompts. Shipped task, seeds 1, 2,
-# 3: −0.055 → +0.221, +0.220, +0.227. The task rebuilt under avx2 (another build): +0.158 → +0.212, seed 1. Where
-# the SFT policy's greedy responses start depends on the build (−0.108 to +0.158 over the builds tried), so the
-# test asserts where A-LoL ends, and that it ends above the start. NLL (behaviour cloning of the same rows) is no
-# baseline to assert against: where its greedy mode lands depends on the build too (−0.214, +0.212).
+# neither evaluated nor training rows' prompts), greedy decoding of 128 held-out prompts. Where the SFT policy's
+# greedy responses start depends on the build of the task (README, "Measured"), so the test asserts where A-LoL
+# ends, and that it ends above the start. NLL (behaviour cloning of the same rows) is no baseline to assert
+# against: where its greedy mode lands depends on the build too.
 ALOL_FINAL_GOLD = 0.12
 
 
@@ -111,9 +109,8 @@ def test_alol_lands_on_positive_reviews(learned):
 
 # ---- ILQL: decoding with the learned advantage (β > 0) beats β = 0 and the data it learned from ----------------------
 # Default settings (10 epochs over the 1024 built-in scored responses, 16 rows per step, lr 1e-3, α 0.2), 128
-# held-out prompts sampled at top-k 20 with one seed per β. Seed 1, gold at β = 4 minus gold at β = 0: 0.119
-# (native AVX-512), 0.154 (avx2), 0.146 (default); β = 4 itself +0.179 to +0.183, the data −0.006. Earlier builds,
-# seeds 1-3: 0.173-0.193.
+# held-out prompts sampled at top-k 20 with one seed per β. The margins sit well below the gaps measured under
+# each CPU build (README, "Measured").
 ILQL_BETA_MARGIN = 0.06
 ILQL_DATA_MARGIN = 0.10
 

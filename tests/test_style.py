@@ -19,3 +19,46 @@ def test_ruff_format_leaves_every_file_as_it_is():
 def test_ruff_check_finds_nothing():
     result = ruff("check", ".")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PAPERS = "APA|PPO|GAE|Ziegler|Stiennon|InstructGPT|AWR|ILQL|A-LoL"
+MARKER = rf"\b({PAPERS}) (eq\. \(\d+[a-z]?\)|Algorithm \d+, lines? \d+(?:[–-]\d+)?)"
+SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py"]
+
+
+def equation_table():
+    """The README's table of equations: (marker, file, line) per row, from the cells `APA eq. (5)` and `apa.py:123`."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- equations -->")[1].split("\n\n")[1]
+    rows = []
+    for line in table.splitlines()[2:]:
+        marker = re.search(MARKER, line)
+        for file, number in re.findall(r"\b(\w+\.py):(\d+)\b", line):
+            rows.append((marker.group(0), file, int(number)))
+    return rows
+
+
+def code_markers():
+    """Every equation marker in a comment of the scripts: (marker, file, line)."""
+    import re
+
+    found = []
+    for file in SCRIPTS:
+        for number, line in enumerate((ROOT / file).read_text().splitlines(), 1):
+            if "#" in line:
+                found += [(m.group(0), file, number) for m in re.finditer(MARKER, line.split("#", 1)[1])]
+    return found
+
+
+def test_every_row_of_the_equation_table_points_at_the_line_that_implements_it():
+    rows = equation_table()
+    assert len(rows) >= 10, rows
+    for marker, file, number in rows:
+        line = (ROOT / file).read_text().splitlines()[number - 1]
+        assert marker in line, f"README.md says {file}:{number} implements {marker}; that line is: {line.strip()}"
+
+
+def test_every_equation_marker_in_the_code_is_in_the_table():
+    assert sorted(set(code_markers()) - set(equation_table())) == []
