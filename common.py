@@ -1,24 +1,46 @@
-"""What the five algorithm scripts share that is not an algorithm. Sections, in order:
+"""What the five algorithm scripts share that is not an algorithm: start-up, loading, devices, forward passes,
+statistics, logging and checkpoints. Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on
+response tokens (their EOS included).
 
-- the built-in task: its world (vocabulary, grammar, gold score) and the code that built builtin/;
-- loading models, tokenizers and datasets: a hub name and a local folder take the same path; rewards;
-- reward models as released: the trlX / Dahoas, trlX TL;DR and OpenAssistant layouts;
-- distributed set-up, DeepSpeed engines, learning-rate schedules;
-- forward passes over (left-padded prompt | right-padded response): log-probs, values, sampling penalties;
-- masked statistics, optionally over all ranks;
-- logging and checkpoints; resumable checkpoints, stop signals, non-finite guards.
+Sections, in file order (each starts with a `# ---- Name ----` line):
 
-Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on response tokens (its EOS included)."""
+     1. Start-up                       fail, parse_args (--preset), Run / start_run, checkpoint_if_due
+     2. The built-in task              a tiny movie-review world, the code that built builtin/, resolve()
+     3. Datasets                       load_split, load_prompts, load_offline_rows, check_rows
+     4. Dataset and prompt formats     HH dialogues, chat messages and templates, PRO rows, canonical_rows
+     5. Token ids                      encode_prompts, pad_left, Batch, encode_offline_rows, truncate_after_eos, ...
+     6. Tokenizers and models          load_tokenizer, load_model, 4-bit weights, ZeRO-3 loading, no dropout
+     7. Which weights train            LoRA adapters (add_lora, adapter_off, merged_state_dict), freeze_lower_layers
+     8. Rewards                        load_reward: a Python function, a sequence-classification model, a released one
+     9. Reward models as released      the trlX / Dahoas, trlX TL;DR and OpenAssistant layouts
+    10. Distributed set-up             the process group, all-reduce of CPU tensors, generate under ZeRO-3
+    11. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
+    12. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
+    13. Masked statistics              means and whitening where padding never counts, optionally over all ranks
+    14. Logging and saving             TensorBoard + metrics.jsonl, Hugging Face folders (LoRA merged)
+    15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
+    16. `python common.py --rebuild-builtin`
+
+Copying one algorithm script into a project: copy common.py beside it. The script calls into sections 1, 3, 5-8 and
+10-15. Sections 2, 4 and 9 serve only the built-in task (`builtin` as a model or dataset name) and data in other
+formats (HH dialogues, chat templates, PRO rows, released reward-model layouts); each is reached through a few calls
+from the sections a script needs (resolve; canonical_rows, render_prompts, prompt_messages, prompt_text;
+reward_layout), so a project that feeds its own models and plain {prompt, response, reward} columns may cut them
+together with those calls."""
+
 import ast
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib
 import inspect
 import json
 import math
 import os
+import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -42,10 +64,10 @@ try:
 except ImportError:  # ZeRO-0 runs without it: plain torch.distributed and TorchEngine
     deepspeed = None
 
-BUILTIN = "builtin"
 
-
-def fail(message: str):  # a one-line error that names the fix; no traceback: the input was wrong, not the code
+# ---- Start-up: one-line errors, the command line, the checks every script makes, checkpoints when due ----------------
+def fail(message: str):
+    """Stop with a one-line error that names the fix, and no traceback: the input was wrong, not the code."""
     raise SystemExit(f"error: {message}")
 
 
@@ -70,52 +92,141 @@ def parse_args(args_class, presets: dict, argv=None):
     return tyro.cli(args_class, args=argv, default=default)
 
 
+class Run(NamedTuple):
+    """This process's place in the run, and where the run is written."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    name: str  # {exp_name}__{seed}__{unix time}
+    dir: str  # {output_dir}/{name}: args.json, metrics.jsonl, TensorBoard events, the saved models
+    script: str  # whose checkpoints these are: "ppo.py", or "apa.py --offline-dataset" (modes do not mix)
+
+    @property
+    def resume_path(self) -> str:  # the resumable checkpoint, rewritten in place
+        return os.path.join(self.dir, "resume")
+
+
+def start_run(args, script: str) -> Run:
+    """What every script checks before it loads anything (one weight per reward model, the LoRA flags, a --resume
+    folder this script with this many ranks can continue), then the process group. `script` names the script and
+    its mode: a checkpoint is continued only by the same."""
+    weights = getattr(args, "reward_weights", None)
+    if weights and len(weights) != len(args.reward_model):
+        fail(
+            f"--reward-weights has {len(weights)} values for {len(args.reward_model)} --reward-model entries; give "
+            f"one weight per reward model"
+        )
+    check_lora(args)
+    rank, world_size, device = init_distributed(args.zero_stage)
+    if args.resume:
+        check_resume(args.resume, script)
+    name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    return Run(
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        name=name,
+        dir=os.path.join(args.output_dir, name),
+        script=script,
+    )
+
+
+def checkpoint_if_due(run: Run, args, *, step: int, engines: dict, state: dict, signum: int):
+    """Write the resumable checkpoint every --save-every steps, or now when the run was signalled (`signum`, from
+    stop_requested(); 0 if not); after a signal the run then exits with 128 + signum."""
+    if signum or (args.save_every and step % args.save_every == 0):
+        save_resume(
+            path=run.resume_path,
+            script=run.script,
+            step=step,
+            engines=engines,
+            state=state,
+            args=args,
+            run_dir=run.dir,
+            rank=run.rank,
+        )
+    if signum:
+        exit_after_signal(signum, path=run.resume_path, script=run.script, rank=run.rank)
+
+
 # ---- The built-in task: a tiny movie-review world that needs no download (README, "The built-in task") ---------------
-WORDS = {k: v.split() for k, v in dict(
-    pos_adj="great wonderful brilliant superb delightful charming moving beautiful gripping stunning clever excellent "
+# A stochastic grammar writes reviews from these words; the gold score is the mean polarity of a response's words.
+# builtin/ holds an SFT policy and a reward model trained on it, and prompt, offline and preference datasets.
+WORDS = {
+    kind: words.split()
+    for kind, words in dict(
+        pos_adj=(
+            "great wonderful brilliant superb delightful charming moving beautiful gripping stunning clever excellent "
             "fantastic lovely touching thrilling masterful fresh witty warm joyful elegant powerful memorable "
             "inventive vivid engaging heartfelt gorgeous splendid riveting dazzling uplifting hilarious tender "
-            "sublime poignant captivating exquisite rich sharp smart stylish refreshing triumphant",
-    neg_adj="awful terrible boring dull bland clumsy tedious weak messy lifeless shallow forgettable painful annoying "
+            "sublime poignant captivating exquisite rich sharp smart stylish refreshing triumphant"
+        ),
+        neg_adj=(
+            "awful terrible boring dull bland clumsy tedious weak messy lifeless shallow forgettable painful annoying "
             "confusing awkward stale silly flat lazy dreary hollow sloppy predictable pointless tiresome cheap grim "
             "muddled ugly dreadful clunky bloated incoherent tired wooden soulless overlong sluggish shoddy "
-            "derivative unwatchable drab insipid",
-    neu_adj="long short quiet loud slow fast simple dark bright old new familiar strange modest unusual serious "
-            "light busy plain late early gentle quick small big ordinary subtle steady moody gritty lengthy",
-    pos_adv="beautifully brilliantly wonderfully superbly gracefully cleverly skillfully lovingly",
-    neg_adv="painfully horribly badly poorly awkwardly clumsily lazily terribly",
-    pos_verb="loved enjoyed adored admired liked cherished praised treasured",
-    neg_verb="hated disliked regretted resented loathed despised dreaded",
-    neu_verb="watched saw noticed remember expected rewatched discussed recall",
-    intensifier="really very quite rather truly fairly so",
-    noun="movie film story plot script acting cast music score soundtrack dialogue ending opening pacing direction "
-         "camera editing humor romance villain hero scene finale sequel premise setting costumes effects "
-         "characters cinematography visuals twist climax monologue lighting makeup animation choreography casting "
-         "chemistry atmosphere tone narrative subplot montage trailer runtime sets stunts",
-    person="lead actor actress director writer composer villain hero newcomer star producer narrator ensemble "
-           "protagonist antagonist cinematographer editor",
-    function="the this a an and but i it was felt is seemed gave made performance overall , .").items()}
-POLARITY = {w: (1 if k.startswith("pos") else -1) for k, ws in WORDS.items() if k[:3] in ("pos", "neg") for w in ws}
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-VOCABULARY = [PAD, BOS, EOS, UNK] + sorted({w for ws in WORDS.values() for w in ws})
+            "derivative unwatchable drab insipid"
+        ),
+        neu_adj=(
+            "long short quiet loud slow fast simple dark bright old new familiar strange modest unusual serious "
+            "light busy plain late early gentle quick small big ordinary subtle steady moody gritty lengthy"
+        ),
+        pos_adv="beautifully brilliantly wonderfully superbly gracefully cleverly skillfully lovingly",
+        neg_adv="painfully horribly badly poorly awkwardly clumsily lazily terribly",
+        pos_verb="loved enjoyed adored admired liked cherished praised treasured",
+        neg_verb="hated disliked regretted resented loathed despised dreaded",
+        neu_verb="watched saw noticed remember expected rewatched discussed recall",
+        intensifier="really very quite rather truly fairly so",
+        noun=(
+            "movie film story plot script acting cast music score soundtrack dialogue ending opening pacing direction "
+            "camera editing humor romance villain hero scene finale sequel premise setting costumes effects "
+            "characters cinematography visuals twist climax monologue lighting makeup animation choreography casting "
+            "chemistry atmosphere tone narrative subplot montage trailer runtime sets stunts"
+        ),
+        person=(
+            "lead actor actress director writer composer villain hero newcomer star producer narrator ensemble "
+            "protagonist antagonist cinematographer editor"
+        ),
+        function="the this a an and but i it was felt is seemed gave made performance overall , .",
+    ).items()
+}
+POLARITY = {
+    word: (1 if kind.startswith("pos") else -1)
+    for kind, words in WORDS.items()
+    if kind[:3] in ("pos", "neg")
+    for word in words
+}
+PAD = "<pad>"
+BOS = "<bos>"
+EOS = "<eos>"
+UNK = "<unk>"
+VOCABULARY = [PAD, BOS, EOS, UNK] + sorted({word for words in WORDS.values() for word in words})
 
 
+# sample_review, builtin_gold_score and _build_builtin are hashed into builtin_key by their syntax trees: a change to
+# what they do (or to their docstrings) asks for `python common.py --rebuild-builtin`. Their lambdas stay for that.
 def sample_review(rng: random.Random) -> str:
     """One review from a stochastic grammar; `p_pos` makes some reviews mostly positive, some mostly negative."""
     p_pos = rng.choice([0.1, 0.25, 0.5, 0.75, 0.9])
-    polar = lambda kind: rng.choice(WORDS[("pos_" if rng.random() < p_pos else "neg_") + kind])
-    pick = lambda kind: rng.choice(WORDS[kind])
+    polar = lambda kind: rng.choice(WORDS[("pos_" if rng.random() < p_pos else "neg_") + kind])  # noqa: E731
+    pick = lambda kind: rng.choice(WORDS[kind])  # noqa: E731
 
     def adj():
         r = rng.random()
         return pick("neu_adj") if r < 0.25 else f"{pick('intensifier')} {polar('adj')}" if r > 0.8 else polar("adj")
 
-    verb = lambda: pick("neu_verb") if rng.random() < 0.3 else polar("verb")
-    templates = [lambda: f"the {pick('noun')} was {adj()} .", lambda: f"the {pick('noun')} felt {adj()} .",
-                 lambda: f"i {verb()} the {pick('noun')} .", lambda: f"the {pick('noun')} was {adj()} and {adj()} .",
-                 lambda: f"the {pick('noun')} was {adj()} but the {pick('noun')} was {adj()} .",
-                 lambda: f"the {pick('person')} gave a {adj()} performance .", lambda: f"it was {polar('adv')} made .",
-                 lambda: f"overall , a {adj()} {rng.choice(['movie', 'film', 'story'])} ."]
+    verb = lambda: pick("neu_verb") if rng.random() < 0.3 else polar("verb")  # noqa: E731
+    templates = [
+        lambda: f"the {pick('noun')} was {adj()} .",
+        lambda: f"the {pick('noun')} felt {adj()} .",
+        lambda: f"i {verb()} the {pick('noun')} .",
+        lambda: f"the {pick('noun')} was {adj()} and {adj()} .",
+        lambda: f"the {pick('noun')} was {adj()} but the {pick('noun')} was {adj()} .",
+        lambda: f"the {pick('person')} gave a {adj()} performance .",
+        lambda: f"it was {polar('adv')} made .",
+        lambda: f"overall , a {adj()} {rng.choice(['movie', 'film', 'story'])} .",
+    ]
     return " ".join(rng.choice(templates)() for _ in range(rng.randint(2, 4)))
 
 
@@ -123,13 +234,26 @@ def builtin_gold_score(texts) -> list:
     """The task's true objective, for responses decoded WITH special tokens: mean word polarity in [-1, 1]
     (positive words +1, negative -1, punctuation not counted), minus 1 if the response never emitted <eos>."""
     words = [[w for w in text.replace(EOS, " ").split() if w not in (",", ".", PAD, BOS)] for text in texts]
-    return [sum(POLARITY.get(w, 0) for w in ws) / max(len(ws), 1) - (0.0 if EOS in text else 1.0)
-            for ws, text in zip(words, texts)]
+    return [
+        sum(POLARITY.get(w, 0) for w in ws) / max(len(ws), 1) - (0.0 if EOS in text else 1.0)
+        for ws, text in zip(words, texts)
+    ]
 
 
-BUILTIN_SETTINGS = dict(seed=1234, n_layer=2, n_embd=128, n_positions=64, sft_steps=700, rm_steps=300,
-                        n_train_prompts=4096, n_eval_prompts=256, n_offline_prompts=1024, n_rm_prompts=2048,
-                        n_pretrain_texts=2048)
+BUILTIN = "builtin"  # the model / dataset name that stands for the built-in task
+BUILTIN_SETTINGS = dict(
+    seed=1234,
+    n_layer=2,
+    n_embd=128,
+    n_positions=64,
+    sft_steps=700,
+    rm_steps=300,
+    n_train_prompts=4096,
+    n_eval_prompts=256,
+    n_offline_prompts=1024,
+    n_rm_prompts=2048,
+    n_pretrain_texts=2048,
+)
 # The task ships with the project, built once by `python common.py --rebuild-builtin`: training is not bit-exact
 # across CPUs (Intel / AMD, AVX2 / AVX-512), so a task built on each machine would differ from machine to machine.
 BUILTIN_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin")
@@ -159,16 +283,20 @@ def builtin_dir() -> str:
     return path
 
 
+def resolve(name: str, role: str) -> str:
+    """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged."""
+    return os.path.join(builtin_dir(), role) if name == BUILTIN else name
+
+
 def build_builtin(path: str, settings: dict):
     """Build the task into `path`: built aside and renamed when complete, so a killed build never leaves half a
     task. MANIFEST.json records the key, the settings, the machine it was built on and each file's SHA-256."""
     t0 = time.time()
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    _build_builtin(path + ".tmp", settings)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _build_builtin(tmp, settings)
     files = sorted(
-        os.path.relpath(os.path.join(folder, name), path + ".tmp")
-        for folder, _, names in os.walk(path + ".tmp")
-        for name in names
+        os.path.relpath(os.path.join(folder, name), tmp) for folder, _, names in os.walk(tmp) for name in names
     )
     manifest = dict(
         key=builtin_key(settings),
@@ -180,30 +308,13 @@ def build_builtin(path: str, settings: dict):
             threads=torch.get_num_threads(),
         ),
         build_seconds=round(time.time() - t0, 1),
-        sha256={name: file_sha256(os.path.join(path + ".tmp", name)) for name in files},
+        sha256={name: file_sha256(os.path.join(tmp, name)) for name in files},
     )
-    with open(os.path.join(path + ".tmp", BUILTIN_MANIFEST), "w") as f:
+    with open(os.path.join(tmp, BUILTIN_MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     shutil.rmtree(path, ignore_errors=True)
-    os.rename(path + ".tmp", path)
+    os.rename(tmp, path)
     print(f"built-in task ready in {path} ({manifest['build_seconds']:.0f} s)", file=sys.stderr)
-
-
-def cpu_name() -> str:
-    """The processor's model name, as /proc/cpuinfo gives it (the machine type where it gives none)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.machine()
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _build_builtin(path: str, settings: dict):
@@ -212,7 +323,7 @@ def _build_builtin(path: str, settings: dict):
     from tqdm import tqdm
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    print(f"building the built-in task in {path} (about 3 minutes on 2 CPU cores)", file=sys.stderr)
+    print(f"building the built-in task in {path}", file=sys.stderr)
     s = SimpleNamespace(**settings)
     rng = random.Random(s.seed)
     torch.manual_seed(s.seed)
@@ -249,7 +360,7 @@ def _build_builtin(path: str, settings: dict):
     def train(model, steps, desc, lr, loss_fn):
         # AdamW, linear warm-up over 100 steps, then linear decay to 0.
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        schedule = lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps)
+        schedule = lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         for _ in tqdm(range(steps), desc=desc, mininterval=2):
             optimizer.zero_grad()
@@ -338,29 +449,417 @@ def _build_builtin(path: str, settings: dict):
     Dataset.from_dict({"text": pretrain_texts}).save_to_disk(f"{path}/data/pretrain")
 
 
-def resolve(name: str, role: str) -> str:
-    """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged."""
-    return os.path.join(builtin_dir(), role) if name == BUILTIN else name
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it (the machine type where it gives none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
 
 
-# ---- Loading models, tokenizers and datasets: a hub name and a local folder take the same path --------------------
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+# ---- Datasets: a builtin folder, a save_to_disk folder, a .jsonl / .json / .parquet file or a hub name ---------------
+def _first_line(error: Exception) -> str:
+    """An exception's message cut to its first line and 160 characters, for a one-line error."""
+    return str(error).strip().splitlines()[0][:160]
+
+
+def load_split(name: str, split: str, role: str, flag: str):
+    """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file or a hub name."""
+    import datasets
+
+    path = resolve(name, role)
+    try:
+        if os.path.isdir(path) and {"dataset_dict.json", "state.json"} & set(os.listdir(path)):  # save_to_disk
+            data = datasets.load_from_disk(path)
+        elif path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
+            data = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
+        else:
+            data = datasets.load_dataset(path)
+    except Exception as e:  # datasets raises many kinds of error; the user needs one line
+        fail(
+            f"cannot load dataset '{name}' ({_first_line(e)}); pass {flag} a dataset folder, a .jsonl/.json/.parquet "
+            f"file or a hub name"
+        )
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            fail(
+                f"dataset '{name}' has no split '{split}' (it has: {', '.join(data)}); pass one of those to "
+                f"--train-split / --eval-split"
+            )
+        data = data[split]
+    return data
+
+
+def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
+    """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR / `messages` rows
+    (canonical_rows). A prompt is a text, or a list of chat messages [{role, content}] (rendered by render_prompts)."""
+    data = load_split(name, split, role="data/prompts", flag=flag)
+    prompts = canonical_rows(data, name).get("prompt") if prompt_field == "prompt" else None
+    if not prompts:
+        if prompt_field not in data.column_names:
+            fail(
+                f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
+                f"pass --prompt-field NAME"
+            )
+        prompts = data[prompt_field]
+    check_rows(name, prompt=prompts)
+    return [p if isinstance(p, list) else str(p) for p in prompts]
+
+
+def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None):
+    """(prompts, responses, rewards) from rows {prompt, response, reward}, or from preference rows of any shape that
+    canonical_rows reads: two rows each, reward 1 for the chosen response and 0 for the rejected one.
+    `fields` maps those names to the file's own columns, e.g. {"prompt": "question", "reward": "score"}."""
+    data = load_split(name, split, role="data/offline", flag=flag)
+    renames = {col: key for key, col in (fields or {}).items() if col != key and col in data.column_names}
+    data = data.remove_columns([k for k in renames.values() if k in data.column_names]).rename_columns(renames)
+    rows = canonical_rows(data, name)
+    if {"prompt", "response", "reward"} <= set(rows):
+        check_rows(name, prompt=rows["prompt"], response=rows["response"])
+        bad = [i for i, r in enumerate(rows["reward"]) if not math.isfinite(float(r))]
+        if bad:
+            fail(
+                f"dataset '{name}' has {len(bad)} row(s) whose reward is NaN or inf (the first: row {bad[0]}); fix "
+                f"or drop them"
+            )
+        return rows["prompt"], rows["response"], [float(r) for r in rows["reward"]]
+    if "chosen" in rows:
+        n = len(rows["prompt"])
+        check_rows(name, prompt=rows["prompt"], response=rows["chosen"] + rows["rejected"])
+        return rows["prompt"] * 2, rows["chosen"] + rows["rejected"], [1.0] * n + [0.0] * n
+    fail(
+        f"dataset '{name}' has columns {', '.join(data.column_names)}; offline rows need prompt, response, reward "
+        f"(or prompt, chosen, rejected, or HH dialogues chosen, rejected)"
+    )
+
+
+def check_rows(name: str, **columns):
+    """Fail on the first empty text (or empty list of messages) of any column (prompt=..., response=...), naming the
+    row and the fix."""
+    for kind, texts in columns.items():
+        empty = [i for i, text in enumerate(texts) if not (text if isinstance(text, list) else str(text).strip())]
+        if empty:
+            fail(
+                f"dataset '{name}' has {len(empty)} row(s) with an empty {kind} (the first: row {empty[0]}); remove "
+                f"them, or map another column with --{kind}-field"
+            )
+
+
+# ---- Dataset and prompt formats: HH dialogues, chat messages and templates, PRO rows ---------------------------------
+# canonical_rows turns every known dataset shape into plain columns; a prompt is a text or a list of chat messages.
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(dialogue: str):
+    """An Anthropic HH transcript ("\n\nHuman: …\n\nAssistant: …") -> (prompt, reply), cut at the LAST
+    "\n\nAssistant:": the prompt ends with it (the policy continues from there); (None, dialogue) without one."""
+    cut = dialogue.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
+    if cut < len(HH_ASSISTANT):  # rfind found no marker
+        return None, dialogue
+    return dialogue[:cut], dialogue[cut:]
+
+
+def hh_turns(prompt: str):
+    """An HH prompt ("\n\nHuman: …\n\nAssistant: …\n\nAssistant:") as [(role, text)], role user / assistant, each text
+    stripped; the open "Assistant:" the policy answers is dropped. Text without HH markers is one user turn."""
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", prompt)
+    turns = [("user", parts[0].strip())] if parts[0].strip() else []
+    for marker, text in zip(parts[1::2], parts[2::2]):
+        turns.append(("user" if marker == "Human" else "assistant", text.strip()))
+    if turns and turns[-1][0] == "assistant" and not turns[-1][1]:
+        turns.pop()
+    return turns
+
+
+def prompt_messages(prompt) -> list:
+    """A prompt as chat messages [{role, content}]: a `messages` prompt as it is; an HH prompt as alternating user /
+    assistant turns (hh_turns); any other text as one user message."""
+    if isinstance(prompt, str):
+        return [{"role": role, "content": text} for role, text in hh_turns(prompt)]
+    return [dict(m) for m in prompt]
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as plain text: a text as it is; `messages` as an HH transcript ending with the open "Assistant:" (a
+    system message first, as plain text), for a reward model or function that reads text without a template."""
+    if isinstance(prompt, str):
+        return prompt
+    marker = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
+    return "".join(marker.get(m["role"], f"\n\n{m['role']}: ") + m["content"] for m in prompt) + HH_ASSISTANT
+
+
+def split_messages(messages):
+    """A conversation [{role, content}, …] -> (prompt messages, the last assistant reply, or None without one)."""
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def render_prompts(tokenizer, prompts, chat_template: bool) -> list:
+    """The text the policy sees for each prompt: with `chat_template`, the tokenizer's template of its messages with
+    the assistant turn opened (add_generation_prompt); without, the prompt text as it is."""
+    if not chat_template:
+        if any(not isinstance(p, str) for p in prompts):
+            fail(
+                "the dataset's prompts are chat messages; pass --chat-template to render them with the tokenizer's "
+                "chat template"
+            )
+        return list(prompts)
+    if not tokenizer.chat_template:
+        fail(
+            f"the tokenizer of '{tokenizer.name_or_path}' has no chat template (chat_template in "
+            f"tokenizer_config.json, or chat_template.jinja); drop --chat-template, or use a chat model's tokenizer"
+        )
+    return [
+        tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+
+
+PRO_ROLES = {"<|prompter|>": "\n\nHuman: ", "<|assistant|>": "\n\nAssistant: "}
+
+
+def pro_pairs(prefix, suffixes):
+    """(prompt, response) of each candidate of a PRO / A-LoL row, or None when `prefix` does not fit `suffixes`.
+    `prefix` holds one list of turns per candidate ("<|prompter|>…", "<|assistant|>…", …, a bare "<|assistant|>"),
+    or one such list shared by all; joined with the role tokens made "\n\nHuman: " / "\n\nAssistant: " and the end
+    stripped, as PRO's HH collator does, it is an HH prompt ending with "\n\nAssistant:", and the response is the
+    suffix after one space (PRO joins prompt + " " + suffix; none added to a suffix that starts with whitespace).
+    A plain-string prefix without role tokens (PRO's TL;DR files) is the prompt as it is, its suffix the response."""
+    if prefix and all(isinstance(p, str) for p in prefix) and any(r in p for p in prefix for r in PRO_ROLES):
+        prefix = [prefix] * len(suffixes)  # one list of turns for every candidate
+    if len(prefix) != len(suffixes):
+        return None
+    pairs = []
+    for turns, suffix in zip(prefix, map(str, suffixes)):
+        text = "".join(turns) if isinstance(turns, (list, tuple)) else str(turns)
+        if any(role in text for role in PRO_ROLES):
+            for role, marker in PRO_ROLES.items():
+                text = text.replace(role, marker)
+            text = text.rstrip() if text.rstrip().endswith(HH_ASSISTANT) else text.rstrip() + HH_ASSISTANT
+            suffix = suffix if suffix[:1].isspace() else " " + suffix
+        pairs.append((text, suffix))
+    return pairs
+
+
+def _columns(rows: list, names: tuple) -> dict:
+    """Row tuples as columns {name: list}; {} without rows."""
+    if not rows:
+        return {}
+    return {name: list(column) for name, column in zip(names, zip(*rows))}
+
+
+def canonical_rows(data, name: str) -> dict:
+    """A dataset of a known shape as columns {prompt, response[, reward]} or {prompt, chosen, rejected}. Shapes:
+    those two; rm-static's {prompt, response, chosen, rejected} (a preference row); HH transcripts {chosen, rejected}
+    (split by split_hh; rows whose two dialogues differ before the last reply, or with an empty reply, are dropped
+    and counted); TL;DR {prompt, label} (the summary is the response; "\nTL;DR:" appended to a prompt without it);
+    PRO's preprocessed HH files, as A-LoL reuses them, {prefix, suffix, reward[, sft_index, meta]} with one reward
+    per suffix: one {prompt, response, reward} row per suffix (pro_pairs; the reward as stored, a raw reward-model
+    logit in PRO's files; rows whose prefix, suffix and reward lists differ in length are dropped and counted, and
+    so are blank suffixes)."""
+    cols = set(data.column_names)
+    report = os.environ.get("RANK", "0") == "0"  # notes on dropped rows: rank 0 only
+    if "messages" in cols and "prompt" not in cols:
+        conversations = [split_messages(messages) for messages in data["messages"]]
+        prompts = [prompt for prompt, _ in conversations]
+        replies = [reply for _, reply in conversations]
+        if not all(replies):  # prompts only: each conversation without a trailing assistant reply
+            return {"prompt": prompts}
+        rows = {"prompt": prompts, "response": replies}
+        if "reward" in cols:
+            rows["reward"] = data["reward"]
+        return rows
+    if {"prefix", "suffix", "reward"} <= cols and "prompt" not in cols:
+        kept = []
+        ragged = 0
+        blank = 0
+        for prefix, suffixes, rewards in zip(data["prefix"], data["suffix"], data["reward"]):
+            pairs = pro_pairs(prefix, suffixes) if len(suffixes) == len(rewards) else None
+            if pairs is None:
+                ragged += 1
+                continue
+            rows = [(prompt, response, float(r)) for (prompt, response), r in zip(pairs, rewards)]
+            kept += [row for row in rows if row[1].strip()]
+            blank += sum(not row[1].strip() for row in rows)
+        if (ragged or blank) and report:
+            print(
+                f"note: {ragged} of {len(data)} PRO rows of '{name}' dropped: their prefix, suffix and reward "
+                f"lists differ in length; {blank} blank suffixes dropped"
+            )
+        return _columns(kept, ("prompt", "response", "reward"))
+    if {"chosen", "rejected"} <= cols and "prompt" not in cols:
+        split = split_messages if len(data) and isinstance(data[0]["chosen"], list) else split_hh  # chat or HH text
+        pairs = [(split(c), split(r)) for c, r in zip(data["chosen"], data["rejected"])]
+        kept = [(p, c, r) for (p, c), (q, r) in pairs if p and p == q and c and c.strip() and r and r.strip()]
+        if len(kept) < len(data) and report:
+            print(
+                f"note: {len(data) - len(kept)} of {len(data)} HH rows of '{name}' dropped: no shared prompt before "
+                f"the last assistant reply, or an empty reply"
+            )
+        return _columns(kept, ("prompt", "chosen", "rejected"))
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return {k: [str(v) for v in data[k]] for k in ("prompt", "chosen", "rejected")}
+    if {"prompt", "label"} <= cols and "response" not in cols:
+        prompts = [p if p.rstrip().endswith("TL;DR:") else p + "\nTL;DR:" for p in map(str, data["prompt"])]
+        return {"prompt": prompts, "response": [str(v) for v in data["label"]]}
+    return {k: data[k] for k in ("prompt", "response", "reward") if k in cols}
+
+
+# ---- Token ids: prompts left-padded, responses right-padded, cut after EOS, decoded back to text ---------------------
+def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int, chat_template=False):
+    """Token ids of each prompt (rendered by render_prompts: raw text, or the chat template with the assistant turn
+    opened), LEFT-truncated to what the context leaves after the response; and how many were truncated."""
+    budget = min(max_prompt_length, context - max_new_tokens)
+    if budget < 1:
+        fail(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
+            f"tokens; lower --max-new-tokens"
+        )
+    texts = render_prompts(tokenizer, prompts, chat_template)
+    ids = tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]  # a template writes its own BOS
+    if any(len(row) == 0 for row in ids):
+        fail("the dataset has an empty prompt; remove it or pick another --prompt-field")
+
+    def cut(row):
+        # A prompt that starts with BOS (Llama, Mistral, Gemma; or a template that writes it) keeps it first when cut
+        # on the left: the model never saw a text without it. GPT-2 / Pythia / Qwen add none.
+        keep = row[:1] if row[0] == tokenizer.bos_token_id else []
+        return keep + row[len(row) - budget + len(keep) :] if len(row) > budget else row
+
+    n_truncated = sum(len(row) > budget for row in ids)
+    return [cut(row) for row in ids], n_truncated
+
+
+def pad_left(rows, pad_id: int, device=None):
+    """List of token-id lists -> (ids, attention_mask), both [batch, longest], padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids.to(device), mask.to(device)
+
+
+class Batch(NamedTuple):
+    """Rows of (left-padded prompt | right-padded response), in the order every forward pass takes them:
+    `forward_logprobs(model, *batch)`."""
+
+    query_ids: torch.Tensor  # [batch, prompt_len], left-padded
+    query_mask: torch.Tensor  # [batch, prompt_len], 1 on prompt tokens
+    response_ids: torch.Tensor  # [batch, response_len], right-padded
+    response_mask: torch.Tensor  # [batch, response_len], float, 1 on response tokens (their EOS included)
+
+    def rows(self, index) -> "Batch":
+        """The rows at `index` (a slice, a list or a tensor of row numbers)."""
+        return Batch(*(tensor[index] for tensor in self))
+
+
+def encode_offline_rows(
+    tokenizer, prompts, responses, *, max_prompt_length, max_new_tokens, context, chat_template=False, device=None
+) -> Batch:
+    """Dataset rows (prompt, response text) as a Batch. Each response is cut to --max-new-tokens − 1 tokens and
+    ends in EOS (an EOS in its text is dropped first), so that every row ends as a sampled response that stopped
+    does, and the last response token is where a sequence's reward goes."""
+    prompts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in prompts]  # text, or chat messages
+    query_rows, _ = encode_prompts(
+        tokenizer,
+        prompts,
+        max_prompt_length=max_prompt_length,
+        max_new_tokens=max_new_tokens,
+        context=context,
+        chat_template=chat_template,
+    )
+    eos = tokenizer.eos_token
+    texts = [str(response).replace(eos, "").rstrip() if eos else str(response) for response in responses]
+    response_rows = [
+        ids[: max_new_tokens - 1] + [tokenizer.eos_token_id]
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
+    query_ids, query_mask = pad_left(query_rows, tokenizer.pad_token_id, device)
+    width = max(len(row) for row in response_rows)
+    response_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in response_rows])
+    response_mask = torch.tensor([[1.0] * len(row) + [0.0] * (width - len(row)) for row in response_rows])
+    return Batch(query_ids, query_mask, response_ids.to(device), response_mask.to(device))
+
+
+def truncate_after_eos(response_ids, eos_id: int, pad_id: int, tokenizer=None, stop_strings=()):
+    """Cut responses after their first EOS (kept, mask 1): returns (response_ids, response_mask, ended_with_eos).
+    With stop strings (HH: "Human:", "Assistant:"), a response whose decoded text contains one is also cut to the
+    tokens before it (at least one token kept) and counts as ended."""
+    is_eos = (response_ids == eos_id).long()
+    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
+    ids = response_ids.masked_fill(after_eos, pad_id)
+    mask = (~after_eos).long()
+    ended = is_eos.bool().any(1)
+    if not stop_strings:
+        return ids, mask, ended
+
+    def decode(row, n):
+        return tokenizer.decode(row[:n], skip_special_tokens=True)
+
+    for b, row in enumerate(ids.tolist()):
+        n = int(mask[b].sum())
+        cut = min([i for i in (decode(row, n).find(s) for s in stop_strings) if i >= 0], default=-1)
+        if cut >= 0:  # the longest prefix of tokens whose text ends before the stop string
+            keep = max(next(k for k in range(n, -1, -1) if len(decode(row, k)) <= cut), 1)
+            ids[b, keep:] = pad_id
+            mask[b, keep:] = 0
+            ended[b] = True
+    return ids, mask, ended
+
+
+def response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask):
+    """Each response as text, decoded after its prompt and cut off it: a SentencePiece tokenizer (Llama) drops the
+    space that starts a text decoded alone, which would glue the reply's first word to the prompt's last."""
+    prompts = [q[m.bool()] for q, m in zip(query_ids, query_mask)]
+    responses = [r[m.bool()] for r, m in zip(response_ids, response_mask)]
+    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
+    both = tokenizer.batch_decode([torch.cat(pair) for pair in zip(prompts, responses)], skip_special_tokens=True)
+    return [
+        text[len(prompt) :] if text.startswith(prompt) else tokenizer.decode(response, skip_special_tokens=True)
+        for prompt, text, response in zip(prompt_texts, both, responses)
+    ]
+
+
+def _decoded_prompts(tokenizer, query_ids, query_mask, prompts=None) -> list:
+    """The rows' prompts as the dataset gave them (text or messages), or, without them, decoded from the ids."""
+    if prompts is not None:
+        return list(prompts)
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(query_ids, query_mask)]
+
+
+# ---- Tokenizers and models: a hub name and a local folder take the same path -----------------------------------------
 def _from_pretrained(cls, name: str, flag: str, **kwargs):
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:  # a missing folder or an unreachable hub name: one line, naming the flag
-        fail(f"cannot load '{name}' ({str(e).strip().splitlines()[0][:160]}); pass {flag} an existing local folder "
-             f"or a hub name")
+        fail(f"cannot load '{name}' ({_first_line(e)}); pass {flag} an existing local folder or a hub name")
 
 
 def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="left", trust_remote_code=False):
-    tok = _from_pretrained(AutoTokenizer, resolve(name, "sft"), flag, trust_remote_code=trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer, resolve(name, "sft"), flag=flag, trust_remote_code=trust_remote_code)
     tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 family: pad with EOS; masks decide what is padding
     tok.padding_side = padding_side
     return tok
 
 
-def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_code=False, pad_token_id=None,
-               attn_implementation=None, sharded=None, load_in_4bit=False):
+def load_model(
+    name: str,
+    kind: str,
+    flag: str,
+    dtype="float32",
+    trust_remote_code=False,
+    pad_token_id=None,
+    attn_implementation=None,
+    sharded=None,
+    load_in_4bit=False,
+):
     """kind `causal` (policy / reference) or `score` (reward / value: a 1-output sequence-classification model).
 
     A causal model comes without the sampling settings of its checkpoint's generation_config.json (temperature,
@@ -373,8 +872,14 @@ def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_co
     DeepSpeed config; the model is then built and loaded shard by shard, each rank keeping its own (see
     sharded_loading). `load_in_4bit`: NF4 base weights (QLoRA; bitsandbytes and a GPU). Dropout is switched off in
     every model (see disable_dropout)."""
-    cls, role = (AutoModelForCausalLM, "sft") if kind == "causal" else (AutoModelForSequenceClassification, "reward")
-    extra = {} if kind == "causal" else {"num_labels": 1}
+    if kind == "causal":
+        cls = AutoModelForCausalLM
+        role = "sft"
+        extra = {}
+    else:
+        cls = AutoModelForSequenceClassification
+        role = "reward"
+        extra = {"num_labels": 1}
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     if load_in_4bit:
@@ -383,7 +888,7 @@ def load_model(name: str, kind: str, flag: str, dtype="float32", trust_remote_co
         model = _from_pretrained(
             cls,
             resolve(name, role),
-            flag,
+            flag=flag,
             dtype=getattr(torch, dtype),
             trust_remote_code=trust_remote_code,
             **extra,
@@ -437,26 +942,42 @@ def quantization_4bit(dtype: str) -> dict:
         fail("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float16
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=compute)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16,
+    )
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
-# ---- LoRA adapters (peft): the trained model's weights frozen, low-rank updates trained beside them -----------------
+def gradient_checkpointing(model, enabled: bool):
+    """Recompute each block's activations in the backward pass instead of keeping them (transformers' own, the
+    non-reentrant kind, in train mode only): memory for about a third more compute."""
+    if enabled:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ---- Which weights train: LoRA adapters (peft) beside frozen weights, or the top blocks only -------------------------
 def check_lora(args):
     """One-line errors for LoRA settings that cannot work together, before anything is loaded."""
     if args.lora_r < 0:
         fail(f"--lora-r must be 0 (no adapter: train the weights) or a positive rank, got {args.lora_r}")
     if args.load_in_4bit and not args.lora_r:
-        fail("--load-in-4bit trains an adapter on frozen 4-bit weights: pass --lora-r (e.g. 64), or drop "
-             "--load-in-4bit")
+        fail(
+            "--load-in-4bit trains an adapter on frozen 4-bit weights: pass --lora-r (e.g. 64), or drop --load-in-4bit"
+        )
     if args.load_in_4bit and args.zero_stage:
-        fail(f"--load-in-4bit runs without DeepSpeed (4-bit weights cannot be sharded or cast): use --zero-stage 0, "
-             f"not {args.zero_stage}")
+        fail(
+            f"--load-in-4bit runs without DeepSpeed (4-bit weights cannot be sharded or cast): use --zero-stage 0, "
+            f"not {args.zero_stage}"
+        )
     if args.lora_r and args.unfrozen_layers != -1:
-        fail(f"--unfrozen-layers {args.unfrozen_layers} trains the top blocks' own weights, --lora-r an adapter on all "
-             f"of them: pass one of the two")
+        fail(
+            f"--unfrozen-layers {args.unfrozen_layers} trains the top blocks' own weights, --lora-r an adapter on all "
+            f"of them: pass one of the two"
+        )
 
 
 def add_lora(model, kind: str, r: int, alpha: float, dropout: float, target_modules, quantized=False):
@@ -483,8 +1004,26 @@ def add_lora(model, kind: str, r: int, alpha: float, dropout: float, target_modu
     try:
         return get_peft_model(model, config)
     except ValueError as e:  # a target that this architecture does not have
-        fail(f"--lora-target-modules {' '.join(target_modules)}: {str(e).splitlines()[0][:200]}; name this model's "
-             f"linear layers (e.g. q_proj v_proj) or pass all-linear")
+        fail(
+            f"--lora-target-modules {' '.join(target_modules)}: {str(e).splitlines()[0][:200]}; name this model's "
+            f"linear layers (e.g. q_proj v_proj) or pass all-linear"
+        )
+
+
+def freeze_lower_layers(model, unfrozen_layers: int):
+    """Train only the top `unfrozen_layers` transformer blocks and what follows them (final norm, an untied head), as
+    trlX's num_layers_unfrozen; -1 trains everything. The blocks are the model's longest ModuleList; parameters
+    registered before the first trained block (embeddings, lower blocks; a head tied to them) are frozen."""
+    if unfrozen_layers >= 0:
+        blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+        in_blocks = {id(p) for p in blocks.parameters()}
+        top = blocks[max(len(blocks) - unfrozen_layers, 0) :] if unfrozen_layers else []
+        kept = {id(p) for block in top for p in block.parameters()}
+        after_blocks = False
+        for p in model.parameters():  # registration order: embeddings, blocks, final norm, head
+            after_blocks = after_blocks or id(p) in in_blocks
+            p.requires_grad_(id(p) in kept or (after_blocks and id(p) not in in_blocks))
+    return model
 
 
 def peft_model(model):
@@ -526,23 +1065,25 @@ def merged_state_dict(state: dict, model) -> dict:
             continue
         name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
         lora_a = key.replace(".base_layer.weight", ".lora_A.default.weight")
+        lora_b = key.replace(".base_layer.weight", ".lora_B.default.weight")
         if key.endswith(".base_layer.weight") and lora_a in state:
-            delta = state[key.replace(".base_layer.weight", ".lora_B.default.weight")].float() @ state[lora_a].float()
+            delta = state[lora_b].float() @ state[lora_a].float()
             value = (value.float() + scaling * (delta.T if config.fan_in_fan_out else delta)).to(value.dtype)
         merged[name] = value.contiguous()
     return merged
 
 
-def gradient_checkpointing(model, enabled: bool):
-    """Recompute each block's activations in the backward pass instead of keeping them (transformers' own, the
-    non-reentrant kind, in train mode only): memory for about a third more compute."""
-    if enabled:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, bf16=False,
-                trust_remote_code=False, dtype="auto"):
+# ---- Rewards: a Python function, a sequence-classification model, or a reward model as released ----------------------
+def load_reward(
+    name: str,
+    tokenizer,
+    placement="policy",
+    zero_stage=0,
+    micro_batch_size=8,
+    bf16=False,
+    trust_remote_code=False,
+    dtype="auto",
+):
     """One --reward-model entry as score(query_ids, query_mask, response_ids, response_mask, prompts=None) -> [batch]
     float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without them, the
     decoded query ids stand in). An entry is:
@@ -556,358 +1097,114 @@ def load_reward(name: str, tokenizer, placement="policy", zero_stage=0, micro_ba
     - a released layout (trlX / Dahoas hf_ckpt.pt, trlX TL;DR, OpenAssistant), scored on its own text format
       (load_released_reward).
     `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
-    texts = lambda ids, mask: [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask)]
-    replies = lambda *batch: response_texts(tokenizer, *batch)
     module, _, function = name.partition(":")
     if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
-        import importlib
-        sys.path.insert(0, os.getcwd())
-        try:
-            fn = getattr(importlib.import_module(module), function)
-        except (ImportError, AttributeError) as e:
-            fail(f"cannot import the reward function '{name}' ({e}); put {module}.py in the working directory or on "
-                 f"PYTHONPATH, and give --reward-model as module:function")
-
-        def score_with_function(query_ids, query_mask, response_ids, response_mask, prompts=None):
-            prompts = texts(query_ids, query_mask) if prompts is None else list(prompts)
-            scores = [float(s) for s in fn(prompts, replies(query_ids, query_mask, response_ids, response_mask))]
-            if len(scores) != len(query_ids):
-                fail(f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
-                     f"must return one float per (prompt, response)")
-            return torch.tensor(scores)
-        return score_with_function
-    dtype = ("bfloat16" if bf16 else "float32") if dtype == "auto" else dtype
-    released = reward_layout(resolve(name, "reward"))
-    if released != "score":  # a released layout: see "Reward models as released"
+        return _reward_function(name, tokenizer)
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16 else "float32"
+    path = resolve(name, "reward")
+    layout = reward_layout(path)
+    if layout != "score":  # a released layout: see "Reward models as released"
         return load_released_reward(
-            released,
-            resolve(name, "reward"),
+            layout,
+            path,
             tokenizer,
-            placement,
-            zero_stage,
-            micro_batch_size,
-            dtype,
+            placement=placement,
+            zero_stage=zero_stage,
+            micro_batch_size=micro_batch_size,
+            dtype=dtype,
         )
-    rm_tokenizer = load_tokenizer(name, "--reward-model", "right", trust_remote_code)
+    reward_tokenizer = load_tokenizer(
+        name, flag="--reward-model", padding_side="right", trust_remote_code=trust_remote_code
+    )
+    frozen = _frozen_settings(placement, zero_stage=zero_stage, micro_batch_size=micro_batch_size, dtype=dtype)
     model = load_model(
         name,
-        "score",
-        "--reward-model",
-        dtype,
-        trust_remote_code,
-        pad_token_id=rm_tokenizer.pad_token_id,
-        sharded=zero3_config(placement, zero_stage, micro_batch_size, dtype == "bfloat16", fp16=dtype == "float16"),
+        kind="score",
+        flag="--reward-model",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        pad_token_id=reward_tokenizer.pad_token_id,
+        sharded=zero3_config(**frozen),
     )
-    model = prepare_frozen(
-        model,
-        placement,
-        zero_stage,
-        micro_batch_size,
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
-    )
-    same_vocabulary = rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    own_template = bool(rm_tokenizer.chat_template)
-    rm_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
-    max_length = min(rm_tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
+    model = prepare_frozen(model, **frozen)
+    same_vocabulary = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
+    own_template = bool(reward_tokenizer.chat_template)
+    reward_tokenizer.truncation_side = "left"  # keep the response when a long dialogue must be cut
+    max_length = min(reward_tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
 
     def own_texts(query_ids, query_mask, response_ids, response_mask, prompts):
         """The texts the reward model reads: its chat template of (prompt, response), or prompt text + response."""
-        if prompts is None:  # the policy's prompt as decoded from its ids
-            prompts = texts(query_ids, query_mask)
-        responses = replies(query_ids, query_mask, response_ids, response_mask)
+        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)
+        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
         if own_template:
-            return [rm_tokenizer.apply_chat_template(prompt_messages(prompt) + [{"role": "assistant", "content": reply}],
-                                                     tokenize=False) for prompt, reply in zip(prompts, responses)]
+            return [
+                reward_tokenizer.apply_chat_template(
+                    prompt_messages(prompt) + [{"role": "assistant", "content": reply}], tokenize=False
+                )
+                for prompt, reply in zip(prompts, responses)
+            ]
         return [prompt_text(prompt) + reply for prompt, reply in zip(prompts, responses)]
 
     @torch.no_grad()
     def score_with_model(query_ids, query_mask, response_ids, response_mask, prompts=None):
         if same_vocabulary and not own_template:  # the head at the last real token (the response's EOS if any)
-            ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
-            last = query_ids.shape[1] + response_mask.sum(1).cpu() - 1
-            return token_scores(model, ids, mask, pos)[torch.arange(len(ids)), last].cpu()
+            ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, device=model.device)
+            last = query_ids.shape[1] + response_mask.sum(1).long().cpu() - 1
+            return token_scores(model, ids, mask=mask, position_ids=pos)[torch.arange(len(ids)), last].cpu()
         joined = own_texts(query_ids, query_mask, response_ids, response_mask, prompts)
-        enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                           add_special_tokens=not own_template).to(model.device)  # a template writes its own BOS
+        enc = reward_tokenizer(
+            joined,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=not own_template,  # a template writes its own BOS
+        ).to(model.device)
         return model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
+
     score_with_model.same_vocabulary = same_vocabulary  # the value model may start from it: it reads the same ids
     return score_with_model
 
 
-def load_split(name: str, split: str, role: str, flag: str):
-    """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file or a hub name."""
-    import datasets
-    path = resolve(name, role)
+def _reward_function(name: str, tokenizer):
+    """A `module:function` --reward-model entry as load_reward's score(...): f(prompts, responses) -> floats."""
+    module, _, function = name.partition(":")
+    sys.path.insert(0, os.getcwd())
     try:
-        if os.path.isdir(path) and {"dataset_dict.json", "state.json"} & set(os.listdir(path)):  # save_to_disk
-            data = datasets.load_from_disk(path)
-        elif path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
-            data = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
-        else:
-            data = datasets.load_dataset(path)
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds of error; the user needs one line
-        fail(f"cannot load dataset '{name}' ({str(e).strip().splitlines()[0][:160]}); pass {flag} a dataset folder, "
-             f"a .jsonl/.json/.parquet file or a hub name")
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            fail(f"dataset '{name}' has no split '{split}' (it has: {', '.join(data)}); pass one of those to "
-                 f"--train-split / --eval-split")
-        data = data[split]
-    return data
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as e:
+        fail(
+            f"cannot import the reward function '{name}' ({e}); put {module}.py in the working directory or on "
+            f"PYTHONPATH, and give --reward-model as module:function"
+        )
+
+    def score_with_function(query_ids, query_mask, response_ids, response_mask, prompts=None):
+        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)
+        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+        scores = [float(s) for s in fn(prompts, responses)]
+        if len(scores) != len(query_ids):
+            fail(
+                f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
+                f"must return one float per (prompt, response)"
+            )
+        return torch.tensor(scores)
+
+    return score_with_function
 
 
-HH_ASSISTANT = "\n\nAssistant:"
-
-
-def split_hh(dialogue: str):
-    """An Anthropic HH transcript ("\n\nHuman: …\n\nAssistant: …") -> (prompt, reply), cut at the LAST
-    "\n\nAssistant:": the prompt ends with it (the policy continues from there); (None, dialogue) without one."""
-    cut = dialogue.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
-    return (dialogue[:cut], dialogue[cut:]) if cut >= len(HH_ASSISTANT) else (None, dialogue)
-
-
-def hh_turns(prompt: str):
-    """An HH prompt ("\n\nHuman: …\n\nAssistant: …\n\nAssistant:") as [(role, text)], role user / assistant, each text
-    stripped; the open "Assistant:" the policy answers is dropped. Text without HH markers is one user turn."""
-    import re
-
-    parts = re.split(r"(?:^|\n\n)(Human|Assistant):", prompt)
-    turns = [("user", parts[0].strip())] if parts[0].strip() else []
-    turns += [("user" if marker == "Human" else "assistant", text.strip()) for marker, text in zip(parts[1::2], parts[2::2])]
-    if turns and turns[-1][0] == "assistant" and not turns[-1][1]:
-        turns.pop()
-    return turns
-
-
-def prompt_messages(prompt) -> list:
-    """A prompt as chat messages [{role, content}]: a `messages` prompt as it is; an HH prompt as alternating user /
-    assistant turns (hh_turns); any other text as one user message."""
-    if isinstance(prompt, str):
-        return [{"role": role, "content": text} for role, text in hh_turns(prompt)]
-    return [dict(m) for m in prompt]
-
-
-def prompt_text(prompt) -> str:
-    """A prompt as plain text: a text as it is; `messages` as an HH transcript ending with the open "Assistant:" (a
-    system message first, as plain text), for a reward model or function that reads text without a template."""
-    if isinstance(prompt, str):
-        return prompt
-    marker = {"user": "\n\nHuman: ", "assistant": "\n\nAssistant: ", "system": ""}
-    return "".join(marker.get(m["role"], f"\n\n{m['role']}: ") + m["content"] for m in prompt) + HH_ASSISTANT
-
-
-def render_prompts(tokenizer, prompts, chat_template: bool) -> list:
-    """The text the policy sees for each prompt: with `chat_template`, the tokenizer's template of its messages with
-    the assistant turn opened (add_generation_prompt); without, the prompt text as it is."""
-    if not chat_template:
-        if any(not isinstance(p, str) for p in prompts):
-            fail("the dataset's prompts are chat messages; pass --chat-template to render them with the tokenizer's "
-                 "chat template")
-        return list(prompts)
-    if not tokenizer.chat_template:
-        fail(f"the tokenizer of '{tokenizer.name_or_path}' has no chat template (chat_template in "
-             f"tokenizer_config.json, or chat_template.jinja); drop --chat-template, or use a chat model's tokenizer")
-    return [tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True)
-            for p in prompts]
-
-
-def split_messages(messages):
-    """A conversation [{role, content}, …] -> (prompt messages, the last assistant reply, or None without one)."""
-    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-    if messages and messages[-1]["role"] == "assistant":
-        return messages[:-1], messages[-1]["content"]
-    return messages, None
-
-
-PRO_ROLES = {"<|prompter|>": "\n\nHuman: ", "<|assistant|>": "\n\nAssistant: "}
-
-
-def pro_pairs(prefix, suffixes):
-    """(prompt, response) of each candidate of a PRO / A-LoL row, or None when `prefix` does not fit `suffixes`.
-    `prefix` holds one list of turns per candidate ("<|prompter|>…", "<|assistant|>…", …, a bare "<|assistant|>"),
-    or one such list shared by all; joined with the role tokens made "\n\nHuman: " / "\n\nAssistant: " and the end
-    stripped, as PRO's HH collator does, it is an HH prompt ending with "\n\nAssistant:", and the response is the
-    suffix after one space (PRO joins prompt + " " + suffix; none added to a suffix that starts with whitespace).
-    A plain-string prefix without role tokens (PRO's TL;DR files) is the prompt as it is, its suffix the response."""
-    if prefix and all(isinstance(p, str) for p in prefix) and any(r in p for p in prefix for r in PRO_ROLES):
-        prefix = [prefix] * len(suffixes)  # one list of turns for every candidate
-    if len(prefix) != len(suffixes):
-        return None
-    pairs = []
-    for turns, suffix in zip(prefix, map(str, suffixes)):
-        text = "".join(turns) if isinstance(turns, (list, tuple)) else str(turns)
-        if any(role in text for role in PRO_ROLES):
-            for role, marker in PRO_ROLES.items():
-                text = text.replace(role, marker)
-            text = text.rstrip() if text.rstrip().endswith(HH_ASSISTANT) else text.rstrip() + HH_ASSISTANT
-            suffix = suffix if suffix[:1].isspace() else " " + suffix
-        pairs.append((text, suffix))
-    return pairs
-
-
-def canonical_rows(data, name: str) -> dict:
-    """A dataset of a known shape as columns {prompt, response[, reward]} or {prompt, chosen, rejected}. Shapes:
-    those two; rm-static's {prompt, response, chosen, rejected} (a preference row); HH transcripts {chosen, rejected}
-    (split by split_hh; rows whose two dialogues differ before the last reply, or with an empty reply, are dropped
-    and counted); TL;DR {prompt, label} (the summary is the response; "\nTL;DR:" appended to a prompt without it);
-    PRO's preprocessed HH files, as A-LoL reuses them, {prefix, suffix, reward[, sft_index, meta]} with one reward
-    per suffix: one {prompt, response, reward} row per suffix (pro_pairs; the reward as stored, a raw reward-model
-    logit in PRO's files; rows whose prefix, suffix and reward lists differ in length are dropped and counted, and
-    so are blank suffixes)."""
-    cols = set(data.column_names)
-    if "messages" in cols and "prompt" not in cols:
-        prompts, replies = map(list, zip(*map(split_messages, data["messages"]))) if len(data) else ([], [])
-        if not all(replies):  # prompts only: each conversation without a trailing assistant reply
-            return {"prompt": prompts}
-        rows = {"prompt": prompts, "response": replies}
-        return rows | ({"reward": data["reward"]} if "reward" in cols else {})
-    if {"prefix", "suffix", "reward"} <= cols and "prompt" not in cols:
-        kept, ragged, blank = [], 0, 0
-        for prefix, suffixes, rewards in zip(data["prefix"], data["suffix"], data["reward"]):
-            pairs = pro_pairs(prefix, suffixes) if len(suffixes) == len(rewards) else None
-            if pairs is None:
-                ragged += 1
-                continue
-            rows = [(prompt, response, float(r)) for (prompt, response), r in zip(pairs, rewards)]
-            kept += [row for row in rows if row[1].strip()]
-            blank += sum(not row[1].strip() for row in rows)
-        if (ragged or blank) and os.environ.get("RANK", "0") == "0":
-            print(f"note: {ragged} of {len(data)} PRO rows of '{name}' dropped: their prefix, suffix and reward "
-                  f"lists differ in length; {blank} blank suffixes dropped")
-        return dict(zip(("prompt", "response", "reward"), map(list, zip(*kept)))) if kept else {}
-    if {"chosen", "rejected"} <= cols and "prompt" not in cols:
-        split = split_messages if len(data) and isinstance(data[0]["chosen"], list) else split_hh  # chat or HH text
-        pairs = [(split(c), split(r)) for c, r in zip(data["chosen"], data["rejected"])]
-        kept = [(p, c, r) for (p, c), (q, r) in pairs if p and p == q and c and c.strip() and r and r.strip()]
-        if len(kept) < len(data) and os.environ.get("RANK", "0") == "0":
-            print(f"note: {len(data) - len(kept)} of {len(data)} HH rows of '{name}' dropped: no shared prompt before "
-                  f"the last assistant reply, or an empty reply")
-        return dict(zip(("prompt", "chosen", "rejected"), map(list, zip(*kept)))) if kept else {}
-    if {"prompt", "chosen", "rejected"} <= cols:
-        return {k: [str(v) for v in data[k]] for k in ("prompt", "chosen", "rejected")}
-    if {"prompt", "label"} <= cols and "response" not in cols:
-        return {"prompt": [p if p.rstrip().endswith("TL;DR:") else p + "\nTL;DR:" for p in map(str, data["prompt"])],
-                "response": [str(v) for v in data["label"]]}
-    return {k: data[k] for k in ("prompt", "response", "reward") if k in cols}
-
-
-def check_rows(name: str, **columns):
-    """Fail on the first empty text (or empty list of messages) of any column (prompt=..., response=...), naming the
-    row and the fix."""
-    for kind, texts in columns.items():
-        if empty := [i for i, text in enumerate(texts) if not (text if isinstance(text, list) else str(text).strip())]:
-            fail(f"dataset '{name}' has {len(empty)} row(s) with an empty {kind} (the first: row {empty[0]}); remove "
-                 f"them, or map another column with --{kind}-field")
-
-
-def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
-    """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR / `messages` rows
-    (canonical_rows). A prompt is a text, or a list of chat messages [{role, content}] (rendered by render_prompts)."""
-    data = load_split(name, split, "data/prompts", flag)
-    if not (prompt_field == "prompt" and (prompts := canonical_rows(data, name).get("prompt"))):
-        if prompt_field not in data.column_names:
-            fail(f"dataset '{name}' has no column '{prompt_field}' (it has: {', '.join(data.column_names)}); "
-                 f"pass --prompt-field NAME")
-        prompts = data[prompt_field]
-    check_rows(name, prompt=prompts)
-    return [p if isinstance(p, list) else str(p) for p in prompts]
-
-
-def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None):
-    """(prompts, responses, rewards) from rows {prompt, response, reward}, or from preference rows of any shape that
-    canonical_rows reads: two rows each, reward 1 for the chosen response and 0 for the rejected one (§6).
-    `fields` maps those names to the file's own columns, e.g. {"prompt": "question", "reward": "score"}."""
-    data = load_split(name, split, "data/offline", flag)
-    renames = {col: key for key, col in (fields or {}).items() if col != key and col in data.column_names}
-    data = data.remove_columns([k for k in renames.values() if k in data.column_names]).rename_columns(renames)
-    rows = canonical_rows(data, name)
-    if {"prompt", "response", "reward"} <= set(rows):
-        check_rows(name, prompt=rows["prompt"], response=rows["response"])
-        if bad := [i for i, r in enumerate(rows["reward"]) if not math.isfinite(float(r))]:
-            fail(f"dataset '{name}' has {len(bad)} row(s) whose reward is NaN or inf (the first: row {bad[0]}); fix "
-                 f"or drop them")
-        return rows["prompt"], rows["response"], [float(r) for r in rows["reward"]]
-    if "chosen" in rows:
-        n = len(rows["prompt"])
-        check_rows(name, prompt=rows["prompt"], response=rows["chosen"] + rows["rejected"])
-        return rows["prompt"] * 2, rows["chosen"] + rows["rejected"], [1.0] * n + [0.0] * n
-    fail(f"dataset '{name}' has columns {', '.join(data.column_names)}; offline rows need prompt, response, reward "
-         f"(or prompt, chosen, rejected, or HH dialogues chosen, rejected)")
-
-
-def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int,
-                   chat_template=False):
-    """Token ids of each prompt (rendered by render_prompts: raw text, or the chat template with the assistant turn
-    opened), LEFT-truncated to what the context leaves after the response; and how many were truncated."""
-    budget = min(max_prompt_length, context - max_new_tokens)
-    if budget < 1:
-        fail(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
-             f"tokens; lower --max-new-tokens")
-    texts = render_prompts(tokenizer, prompts, chat_template)
-    ids = tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]  # a template writes its own BOS
-    if any(len(row) == 0 for row in ids):
-        fail("the dataset has an empty prompt; remove it or pick another --prompt-field")
-    # A prompt that starts with BOS (Llama, Mistral, Gemma; or a template that writes it) keeps it first when cut on
-    # the left: the model never saw a text without it. GPT-2 / Pythia / Qwen add none.
-    def cut(row):
-        keep = row[:1] if row[0] == tokenizer.bos_token_id else []
-        return keep + row[len(row) - budget + len(keep) :] if len(row) > budget else row
-
-    n_truncated = sum(len(row) > budget for row in ids)
-    return [cut(row) for row in ids], n_truncated
-
-
-def pad_left(rows, pad_id: int, device=None):
-    """List of token-id lists -> (ids, attention_mask), both [batch, longest], padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids.to(device), mask.to(device)
-
-
-class Batch(NamedTuple):
-    """Rows of (left-padded prompt | right-padded response), in the order every forward pass takes them:
-    `forward_logprobs(model, *batch)`."""
-
-    query_ids: torch.Tensor  # [batch, prompt_len], left-padded
-    query_mask: torch.Tensor  # [batch, prompt_len], 1 on prompt tokens
-    response_ids: torch.Tensor  # [batch, response_len], right-padded
-    response_mask: torch.Tensor  # [batch, response_len], float, 1 on response tokens (their EOS included)
-
-    def rows(self, index) -> "Batch":
-        """The rows at `index` (a slice, a list or a tensor of row numbers)."""
-        return Batch(*(tensor[index] for tensor in self))
-
-
-def encode_offline_rows(tokenizer, prompts, responses, *, max_prompt_length, max_new_tokens, context,
-                        chat_template=False, device=None) -> Batch:
-    """Dataset rows (prompt, response text) as a Batch. Each response is cut to --max-new-tokens − 1 tokens and
-    ends in EOS (an EOS in its text is dropped first), so that every row ends as a sampled response that stopped
-    does, and the last response token is where a sequence's reward goes."""
-    prompts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in prompts]  # text, or chat messages
-    query_rows, _ = encode_prompts(
-        tokenizer,
-        prompts,
-        max_prompt_length=max_prompt_length,
-        max_new_tokens=max_new_tokens,
-        context=context,
-        chat_template=chat_template,
+def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dtype: str) -> dict:
+    """prepare_frozen's (and zero3_config's) keyword arguments for a frozen reward model held in `dtype`."""
+    return dict(
+        placement=placement,
+        zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size,
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
     )
-    eos = tokenizer.eos_token
-    texts = [str(response).replace(eos, "").rstrip() if eos else str(response) for response in responses]
-    response_rows = [
-        ids[: max_new_tokens - 1] + [tokenizer.eos_token_id]
-        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
-    ]
-    query_ids, query_mask = pad_left(query_rows, tokenizer.pad_token_id, device)
-    width = max(len(row) for row in response_rows)
-    response_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in response_rows])
-    response_mask = torch.tensor([[1.0] * len(row) + [0.0] * (width - len(row)) for row in response_rows])
-    return Batch(query_ids, query_mask, response_ids.to(device), response_mask.to(device))
 
 
-# ---- Reward models as released: trlX / Dahoas GPT-J, CarperAI TL;DR, OpenAssistant --------------------------------
+# ---- Reward models as released: trlX / Dahoas GPT-J, CarperAI TL;DR, OpenAssistant -----------------------------------
 # A released reward model is a trunk (a transformers base model) and a 1-output linear head, stored in its own layout
 # and trained on its own text; each layout below as the released code reads it (file / line of the upstream repo):
 # - trlx-hh: Dahoas/gptj-rm-static holds `hf_ckpt.pt`, the state dict of Dahoas' RewardModel (Dahoas/reward-modeling
@@ -961,7 +1258,7 @@ def _state_dict(file: str) -> dict:
         from safetensors.torch import load_file
 
         return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: only the keys are read now
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are read only when used
 
 
 def _reward_file(path: str, filename: str) -> str:
@@ -1002,9 +1299,9 @@ def reward_layout(path: str) -> str:
 
 
 def oasst_dialogue(prompt, response: str, eos: str) -> str:
-    """A prompt (an HH prompt, text or messages) and a reply as OpenAssistant's turns "<|prompter|>…EOS<|assistant|>…EOS",
-    each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63). Text without HH markers is one
-    prompter turn."""
+    """A prompt (an HH prompt, text or messages) and a reply as OpenAssistant's turns
+    "<|prompter|>…EOS<|assistant|>…EOS", each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63).
+    Text without HH markers is one prompter turn."""
     tags = {"user": "<|prompter|>", "assistant": "<|assistant|>"}
     turns = [(m["role"], m["content"].strip()) for m in prompt_messages(prompt) if m["role"] in tags]
     turns.append(("assistant", response.strip()))
@@ -1036,21 +1333,26 @@ def load_released_reward(
         config = GPTNeoXConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
         pooling = fields.get("pooling") or "last"
         weights = "model.safetensors" if "model.safetensors" in local_files else "pytorch_model.bin"
-        prefix, head_keys = "gpt_neox.", ("out_proj.weight", "out_proj.bias")
+        prefix = "gpt_neox."
+        head_keys = ("out_proj.weight", "out_proj.bias")
         tokenizer_source = path
     else:
         base_config, base_tokenizer = RELEASED_TRUNKS[layout]
         config = AutoConfig.from_pretrained(path if "config.json" in local_files else base_config)
         pooling = "eos"
         weights = "hf_ckpt.pt" if layout == "trlx-hh" else "pytorch_model.bin"
-        prefix, head_keys = "transformer.", ("v_head.weight",)
+        prefix = "transformer."
+        head_keys = ("v_head.weight",)
         has_tokenizer = any(f in local_files for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         tokenizer_source = path if has_tokenizer else base_tokenizer
     if pooling not in ("last", "mean", "eos"):
         fail(f"'{path}' has pooling '{pooling}'; OpenAssistant's reward model knows last and mean")
     state = _state_dict(_reward_file(path, weights))
-    if missing := [k for k in head_keys if k not in state]:
+    missing = [k for k in head_keys if k not in state]
+    if missing:
         fail(f"'{path}' ({layout} layout) has no {', '.join(missing)} in {weights}; not a released reward checkpoint")
+
+    # The trunk: a transformers base model built from its config and the state dict's trunk keys.
     trunk_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     trunk, info = MODEL_MAPPING[type(config)].from_pretrained(
         None, config=config, state_dict=trunk_state, dtype=getattr(torch, dtype), output_loading_info=True
@@ -1060,35 +1362,41 @@ def load_released_reward(
             f"'{path}' ({layout} layout) lacks {len(info['missing_keys'])} weights of its {config.model_type} trunk "
             f"(e.g. {min(info['missing_keys'])}); the trunk config must be the one it was trained from"
         )
-    trunk = prepare_frozen(
-        trunk, placement, zero_stage, micro_batch_size, bf16=dtype == "bfloat16", fp16=dtype == "float16"
-    )
-    head_state = {"weight": state[head_keys[0]].float().reshape(1, -1)}  # the head stays in float32
-    if len(head_keys) == 2:
+    frozen = _frozen_settings(placement, zero_stage=zero_stage, micro_batch_size=micro_batch_size, dtype=dtype)
+    trunk = prepare_frozen(trunk, **frozen)
+
+    # The head: a 1-output linear layer, kept in float32.
+    with_bias = len(head_keys) == 2
+    head_state = {"weight": state[head_keys[0]].float().reshape(1, -1)}
+    if with_bias:
         head_state["bias"] = state[head_keys[1]].float().reshape(1)
-    head = torch.nn.Linear(head_state["weight"].shape[1], 1, bias=len(head_keys) == 2)
+    head = torch.nn.Linear(head_state["weight"].shape[1], 1, bias=with_bias)
     head.load_state_dict(head_state)
     head = head.requires_grad_(False).to(trunk.device)
-    rm_tokenizer = load_tokenizer(tokenizer_source, "--reward-model", "right")
-    rm_tokenizer.truncation_side = "right" if layout == "trlx-tldr" else "left"
+
+    reward_tokenizer = load_tokenizer(tokenizer_source, flag="--reward-model", padding_side="right")
+    reward_tokenizer.truncation_side = "right" if layout == "trlx-tldr" else "left"
     max_length = 550 if layout == "trlx-tldr" else 1024
 
     @torch.no_grad()
     def score_released(query_ids, query_mask, response_ids, response_mask, prompts=None):
-        if prompts is None:  # the policy's prompt as decoded from its ids; else as given: text or messages
-            prompts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(query_ids, query_mask)]
+        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)  # text or messages
         # the policy's response as text (its EOS dropped: the layout adds the model's own)
-        pairs = zip(prompts, response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask))
-        joined = [released_text(layout, prompt, response, rm_tokenizer.eos_token) for prompt, response in pairs]
-        enc = rm_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        ids, mask = enc.input_ids.to(trunk.device), enc.attention_mask.to(trunk.device)
+        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+        joined = [
+            released_text(layout, prompt=prompt, response=response, eos=reward_tokenizer.eos_token)
+            for prompt, response in zip(prompts, responses)
+        ]
+        enc = reward_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        ids = enc.input_ids.to(trunk.device)
+        mask = enc.attention_mask.to(trunk.device)
         hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         last = mask.sum(1) - 1  # right padding: the last real token (OpenAssistant's pooling "last")
         if pooling == "mean":
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             return head(pooled).squeeze(-1).cpu()
         if pooling == "eos":  # trlX: the first EOS (HH), or the token before it (TL;DR); the last token without one
-            is_eos = (ids == rm_tokenizer.eos_token_id) & mask.bool()
+            is_eos = (ids == reward_tokenizer.eos_token_id) & mask.bool()
             last = torch.where(is_eos.any(1), is_eos.int().argmax(1) - int(layout == "trlx-tldr"), last)
         return head(hidden[torch.arange(len(ids)), last]).squeeze(-1).cpu()
 
@@ -1096,18 +1404,24 @@ def load_released_reward(
     return score_released
 
 
-# ---- Distributed set-up and DeepSpeed ------------------------------------------------------------------------------
+# ---- Distributed set-up: the process group (also for one process), all-reduce, generate under ZeRO-3 -----------------
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU comm op (deepspeed/ops/op_builder/cpu/comm.py)
+
+
 def init_distributed(zero_stage: int):
     """Start the process group (also for one process without a launcher). Returns (rank, world_size, device)."""
     if "RANK" not in os.environ:  # plain `python script.py`: a world of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(s.getsockname()[1]))
-    cuda, local_rank = torch.cuda.is_available(), int(os.environ["LOCAL_RANK"])
+            port = str(s.getsockname()[1])
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
     if deepspeed is None and zero_stage > 0:
-        fail(f"--zero-stage {zero_stage} needs DeepSpeed, which is not installed; pip install -r requirements.txt, "
-             f"or use --zero-stage 0")
+        fail(
+            f"--zero-stage {zero_stage} needs DeepSpeed, which is not installed; pip install -r requirements.txt, "
+            f"or use --zero-stage 0"
+        )
     if cuda:
         torch.cuda.set_device(local_rank)
     backend = "nccl" if cuda else "gloo"
@@ -1124,7 +1438,37 @@ def init_distributed(zero_stage: int):
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
 
 
-SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU comm op (deepspeed/ops/op_builder/cpu/comm.py)
+def check_build_lock(op_name: str, stale_after=600):
+    """torch compiles an extension under a lock file and every later build waits for it to go, silently and
+    forever: a build killed half-way leaves it behind. A lock older than `stale_after` seconds (a build takes about
+    a minute) is reported in one line instead of a hang."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(op_name, False), "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > stale_after:
+        fail(
+            f"{lock} was left by a DeepSpeed build that was killed ({time.time() - os.path.getmtime(lock):.0f} s "
+            f"old), and every build waits for it; remove it (rm {lock}) and start again"
+        )
+
+
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_cpu(values, op=None):
+    """All-reduce a CPU tensor (NCCL only reduces CUDA tensors: it goes through this rank's GPU there)."""
+    if _world() > 1:
+        on_gpu = dist.get_backend() == "nccl"
+        reduced = values.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else values
+        dist.all_reduce(reduced, op=op or dist.ReduceOp.SUM)
+        values.copy_(reduced)
+    return values
 
 
 @contextlib.contextmanager
@@ -1143,43 +1487,77 @@ def gathered_for_generation(engine, zero3: bool):
             param.ds_active_sub_modules.clear()
         for hook in offload.forward_hooks + offload.backward_hooks:
             hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
+        offload.forward_hooks = []
+        offload.backward_hooks = []
         try:
             yield
         finally:
             offload._register_deepspeed_module(offload.module)  # the hooks back; the fetch trace is recorded anew
 
 
-def check_build_lock(op_name: str, stale_after=600):
-    """torch compiles an extension under a lock file and every later build waits for it to go, silently and
-    forever: a build killed half-way leaves it behind. A lock older than `stale_after` seconds (a build takes about
-    a minute) is reported in one line instead of a hang."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(op_name, False), "lock")
-    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > stale_after:
-        fail(f"{lock} was left by a DeepSpeed build that was killed ({time.time() - os.path.getmtime(lock):.0f} s "
-             f"old), and every build waits for it; remove it (rm {lock}) and start again")
-
-
-def deepspeed_config(zero_stage: int, micro_batch_size: int, lr: float, bf16=False, offload=False,
-                     max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, train=True, hidden_size=None):
+# ---- Engines: a DeepSpeed engine on this rank's device, or a TorchEngine; learning-rate schedules --------------------
+def deepspeed_config(
+    zero_stage: int,
+    micro_batch_size: int,
+    lr: float,
+    bf16=False,
+    offload=False,
+    max_grad_norm=1.0,
+    betas=(0.9, 0.95),
+    weight_decay=0.0,
+    train=True,
+    hidden_size=None,
+):
     """`train=False`: a frozen model sharded like the policy. torch's AdamW (nothing to compile) unless offloading.
     With the model's `hidden_size` h, ZeRO's buffers are sized to it as transformers' Trainer sizes them ("auto"):
     gradients reduced in buckets of h² elements, ZeRO-3 prefetching 0.9 h² and keeping parameters under 10 h whole.
     DeepSpeed's own defaults (buckets of 5·10⁸ elements) would hold a whole small model's gradients twice."""
     cpu = {"device": "cpu", "pin_memory": True}
-    buckets = {} if not hidden_size else {"reduce_bucket_size": hidden_size**2,
-                                          "stage3_prefetch_bucket_size": int(0.9 * hidden_size**2),
-                                          "stage3_param_persistence_threshold": 10 * hidden_size}
-    zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True, **buckets,
-            **({"offload_optimizer": cpu} if offload and train else {}),
-            **({"offload_param": cpu} if offload and zero_stage == 3 else {})}
-    optimizer = {"type": "AdamW", "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay,
-                                             "torch_adam": not offload}}
-    return {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": 1,
-            "zero_optimization": zero, "bf16": {"enabled": bf16}, "steps_per_print": 10**9,
-            **({"gradient_clipping": max_grad_norm, "optimizer": optimizer} if train else {})}
+    zero = {"stage": zero_stage, "stage3_gather_16bit_weights_on_model_save": True}
+    if hidden_size:
+        zero["reduce_bucket_size"] = hidden_size**2
+        zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size**2)
+        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    if offload and train:
+        zero["offload_optimizer"] = cpu
+    if offload and zero_stage == 3:
+        zero["offload_param"] = cpu
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
+    if train:
+        config["gradient_clipping"] = max_grad_norm
+        adamw = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": not offload}
+        config["optimizer"] = {"type": "AdamW", "params": adamw}
+    return config
+
+
+def zero3_config(placement, zero_stage, micro_batch_size, bf16=False, offload=False, fp16=False, hidden_size=None):
+    """The DeepSpeed config of a model sharded under ZeRO-3 (at `policy`), for sharded_loading and prepare_frozen;
+    None for a model that is not sharded."""
+    if placement != "policy" or zero_stage != 3 or deepspeed is None:
+        return None
+    config = deepspeed_config(
+        3,
+        micro_batch_size=micro_batch_size,
+        lr=0.0,
+        bf16=bf16,
+        offload=offload,
+        train=False,
+        hidden_size=hidden_size,
+    )
+    return {**config, "fp16": {"enabled": fp16}}
+
+
+def hidden_size_of(model):
+    """The hidden size of the (first) transformers model in `model`, to size DeepSpeed's buffers; None without one."""
+    configs = (getattr(m, "config", None) for m in hf_model(model).modules())
+    config = next((c for c in configs if hasattr(c, "get_text_config")), None)
+    return getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "inverse_sqrt")
@@ -1207,6 +1585,11 @@ def lr_schedule(warmup_steps: int, total_steps: int, kind: str = "constant"):
     return factor
 
 
+def _constant_lr(step: int) -> float:
+    """The learning rate's factor without a schedule."""
+    return 1.0
+
+
 def current_lr(engine) -> float:
     """The learning rate the engine's next optimiser step uses."""
     return engine.optimizer.param_groups[0]["lr"]
@@ -1216,10 +1599,12 @@ class TorchEngine:
     """Engine calls (forward, backward, step, .module, .device) for a model on its own device, or without DeepSpeed."""
 
     def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
-        self.module, self.device, self.max_grad_norm = model, model.device, max_grad_norm
+        self.module = model
+        self.device = model.device
+        self.max_grad_norm = max_grad_norm
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or (lambda step: 1.0))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or _constant_lr)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -1250,67 +1635,74 @@ def _device(placement: str):  # `policy` -> this rank's device; otherwise the na
     return torch.device(here if placement == "policy" else placement)
 
 
-def prepare_trainable(model, placement, zero_stage, micro_batch_size, lr, bf16=False, offload=False,
-                      max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
+def prepare_trainable(
+    model,
+    placement,
+    zero_stage,
+    micro_batch_size,
+    lr,
+    bf16=False,
+    offload=False,
+    max_grad_norm=1.0,
+    betas=(0.9, 0.95),
+    weight_decay=0.0,
+    schedule=None,
+):
     """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere. `schedule`
     (see lr_schedule) scales `lr` at every optimiser step; resumable checkpoints keep its position."""
     if placement.startswith("cuda") and int(os.environ.get("LOCAL_WORLD_SIZE", _world())) > 1:
-        fail(f"--value-device {placement} would put the value model of every rank of this node on one GPU, where NCCL "
-             f"cannot all-reduce its gradients; use --value-device policy (each rank's own GPU) or cpu")
-    if getattr(hf_model(model), "is_loaded_in_4bit", False):  # 4-bit weights: already on this rank's GPU
-        return TorchEngine(model, lr, max_grad_norm, betas, weight_decay, schedule)
-    if deepspeed is None or placement != "policy":
-        return TorchEngine(model.to(_device(placement)), lr, max_grad_norm, betas, weight_decay, schedule)
-    config = deepspeed_config(zero_stage, micro_batch_size, lr, bf16, offload, max_grad_norm, betas, weight_decay,
-                              hidden_size=hidden_size_of(model))
+        fail(
+            f"--value-device {placement} would put the value model of every rank of this node on one GPU, where NCCL "
+            f"cannot all-reduce its gradients; use --value-device policy (each rank's own GPU) or cpu"
+        )
+    quantized = getattr(hf_model(model), "is_loaded_in_4bit", False)  # 4-bit weights: already on this rank's GPU
+    if quantized or deepspeed is None or placement != "policy":
+        return TorchEngine(
+            model if quantized else model.to(_device(placement)),
+            lr,
+            max_grad_norm=max_grad_norm,
+            betas=betas,
+            weight_decay=weight_decay,
+            schedule=schedule,
+        )
+    config = deepspeed_config(
+        zero_stage,
+        micro_batch_size=micro_batch_size,
+        lr=lr,
+        bf16=bf16,
+        offload=offload,
+        max_grad_norm=max_grad_norm,
+        betas=betas,
+        weight_decay=weight_decay,
+        hidden_size=hidden_size_of(model),
+    )
     params = [p for p in model.parameters() if p.requires_grad]
-    scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or (lambda step: 1.0))
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule or _constant_lr)
+
     return deepspeed.initialize(model=model, model_parameters=params, config=config, lr_scheduler=scheduler)[0]
-
-
-def freeze_lower_layers(model, unfrozen_layers: int):
-    """Train only the top `unfrozen_layers` transformer blocks and what follows them (final norm, an untied head), as
-    trlX's num_layers_unfrozen; -1 trains everything. The blocks are the model's longest ModuleList; parameters
-    registered before the first trained block (embeddings, lower blocks; a head tied to them) are frozen."""
-    if unfrozen_layers >= 0:
-        blocks = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
-        in_blocks = {id(p) for p in blocks.parameters()}
-        top = blocks[max(len(blocks) - unfrozen_layers, 0):] if unfrozen_layers else []
-        kept = {id(p) for block in top for p in block.parameters()}
-        after_blocks = False
-        for p in model.parameters():  # registration order: embeddings, blocks, final norm, head
-            after_blocks = after_blocks or id(p) in in_blocks
-            p.requires_grad_(id(p) in kept or (after_blocks and id(p) not in in_blocks))
-    return model
-
-
-def zero3_config(placement, zero_stage, micro_batch_size, bf16=False, offload=False, fp16=False, hidden_size=None):
-    """The DeepSpeed config of a model sharded under ZeRO-3 (at `policy`), for sharded_loading and prepare_frozen;
-    None for a model that is not sharded."""
-    if placement != "policy" or zero_stage != 3 or deepspeed is None:
-        return None
-    config = deepspeed_config(3, micro_batch_size, 0.0, bf16, offload, train=False, hidden_size=hidden_size)
-    return {**config, "fp16": {"enabled": fp16}}
-
-
-def hidden_size_of(model):
-    """The hidden size of the (first) transformers model in `model`, to size DeepSpeed's buffers; None without one."""
-    configs = (getattr(m, "config", None) for m in hf_model(model).modules())
-    config = next((c for c in configs if hasattr(c, "get_text_config")), None)
-    return getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
 
 
 def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False, fp16=False):
     """A frozen model (eval, no grad): sharded like the policy under ZeRO-3 at `policy`, else a copy on its device."""
     model.requires_grad_(False).eval()
-    if config := zero3_config(placement, zero_stage, micro_batch_size, bf16, fp16=fp16,
-                              hidden_size=hidden_size_of(model)):
+    config = zero3_config(
+        placement,
+        zero_stage=zero_stage,
+        micro_batch_size=micro_batch_size,
+        bf16=bf16,
+        fp16=fp16,
+        hidden_size=hidden_size_of(model),
+    )
+    if config is not None:
         return deepspeed.initialize(model=model, config=config)[0]
     return model.to(_device(placement))
 
 
-# ---- Forward passes over (left-padded prompt | right-padded response) -----------------------------------------------
+# ---- Forward passes over (left-padded prompt | right-padded response) ------------------------------------------------
 def concat_inputs(query_ids, query_mask, response_ids, response_mask, device):
+    """(ids, attention mask, position ids) of prompt and response side by side, on `device`."""
     ids = torch.cat([query_ids, response_ids], 1).to(device)
     mask = torch.cat([query_mask, response_mask.long()], 1).to(device)
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the mask: left padding changes nothing
@@ -1323,32 +1715,43 @@ def in_chunks(fn, rows, size: int):
     return torch.cat([fn(*[r[i : i + size] for r in rows]) for i in range(0, len(rows[0]), size)])
 
 
-def forward_logprobs(model, query_ids, query_mask, response_ids, response_mask, temperature=1.0,
-                     with_entropy=False, repetition_penalty=1.0, entropy_grad=True):
+def forward_logprobs(
+    model,
+    query_ids,
+    query_mask,
+    response_ids,
+    response_mask,
+    temperature=1.0,
+    with_entropy=False,
+    repetition_penalty=1.0,
+    entropy_grad=True,
+):
     """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from the logits at the
     last prompt position and the response's: the LM head runs on those R + 1 positions only
     (`logits_to_keep`), never on the prompt's, where a real vocabulary would cost prompt × vocabulary floats each.
     The logits are first penalised as ResponseRepetitionPenalty does while sampling, then divided by temperature:
     the log-probs are those of the distribution the responses were sampled from (top-k / top-p aside). Optionally the
     entropy per token; `entropy_grad=False` computes it without a graph (logged, not trained on)."""
-    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
+    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, device=model.device)
+    prompt_length = query_ids.shape[1]
     width = response_ids.shape[1]
     forward = hf_model(model).forward  # a DeepSpeed engine and a PeftModel pass keyword arguments through
     keep = {"logits_to_keep": width + 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
     logits = logits[:, -width - 1 : -1].float()  # the logit at position t predicts token t + 1
+    response_tokens = ids[:, prompt_length:]
     if repetition_penalty != 1.0:
-        logits = penalise_repeats(logits, ids[:, query_ids.shape[1]:], repetition_penalty)
+        logits = penalise_repeats(logits, response_tokens, repetition_penalty)
     if temperature != 1.0:  # a division by 1 would still be a pass (and its backward) over batch × length × vocabulary
         logits = logits / temperature
     logsumexp = logits.logsumexp(-1)  # gather − logsumexp: no [batch, len, vocab] log-softmax kept around
-    response_mask = mask[:, query_ids.shape[1]:]
-    logprobs = (logits.gather(-1, ids[:, query_ids.shape[1]:, None]).squeeze(-1) - logsumexp) * response_mask
+    on_response = mask[:, prompt_length:]
+    logprobs = (logits.gather(-1, response_tokens[:, :, None]).squeeze(-1) - logsumexp) * on_response
     if not with_entropy:
         return logprobs
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = logsumexp - (logits.softmax(-1) * logits).sum(-1)
-    return logprobs, entropy * response_mask
+    return logprobs, entropy * on_response
 
 
 class ResponseRepetitionPenalty(LogitsProcessor):
@@ -1384,106 +1787,77 @@ def penalise_repeats(logits, response_ids, penalty: float):
 def last_hidden(model, ids, mask, position_ids):
     """The backbone's last hidden state (after its final norm) at every position, [batch, seq_len, hidden]: no head."""
     inner = hf_model(model)  # the transformers model in a DeepSpeed engine (LoRA layers are injected into it)
-    return getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                                   use_cache=False).last_hidden_state
+    backbone = getattr(inner, inner.base_model_prefix)
+    return backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 def token_scores(model, ids, mask, position_ids):
     """A sequence-classification model's head at every position, [batch, seq_len]: V(s_t), or a reward read anywhere."""
-    return hf_model(model).score(last_hidden(model, ids, mask, position_ids)).squeeze(-1).float()
+    hidden = last_hidden(model, ids, mask=mask, position_ids=position_ids)
+    return hf_model(model).score(hidden).squeeze(-1).float()
 
 
 def forward_values(model, query_ids, query_mask, response_ids, response_mask):
     """V(s_t) for every response token t, where s_t = x + y_<t: [batch, response_len] (0 on padding)."""
-    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, model.device)
-    return token_scores(model, ids, mask, pos)[:, query_ids.shape[1] - 1:-1] * mask[:, query_ids.shape[1]:]
+    ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, device=model.device)
+    prompt_length = query_ids.shape[1]
+    scores = token_scores(model, ids, mask=mask, position_ids=pos)
+    return scores[:, prompt_length - 1 : -1] * mask[:, prompt_length:]  # the head at s_t reads the tokens before t
 
 
-def response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask):
-    """Each response as text, decoded after its prompt and cut off it: a SentencePiece tokenizer (Llama) drops the
-    space that starts a text decoded alone, which would glue the reply's first word to the prompt's last."""
-    prompts = [q[m.bool()] for q, m in zip(query_ids, query_mask)]
-    responses = [r[m.bool()] for r, m in zip(response_ids, response_mask)]
-    prompt_texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
-    both = tokenizer.batch_decode([torch.cat(pair) for pair in zip(prompts, responses)], skip_special_tokens=True)
-    return [text[len(prompt) :] if text.startswith(prompt) else tokenizer.decode(response, skip_special_tokens=True)
-            for prompt, text, response in zip(prompt_texts, both, responses)]
-
-
-def truncate_after_eos(response_ids, eos_id: int, pad_id: int, tokenizer=None, stop_strings=()):
-    """Cut responses after their first EOS (kept, mask 1): returns (response_ids, response_mask, ended_with_eos).
-    With stop strings (HH: "Human:", "Assistant:"), a response whose decoded text contains one is also cut to the
-    tokens before it (at least one token kept) and counts as ended."""
-    is_eos = (response_ids == eos_id).long()
-    after_eos = (is_eos.cumsum(1) - is_eos) > 0  # strictly after the first EOS
-    ids, mask, ended = response_ids.masked_fill(after_eos, pad_id), (~after_eos).long(), is_eos.bool().any(1)
-    decode = lambda row, n: tokenizer.decode(row[:n], skip_special_tokens=True)
-    for b, row in enumerate(ids.tolist() if stop_strings else []):
-        n = int(mask[b].sum())
-        cut = min([i for i in (decode(row, n).find(s) for s in stop_strings) if i >= 0], default=-1)
-        if cut >= 0:  # the longest prefix of tokens whose text ends before the stop string
-            keep = max(next(k for k in range(n, -1, -1) if len(decode(row, k)) <= cut), 1)
-            ids[b, keep:], mask[b, keep:], ended[b] = pad_id, 0, True
-    return ids, mask, ended
-
-
-# ---- Masked statistics (padding never counts), optionally over all ranks --------------------------------------------
-def _world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
+# ---- Masked statistics (padding never counts), optionally over all ranks ---------------------------------------------
 def masked_mean(x, mask, across_ranks=False):
     """Mean of x over entries where mask is 1; with `across_ranks`, over those entries on every rank."""
-    total, count = (x * mask).sum(), mask.sum().to(x.dtype)
+    total = (x * mask).sum()
+    count = mask.sum().to(x.dtype)
     if across_ranks and _world() > 1:
         sums = torch.stack([total.detach(), count])
         dist.all_reduce(sums)
-        total, count = total + (sums[0] - total.detach()), sums[1]  # keeps this rank's gradient path
+        total = total + (sums[0] - total.detach())  # every rank's sum, with this rank's gradient path
+        count = sums[1]
     return total / count.clamp(min=1)
 
 
 def whiten_masked(x, mask, across_ranks=True, shift_mean=True):
-    """(x − mean) / sqrt(var + 1e-8) over the masked entries only (ALGORITHMS.md §2); padding stays 0."""
+    """(x − mean) / sqrt(var + 1e-8) over the masked entries only; padding stays 0. `shift_mean=False` adds the
+    mean back: the spread is normalised, the mean kept."""
     mean = masked_mean(x, mask, across_ranks)
     var = masked_mean((x - mean) ** 2, mask, across_ranks)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
 
-def all_reduce_cpu(values, op=None):
-    """All-reduce a CPU tensor (NCCL only reduces CUDA tensors: it goes through this rank's GPU there)."""
-    if _world() > 1:
-        on_gpu = dist.get_backend() == "nccl"
-        reduced = values.to(f"cuda:{torch.cuda.current_device()}") if on_gpu else values
-        dist.all_reduce(reduced, op=op or dist.ReduceOp.SUM)
-        values.copy_(reduced)
-    return values
-
-
 def mean_across_ranks(metrics: dict) -> dict:
     """Average a dict of floats over ranks (each rank contributed the same number of rows)."""
-    values = all_reduce_cpu(torch.tensor([float(metrics[k]) for k in sorted(metrics)], dtype=torch.float64))
-    return dict(zip(sorted(metrics), (values / _world()).tolist()))
+    keys = sorted(metrics)
+    values = all_reduce_cpu(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, (values / _world()).tolist()))
 
 
-# ---- Logging and checkpoints --------------------------------------------------------------------------------------
+# ---- Logging and saving: TensorBoard and metrics.jsonl, Hugging Face folders -----------------------------------------
 def make_logger(args, run_name: str, rank: int):
     """TensorBoard (cleanRL's hyper-parameter table) + args.json + metrics.jsonl on rank 0; returns log(step, metrics).
     metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one seed write identical files."""
     from torch.utils.tensorboard import SummaryWriter
+
     if rank != 0:
         return lambda step, metrics: None
-    writer = SummaryWriter(run_dir := os.path.join(args.output_dir, run_name))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in
-                                                                           sorted(vars(args).items())))
-    open(os.path.join(run_dir, "args.json"), "w").write(json.dumps(vars(args), indent=1, default=str))
-    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-    if getattr(args, "resume", None) and os.path.exists(previous := os.path.join(args.resume, "metrics.jsonl")):
-        for line in open(previous):  # a resumed run's logs start with everything logged up to its checkpoint
-            record = json.loads(line)
-            metrics_file.write(line)
-            for k, v in record.items():
-                writer.add_scalar(k, v, record["step"]) if k != "step" else None
+    run_dir = os.path.join(args.output_dir, run_name)
+    writer = SummaryWriter(run_dir)
+    table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        f.write(json.dumps(vars(args), indent=1, default=str))
+    metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (written until the run ends)
+    previous = os.path.join(args.resume, "metrics.jsonl") if getattr(args, "resume", None) else None
+    if previous and os.path.exists(previous):  # a resumed run's logs start with everything logged up to its checkpoint
+        with open(previous) as f:
+            for line in f:
+                record = json.loads(line)
+                metrics_file.write(line)
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(k, v, record["step"])
 
     def log(step, metrics):
         for k, v in metrics.items():
@@ -1504,7 +1878,8 @@ def save_hf(engine, tokenizer, path: str, rank: int):
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
     if rank == 0:
-        shutil.rmtree(tmp := path.rstrip("/") + ".tmp", ignore_errors=True)
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
         peft = peft_model(engine)
         if peft is None:
             getattr(engine, "module", engine).save_pretrained(tmp, state_dict=state_dict)
@@ -1515,92 +1890,30 @@ def save_hf(engine, tokenizer, path: str, rank: int):
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
 
 
-# ---- Start-up: the checks every script makes, the run's name and folder, checkpoints when due --------------------
-class Run(NamedTuple):
-    """This process's place in the run, and where the run is written."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    name: str  # {exp_name}__{seed}__{unix time}
-    dir: str  # {output_dir}/{name}: args.json, metrics.jsonl, TensorBoard events, the saved models
-    script: str  # whose checkpoints these are: "ppo.py", or "apa.py --offline-dataset" (modes do not mix)
-
-    @property
-    def resume_path(self) -> str:  # the resumable checkpoint, rewritten in place
-        return os.path.join(self.dir, "resume")
-
-
-def start_run(args, script: str) -> Run:
-    """What every script checks before it loads anything (one weight per reward model, the LoRA flags, a --resume
-    folder this script with this many ranks can continue), then the process group. `script` names the script and
-    its mode: a checkpoint is continued only by the same."""
-    weights = getattr(args, "reward_weights", None)
-    if weights and len(weights) != len(args.reward_model):
-        fail(
-            f"--reward-weights has {len(weights)} values for {len(args.reward_model)} --reward-model entries; give "
-            f"one weight per reward model"
-        )
-    check_lora(args)
-    rank, world_size, device = init_distributed(args.zero_stage)
-    if args.resume:
-        check_resume(args.resume, script)
-    name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    return Run(
-        rank=rank,
-        world_size=world_size,
-        device=device,
-        name=name,
-        dir=os.path.join(args.output_dir, name),
-        script=script,
-    )
-
-
-def checkpoint_if_due(run: Run, args, *, step: int, engines: dict, state: dict, signum: int):
-    """Write the resumable checkpoint every --save-every steps, or now when the run was signalled (`signum`, from
-    stop_requested(); 0 if not); after a signal the run then exits with 128 + signum."""
-    if signum or (args.save_every and step % args.save_every == 0):
-        save_resume(run.resume_path, run.script, step, engines, state, args, run.dir, run.rank)
-    if signum:
-        exit_after_signal(signum, run.resume_path, run.script, run.rank)
-
-
-# ---- Resumable checkpoints, stop signals, non-finite guards (every script) ---------------------------------------
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def exit_cleanly():
-    """The end of a run, once every rank has written all it writes. With several ranks the process then leaves at
-    once: at interpreter shutdown a communication thread (gloo's, DeepSpeed's) can still be joinable and abort the
-    finished process ("terminate called without an active exception"), failing a run that had succeeded."""
-    world_size = _world()
-    dist.barrier()
-    dist.destroy_process_group()
-    if world_size > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
+# ---- Resumable checkpoints, stop signals, non-finite guards, a clean exit --------------------------------------------
 def check_resume(path: str, script: str):
     """Fail in the first second when --resume cannot be continued by this script with this many ranks."""
     meta_file = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_file):
-        fail(f"--resume {path} is not a resumable checkpoint (no meta.json); pass the `resume` folder a run wrote "
-             f"(runs/RUN_NAME/resume, with --save-every N or when stopped by SIGTERM/Ctrl-C)")
-    meta = json.load(open(meta_file))
+        fail(
+            f"--resume {path} is not a resumable checkpoint (no meta.json); pass the `resume` folder a run wrote "
+            f"(runs/RUN_NAME/resume, with --save-every N or when stopped by SIGTERM/Ctrl-C)"
+        )
+    with open(meta_file) as f:
+        meta = json.load(f)
     if meta["script"] != script:
-        fail(f"--resume {path} was written by {meta['script']}, not {script}; resume it with {meta['script']}, or "
-             f"pass a checkpoint of {script}")
+        fail(
+            f"--resume {path} was written by {meta['script']}, not {script}; resume it with {meta['script']}, or "
+            f"pass a checkpoint of {script}"
+        )
     if meta["world_size"] != _world():
-        fail(f"--resume {path} was written by {meta['world_size']} rank(s), this run has {_world()}; resume with "
-             f"--nproc_per_node {meta['world_size']} (each rank restores its own random state)")
+        fail(
+            f"--resume {path} was written by {meta['world_size']} rank(s), this run has {_world()}; resume with "
+            f"--nproc_per_node {meta['world_size']} (each rank restores its own random state)"
+        )
     return meta
 
 
@@ -1625,17 +1938,23 @@ def save_resume(path: str, script: str, step: int, engines: dict, state: dict, a
                 torch.save(saved, os.path.join(tmp, f"{name}.pt"))
         else:  # a collective: every rank writes its shard
             engine.save_checkpoint(tmp, tag=name, save_latest=False)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
     torch.save({"state": state, "rng": rng}, os.path.join(tmp, f"rank{rank}.pt"))
     if rank == 0:
-        if os.path.exists(metrics := os.path.join(run_dir, "metrics.jsonl")):
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(metrics):
             shutil.copy(metrics, tmp)
-        json.dump({"script": script, "step": step, "world_size": _world(), "args": vars(args)},
-                  open(os.path.join(tmp, "meta.json"), "w"), indent=1, default=str)
+        meta = {"script": script, "step": step, "world_size": _world(), "args": vars(args)}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
     _barrier()
-    if rank == 0:
-        shutil.rmtree(old := path.rstrip("/") + ".old", ignore_errors=True)
+    if rank == 0:  # the new checkpoint in place of the old one
+        old = path.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
             os.rename(path, old)
         os.rename(tmp, path)
@@ -1659,7 +1978,9 @@ def load_resume(path: str, engines: dict, rank: int):
     if saved["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
     if rank == 0:
-        print(f"resumed from {path} at step {json.load(open(os.path.join(path, 'meta.json')))['step']}", flush=True)
+        with open(os.path.join(path, "meta.json")) as f:
+            step = json.load(f)["step"]
+        print(f"resumed from {path} at step {step}", flush=True)
     return saved["state"]
 
 
@@ -1668,7 +1989,7 @@ def stop_signals():
     true on every rank once any rank was signalled; the script then saves a resumable checkpoint and exits with
     128 + the signal. A second signal over 3 s later kills at once (torchrun forwards a Ctrl-C its workers already
     got: that one must not)."""
-    caught = []
+    caught = []  # [signal number, time] of the first signal
 
     def handler(signum, frame):
         if caught and time.time() - caught[1] > 3:
@@ -1676,17 +1997,31 @@ def stop_signals():
             os.kill(os.getpid(), signum)
         if not caught:
             caught.extend([signum, time.time()])
-            print(f"\n{signal.Signals(signum).name}: stopping after this step with a resumable checkpoint",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step with a resumable checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, handler)
-    return lambda: int(all_reduce_cpu(torch.tensor([caught[0] if caught else 0]), dist.ReduceOp.MAX).item())
+
+    def stop_requested() -> int:
+        """The signal any rank caught, or 0: a collective, so every rank calls it at the same step."""
+        signum = torch.tensor([caught[0] if caught else 0])
+        return int(all_reduce_cpu(signum, dist.ReduceOp.MAX).item())
+
+    return stop_requested
 
 
 def exit_after_signal(signum: int, path: str, script: str, rank: int):
+    """Leave a signalled run (after its checkpoint at `path`) with exit status 128 + signum, saying how to resume."""
     if rank == 0:
-        print(f"stopped by {signal.Signals(signum).name}; continue with: {script.split()[0]} --resume {path} (and "
-              f"the same arguments)", flush=True)
+        print(
+            f"stopped by {signal.Signals(signum).name}; continue with: {script.split()[0]} --resume {path} (and "
+            f"the same arguments)",
+            flush=True,
+        )
     _barrier()
     dist.destroy_process_group()
     raise SystemExit(128 + signum)
@@ -1694,14 +2029,36 @@ def exit_after_signal(signum: int, path: str, script: str, rank: int):
 
 def check_finite(metrics: dict, step: int, resume_path: str):
     """NaN/inf in a loss or a reward stops the run here, before anything is saved from it."""
-    if bad := sorted((k for k, v in metrics.items() if not math.isfinite(v)),  # a reward first: it is the cause
-                     key=lambda k: ("score" not in k and "reward" not in k, k)):
-        kept = (f"the last good checkpoint is {resume_path}" if os.path.isdir(resume_path)
-                else "no checkpoint was written yet (pass --save-every N)")
-        fail(f"step {step}: {', '.join(f'{k} = {metrics[k]}' for k in bad[:3])}{' ...' * (len(bad) > 3)}; the run "
-             f"stopped and {kept}; lower --learning-rate, or check the reward model / function for NaN or inf")
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if not bad:
+        return
+    bad = sorted(bad, key=lambda k: ("score" not in k and "reward" not in k, k))  # a reward first: it is the cause
+    shown = ", ".join(f"{k} = {metrics[k]}" for k in bad[:3])
+    more = " ..." if len(bad) > 3 else ""
+    if os.path.isdir(resume_path):
+        kept = f"the last good checkpoint is {resume_path}"
+    else:
+        kept = "no checkpoint was written yet (pass --save-every N)"
+    fail(
+        f"step {step}: {shown}{more}; the run stopped and {kept}; lower --learning-rate, or check the reward model / "
+        f"function for NaN or inf"
+    )
 
 
+def exit_cleanly():
+    """The end of a run, once every rank has written all it writes. With several ranks the process then leaves at
+    once: at interpreter shutdown a communication thread (gloo's, DeepSpeed's) can still be joinable and abort the
+    finished process ("terminate called without an active exception"), failing a run that had succeeded."""
+    world_size = _world()
+    dist.barrier()
+    dist.destroy_process_group()
+    if world_size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+# ---- `python common.py --rebuild-builtin`: the built-in task anew ----------------------------------------------------
 if __name__ == "__main__":
     import argparse
 

@@ -763,3 +763,22 @@ def test_offline_rows_end_in_eos_within_the_response_budget():
         assert row[n:] == [tokenizer.pad_token_id] * (len(row) - n)
     assert batch.rows([1]).response_ids.tolist() == batch.response_ids[1:].tolist()
     assert batch.query_mask.sum(1).tolist() == [len(tokenizer(p)["input_ids"]) for p in ["the film", "a plot"]]
+
+
+def test_builtin_reward_scores_offline_rows_with_a_float_mask():
+    """A Batch from encode_offline_rows has a float response mask; the reward model that shares the policy's
+    vocabulary reads each row at its last response token, as with an integer mask."""
+    tokenizer = common.load_tokenizer("builtin")
+    batch = common.encode_offline_rows(
+        tokenizer,
+        ["the film", "a plot"],
+        ["was great", "was dull and long"],
+        max_prompt_length=8,
+        max_new_tokens=8,
+        context=64,
+    )
+    reward = common.load_reward("builtin", tokenizer)
+    assert reward.same_vocabulary
+    with_float = reward(*batch, ["the film", "a plot"])
+    with_long = reward(*batch[:3], batch.response_mask.long(), ["the film", "a plot"])
+    assert with_float.tolist() == with_long.tolist()

@@ -4,6 +4,7 @@ computation with plain transformers modules on the text its released code scores
 read position or a random head fails). Also: the layout of every `launch.sh paper` reward model from the real repos'
 file lists, and one error line for a folder in no known layout. CPU, offline, a few seconds."""
 
+import importlib
 import json
 import shlex
 import subprocess
@@ -268,7 +269,10 @@ def test_every_paper_preset_reward_model_maps_to_its_released_layout():
         )
         assert proc.returncode == 0, proc.stderr
         words = shlex.split(proc.stdout.strip().splitlines()[-1])
-        name = words[words.index("--reward-model") + 1]
+        script = next(word for word in words if word.endswith(".py"))
+        module = importlib.import_module(script[:-3])
+        args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
+        name = args.reward_model[0]
         files, config = HUB_REPOS[name]
         assert common.reward_layout_of(files, config) == layout, (preset, name)
     assert common.RELEASED_REVISIONS == {"Dahoas/gptj-rm-static": "676bfd4d"}
