@@ -1,12 +1,55 @@
-"""APA: Advantage-Induced Policy Alignment (Zhu, Sharma, Frujeri, Dong, Zhu, Jordan, Jiao 2023; arXiv 2306.02231),
-online (sampling from the policy) or offline (`--offline-dataset`). Math: ../shared/ALGORITHMS.md §1, §2, §4, §6.
+"""APA: Advantage-Induced Policy Alignment.
 
-The KL-regularised target policy is π*(a|s) ∝ π_init(a|s) · exp(A(s,a)/λ); APA fits log π_θ to it with a squared
-error and drops the normaliser: loss = E[(log π_θ(a|s) − log π_init(a|s) − A(s,a)/λ)²] (ALGORITHMS.md §4).
+Paper: Zhu, Sharma, Frujeri, Dong, Zhu, Jordan, Jiao (2023), "Fine-Tuning Language Models with Advantage-Induced
+Policy Alignment", arXiv 2306.02231. Online as in the paper's Algorithm 1 (sampling from the policy), or offline with
+`--offline-dataset` (scored responses instead of rollouts).
+
+The algorithm, in the paper's notation. A state s is a prompt with the response so far, an action a the next token.
+π_init is the SFT policy, frozen; the code calls it π_ref (`ref_policy`): π_ref = π_init. The best policy of the
+KL-regularised objective with weight λ is the advantage-induced target
+
+    π*(a|s) ∝ π_init(a|s) · exp(A(s,a) / λ),
+
+and APA fits log π_θ to log π* with a squared error, taking the normaliser of π* as 1 (the APA loss L^APA):
+
+    L^APA(θ) = mean over (s, a) of ( log π_θ(a|s) − A(s,a) / λ − log π_init(a|s) )².
+
+The advantage is GAE (Schulman et al. 2016) on a value model V fitted to the returns, backwards over the response:
+
+    δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = δ_t + γ λ_GAE A_{t+1},   R_t = A_t + V(s_t),   V after the end = 0,
+
+with the sequence's score as the reward r_t of its last token and 0 elsewhere: no KL term in the reward, the loss
+itself holds π_θ near π_init. The loop follows Algorithm 1 of the paper:
+
+    lines 2-4  π_θ and π_ref start from π_init; V from π_init too (here also from the reward model, --value-model)
+    line 5     for each iteration:
+    line 6       roll out π_θ on a batch of prompts and score the responses with the reward model
+                 GAE on V; then --update-epochs passes of L^APA + vf_coef · ½ (V − R)² over shuffled mini-batches
+
+Offline (beside the paper's algorithm): rows (prompt, response, score) from a dataset take the place of rollouts;
+the scores are z-scored over the dataset; V is first fitted to the returns, then the advantages are recomputed from
+the current V before every epoch.
+
+Where this differs from the released code (the APA authors' trlX fork, microsoft/RLHF-APA):
+- one sampling setting for APA, AWR and PPO (top-k 0, top-p 1); the released APA script sampled with the default
+  top-k 50, its PPO script with top-k 0: https://github.com/microsoft/RLHF-APA/blob/cfe7da2/examples/apa_hh.py#L75-L78
+- the loss mask covers the response tokens; the released one was shifted by one token (it covered the first padding
+  position): https://github.com/microsoft/RLHF-APA/blob/cfe7da2/trlx/trainer/accelerate_sppo_trainer.py#L195-L201
+- advantages are whitened over the response tokens of the whole rollout; the released code whitened each
+  mini-batch, padding included: https://github.com/microsoft/RLHF-APA/blob/cfe7da2/trlx/models/modeling_sppo.py#L172
+- the released loss logs a variable that does not exist, which stops the first update:
+  https://github.com/microsoft/RLHF-APA/blob/cfe7da2/trlx/models/modeling_sppo.py#L232
+- offline, the released code took the advantages once from an untrained value head and never refreshed them:
+  https://github.com/microsoft/RLHF-APA/blob/cfe7da2/trlx/trainer/accelerate_sqloff_trainer.py#L311-L338
+As in the released code: the loss is anchored to π_init, not to π_old (its rollout stores π_ref's log-probs,
+https://github.com/microsoft/RLHF-APA/blob/cfe7da2/trlx/trainer/accelerate_sppo_trainer.py#L462), and the reward
+has no KL term (https://github.com/microsoft/RLHF-APA/blob/cfe7da2/trlx/trainer/accelerate_sppo_trainer.py#L473).
 
     python apa.py                                          # online, the built-in task, one CPU process
     python apa.py --offline-dataset builtin                # offline, from the built-in scored SFT responses
     torchrun --nproc_per_node 2 apa.py --zero-stage 3      # two processes (CPU or GPUs)
+    deepspeed --num_gpus 2 apa.py --zero-stage 2           # the DeepSpeed launcher
+    python apa.py --preset hh-1b                           # the paper's HH setting (see PRESETS)
 
 Sampling is set by `Args` alone (temperature, top-k, top-p): the sampling fields of a checkpoint's
 generation_config.json are dropped when the policy is loaded. The log-probs of the loss (and of the KL to π_ref)
@@ -14,15 +57,16 @@ are those of softmax(logits / temperature) over the whole vocabulary. With top-k
 the truncated distribution and are scored as samples of the untruncated one, as the released trlX and MOSS-RLHF code
 did; keep top-k 0 and top-p 1 (the defaults) for exactly on-policy samples.
 """
+
+import functools
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import Literal, NamedTuple
 
 import torch
-import tyro
 from transformers import GenerationConfig
 
 import common
@@ -31,17 +75,73 @@ from common import masked_mean, whiten_masked
 
 @dataclass
 class Args:
-    exp_name: str = "apa"
-    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
-    seed: int = 1
-    """seed of the experiment (rank r samples with seed + r)"""
-    output_dir: str = "runs"
-    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    # Algorithm
+    preset: str | None = None
+    """start from a paper's released settings (a name of PRESETS); flags given on the command line win over them"""
+    lam: float = 0.1
+    """APA's λ: the target is log π_θ − log π_ref = A/λ; a larger λ stays nearer π_ref (released adv_coeff_sq = 1/λ)"""
+    update_epochs: int = 2
+    """passes over each rollout batch"""
+    rollout_batch_size: int = 64
+    """responses sampled per rank per iteration"""
+    mini_batch_size: int = 16
+    """rows per rank per optimiser step"""
+    total_episodes: int = 8192
+    """online: total number of sampled responses over all ranks"""
+    learning_rate: float = 3e-5
+    """policy learning rate (AdamW)"""
+    value_learning_rate: float = 1e-4
+    """value-model learning rate (AdamW)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip, policy and value model each"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released: 1e-6)"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy and value model, and what follows; -1 = all (HH: 2)"""
+    gamma: float = 1.0
+    """discount γ of GAE"""
+    gae_lambda: float = 0.95
+    """λ of GAE"""
+    whiten_advantages: bool = True
+    """whiten advantages over the response tokens of the whole batch, all ranks"""
+    vf_coef: float = 1.0
+    """weight of the value loss"""
+    reward_scaling: Literal["none", "running"] = "none"
+    """divide scores by their running std over all rollouts so far (`running`, the released HH setting)"""
+    reward_clip: float | None = None
+    """clip the (scaled) score to ±this value (released: 100)"""
+    missing_eos_penalty: float | None = None
+    """if set, the score of a response that never emitted EOS is replaced by this value (e.g. -1)"""
+    max_prompt_length: int = 16
+    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
+    max_new_tokens: int = 32
+    """the longest response sampled (offline: responses are cut to this many tokens, EOS included)"""
+    stop_strings: list[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
+    temperature: float = 1.0
+    """sampling temperature (also applied to the log-probs, so they are those of the sampling distribution)"""
+    top_k: int = 0
+    """top-k sampling, 0 = off (the same sampling setting for PPO, APA and AWR keeps them comparable)"""
+    top_p: float = 1.0
+    """nucleus sampling, 1 = off"""
+    offline_epochs: int = 4
+    """offline: passes over the dataset; advantages are recomputed from the current value model before each"""
+    value_warmup_epochs: int = 1
+    """offline: passes fitting the value model to the returns before the first policy update"""
+
+    # Models and data
     model_name_or_path: str = "builtin"
-    """the SFT policy, which is also the frozen anchor π_init: a hub name, a local folder, or `builtin`"""
-    reward_model: List[str] = field(default_factory=lambda: ["builtin"])
+    """the SFT policy, which is also the frozen π_ref = π_init: a hub name, a local folder, or `builtin`"""
+    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
     """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables"""
-    reward_weights: List[float] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)
     """weight of each --reward-model in the sum (default 1 each)"""
     value_model: str = "reward"
     """initialise the value model from `reward` (the reward model), `policy`, or a hub name / folder"""
@@ -52,78 +152,20 @@ class Args:
     chat_template: bool = False
     """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
     user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
-    response_field: str = "response"
-    """the column of --offline-dataset rows holding the response text"""
-    reward_field: str = "reward"
-    """the column of --offline-dataset rows holding the scalar reward"""
     train_split: str = "train"
     """the split sampled for rollouts"""
     eval_split: str = "test"
     """the held-out split used for evaluation (also in offline mode: evaluation samples from the policy)"""
-    offline_dataset: Optional[str] = None
+    offline_dataset: str | None = None
     """train offline on {prompt, response, reward} or preference rows, not rollouts; `builtin` = scored SFT responses"""
-    offline_epochs: int = 4
-    """offline: passes over the dataset; advantages are recomputed from the current value model before each"""
-    value_warmup_epochs: int = 1
-    """offline: passes fitting the value model to the returns before the first policy update"""
+    response_field: str = "response"
+    """the column of --offline-dataset rows holding the response text"""
+    reward_field: str = "reward"
+    """the column of --offline-dataset rows holding the scalar score"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
-    lam: float = 0.1
-    """APA's λ: target log π_θ − log π_init = A/λ; larger λ stays nearer π_init (released adv_coeff_sq = 1/λ)"""
-    total_episodes: int = 8192
-    """online: total number of sampled responses over all ranks"""
-    rollout_batch_size: int = 64
-    """responses sampled per rank per iteration"""
-    mini_batch_size: int = 16
-    """responses per rank per optimisation step"""
-    forward_batch_size: Optional[int] = None
-    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over a rollout or the offline rows; default
-    --mini-batch-size, so that scoring holds no more than an update step does"""
-    ppo_epochs: int = 2
-    """passes over each rollout batch"""
-    learning_rate: float = 3e-5
-    """policy learning rate (AdamW)"""
-    value_learning_rate: float = 1e-4
-    """value-model learning rate (AdamW)"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip, policy and value model each"""
-    adam_betas: Tuple[float, float] = (0.9, 0.95)
-    """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
-    lr_warmup_steps: int = 0
-    """optimiser steps of linear learning-rate warm-up from lr/N to lr (released PPO-max: 100)"""
-    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
-    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
-    (sqrt(warm-up / step), PPO-max); each trained model counts its own optimiser steps"""
-    unfrozen_layers: int = -1
-    """train only the top N transformer blocks of the policy and value model, and what follows; -1 = all (HH: 2)"""
-    max_prompt_length: int = 16
-    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
-    max_new_tokens: int = 32
-    """the longest response sampled (offline: responses are cut to this many tokens, EOS included)"""
-    stop_strings: List[str] = field(default_factory=list)
-    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
-    temperature: float = 1.0
-    """sampling temperature (also applied to the log-probs, so they are those of the sampling distribution)"""
-    top_k: int = 0
-    """top-k sampling, 0 = off (ALGORITHMS.md §1: one sampling setting for PPO, APA and AWR)"""
-    top_p: float = 1.0
-    """nucleus sampling, 1 = off"""
-    missing_eos_penalty: Optional[float] = None
-    """if set, the score of a response that never emitted EOS is replaced by this value (e.g. -1)"""
-    reward_scaling: Literal["none", "running"] = "none"
-    """divide scores by their running std over all rollouts so far (`running`, the released HH setting)"""
-    reward_clip: Optional[float] = None
-    """clip the (scaled) score to ±this value (released: 100)"""
-    gamma: float = 1.0
-    """discount γ of GAE"""
-    gae_lambda: float = 0.95
-    """λ of GAE"""
-    whiten_advantages: bool = True
-    """whiten advantages over the response tokens of the whole batch, all ranks"""
-    vf_coef: float = 1.0
-    """weight of the value loss"""
+
+    # Devices and precision
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
     bf16: bool = False
@@ -133,8 +175,11 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
     third more compute, in the update's forward passes only"""
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over a rollout or the offline rows; default
+    --mini-batch-size, so that scoring holds no more than an update step does"""
     lora_r: int = 0
     """rank r of the LoRA adapters trained in place of the policy's and the value model's weights (0: no adapter,
     the weights train; the value head trains in full). π_ref is then the policy with its adapter switched off"""
@@ -142,20 +187,28 @@ class Args:
     """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input, in the update's forward passes"""
-    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
     head (as QLoRA and the A-LoL paper did)"""
     load_in_4bit: bool = False
     """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
     ref_device: str = "policy"
-    """where π_init lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
+    """where π_ref lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
+    value_device: str = "policy"
+    """where the value model lives: `policy` (its own DeepSpeed engine) or `cpu` / `cuda:N` (plain AdamW)"""
     reward_device: str = "policy"
     """where the reward model lives: `policy`, `cpu`, or `cuda:N`"""
     reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
     fp16 (GPU)"""
-    value_device: str = "policy"
-    """where the value model lives: `policy` (its own DeepSpeed engine) or `cpu` / `cuda:N` (plain AdamW)"""
+
+    # Logging and checkpoints
+    exp_name: str = "apa"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (rank r samples with seed + r)"""
+    output_dir: str = "runs"
+    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (offline: every epoch), and before and after"""
     eval_prompts: int = 128
@@ -163,54 +216,128 @@ class Args:
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many iterations (offline: epochs); 0: only when
     stopped by SIGTERM / Ctrl-C. The final policy and value model are HF folders"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
     local_rank: int = 0
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
-# ALGO LOGIC: GAE, ALGORITHMS.md §2 (Schulman et al. 2016, eq. 11-16)
-def compute_gae(rewards, values, mask, gamma, lam):
-    """Advantages and returns for [batch, response_len] tensors; V after the last real token is 0.
-    Returns (advantages, returns), both 0 on padding (returns = A + V before whitening)."""
-    rewards, values = rewards * mask, values * mask
+# The paper's settings as released (microsoft/RLHF-APA examples/apa_hh.py, apa_tldr.py, apa_off_hh.py). The GPU
+# layout (--ref-device, --value-device, --reward-device) is chosen by `launch.sh paper`.
+HH = dict(  # Anthropic HH as the APA paper ran it: Dahoas' Pythia SFT policies and GPT-J reward model
+    dataset="Dahoas/rm-static",
+    eval_split="test",
+    eval_prompts=280,  # the first 280 test prompts
+    max_prompt_length=896,  # trlX's seq_length 1024 − 128 new tokens (an assumption: the papers do not say)
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    unfrozen_layers=2,  # trlX trained the top 2 blocks
+    adam_betas=(0.9, 0.95),
+    weight_decay=1e-6,
+    bf16=True,
+    reward_model=["Dahoas/gptj-rm-static"],
+    value_model="policy",
+    mini_batch_size=8,
+    update_epochs=2,
+    gamma=1.0,
+    gae_lambda=0.95,
+    vf_coef=1.0,
+)
+HH_SIZES = {"125m": "125M", "1b": "1B", "6b": "6B"}
+
+
+def hh_model(size: str) -> dict:
+    """The policy of one HH size, and its rollout batch (the released 125M run sampled 128 a step, the others 64)."""
+    return dict(
+        model_name_or_path=f"Dahoas/pythia-{HH_SIZES[size]}-static-sft",
+        rollout_batch_size=128 if size == "125m" else 64,
+    )
+
+
+HH_APA = dict(lam=0.1, learning_rate=1e-6, reward_scaling="running", reward_clip=100.0)  # adv_coeff_sq = 10
+TLDR = dict(  # TL;DR summarisation: CarperAI's GPT-J SFT policy and reward model
+    model_name_or_path="CarperAI/openai_summarize_tldr_sft",
+    reward_model=["CarperAI/openai_summarize_tldr_rm_checkpoint"],
+    dataset="CarperAI/openai_summarize_tldr",
+    eval_split="test",
+    eval_prompts=280,
+    max_prompt_length=512,
+    max_new_tokens=50,
+    unfrozen_layers=8,
+    bf16=True,
+    value_model="policy",
+    rollout_batch_size=128,
+    mini_batch_size=8,
+    update_epochs=2,
+    gamma=1.0,
+    gae_lambda=0.95,
+    lam=0.1,
+    learning_rate=1e-6,
+    adam_betas=(0.9, 0.999),
+    weight_decay=1e-6,
+    vf_coef=1.0,
+    reward_scaling="running",
+    reward_clip=100.0,
+)
+OFFLINE_HH = dict(offline_dataset="Dahoas/rm-static", learning_rate=1e-6, lam=0.1)  # rm-static's chosen / rejected
+PRESETS = {
+    **{f"hh-{size}": {**HH, **hh_model(size), **HH_APA} for size in HH_SIZES},
+    "tldr": TLDR,
+    **{f"offline-hh-{size}": {**HH, **hh_model(size), **OFFLINE_HH} for size in HH_SIZES},
+}
+
+
+# ALGO LOGIC: advantages and losses
+def compute_gae(*, rewards, values, response_mask, gamma, gae_lambda):
+    """Advantages and returns by GAE, for [batch, response_len] tensors (PPO eq. (11) and (12), the truncated form of
+    the GAE paper's GAE(γ, λ)); V after the last response token is 0. Returns (advantages, returns), both 0 on
+    padding; returns = A + V (before any whitening of A)."""
+    rewards = rewards * response_mask
+    values = values * response_mask
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # δ_t = r_t + γV_{t+1} − V_t
-        last_gae = delta + gamma * lam * last_gae                    # A_t = δ_t + γλA_{t+1}
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # PPO eq. (12): δ_t = r_t + γV(s_{t+1}) − V(s_t)
+        last_gae = delta + gamma * gae_lambda * last_gae  # PPO eq. (11), as a recursion: Â_t = δ_t + γλÂ_{t+1}
         advantages[:, t] = last_gae
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
 
 
-# ALGO LOGIC: the APA loss, ALGORITHMS.md §4: anchored to π_init (= π_ref), not to π_old
-def apa_loss(logprobs, ref_logprobs, advantages, mask, lam):
-    """masked mean over response tokens of (log π_θ − log π_init − A/λ)²; all tensors [batch, response_len]."""
-    return masked_mean((logprobs - ref_logprobs - advantages / lam) ** 2, mask)
+def apa_loss(*, logprobs, ref_logprobs, advantages, response_mask, lam):
+    """The APA loss L^APA: masked mean over response tokens of (log π_θ − A/λ − log π_init)², anchored to
+    π_init = π_ref, not to π_old. All tensors [batch, response_len]; `logprobs` carries the gradient."""
+    return masked_mean((logprobs - ref_logprobs - advantages / lam) ** 2, response_mask)  # the APA paper's loss L^APA
 
 
-def value_loss(values, returns, mask):
-    """0.5 · masked mean of (V − R)², unclipped (ALGORITHMS.md §4)."""
-    return 0.5 * masked_mean((values - returns) ** 2, mask)
+def value_loss(values, returns, response_mask):
+    """½ · masked mean of (V − R)², unclipped (the released APA code's value loss)."""
+    return 0.5 * masked_mean((values - returns) ** 2, response_mask)
 
 
+# Helpers
 class RunningMoments:
     """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
     scaling."""
 
     def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+        self.mean = 0.0
+        self.var = 1.0
+        self.count = 1e-8
 
     def update(self, x: torch.Tensor):
         x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
-        stats = torch.stack([x.sum(), (x ** 2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        stats = torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
         common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
-        n, mean = stats[2].item(), stats[0].item() / stats[2].item()
-        var, delta, total = max(stats[1].item() / n - mean ** 2, 0.0), mean - self.mean, self.count + n
-        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
-        self.mean, self.count = self.mean + delta * n / total, total
+        n = stats[2].item()
+        mean = stats[0].item() / n
+        var = max(stats[1].item() / n - mean**2, 0.0)
+        delta = mean - self.mean
+        total = self.count + n
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.mean = self.mean + delta * n / total
+        self.count = total
 
     @property
     def std(self):
@@ -218,360 +345,513 @@ class RunningMoments:
 
 
 @torch.no_grad()
-def generate(policy, query_ids, query_mask, generation_config, zero3):
+def generate(policy, *, query_ids, query_mask, generation_config, zero3):
     """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
     rollout, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
     model = getattr(policy, "module", policy)  # the HF model inside a DeepSpeed engine
     with common.gathered_for_generation(policy, zero3):
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config,
-                             synced_gpus=zero3)
-    return out[:, query_ids.shape[1]:]
+        out = model.generate(
+            input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config, synced_gpus=zero3
+        )
+    return out[:, query_ids.shape[1] :]
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
     """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
-    return [tokenizer.decode(r[: int(n)], skip_special_tokens=False)
-            for r, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())]
+    lengths = response_mask.sum(1).tolist()
+    return [
+        tokenizer.decode(ids[: int(n)], skip_special_tokens=False) for ids, n in zip(response_ids.tolist(), lengths)
+    ]
+
+
+def last_token_rewards(scores, response_mask):
+    """Per-token rewards [batch, response_len]: each sequence's score on its last response token, 0 elsewhere."""
+    rewards = torch.zeros_like(response_mask)
+    rewards[torch.arange(len(response_mask)), response_mask.sum(1).long() - 1] = scores
+    return rewards
+
+
+def mean_of_dicts(dicts: list) -> dict:
+    """The mean of each key over a list of dicts with the same keys."""
+    return {key: sum(d[key] for d in dicts) / len(dicts) for key in dicts[0]}
+
+
+class Rollout(NamedTuple):
+    batch: common.Batch  # the prompts and the sampled responses (response_mask float)
+    scores: torch.Tensor  # [batch], the reward models' weighted sum, before any scaling
+    ended: torch.Tensor  # [batch], bool: the response emitted EOS
+    old_logprobs: torch.Tensor  # [batch, response_len], π_old = the policy that sampled
+    ref_logprobs: torch.Tensor  # [batch, response_len], π_ref = π_init
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.reward_weights and len(args.reward_weights) != len(args.reward_model):
-        common.fail(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_model)} "
-                    f"--reward-model entries; give one weight per reward model")
-    if args.rollout_batch_size % args.mini_batch_size:
-        common.fail(f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
-                    f"{args.mini_batch_size}; pick a mini-batch size that divides it")
-    common.check_lora(args)
-    rank, world_size, device = common.init_distributed(args.zero_stage)
-    per_iteration = args.rollout_batch_size * world_size  # episodes per iteration, all ranks together
-    if not args.offline_dataset and (args.total_episodes % per_iteration or not args.total_episodes):
-        common.fail(f"--total-episodes {args.total_episodes} is not a positive multiple of --rollout-batch-size "
-                    f"{args.rollout_batch_size} × {world_size} rank(s) = {per_iteration}; pass --total-episodes "
-                    f"{max(args.total_episodes // per_iteration, 1) * per_iteration}")
-    script = "apa.py --offline-dataset" if args.offline_dataset else "apa.py"  # the two modes do not resume each other
-    if args.resume:
-        common.check_resume(args.resume, script)
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
-    zero3 = args.zero_stage == 3
-    # The data first: a file that cannot train fails before any model is loaded.
-    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
-    train_texts = None if args.offline_dataset else common.load_prompts(args.dataset, args.train_split,
-                                                                        args.prompt_field)
-    if args.offline_dataset is not None:
-        prompts, responses, rewards = common.load_offline_rows(
-            args.offline_dataset, fields=dict(prompt=args.prompt_field, response=args.response_field,
-                                              reward=args.reward_field))
-        n_rows = len(prompts) // world_size * world_size
-        if n_rows < args.mini_batch_size * world_size:
-            common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one mini-batch of "
-                        f"{args.mini_batch_size} on each of the {world_size} rank(s); lower --mini-batch-size")
+    # Parse the command line (a --preset supplies the defaults)
+    args = common.parse_args(Args, PRESETS)
 
-    # Seeding: models are loaded under one seed, so that randomly initialised heads agree across ranks; sampling then
-    # uses seed + rank, so that every rank draws its own prompts and responses.
+    # Validate what needs no model, then start the run (process group, run folder, the --resume checkpoint's script)
+    if args.rollout_batch_size % args.mini_batch_size:
+        common.fail(
+            f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
+            f"{args.mini_batch_size}; pick a mini-batch size that divides it"
+        )
+    script = "apa.py --offline-dataset" if args.offline_dataset else "apa.py"  # the two modes do not resume each other
+    run = common.start_run(args, script)
+    device = run.device
+    per_iteration = args.rollout_batch_size * run.world_size  # episodes per iteration, all ranks together
+    if not args.offline_dataset and (args.total_episodes % per_iteration or not args.total_episodes):
+        common.fail(
+            f"--total-episodes {args.total_episodes} is not a positive multiple of --rollout-batch-size "
+            f"{args.rollout_batch_size} × {run.world_size} rank(s) = {per_iteration}; pass --total-episodes "
+            f"{max(args.total_episodes // per_iteration, 1) * per_iteration}"
+        )
+    zero3 = args.zero_stage == 3
+    chunk = args.forward_batch_size or args.mini_batch_size  # rows per no-grad forward pass
+
+    # The data first: a file that cannot train fails before any model is loaded
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    if args.offline_dataset is None:
+        train_texts = common.load_prompts(args.dataset, args.train_split, args.prompt_field)
+    else:
+        fields = dict(prompt=args.prompt_field, response=args.response_field, reward=args.reward_field)
+        prompts, responses, dataset_scores = common.load_offline_rows(args.offline_dataset, fields=fields)
+        n_rows = len(prompts) // run.world_size * run.world_size
+        if n_rows < args.mini_batch_size * run.world_size:
+            common.fail(
+                f"the offline dataset has {len(prompts)} rows, fewer than one mini-batch of {args.mini_batch_size} "
+                f"on each of the {run.world_size} rank(s); lower --mini-batch-size"
+            )
+
+    # Seed: models load under one seed, so that randomly initialised heads agree across ranks
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+
+    # Load π_θ, π_ref (= π_init), the reward model(s) and V; under ZeRO-3 a model on `policy` loads shard by shard
     dtype = "bfloat16" if args.bf16 else "float32"
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    load = dict(trust_remote_code=args.trust_remote_code, attn_implementation=args.attn_implementation,
-                load_in_4bit=args.load_in_4bit)
-    # Under ZeRO-3 every model on `policy` is loaded shard by shard: no rank ever holds a whole copy
-    sharded = lambda placement: common.zero3_config(placement, args.zero_stage, args.mini_batch_size, args.bf16,
-                                                    args.offload)
-    policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", dtype, **load,
-                               sharded=sharded("policy"))
+    load = dict(
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        load_in_4bit=args.load_in_4bit,
+    )
+
+    def sharded(placement):
+        return common.zero3_config(
+            placement,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            offload=args.offload,
+        )
+
+    policy = common.load_model(  # APA Algorithm 1, line 2
+        args.model_name_or_path,
+        kind="causal",
+        flag="--model-name-or-path",
+        dtype=dtype,
+        **load,
+        sharded=sharded("policy"),
+    )
     if not args.lora_r:  # with LoRA, π_ref is the policy with its adapter switched off (common.adapter_off)
-        ref_policy = common.load_model(args.model_name_or_path, "causal", "--model-name-or-path", dtype, **load,
-                                       sharded=sharded(args.ref_device))
+        ref_policy = common.load_model(  # APA Algorithm 1, line 3
+            args.model_name_or_path,
+            kind="causal",
+            flag="--model-name-or-path",
+            dtype=dtype,
+            **load,
+            sharded=sharded(args.ref_device),
+        )
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
-    reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.mini_batch_size,
-                                     args.bf16, args.trust_remote_code, args.reward_dtype)
-                  for name in args.reward_model]
+    reward_fns = [
+        common.load_reward(
+            name,
+            tokenizer,
+            placement=args.reward_device,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.reward_dtype,
+        )
+        for name in args.reward_model
+    ]
     if args.value_model == "reward" and not getattr(reward_fns[0], "same_vocabulary", False):
         args.value_model = "policy"  # the value model reads the policy's token ids: it needs its vocabulary
-        if rank == 0:
-            print("note: the first --reward-model is not a model with the policy's tokenizer; the value model is "
-                  "initialised from the policy (--value-model policy)")
-    value_source = {"reward": common.resolve(args.reward_model[0], "reward"),
-                    "policy": common.resolve(args.model_name_or_path, "sft")}.get(args.value_model, args.value_model)
-    value_model = common.load_model(
-        value_source,
-        "score",
-        "--value-model",
-        dtype if args.value_device == "policy" else "float32",  # DeepSpeed keeps float32 master weights under bf16
+        if run.rank == 0:
+            print(
+                "note: the first --reward-model is not a model with the policy's tokenizer; the value model is "
+                "initialised from the policy (--value-model policy)"
+            )
+    value_sources = {
+        "reward": common.resolve(args.reward_model[0], "reward"),
+        "policy": common.resolve(args.model_name_or_path, "sft"),
+    }
+    value_model = common.load_model(  # APA Algorithm 1, line 4 (from π_init with --value-model policy)
+        value_sources.get(args.value_model, args.value_model),
+        kind="score",
+        flag="--value-model",
+        dtype=dtype if args.value_device == "policy" else "float32",  # DeepSpeed: float32 master weights under bf16
         **load,
         pad_token_id=tokenizer.pad_token_id,
         sharded=sharded(args.value_device),
     )
     context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
-    log = common.make_logger(args, run_name, rank)  # after loading: args.json records what was really used
+    log = common.make_logger(args, run.name, run.rank)  # after loading: args.json records what was really used
 
-    # Placement: the policy and (by default) the value model are DeepSpeed engines on this rank's device; π_init
-    # and the reward model are frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`.
+    # Place: π_θ and (by default) V are DeepSpeed engines on this rank's device; π_ref and the reward model are
+    # frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     for model in (policy, value_model):  # released HH: only the top 2 blocks (and the heads) train
         common.freeze_lower_layers(model, args.unfrozen_layers)
         common.gradient_checkpointing(model, args.gradient_checkpointing)
-    lora = dict(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                target_modules=args.lora_target_modules, quantized=args.load_in_4bit)
+    lora = dict(
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        quantized=args.load_in_4bit,
+    )
     policy = common.add_lora(policy, "causal", **lora)
     value_model = common.add_lora(value_model, "score", **lora)
-    # The learning-rate schedule counts optimiser steps; the decay ends at the policy's last one.
+    # The learning-rate schedule counts optimiser steps; the decay ends at the policy's last one
     if args.offline_dataset is not None:
-        total_steps = args.offline_epochs * math.ceil(n_rows // world_size / args.mini_batch_size)
+        total_steps = args.offline_epochs * math.ceil(n_rows // run.world_size / args.mini_batch_size)
     else:
-        total_steps = args.total_episodes // per_iteration * args.ppo_epochs * (args.rollout_batch_size // args.mini_batch_size)
+        steps_per_rollout = args.update_epochs * (args.rollout_batch_size // args.mini_batch_size)
+        total_steps = args.total_episodes // per_iteration * steps_per_rollout
     schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
-    policy = common.prepare_trainable(policy, "policy", args.zero_stage, args.mini_batch_size, args.learning_rate,
-                                      args.bf16, args.offload, args.max_grad_norm,
-                                      args.adam_betas, args.weight_decay, schedule=schedule)
-    value_model = common.prepare_trainable(value_model, args.value_device, args.zero_stage, args.mini_batch_size,
-                                           args.value_learning_rate, args.bf16, args.offload, args.max_grad_norm,
-                                           args.adam_betas, args.weight_decay, schedule=schedule)
+    optimizer = dict(
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.mini_batch_size,
+        bf16=args.bf16,
+        offload=args.offload,
+        max_grad_norm=args.max_grad_norm,
+        betas=args.adam_betas,
+        weight_decay=args.weight_decay,
+        schedule=schedule,
+    )
+    policy = common.prepare_trainable(policy, "policy", lr=args.learning_rate, **optimizer)
+    value_model = common.prepare_trainable(value_model, args.value_device, lr=args.value_learning_rate, **optimizer)
     if args.lora_r:
         ref_policy = policy  # read through common.adapter_off: the base weights
     else:
-        ref_policy = common.prepare_frozen(ref_policy, args.ref_device, args.zero_stage, args.mini_batch_size,
-                                           args.bf16)
+        ref_policy = common.prepare_frozen(
+            ref_policy,
+            args.ref_device,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+        )
     policy.eval()  # eval mode (sampling, scoring); the update switches to train mode and back
     value_model.eval()
-    generation_config = GenerationConfig(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                                         top_p=args.top_p, max_new_tokens=args.max_new_tokens, use_cache=True,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    generation_config = GenerationConfig(
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    policy_logprobs_of = functools.partial(common.forward_logprobs, policy, temperature=args.temperature)
+    ref_logprobs_of = functools.partial(common.forward_logprobs, ref_policy, temperature=args.temperature)
+    values_of = functools.partial(common.forward_values, value_model)
 
-    # Data: each rank draws its own prompts (seed + rank) from the whole training split.
-    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context,
-                  chat_template=args.chat_template)
+    # Data: the held-out prompts split over the ranks; each rank then samples with seed + rank
+    encode = dict(
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        context=context,
+        chat_template=args.chat_template,
+    )
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
-    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
-    eval_prompts = eval_prompts[:n_eval][rank::world_size]
-    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
+    n_eval = min(args.eval_prompts, len(eval_prompts)) // run.world_size * run.world_size  # equal per rank: lockstep
+    eval_prompts = eval_prompts[:n_eval][run.rank :: run.world_size]
+    eval_texts = eval_texts[:n_eval][run.rank :: run.world_size]  # the prompts as given: reward models read them
     if n_eval == 0:
-        common.fail(f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
-                    f"--eval-split or raise --eval-prompts")
+        common.fail(
+            f"the '{args.eval_split}' split has fewer prompts than the {run.world_size} ranks; pass another "
+            f"--eval-split or raise --eval-prompts"
+        )
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
-    random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
-    sampler = torch.Generator().manual_seed(args.seed + rank)
+    random.seed(args.seed + run.rank)
+    torch.manual_seed(args.seed + run.rank)
+    sampler = torch.Generator().manual_seed(args.seed + run.rank)
 
-    def rollout(prompt_rows, prompts):
-        """Sample, cut at EOS, score, and forward π_old and π_init over the result.
-        `prompts`: the same prompts as the dataset gave them, for reward models and functions that read text."""
+    def score_rows(*rows):
+        """The weighted sum of the reward models' scores of rows (query_ids, ..., response_mask, prompts)."""
+        return sum(weight * reward(*rows) for weight, reward in zip(reward_weights, reward_fns))
+
+    @torch.no_grad()
+    def rollout(prompt_rows, prompts) -> Rollout:
+        """Sample, cut at EOS, score, and forward π_old and π_ref over the result, --forward-batch-size rows at a
+        time. `prompts`: the prompts as the dataset gave them, for reward models and functions that read text."""
         query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
-        response_ids = generate(policy, query_ids, query_mask, generation_config, zero3)
-        response_ids, response_mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
-                                                                       tokenizer.pad_token_id, tokenizer,
-                                                                       args.stop_strings)
-        # Scoring without gradients, --forward-batch-size rows at a time: the rewards (several: a weighted sum), then
-        # the log-probs of π_old and π_ref
-        fwd = (query_ids, query_mask, response_ids, response_mask)
-        chunk = args.forward_batch_size or args.mini_batch_size
-        score = lambda *rows: sum(w * reward(*rows) for w, reward in zip(reward_weights, reward_fns))
-        scores = common.in_chunks(score, (*fwd, prompts), chunk).to(device)
-        with torch.no_grad():
-            sampling = dict(temperature=args.temperature)
-            logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(policy, *rows, **sampling), fwd, chunk)
-            with common.adapter_off(ref_policy):
-                ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows, **sampling),
-                                                fwd, chunk).to(device)
-        return query_ids, query_mask, response_ids, response_mask.to(logprobs.dtype), ended, scores, logprobs, \
-            ref_logprobs
+        response_ids = generate(
+            policy,
+            query_ids=query_ids,
+            query_mask=query_mask,
+            generation_config=generation_config,
+            zero3=zero3,
+        )
+        response_ids, response_mask, ended = common.truncate_after_eos(
+            response_ids,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer,
+            stop_strings=args.stop_strings,
+        )
+        batch = common.Batch(query_ids, query_mask, response_ids, response_mask)
+        scores = common.in_chunks(score_rows, (*batch, prompts), chunk).to(device)
+        old_logprobs = common.in_chunks(policy_logprobs_of, batch, chunk)
+        with common.adapter_off(ref_policy):
+            ref_logprobs = common.in_chunks(ref_logprobs_of, batch, chunk).to(device)
+        batch = batch._replace(response_mask=response_mask.to(old_logprobs.dtype))
+        return Rollout(batch, scores, ended, old_logprobs, ref_logprobs)
 
+    def all_values(batch):
+        """V over every row of `batch`, no gradient, --forward-batch-size rows at a time."""
+        with torch.no_grad():
+            return common.in_chunks(values_of, batch, chunk).to(device)
+
+    # Evaluate: held-out prompts, the training sampling setting, a fixed seed
     def evaluate():
-        """Held-out prompts, same sampling setting, a fixed seed: proxy reward, gold score, KL to π_init, length."""
+        """Proxy reward, gold score, KL to π_ref, response length and the fraction without EOS, over all ranks."""
         rows = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(10**6 + rank)
+            torch.manual_seed(10**6 + run.rank)
             for i in range(0, len(eval_prompts), args.rollout_batch_size):
-                _, _, response_ids, mask, ended, scores, logprobs, ref_logprobs = \
-                    rollout(eval_prompts[i:i + args.rollout_batch_size], eval_texts[i:i + args.rollout_batch_size])
-                texts = decode_responses(tokenizer, response_ids, mask)
-                rows.append(torch.stack([scores.cpu(), ((logprobs - ref_logprobs) * mask).sum(1).cpu(),
-                                         mask.sum(1).cpu(), (~ended).float().cpu(),
-                                         torch.tensor(gold_score(texts) if gold_score else [0.0] * len(texts))], 1))
+                part = slice(i, i + args.rollout_batch_size)
+                r = rollout(eval_prompts[part], eval_texts[part])
+                response_mask = r.batch.response_mask
+                texts = decode_responses(tokenizer, r.batch.response_ids, response_mask)
+                gold = gold_score(texts) if gold_score else [0.0] * len(texts)
+                columns = [
+                    r.scores.cpu(),
+                    ((r.old_logprobs - r.ref_logprobs) * response_mask).sum(1).cpu(),
+                    response_mask.sum(1).cpu(),
+                    (~r.ended).float().cpu(),
+                    torch.tensor(gold),
+                ]
+                rows.append(torch.stack(columns, 1))
         means = torch.cat(rows).mean(0).tolist()
-        metrics = dict(zip(["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction",
-                            "eval/gold_score"], means))
+        keys = ["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction", "eval/gold_score"]
+        metrics = dict(zip(keys, means))
         if gold_score is None:
             metrics.pop("eval/gold_score")
         return common.mean_across_ranks(metrics)
 
+    # ALGO LOGIC: one pass of APA and value updates over shuffled mini-batches
     def update(batch, advantages, returns, ref_logprobs):
-        """One pass of APA + value updates over shuffled mini-batches of `batch` = (query ids, query mask,
-        response ids, response mask). Returns the mean of each logged loss."""
+        """One pass over `batch` (a common.Batch) in shuffled mini-batches: an APA step of the policy and a value
+        step of V each. Returns the mean of each logged loss."""
         step_stats = []
         policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
         value_model.train()
         for idx in torch.randperm(len(advantages), generator=sampler).split(args.mini_batch_size):
-            fwd = [t[idx] for t in batch]
-            logprobs = common.forward_logprobs(policy, *fwd, temperature=args.temperature)
-            values = common.forward_values(value_model, *fwd).to(device)
-            # ALGO LOGIC: loss = apa_loss + vf_coef · vf_loss (ALGORITHMS.md §4); each engine runs its own backward
-            pg_loss = apa_loss(logprobs, ref_logprobs[idx], advantages[idx], fwd[3], args.lam)
-            vf_loss = value_loss(values, returns[idx], fwd[3])
-            policy.backward(pg_loss)
+            minibatch = batch.rows(idx)
+            logprobs = common.forward_logprobs(policy, *minibatch, temperature=args.temperature)
+            values = common.forward_values(value_model, *minibatch).to(device)
+            policy_loss = apa_loss(
+                logprobs=logprobs,
+                ref_logprobs=ref_logprobs[idx],
+                advantages=advantages[idx],
+                response_mask=minibatch.response_mask,
+                lam=args.lam,
+            )
+            vf_loss = value_loss(values, returns[idx], minibatch.response_mask)
+            # loss = L^APA + vf_coef · value loss; each engine runs its own backward
+            policy.backward(policy_loss)
             value_model.backward(args.vf_coef * vf_loss)
             policy.step()
             value_model.step()
             log_ratio = (logprobs - ref_logprobs[idx]).detach()
-            step_stats.append([pg_loss.item(), vf_loss.item(), masked_mean(log_ratio, fwd[3]).item()])
+            step_stats.append(
+                [policy_loss.item(), vf_loss.item(), masked_mean(log_ratio, minibatch.response_mask).item()]
+            )
         policy.eval()  # sampling and scoring in eval mode
         value_model.eval()
         means = torch.tensor(step_stats).mean(0).tolist()
-        return dict(zip(["policy/loss", "value/loss", "policy/log_ratio_to_ref"], means))
+        keys = ["policy/loss", "value/loss", "policy/log_ratio_to_ref"]
+        return dict(zip(keys, means))
 
-    def all_values(batch):
-        with torch.no_grad():
-            return common.in_chunks(lambda *rows: common.forward_values(value_model, *rows), batch,
-                                    args.forward_batch_size or args.mini_batch_size).to(device)
-
-    # Checkpoints: `resume/` holds all a run needs to go on as if never stopped (the engines with their optimizers,
-    # the running score moments, each rank's RNG and sampler states, the epoch or iteration).
-    engines, resume_path, stop_requested = {"policy": policy, "value": value_model}, \
-        os.path.join(run_dir, "resume"), common.stop_signals()
-    state = common.load_resume(args.resume, engines, rank) if args.resume else {}
+    # Resume: the engines with their optimizers, the score moments, each rank's RNG and sampler states, the step
+    engines = {"policy": policy, "value": value_model}
+    stop_requested = common.stop_signals()  # SIGTERM / Ctrl-C from here on: a checkpoint at the next step, then exit
+    state = common.load_resume(args.resume, engines, run.rank) if args.resume else {}
     if args.resume:
         eval_history = state["eval_history"]
         sampler.set_state(state["sampler"])
     else:
         eval_history = [(0, evaluate())]
         log(0, eval_history[-1][1])
-
-    def save_resume(step, signum, **script_state):
-        """Every --save-every steps, and when stopped by a signal (then exit): see common.save_resume."""
-        if signum or (args.save_every and step % args.save_every == 0):
-            common.save_resume(resume_path, script, step, engines, dict(
-                step=step, eval_history=eval_history, sampler=sampler.get_state(), **script_state), args, run_dir,
-                rank)
-        if signum:
-            common.exit_after_signal(signum, resume_path, script.split()[0], rank)
-
-    if rank == 0:
-        print(f"{run_name}: {world_size} rank(s); before training: "
-              + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()))
+    if run.rank == 0:
+        before = ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items())
+        print(f"{run.name}: {run.world_size} rank(s); before training: {before}")
     start_time = time.time()
 
-    if args.offline_dataset is not None:
-        # ---- Offline APA, ALGORITHMS.md §6: scored responses instead of rollouts -------------------------------
-        rewards = torch.tensor(rewards[:n_rows], dtype=torch.float32)
-        rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-8)  # z-scored over the whole dataset
-        mine = list(range(rank, n_rows, world_size))
-        query_rows, _ = common.encode_prompts(tokenizer, [prompts[i] for i in mine], **encode)
-        eos = tokenizer.eos_token
-        texts = [responses[i].replace(eos, "").rstrip() if eos else responses[i] for i in mine]
-        response_rows = [ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id]  # EOS appended to every response
-                         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        query_ids, query_mask = common.pad_left(query_rows, tokenizer.pad_token_id, device)
-        width = max(len(r) for r in response_rows)
-        response_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in response_rows],
-                                    device=device)
-        mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in response_rows], device=device)
-        batch = (query_ids, query_mask, response_ids, mask)
-        token_rewards = torch.zeros_like(mask)
-        token_rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] = rewards[mine].to(device)  # on the last token
-        with torch.no_grad(), common.adapter_off(ref_policy):  # π_init's log-probs, once
-            ref_logprobs = common.in_chunks(lambda *rows: common.forward_logprobs(ref_policy, *rows,
-                                                                                  temperature=args.temperature),
-                                            batch, args.forward_batch_size or args.mini_batch_size).to(device)
-
-        # Fix over the released code (advantages from a random value head, never refreshed): fit V to the returns
-        # first, then recompute the advantages from the current value model before every epoch.
-        mc_returns = compute_gae(token_rewards, torch.zeros_like(mask), mask, args.gamma, 1.0)[1]
-        value_model.train()
-        for _ in range(0 if args.resume else args.value_warmup_epochs):  # a resumed run has its fitted V
-            for idx in torch.randperm(len(mask), generator=sampler).split(args.mini_batch_size):
-                vf_loss = value_loss(common.forward_values(value_model, *[t[idx] for t in batch]).to(device),
-                                     mc_returns[idx], mask[idx])
-                value_model.backward(vf_loss)
-                value_model.step()
-        value_model.eval()
-        previous = state.get("previous")
-        for epoch in range(state.get("step", 0) + 1, args.offline_epochs + 1):
-            advantages, returns = compute_gae(token_rewards, all_values(batch), mask, args.gamma, args.gae_lambda)
-            change = 0.0 if previous is None else masked_mean((advantages - previous).abs(), mask, True).item()
-            previous = advantages
-            if args.whiten_advantages:
-                advantages = whiten_masked(advantages, mask, across_ranks=True)
-            metrics = common.mean_across_ranks({**update(batch, advantages, returns, ref_logprobs),
-                                                "offline/advantage_change": change})  # |A_epoch − A_epoch−1|
-            common.check_finite(metrics, epoch, resume_path)  # before evaluating (sampling) from NaN weights
-            eval_history.append((epoch, evaluate()))
-            metrics.update(eval_history[-1][1])
-            metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
-            log(epoch, metrics)
-            if rank == 0:
-                print(f"epoch {epoch}/{args.offline_epochs} loss {metrics['policy/loss']:.4f} value loss "
-                      f"{metrics['value/loss']:.4f} advantage change {change:.4f} eval reward "
-                      f"{metrics['eval/reward']:+.3f} KL {metrics['eval/kl_to_ref']:.2f}", flush=True)
-            save_resume(epoch, stop_requested(), previous=previous)
-    else:
-        # ---- Online APA: sample, score, GAE, APA updates ----------------------------------------------------
+    if args.offline_dataset is None:
+        # ALGO LOGIC: online APA, the paper's Algorithm 1
         train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
-        if n_truncated and rank == 0:
+        if n_truncated and run.rank == 0:
             print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
-        num_iterations = args.total_episodes // (args.rollout_batch_size * world_size)
+        num_iterations = args.total_episodes // per_iteration
         score_moments = RunningMoments()
         vars(score_moments).update(state.get("score_moments", {}))
-        for iteration in range(state.get("step", 0) + 1, num_iterations + 1):
+        for iteration in range(state.get("step", 0) + 1, num_iterations + 1):  # APA Algorithm 1, line 5
             t0 = time.time()
-            batch_index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
-            query_ids, query_mask, response_ids, mask, ended, scores, old_logprobs, ref_logprobs = \
-                rollout([train_prompts[i] for i in batch_index], [train_texts[i] for i in batch_index])
+            # 1. Roll out π_θ on a batch of prompts: responses, their scores, π_old and π_ref log-probs
+            index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
+            r = rollout([train_prompts[i] for i in index], [train_texts[i] for i in index])  # APA Algorithm 1, line 6
+            batch = r.batch
+            response_mask = batch.response_mask
             t_rollout = time.time() - t0
-            batch = (query_ids, query_mask, response_ids, mask)
-            # ALGO LOGIC: the score on the last response token, no KL term in the reward (ALGORITHMS.md §1):
-            # APA's own loss keeps the policy near π_init.
-            raw_scores = scores.clone()
+            # 2. The score of each response: the EOS penalty, running scaling and clipping (options)
+            scores = r.scores
             if args.missing_eos_penalty is not None:
-                scores = torch.where(ended, scores, torch.full_like(scores, args.missing_eos_penalty))
+                scores = torch.where(r.ended, scores, torch.full_like(scores, args.missing_eos_penalty))
             if args.reward_scaling == "running":
                 score_moments.update(scores)
                 scores = scores / (score_moments.std + 1e-8)
             if args.reward_clip is not None:
                 scores = scores.clamp(-args.reward_clip, args.reward_clip)
-            token_rewards = torch.zeros_like(mask)
-            token_rewards[torch.arange(len(mask)), mask.sum(1).long() - 1] = scores
-            advantages, returns = compute_gae(token_rewards, all_values(batch), mask, args.gamma, args.gae_lambda)
+            # 3. Per-token rewards: the score on the last response token, no KL term (L^APA holds π_θ near π_ref)
+            rewards = last_token_rewards(scores, response_mask)
+            # 4. Advantages and returns: GAE on V, the advantages whitened over the whole rollout
+            advantages, returns = compute_gae(
+                rewards=rewards,
+                values=all_values(batch),
+                response_mask=response_mask,
+                gamma=args.gamma,
+                gae_lambda=args.gae_lambda,
+            )
             if args.whiten_advantages:
-                advantages = whiten_masked(advantages, mask, across_ranks=True)
+                advantages = whiten_masked(advantages, response_mask, across_ranks=True)
+            # 5. --update-epochs passes of L^APA + vf_coef · value loss over shuffled mini-batches
             t1 = time.time()
-            epoch_stats = [update(batch, advantages, returns, ref_logprobs) for _ in range(args.ppo_epochs)]
-            metrics = {k: sum(s[k] for s in epoch_stats) / len(epoch_stats) for k in epoch_stats[0]}
+            epoch_stats = [update(batch, advantages, returns, r.ref_logprobs) for _ in range(args.update_epochs)]
+            metrics = mean_of_dicts(epoch_stats)
             t_update = time.time() - t1
-            metrics.update({
-                "rollout/score": raw_scores.mean().item(),
-                "rollout/kl_to_ref": ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item(),
-                "rollout/response_length": mask.sum(1).mean().item(),
-                "rollout/no_eos_fraction": (~ended).float().mean().item(),
-                "rollout/perplexity": torch.exp(-masked_mean(old_logprobs, mask, across_ranks=True)).item()})
+            # 6. Log: the rollout's statistics, timings, and an evaluation every --eval-every iterations
+            metrics["rollout/score"] = r.scores.mean().item()
+            metrics["rollout/kl_to_ref"] = ((r.old_logprobs - r.ref_logprobs) * response_mask).sum(1).mean().item()
+            metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
+            metrics["rollout/no_eos_fraction"] = (~r.ended).float().mean().item()
+            mean_logprob = masked_mean(r.old_logprobs, response_mask, across_ranks=True)
+            metrics["rollout/perplexity"] = torch.exp(-mean_logprob).item()
             if gold_score:
-                metrics["rollout/gold_score"] = sum(g := gold_score(decode_responses(tokenizer, response_ids,
-                                                                                     mask))) / len(g)
+                gold = gold_score(decode_responses(tokenizer, batch.response_ids, response_mask))
+                metrics["rollout/gold_score"] = sum(gold) / len(gold)
             metrics = common.mean_across_ranks(metrics)
-            common.check_finite(metrics, iteration, resume_path)  # before evaluating (sampling) from NaN weights
-            n_tokens = metrics["rollout/response_length"] * args.rollout_batch_size * world_size  # all ranks
-            metrics.update({"time/rollout_tokens_per_s": n_tokens / t_rollout,
-                            "time/update_tokens_per_s": n_tokens * args.ppo_epochs / t_update,
-                            "time/episodes_per_s": args.rollout_batch_size * world_size / (time.time() - t0)})
+            common.check_finite(metrics, iteration, run.resume_path)  # before evaluating (sampling) from NaN weights
+            n_tokens = metrics["rollout/response_length"] * per_iteration  # all ranks
+            metrics["time/rollout_tokens_per_s"] = n_tokens / t_rollout
+            metrics["time/update_tokens_per_s"] = n_tokens * args.update_epochs / t_update
+            metrics["time/episodes_per_s"] = per_iteration / (time.time() - t0)
             if iteration % args.eval_every == 0 or iteration == num_iterations:
                 eval_history.append((iteration, evaluate()))
                 metrics.update(eval_history[-1][1])
             metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(iteration, metrics)
-            if rank == 0:
+            if run.rank == 0:
                 gold = f" gold {metrics['rollout/gold_score']:+.3f}" if gold_score else ""
-                print(f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
-                      f"kl {metrics['rollout/kl_to_ref']:.2f} len {metrics['rollout/response_length']:.1f} "
-                      f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
-                      f"{metrics['time/update_tokens_per_s']:.0f} (update) "
-                      f"episodes/s {metrics['time/episodes_per_s']:.1f}", flush=True)
-            save_resume(iteration, stop_requested(), score_moments=vars(score_moments))
+                print(
+                    f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
+                    f"kl {metrics['rollout/kl_to_ref']:.2f} len {metrics['rollout/response_length']:.1f} "
+                    f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
+                    f"{metrics['time/update_tokens_per_s']:.0f} (update) "
+                    f"episodes/s {metrics['time/episodes_per_s']:.1f}",
+                    flush=True,
+                )
+            # 7. A resumable checkpoint every --save-every iterations, or now if the run was signalled
+            state = dict(
+                step=iteration,
+                eval_history=eval_history,
+                sampler=sampler.get_state(),
+                score_moments=vars(score_moments),
+            )
+            common.checkpoint_if_due(run, args, step=iteration, engines=engines, state=state, signum=stop_requested())
+    else:
+        # ALGO LOGIC: offline APA, dataset rows in place of rollouts
+        # 1. This rank's rows as a Batch, each score z-scored over the dataset on its last response token
+        scores = torch.tensor(dataset_scores[:n_rows], dtype=torch.float32)
+        scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        mine = list(range(run.rank, n_rows, run.world_size))
+        batch = common.encode_offline_rows(
+            tokenizer,
+            [prompts[i] for i in mine],
+            [responses[i] for i in mine],
+            **encode,
+            device=device,
+        )
+        response_mask = batch.response_mask
+        rewards = last_token_rewards(scores[mine].to(device), response_mask)
+        # 2. π_ref's log-probs, once
+        with torch.no_grad(), common.adapter_off(ref_policy):
+            ref_logprobs = common.in_chunks(ref_logprobs_of, batch, chunk).to(device)
+        # 3. Fit V to the Monte-Carlo returns first (GAE with λ = 1 and V = 0), unless resumed with a fitted V
+        _, mc_returns = compute_gae(
+            rewards=rewards,
+            values=torch.zeros_like(response_mask),
+            response_mask=response_mask,
+            gamma=args.gamma,
+            gae_lambda=1.0,
+        )
+        value_model.train()
+        for _ in range(0 if args.resume else args.value_warmup_epochs):
+            for idx in torch.randperm(len(response_mask), generator=sampler).split(args.mini_batch_size):
+                values = common.forward_values(value_model, *batch.rows(idx)).to(device)
+                vf_loss = value_loss(values, mc_returns[idx], response_mask[idx])
+                value_model.backward(vf_loss)
+                value_model.step()
+        value_model.eval()
+        previous = state.get("previous")
+        for epoch in range(state.get("step", 0) + 1, args.offline_epochs + 1):
+            # 4. Advantages from the current V, before every epoch
+            advantages, returns = compute_gae(
+                rewards=rewards,
+                values=all_values(batch),
+                response_mask=response_mask,
+                gamma=args.gamma,
+                gae_lambda=args.gae_lambda,
+            )
+            if previous is None:
+                change = 0.0
+            else:  # |A_epoch − A_epoch−1|, over all ranks
+                change = masked_mean((advantages - previous).abs(), response_mask, across_ranks=True).item()
+            previous = advantages
+            if args.whiten_advantages:
+                advantages = whiten_masked(advantages, response_mask, across_ranks=True)
+            # 5. One pass of L^APA + vf_coef · value loss over shuffled mini-batches
+            metrics = update(batch, advantages, returns, ref_logprobs)
+            metrics["offline/advantage_change"] = change
+            metrics = common.mean_across_ranks(metrics)
+            # 6. Log, and evaluate after every epoch
+            common.check_finite(metrics, epoch, run.resume_path)  # before evaluating (sampling) from NaN weights
+            eval_history.append((epoch, evaluate()))
+            metrics.update(eval_history[-1][1])
+            metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
+            log(epoch, metrics)
+            if run.rank == 0:
+                print(
+                    f"epoch {epoch}/{args.offline_epochs} loss {metrics['policy/loss']:.4f} value loss "
+                    f"{metrics['value/loss']:.4f} advantage change {change:.4f} eval reward "
+                    f"{metrics['eval/reward']:+.3f} KL {metrics['eval/kl_to_ref']:.2f}",
+                    flush=True,
+                )
+            # 7. A resumable checkpoint every --save-every epochs, or now if the run was signalled
+            state = dict(step=epoch, eval_history=eval_history, sampler=sampler.get_state(), previous=previous)
+            common.checkpoint_if_due(run, args, step=epoch, engines=engines, state=state, signum=stop_requested())
 
-    common.save_hf(policy, tokenizer, os.path.join(run_dir, "policy"), rank)
-    common.save_hf(value_model, tokenizer, os.path.join(run_dir, "value"), rank)
-    if rank == 0:
-        first, final = eval_history[0][1], eval_history[-1][1]
-        print(f"done in {time.time() - start_time:.0f} s; held-out before → after: " + ", ".join(
-            f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in first) + f"; policy saved to {run_dir}/policy")
+    # Save the policy and the value model as HF folders
+    common.save_hf(policy, tokenizer, os.path.join(run.dir, "policy"), run.rank)
+    common.save_hf(value_model, tokenizer, os.path.join(run.dir, "value"), run.rank)
+    if run.rank == 0:
+        first = eval_history[0][1]
+        final = eval_history[-1][1]
+        change = ", ".join(f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in first)
+        print(
+            f"done in {time.time() - start_time:.0f} s; held-out before → after: {change}; policy saved to "
+            f"{run.dir}/policy"
+        )
     common.exit_cleanly()

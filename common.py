@@ -107,12 +107,13 @@ class Run(NamedTuple):
         return os.path.join(self.dir, "resume")
 
 
-def start_run(args, script: str) -> Run:
-    """What every script checks before it loads anything (one weight per reward model, the LoRA flags, a --resume
-    folder this script with this many ranks can continue), then the process group. `script` names the script and
-    its mode: a checkpoint is continued only by the same."""
+def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Run:
+    """What every script checks before it loads anything (one --reward-weights value per --reward-model, unless the
+    script weighs something else and checks that itself; the LoRA flags; a --resume folder this script with this
+    many ranks can continue), then the process group. `script` names the script and its mode: a checkpoint is
+    continued only by the same."""
     weights = getattr(args, "reward_weights", None)
-    if weights and len(weights) != len(args.reward_model):
+    if one_weight_per_reward_model and weights and len(weights) != len(args.reward_model):
         fail(
             f"--reward-weights has {len(weights)} values for {len(args.reward_model)} --reward-model entries; give "
             f"one weight per reward model"

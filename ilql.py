@@ -1,15 +1,52 @@
-"""ILQL: Implicit Language Q-Learning (Snell, Kostrikov, Su, Yang, Levine 2022; arXiv 2206.11871), offline RL from
-scored responses, decoded with the learned advantage. Math: ../shared/ALGORITHMS.md §7.
+"""ILQL: Implicit Language Q-Learning. Snell, Kostrikov, Su, Yang, Levine, "Offline RL for Natural Language
+Generation with Implicit Language Q Learning", 2022 (ICLR 2023), arXiv 2206.11871.
 
-Value heads on the language model's last hidden state learn Q(s, a) and V(s) from a fixed dataset: V is an expectile
-of the target Q (so it approaches max_a Q over actions the data supports, without querying unseen actions), and Q is
-regressed on r + γ V(s'). At decoding time the LM's log-probabilities are shifted by β · (Q − V):
-    log π_β(a|s) = log π(a|s) + β · (min_i Q̂_i(s, a) − V(s))      (ILQL eq. 6, ALGORITHMS.md §7)
+Offline RL from scored responses; the responses are then decoded with the learned advantage.
+
+The task as a token-level MDP: the state s_t is the prompt and the response tokens before t, the action a_t is the
+response token y_t, the reward r_t is the response's score on its last token (0 elsewhere), and the state after the
+last token is terminal. Three heads read the LM's last hidden state: V_ψ(s), two Q heads Q_θi(s, ·) over the
+vocabulary, and target copies Q̂_i of the Q heads that follow them by Polyak averaging. The LM itself is π_β, the
+policy the values steer. Over the dataset's tokens (every term a mean over the response tokens):
+
+    Q loss          L_Q(θ)    = Σ_i (r_t + γ V_ψ(s_{t+1}) − Q_θi(s_t, a_t))²        V_ψ(terminal) = 0, no gradient to V
+    expectile loss  L_V(ψ)    = L_2^τ(min_i Q̂_i(s_t, a_t) − V_ψ(s_t)),   L_2^τ(u) = |τ − 1(u < 0)| u²
+    CQL term        L_CQL(θ)  = Σ_i (log Σ_a exp Q_θi(s_t, a) − Q_θi(s_t, a_t))      (cross-entropy of the Q logits)
+    AWAC term       L_AWAC    = −exp(β_train (min_i Q̂_i − V_ψ)(s_t, a_t)) log π_β(a_t | s_t), the weight a constant
+    total           L = L_Q + L_V + cql_scale · L_CQL + awac_scale · L_AWAC
+    decoding        π(a | s) ∝ π_β(a | s) exp(β (min_i Q̂_i(s, a) − V_ψ(s)))
+    target heads    Q̂_i ← α Q_θi + (1 − α) Q̂_i, every steps_for_target_q_sync optimiser steps
+
+τ > 0.5 makes V an upper expectile of the target Q over the actions the data took, so Q is regressed on an
+approximate max over supported actions without ever querying an action the data does not hold. The paper's own
+equation numbers for these terms are not cited here (they could not be checked against the paper's text): the
+code cites each term by the name above, "ILQL (Snell et al. 2022)" with the symbol.
+
+As in the released code (CarperAI/trlx, which the APA paper's HH experiments used):
+- the four terms and their sum: https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/trlx/models/modeling_ilql.py#L94-L151
+- the decoding rule with top-k: https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/trlx/models/modeling_ilql.py#L370-L384
+- the Polyak step: https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/trlx/models/modeling_ilql.py#L216-L219
+- sequence scores z-scored over the dataset: https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/trlx/trainer/accelerate_ilql_trainer.py#L83-L86
+- the heads, Linear(h, 2h) → ReLU → Linear(2h, out): https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/trlx/utils/modeling.py#L13-L19
+  (the paper authors' code has the same terms: https://github.com/Sea-Snell/Implicit-Language-Q-Learning/blob/0dc556150bfbdca5e1e6ee322c9126486c2162f7/src/models/iql_model.py#L345-L371)
+Where we differ:
+- the target Q heads are a float32 copy beside the trained engine (trlx keeps them inside its heads module, in the
+  model's dtype: .../trlx/models/modeling_ilql.py#L216-L219); the Polyak step is the same.
+- decoding is transformers' `generate` with a LogitsProcessor for the β shift, top-k and temperature after it (trlx
+  samples in its own loop: .../trlx/models/modeling_ilql.py#L382-L390).
+- HH rows score chosen 1 and rejected 0 (trlx: 1 and −1, https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/examples/hh/ilql_hh.py#L79);
+  after z-scoring the two are the same rewards.
+- the `hh-*` presets train the APA paper's HH models (Dahoas' Pythia SFT policies, top 2 blocks); trlx's ILQL HH
+  example trains GPT-J 6B whole, 4 rows a step for 20000 steps, with a cosine schedule
+  (https://github.com/CarperAI/trlx/blob/3340c2f3a56d1d14fdd5f13ad575121fa26b6d92/examples/hh/ilql_hh.py#L20-L46).
 
     python ilql.py                                            # the built-in scored responses, one CPU process
     python ilql.py --eval-only --checkpoint runs/RUN/policy   # decode a saved model over a β sweep
     torchrun --nproc_per_node 2 ilql.py --zero-stage 2        # two processes (CPU or GPUs)
+    deepspeed --num_gpus 8 ilql.py --zero-stage 3 --bf16 ...  # one node's GPUs, ZeRO-3
+    python ilql.py --preset hh-1b --reward-device cuda:1      # the HH setting (./launch.sh paper ilql-hh picks GPUs)
 """
+
 import copy
 import inspect
 import os
@@ -18,12 +55,11 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import tyro
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -34,43 +70,11 @@ from common import masked_mean
 
 @dataclass
 class Args:
-    exp_name: str = "ilql"
-    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
-    seed: int = 1
-    """seed of the experiment (rank r shuffles and samples with seed + r)"""
-    output_dir: str = "runs"
-    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
-    model_name_or_path: str = "builtin"
-    """the starting (SFT) language model: a hub name, a local folder, or `builtin`"""
-    checkpoint: Optional[str] = None
-    """an ilql.py checkpoint folder (policy + ilql_heads.safetensors) to start from instead of fresh heads"""
-    eval_only: bool = False
-    """only evaluate --checkpoint over the β sweep, no training"""
-    offline_dataset: str = "builtin"
-    """{prompt, response, reward} or preference rows: a hub name, a folder, a .jsonl/.json/.parquet file, `builtin`"""
-    offline_split: str = "train"
-    """the split of --offline-dataset to train on"""
-    reward_model: List[str] = field(default_factory=lambda: ["builtin"])
-    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables"""
-    reward_weights: List[float] = field(default_factory=list)
-    """weight of each --reward-model in the sum (default 1 each)"""
-    dataset: str = "builtin"
-    """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
-    prompt_field: str = "prompt"
-    """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
-    chat_template: bool = False
-    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
-    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
-    response_field: str = "response"
-    """the column of --offline-dataset rows holding the response text"""
-    reward_field: str = "reward"
-    """the column of --offline-dataset rows holding the scalar reward"""
-    eval_split: str = "test"
-    """the split of --dataset used for evaluation"""
-    trust_remote_code: bool = False
-    """allow model repositories to run their own code (off unless you trust them)"""
+    # Algorithm
+    preset: str | None = None
+    """a paper setting from PRESETS (hh-125m, hh-1b, hh-6b) as the defaults; flags given on the command line win"""
     gamma: float = 0.99
-    """discount γ of the Q target r + γ V(s') (released HH: 0.99)"""
+    """discount γ of the Q target r_t + γ V(s_{t+1}) (released HH: 0.99)"""
     tau: float = 0.7
     """expectile τ of the V loss; τ > 0.5 pushes V towards the best supported action (released HH 0.6, trlx 0.7)"""
     cql_scale: float = 0.1
@@ -80,44 +84,76 @@ class Args:
     beta_train: float = 0.0
     """AWAC weight exp(β_train (Q − V)); 0 = plain likelihood of the data (released 0)"""
     alpha: float = 0.2
-    """Polyak rate of the target Q heads, tQ ← α Q + (1 − α) tQ (released 1e-4 over ~10⁴ steps; short runs need more)"""
+    """Polyak rate of the target Q heads, Q̂ ← α Q + (1 − α) Q̂ (released 1e-4 over ~10⁴ steps; short runs need more)"""
     steps_for_target_q_sync: int = 1
     """update the target Q heads every this many optimiser steps (released 1)"""
-    epochs: int = 10
-    """passes over the offline dataset"""
-    batch_size: int = 16
-    """rows per rank per optimiser step"""
-    learning_rate: float = 1e-3
-    """learning rate of the LM and heads together (AdamW betas 0.9, 0.95; released HH 1e-6 for the 125M-6B models)"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip"""
-    adam_betas: Tuple[float, float] = (0.9, 0.95)
-    """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
-    lr_warmup_steps: int = 0
-    """optimiser steps of linear learning-rate warm-up from lr/N to lr (released PPO-max: 100)"""
-    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
-    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
-    (sqrt(warm-up / step), PPO-max); each trained model counts its own optimiser steps"""
-    unfrozen_layers: int = -1
-    """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
-    max_prompt_length: int = 16
-    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
-    max_new_tokens: int = 32
-    """dataset responses are cut to this many tokens (EOS included); the longest decoded response"""
-    stop_strings: List[str] = field(default_factory=list)
-    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
-    eval_betas: List[float] = field(default_factory=lambda: [0.0, 1.0, 4.0])
-    """the β sweep of evaluation: logits' = log_softmax(logits) + β · (min_i tQ_i − V) (released β 1, 4)"""
+    eval_betas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0])
+    """the β sweep of evaluation: logits' = log_softmax(logits) + β · (min_i Q̂_i − V) (released β 1, 4)"""
     top_k: int = 20
     """top-k of decoding, after the β shift (released 20; 0 = off)"""
     temperature: float = 1.0
     """decoding temperature, after the β shift"""
-    eval_prompts: int = 128
-    """number of held-out prompts per evaluation, over all ranks"""
-    eval_every: int = 5
-    """evaluate every this many epochs, and before and after training"""
+    offline_epochs: int = 10
+    """passes over the offline dataset"""
+    mini_batch_size: int = 16
+    """rows per rank per optimiser step"""
+    forward_batch_size: int = 64
+    """prompts per rank per decoding call of an evaluation (no gradients)"""
+    learning_rate: float = 1e-3
+    """learning rate of the LM and heads together (released HH 1e-6 for the 125M-6B models)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2) (released HH: 0.9, 0.95)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released HH: 1e-6)"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
+
+    # Models and data
+    model_name_or_path: str = "builtin"
+    """the starting (SFT) language model: a hub name, a local folder, or `builtin`"""
+    checkpoint: str | None = None
+    """an ilql.py checkpoint folder (policy + ilql_heads.safetensors) to start from instead of fresh heads"""
+    eval_only: bool = False
+    """only evaluate --checkpoint over the β sweep, no training"""
+    offline_dataset: str = "builtin"
+    """{prompt, response, reward} or preference rows: a hub name, a folder, a .jsonl/.json/.parquet file, `builtin`"""
+    offline_split: str = "train"
+    """the split of --offline-dataset to train on"""
+    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
+    """reward(s) of the evaluation, summed: 1-output classifiers (hub name, folder, `builtin`) and/or
+    `module:function` callables"""
+    reward_weights: list[float] = field(default_factory=list)
+    """weight of each --reward-model in the sum (default 1 each)"""
+    dataset: str = "builtin"
+    """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
+    eval_split: str = "test"
+    """the split of --dataset used for evaluation"""
+    prompt_field: str = "prompt"
+    """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
+    response_field: str = "response"
+    """the column of --offline-dataset rows holding the response text"""
+    reward_field: str = "reward"
+    """the column of --offline-dataset rows holding the scalar reward"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
+    max_prompt_length: int = 16
+    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
+    max_new_tokens: int = 32
+    """dataset responses are cut to this many tokens (EOS included); the longest decoded response"""
+    stop_strings: list[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
+    trust_remote_code: bool = False
+    """allow model repositories to run their own code (off unless you trust them)"""
+
+    # Devices and precision
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
     bf16: bool = False
@@ -127,7 +163,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
     third more compute, in the update's forward passes only"""
-    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = None
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
     lora_r: int = 0
     """rank r of a LoRA adapter trained in place of the LM's weights (0: no adapter, the weights train); the V and
@@ -136,7 +172,7 @@ class Args:
     """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
     lora_dropout: float = 0.0
     """dropout on the adapters' input, in the update's forward passes"""
-    lora_target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
     head (as QLoRA and the A-LoL paper did)"""
     load_in_4bit: bool = False
@@ -146,20 +182,161 @@ class Args:
     reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
     fp16 (GPU)"""
+
+    # Logging and checkpoints
+    exp_name: str = "ilql"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (rank r shuffles and samples with seed + r)"""
+    output_dir: str = "runs"
+    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    eval_prompts: int = 128
+    """number of held-out prompts per evaluation, over all ranks"""
+    eval_every: int = 5
+    """evaluate every this many epochs, and before and after training"""
     log_every: int = 10
     """print a progress line every this many steps"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
     Ctrl-C); the final model and heads are written to {run dir}/policy"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
     local_rank: int = 0
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
+# The HH setting of the APA paper's experiments, as trlX ran them: Dahoas' Pythia SFT policies, the rm-static rows
+# (chosen and rejected replies, scored 1 and 0) and its test prompts, the GPT-J reward model to score evaluations.
+HH = dict(
+    offline_dataset="Dahoas/rm-static",
+    dataset="Dahoas/rm-static",
+    eval_split="test",
+    eval_prompts=280,  # the first 280 test prompts (trlX examples/hh: islice(dataset["test"], 280))
+    reward_model=["Dahoas/gptj-rm-static"],
+    max_prompt_length=896,  # trlX's seq_length 1024 − 128 new tokens: an assumption, not in the papers
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    unfrozen_layers=2,  # trlX's num_layers_unfrozen in the APA HH configs
+    adam_betas=(0.9, 0.95),
+    weight_decay=1e-6,
+    bf16=True,
+)
+# ILQL's released HH hyper-parameters (trlX examples/hh/ilql_hh.py, lines 34-46)
+ILQL_HH = dict(
+    tau=0.6,
+    gamma=0.99,
+    cql_scale=0.1,
+    awac_scale=1.0,
+    alpha=1e-4,
+    beta_train=0.0,
+    steps_for_target_q_sync=1,
+    learning_rate=1e-6,
+    eval_betas=[1.0, 4.0],
+    top_k=20,
+)
+SIZES = {"125m": "125M", "1b": "1B", "6b": "6B"}
+PRESETS = {
+    f"hh-{size}": dict(**HH, **ILQL_HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
+    for size, name in SIZES.items()
+}
+
+
+# ALGO LOGIC: ILQL's loss terms
+class ILQLLoss(NamedTuple):
+    """ILQL's loss and its terms, each a mean over the response tokens; the three means are detached statistics."""
+
+    loss: torch.Tensor  # q_loss + value_loss + cql_scale · cql_loss + awac_scale · awac_loss: what is minimised
+    q_loss: torch.Tensor  # L_Q, summed over the Q heads
+    value_loss: torch.Tensor  # L_V, the expectile regression of V on the target Q
+    cql_loss: torch.Tensor  # L_CQL, summed over the Q heads
+    awac_loss: torch.Tensor  # L_AWAC, the LM head's weighted likelihood of the data
+    q_mean: torch.Tensor  # Q_θi(s_t, a_t), mean over the heads and tokens
+    target_q_mean: torch.Tensor  # min_i Q̂_i(s_t, a_t)
+    value_mean: torch.Tensor  # V_ψ(s_t)
+
+
+def ilql_loss(
+    *,
+    logits,
+    q_logits,
+    target_q_logits,
+    values,
+    response_ids,
+    rewards,
+    response_mask,
+    gamma: float,
+    tau: float,
+    cql_scale: float,
+    awac_scale: float,
+    beta_train: float,
+) -> ILQLLoss:
+    """ILQL's loss over the response tokens (ILQL (Snell et al. 2022): L_Q, L_V, L_CQL and the AWAC term; see the
+    module docstring). For T response positions, states s_0..s_T (s_t = prompt + y_<t):
+      logits           [B, T, vocab]       the LM's logits at s_t (π_β)
+      q_logits         [n_q, B, T, vocab]  Q_θi(s_t, ·), with gradient
+      target_q_logits  [n_q, B, T, vocab]  the target heads' Q̂_i(s_t, ·) (no gradient)
+      values           [B, T + 1]          V_ψ(s_0..s_T); V(s_{t+1}) counts only where token t+1 is real (else terminal)
+      response_ids     [B, T] long         the actions a_t = y_t
+      rewards          [B, T]              r_t: the sequence's score on its last token, 0 elsewhere
+      response_mask    [B, T]              1 on response tokens"""
+    response_mask = response_mask.float()
+    value = values[:, :-1].float()
+    next_value = values[:, 1:].float()
+    next_mask = torch.cat([response_mask[:, 1:], torch.zeros_like(response_mask[:, :1])], 1)  # 0 after the last token
+    actions = response_ids.expand(len(q_logits), -1, -1)[..., None]
+    q = q_logits.float().gather(-1, actions).squeeze(-1)  # Q_θi(s_t, a_t)
+    target_q = target_q_logits.float().gather(-1, actions).squeeze(-1)
+    target_q = target_q.min(0).values.detach()  # min_i Q̂_i(s_t, a_t): the pessimistic target
+    q_target = (rewards + gamma * next_value * next_mask).detach()  # r_t + γ V(s_{t+1}), V = 0 at the terminal
+    q_loss = torch.stack([masked_mean((q_i - q_target) ** 2, response_mask) for q_i in q]).sum()  # ILQL L_Q
+    # expectile regression of V on the target Q: weight τ where Q̂ > V and 1 − τ where Q̂ < V
+    expectile_weight = (tau - (target_q < value).float()).abs()
+    value_loss = masked_mean(expectile_weight * (target_q - value) ** 2, response_mask)  # ILQL L_V (L_2^τ)
+
+    def cross_entropy(token_logits):
+        """−log softmax(token_logits)[a_t] at every position, [B, T]."""
+        flat = token_logits.float().flatten(0, -2)
+        return F.cross_entropy(flat, response_ids.flatten(), reduction="none").view_as(response_mask)
+
+    # CQL: each Q head's logits as a softmax over the vocabulary, pushed towards the data's token
+    cql_terms = [masked_mean(cross_entropy(q_i), response_mask) for q_i in q_logits]
+    cql_loss = torch.stack(cql_terms).sum()  # ILQL L_CQL
+    # AWAC: the LM head's likelihood of the data, weighted by exp(β_train · advantage) (a constant weight)
+    awac_weight = torch.exp(beta_train * (target_q - value)).detach()
+    awac_loss = masked_mean(cross_entropy(logits) * awac_weight, response_mask)  # ILQL AWAC term
+    loss = q_loss + value_loss + cql_scale * cql_loss + awac_scale * awac_loss  # ILQL total loss
+    return ILQLLoss(
+        loss=loss,
+        q_loss=q_loss,
+        value_loss=value_loss,
+        cql_loss=cql_loss,
+        awac_loss=awac_loss,
+        q_mean=masked_mean(q.mean(0), response_mask).detach(),
+        target_q_mean=masked_mean(target_q, response_mask),
+        value_mean=masked_mean(value, response_mask).detach(),
+    )
+
+
+@torch.no_grad()
+def polyak_update(target_heads, q_heads, alpha: float):
+    """Q̂ ← α · Q + (1 − α) · Q̂, parameter by parameter (ILQL's target Q heads); α = 1 copies Q."""
+    for target, source in zip(target_heads.parameters(), q_heads.parameters()):
+        target.mul_(1 - alpha).add_(source.detach().to(target.dtype), alpha=alpha)  # ILQL target heads, Polyak step
+
+
+# ---- Helpers: the heads on the LM, β-shifted decoding, checkpoints --------------------------------------------------
 def mlp(hidden: int, out: int):
     """The heads' shape in the released code: Linear(h, 2h) → ReLU → Linear(2h, out)."""
     return nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, out))
+
+
+class ILQLOutput(NamedTuple):
+    """ILQLModel's outputs at the last `keep` positions."""
+
+    logits: torch.Tensor  # [B, K, vocab], the LM's
+    hidden: torch.Tensor  # [B, K, h], the last hidden state (what the LM head and the heads read)
+    values: torch.Tensor  # [B, K], V
+    q_logits: torch.Tensor  # [n_q, B, K, vocab], Q_i(s, ·)
 
 
 class ILQLModel(nn.Module):
@@ -168,19 +345,29 @@ class ILQLModel(nn.Module):
 
     def __init__(self, lm, n_q: int = 2):
         super().__init__()
-        hidden, vocab = lm.config.get_text_config().hidden_size, lm.get_output_embeddings().out_features
-        self.lm, self.v_head = lm, mlp(hidden, 1)
+        hidden = lm.config.get_text_config().hidden_size
+        vocab = lm.get_output_embeddings().out_features
+        self.lm = lm
+        self.v_head = mlp(hidden, 1)
         self.q_heads = nn.ModuleList(mlp(hidden, vocab) for _ in range(n_q))
 
-    def forward(self, input_ids, attention_mask, position_ids, keep: int):
-        """(LM logits [B, K, vocab], last hidden state [B, K, h], V [B, K], Q [n_q, B, K, vocab]) at the last K = `keep`
-        positions only (the states of the response): no vocabulary-wide head runs over the prompt."""
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, use_cache=False, **self.keep_logits(keep))
+    def forward(self, input_ids, attention_mask, position_ids, keep: int) -> ILQLOutput:
+        """The outputs at the last K = `keep` positions only (the states of the response): no vocabulary-wide head
+        runs over the prompt."""
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+            **self.keep_logits(keep),
+        )
         hidden = out.hidden_states[-1][:, -keep:]  # after the final norm: what the LM head reads
         logits = out.logits[:, -keep:]  # remote code without `logits_to_keep`: all positions, cut here
         heads_in = hidden.to(self.v_head[0].weight.dtype)  # float32 heads on a 4-bit LM's half-precision states
-        return logits, hidden, self.v_head(heads_in).squeeze(-1), torch.stack([q(heads_in) for q in self.q_heads])
+        values = self.v_head(heads_in).squeeze(-1)
+        q_logits = torch.stack([q(heads_in) for q in self.q_heads])
+        return ILQLOutput(logits=logits, hidden=hidden, values=values, q_logits=q_logits)
 
     def keep_logits(self, keep: int) -> dict:
         """`logits_to_keep` for the LM's forward where it takes it: the LM head on the last `keep` positions only."""
@@ -188,57 +375,24 @@ class ILQLModel(nn.Module):
         return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
-# ALGO LOGIC: the four ILQL loss terms, ALGORITHMS.md §7 (ILQL eq. 1-5)
-def ilql_loss(logits, q_logits, target_q_logits, values, actions, rewards, mask, gamma, tau, cql_scale, awac_scale,
-              beta_train):
-    """ILQL's loss over the response tokens. For T response positions, states s_0..s_T (s_t = prompt + y_<t):
-      logits           [B, T, vocab]       the LM's logits at s_t
-      q_logits         [n_q, B, T, vocab]  Q_i(s_t, ·), with grad
-      target_q_logits  [n_q, B, T, vocab]  the target heads' Q̂_i(s_t, ·) (no grad)
-      values           [B, T + 1]          V(s_0..s_T); V(s_{t+1}) counts only where token t+1 is real (0 = terminal)
-      actions          [B, T] long         y_t;  rewards [B, T]: r_t (the reward on the last token);  mask [B, T]
-    Returns (loss, stats): loss = loss_q + loss_v + cql_scale · loss_cql + awac_scale · loss_awac."""
-    mask = mask.float()
-    v, next_v = values[:, :-1].float(), values[:, 1:].float()
-    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)  # 0 after the last token: terminal
-    q = q_logits.float().gather(-1, actions.expand(len(q_logits), -1, -1)[..., None]).squeeze(-1)  # Q_i(s_t, y_t)
-    target_q = target_q_logits.float().gather(-1, actions.expand(len(q_logits), -1, -1)[..., None]).squeeze(-1)
-    target_q = target_q.min(0).values.detach()  # tQ = min_i Q̂_i(s_t, y_t): the pessimistic target
-    q_target = (rewards + gamma * next_v * next_mask).detach()  # r_t + γ V(s_{t+1}), V = 0 at the terminal
-    loss_q = sum(masked_mean((q_i - q_target) ** 2, mask) for q_i in q)
-    # expectile regression of V on tQ: weight τ where tQ > V and 1 − τ where tQ < V
-    loss_v = masked_mean((tau - (target_q < v).float()).abs() * (target_q - v) ** 2, mask)
-    # CQL: each Q head's logits as a softmax over the vocabulary, pushed towards the data's token
-    ce = lambda z: F.cross_entropy(z.float().flatten(0, -2), actions.flatten(), reduction="none").view_as(mask)
-    loss_cql = sum(masked_mean(ce(q_i), mask) for q_i in q_logits)
-    # AWAC: the LM head's likelihood of the data, weighted by exp(β_train · advantage) (a constant weight)
-    weights = torch.exp(beta_train * (target_q - v)).detach()
-    loss_awac = masked_mean(ce(logits) * weights, mask)
-    loss = loss_q + loss_v + cql_scale * loss_cql + awac_scale * loss_awac
-    stats = {"loss/q": loss_q.item(), "loss/v": loss_v.item(), "loss/cql": loss_cql.item(),
-             "loss/awac": loss_awac.item(), "values/q": masked_mean(q.mean(0), mask).item(),
-             "values/target_q": masked_mean(target_q, mask).item(), "values/v": masked_mean(v, mask).item()}
-    return loss, stats
-
-
-@torch.no_grad()
-def polyak_update(target_heads, q_heads, alpha: float):
-    """tQ ← α · Q + (1 − α) · tQ, parameter by parameter (ALGORITHMS.md §7); α = 1 copies Q."""
-    for target, source in zip(target_heads.parameters(), q_heads.parameters()):
-        target.mul_(1 - alpha).add_(source.detach().to(target.dtype), alpha=alpha)
-
-
 class ILQLLogitsProcessor(LogitsProcessor):
-    """logits' = log_softmax(logits) + β · (min_i tQ_i(s, ·) − V(s)) (ALGORITHMS.md §7), for `generate`: top-k and
-    temperature then apply to the shifted logits. The state s is read from the LM head's input (the last hidden
-    state), which a forward hook keeps at every decoding step; use the processor as a context manager."""
+    """logits' = log_softmax(logits) + β · (min_i Q̂_i(s, ·) − V(s)), ILQL's decoding rule
+    π(a | s) ∝ π_β(a | s) exp(β (Q̂(s, a) − V(s))), for `generate`: top-k and temperature then apply to the shifted
+    logits. The state s is read from the LM head's input (the last hidden state), which a forward hook keeps at every
+    decoding step; use the processor as a context manager."""
 
     def __init__(self, model, target_q_heads, beta: float):
-        self.model, self.target_q_heads, self.beta, self.hidden = model, target_q_heads, beta, None
+        self.model = model
+        self.target_q_heads = target_q_heads
+        self.beta = beta
+        self.hidden = None
+
+    def keep_hidden(self, module, inputs, output):
+        """The forward hook on the LM head: its input at the last position is the state being decoded."""
+        self.hidden = inputs[0][:, -1]
 
     def __enter__(self):
-        keep = lambda module, inputs, output: setattr(self, "hidden", inputs[0][:, -1])
-        self.hook = self.model.lm.get_output_embeddings().register_forward_hook(keep)
+        self.hook = self.model.lm.get_output_embeddings().register_forward_hook(self.keep_hidden)
         return self
 
     def __exit__(self, *exc):
@@ -252,27 +406,45 @@ class ILQLLogitsProcessor(LogitsProcessor):
         value = F.linear(F.relu(F.linear(self.hidden, first.weight, first.bias)), last.weight, last.bias)
         value = value.float().to(target_q.device)
         advantage = (target_q - value).to(scores.device)
-        return F.log_softmax(scores.float(), -1) + self.beta * advantage
+        return F.log_softmax(scores.float(), -1) + self.beta * advantage  # ILQL decoding rule
 
 
 @torch.no_grad()
-def generate(model, target_q_heads, query_ids, query_mask, generation_config, beta, zero3):
+def generate(model, target_q_heads, *, query_ids, query_mask, generation_config, beta: float, zero3: bool):
     """Sample with the β-shifted logits and the KV cache. Under ZeRO-3 the shards are gathered once for the whole
     decode, and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
-    engine, model = model, getattr(model, "module", model)  # the ILQLModel inside a DeepSpeed engine
-    with common.gathered_for_generation(engine, zero3), ILQLLogitsProcessor(model, target_q_heads, beta) as processor:
-        out = model.lm.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config,
-                                logits_processor=LogitsProcessorList([processor]), synced_gpus=zero3)
-    return out[:, query_ids.shape[1]:]
+    engine = model
+    model = getattr(engine, "module", engine)  # the ILQLModel inside a DeepSpeed engine
+    processor = ILQLLogitsProcessor(model, target_q_heads, beta)
+    with common.gathered_for_generation(engine, zero3), processor:
+        out = model.lm.generate(
+            input_ids=query_ids,
+            attention_mask=query_mask,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([processor]),
+            synced_gpus=zero3,
+        )
+    return out[:, query_ids.shape[1] :]
+
+
+def gathered_parameters(module, zero3: bool):
+    """Under ZeRO-3, the module's whole parameters for the duration of the block (each rank holds a shard)."""
+    if not zero3:
+        return nullcontext()
+    import deepspeed  # present whenever --zero-stage 3 runs
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
 
 
 def decode_responses(tokenizer, response_ids, response_mask):
     """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
-    return [tokenizer.decode(r[: int(n)], skip_special_tokens=False)
-            for r, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())]
+    lengths = response_mask.sum(1).tolist()
+    return [
+        tokenizer.decode(row[: int(n)], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)
+    ]
 
 
-def save_checkpoint(engine, target_q_heads, tokenizer, path: str, rank: int):
+def save_checkpoint(engine, target_q_heads, tokenizer, *, path: str, rank: int):
     """The LM as an HF folder (from_pretrained loads it) plus V, Q and target Q heads in ilql_heads.safetensors; an
     LM with a LoRA adapter is saved merged into its weights, and the adapter alone under `path`/adapter. Written
     aside and renamed: never half a checkpoint under `path`."""
@@ -282,8 +454,9 @@ def save_checkpoint(engine, target_q_heads, tokenizer, path: str, rank: int):
     else:
         state = model.state_dict()
     if rank == 0:
-        shutil.rmtree(tmp := path.rstrip("/") + ".tmp", ignore_errors=True)
-        lm_state = {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm_state = {k[len("lm.") :]: v for k, v in state.items() if k.startswith("lm.")}
         heads = {k: v.contiguous() for k, v in state.items() if not k.startswith("lm.")}
         heads.update({f"target_q_heads.{k}": v.contiguous() for k, v in target_q_heads.state_dict().items()})
         if common.peft_model(model.lm) is None:
@@ -299,69 +472,91 @@ def save_checkpoint(engine, target_q_heads, tokenizer, path: str, rank: int):
         dist.barrier()
 
 
+def load_heads(model, target_q_heads, checkpoint: str):
+    """V, Q and target Q heads from an ilql.py checkpoint folder, into `model` and `target_q_heads`."""
+    heads_file = os.path.join(checkpoint, "ilql_heads.safetensors")
+    if not os.path.exists(heads_file):
+        common.fail(f"{heads_file} is missing: --checkpoint must be a folder written by ilql.py")
+    heads = load_file(heads_file)
+    trained = {k: v for k, v in heads.items() if not k.startswith("target_q_heads.")}
+    missing, unexpected = model.load_state_dict(trained, strict=False)
+    missing = [k for k in missing if not k.startswith("lm.")]  # the LM itself comes from the HF folder
+    if unexpected or missing:
+        common.fail(
+            f"{heads_file} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); pass the "
+            f"--checkpoint written by ilql.py for this model"
+        )
+    prefix = "target_q_heads."
+    target_q_heads.load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    if args.reward_weights and len(args.reward_weights) != len(args.reward_model):
-        common.fail(f"--reward-weights has {len(args.reward_weights)} values for {len(args.reward_model)} "
-                    f"--reward-model entries; give one weight per reward model")
+    # Arguments: the command line over the defaults (or over a --preset's values)
+    args = common.parse_args(Args, PRESETS)
+
+    # Validation: what can be checked before anything loads
     if args.eval_only and args.checkpoint is None:
         common.fail("--eval-only needs --checkpoint PATH (a folder written by ilql.py)")
-    common.check_lora(args)
-    rank, world_size, device = common.init_distributed(args.zero_stage)
-    if args.resume:
-        common.check_resume(args.resume, "ilql.py")
-    run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.output_dir, run_name)
+    run = common.start_run(args, "ilql.py")
+    rank = run.rank
+    world_size = run.world_size
+    device = run.device
     zero3 = args.zero_stage == 3
-
     if not args.eval_only:  # the data first: a dataset that cannot train fails before minutes of model loading
-        prompts, responses, rewards = common.load_offline_rows(
-            args.offline_dataset, args.offline_split,
-            fields=dict(prompt=args.prompt_field, response=args.response_field, reward=args.reward_field))
+        fields = dict(prompt=args.prompt_field, response=args.response_field, reward=args.reward_field)
+        prompts, responses, dataset_scores = common.load_offline_rows(
+            args.offline_dataset, args.offline_split, fields=fields
+        )
         rows_per_rank = len(prompts) // world_size
-        if rows_per_rank < args.batch_size:
-            common.fail(f"the offline dataset has {len(prompts)} rows, fewer than one batch of {args.batch_size} on "
-                        f"each of the {world_size} ranks; lower --batch-size")
+        if rows_per_rank < args.mini_batch_size:
+            common.fail(
+                f"the offline dataset has {len(prompts)} rows, fewer than one batch of {args.mini_batch_size} on each "
+                f"of the {world_size} ranks; lower --mini-batch-size"
+            )
 
     # Seeding: the model and heads are created under one seed, so that they agree across ranks; shuffling and
     # sampling then use seed + rank.
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+
+    # Loading: the LM (from --checkpoint or the SFT model) with fresh or saved V, Q and target Q heads
     source = args.checkpoint or args.model_name_or_path
     flag = "--checkpoint" if args.checkpoint else "--model-name-or-path"
     tokenizer = common.load_tokenizer(source, flag, trust_remote_code=args.trust_remote_code)
     lm = common.load_model(
-        source,
-        "causal",
-        flag,
+        name=source,
+        kind="causal",
+        flag=flag,
         dtype="bfloat16" if args.bf16 else "float32",  # DeepSpeed keeps float32 master weights under bf16
         trust_remote_code=args.trust_remote_code,
         attn_implementation=args.attn_implementation,
         # under ZeRO-3 the LM is loaded shard by shard: no rank ever holds a whole copy
-        sharded=common.zero3_config("policy", args.zero_stage, args.batch_size, args.bf16, args.offload),
+        sharded=common.zero3_config(
+            placement="policy",
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            offload=args.offload,
+        ),
         load_in_4bit=args.load_in_4bit,
     )
     common.freeze_lower_layers(lm, args.unfrozen_layers)
     common.gradient_checkpointing(lm, args.gradient_checkpointing)
-    lm = common.add_lora(lm, "causal", r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                         target_modules=args.lora_target_modules, quantized=args.load_in_4bit)
+    lm = common.add_lora(
+        lm,
+        kind="causal",
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        quantized=args.load_in_4bit,
+    )
     model = ILQLModel(lm)  # the heads always train
-    target_q_heads = copy.deepcopy(model.q_heads).float().requires_grad_(False)  # tQ starts as Q
+    target_q_heads = copy.deepcopy(model.q_heads).float().requires_grad_(False)  # Q̂ starts as Q
     if args.checkpoint:
-        heads_file = os.path.join(args.checkpoint, "ilql_heads.safetensors")
-        if not os.path.exists(heads_file):
-            common.fail(f"{heads_file} is missing: --checkpoint must be a folder written by ilql.py")
-        heads = load_file(heads_file)
-        missing, unexpected = model.load_state_dict({k: v for k, v in heads.items()
-                                                     if not k.startswith("target_q_heads.")}, strict=False)
-        if unexpected or any(not k.startswith("lm.") for k in missing):
-            missing = [k for k in missing if not k.startswith("lm.")]
-            common.fail(f"{heads_file} does not match this model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                        f"pass the --checkpoint written by ilql.py for this model")
-        target_q_heads.load_state_dict({k[len("target_q_heads."):]: v for k, v in heads.items()
-                                        if k.startswith("target_q_heads.")})
+        load_heads(model, target_q_heads, args.checkpoint)
     context = model.lm.config.max_position_embeddings
-    log = common.make_logger(args, run_name, rank)
+    log = common.make_logger(args, run.name, rank)
 
     # Placement: the LM + heads are one DeepSpeed engine on this rank's device; the target Q heads are a float32
     # copy on the same device (Polyak steps of α ~ 1e-4 would vanish in bf16); the reward models, used only to
@@ -369,27 +564,62 @@ if __name__ == "__main__":
     model.lm.generation_config.pad_token_id = tokenizer.pad_token_id
     # The learning-rate schedule counts optimiser steps; the decay ends at the last one (--eval-only takes none and
     # reads no rows).
-    total_steps = 0 if args.eval_only else args.epochs * (rows_per_rank // args.batch_size)
-    schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
-    model = common.prepare_trainable(model, "policy", args.zero_stage, args.batch_size, args.learning_rate,
-                                     args.bf16, args.offload, args.max_grad_norm,
-                                     args.adam_betas, args.weight_decay, schedule=schedule)
+    steps_per_epoch = 0 if args.eval_only else rows_per_rank // args.mini_batch_size
+    schedule = common.lr_schedule(args.lr_warmup_steps, args.offline_epochs * steps_per_epoch, args.lr_schedule)
+    model = common.prepare_trainable(
+        model,
+        placement="policy",
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.mini_batch_size,
+        lr=args.learning_rate,
+        bf16=args.bf16,
+        offload=args.offload,
+        max_grad_norm=args.max_grad_norm,
+        betas=args.adam_betas,
+        weight_decay=args.weight_decay,
+        schedule=schedule,
+    )
     model.eval()  # eval mode (decoding); the training loop switches to train mode
     target_q_heads = target_q_heads.float().to(device)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
-    reward_fns = [common.load_reward(name, tokenizer, args.reward_device, args.zero_stage, args.batch_size, args.bf16,
-                                     args.trust_remote_code, args.reward_dtype) for name in args.reward_model]
-    generation_config = GenerationConfig(do_sample=True, top_k=args.top_k, temperature=args.temperature,
-                                         max_new_tokens=args.max_new_tokens, use_cache=True,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    encode = dict(max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, context=context,
-                  chat_template=args.chat_template)
+    reward_fns = [
+        common.load_reward(
+            name,
+            tokenizer,
+            placement=args.reward_device,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.reward_dtype,
+        )
+        for name in args.reward_model
+    ]
+    generation_config = GenerationConfig(
+        do_sample=True,
+        top_k=args.top_k,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    encoding = dict(
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        context=context,
+        chat_template=args.chat_template,
+    )
+
+    # Evaluation data: held-out prompts, the same number on every rank (ranks decode in lockstep)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
-    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
-    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encoding)
+    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size
     if n_eval == 0:
-        common.fail(f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
-                    f"--eval-split or raise --eval-prompts")
+        common.fail(
+            f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another --eval-split "
+            f"or raise --eval-prompts"
+        )
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
     eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
@@ -397,73 +627,96 @@ if __name__ == "__main__":
     def evaluate():
         """Held-out prompts decoded at every β of the sweep, one fixed seed: proxy reward, gold score, length."""
         metrics = {}
+        names = ["reward", "response_length", "no_eos_fraction"] + (["gold_score"] if gold_score else [])
         model.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for beta in args.eval_betas:
                 torch.manual_seed(10**6 + rank)  # the same draws at every β: differences come from β alone
                 rows = []
-                for i in range(0, len(eval_prompts), 64):
-                    query_ids, query_mask = common.pad_left(eval_prompts[i:i + 64], tokenizer.pad_token_id, device)
-                    response_ids = generate(model, target_q_heads, query_ids, query_mask, generation_config, beta,
-                                            zero3)
-                    response_ids, mask, ended = common.truncate_after_eos(response_ids, tokenizer.eos_token_id,
-                                                                          tokenizer.pad_token_id, tokenizer,
-                                                                          args.stop_strings)
-                    scores = sum(w * reward(query_ids, query_mask, response_ids, mask, eval_texts[i:i + 64])
-                                 for w, reward in zip(reward_weights, reward_fns))
-                    texts = decode_responses(tokenizer, response_ids, mask)
-                    rows.append(torch.stack([scores, mask.sum(1).float().cpu(), (~ended).float().cpu(),
-                                             torch.tensor(gold_score(texts) if gold_score else [0.0] * len(texts))],
-                                            1))
+                for start in range(0, len(eval_prompts), args.forward_batch_size):
+                    chunk = slice(start, start + args.forward_batch_size)
+                    query_ids, query_mask = common.pad_left(eval_prompts[chunk], tokenizer.pad_token_id, device)
+                    response_ids = generate(
+                        model,
+                        target_q_heads,
+                        query_ids=query_ids,
+                        query_mask=query_mask,
+                        generation_config=generation_config,
+                        beta=beta,
+                        zero3=zero3,
+                    )
+                    response_ids, response_mask, ended = common.truncate_after_eos(
+                        response_ids,
+                        eos_id=tokenizer.eos_token_id,
+                        pad_id=tokenizer.pad_token_id,
+                        tokenizer=tokenizer,
+                        stop_strings=args.stop_strings,
+                    )
+                    scores = torch.zeros(len(response_ids))
+                    for weight, reward_fn in zip(reward_weights, reward_fns):
+                        scores = scores + weight * reward_fn(
+                            query_ids=query_ids,
+                            query_mask=query_mask,
+                            response_ids=response_ids,
+                            response_mask=response_mask,
+                            prompts=eval_texts[chunk],
+                        )
+                    texts = decode_responses(tokenizer, response_ids, response_mask)
+                    gold = gold_score(texts) if gold_score else [0.0] * len(texts)
+                    columns = [scores, response_mask.sum(1).float().cpu(), (~ended).float().cpu(), torch.tensor(gold)]
+                    rows.append(torch.stack(columns, 1))
                 means = torch.cat(rows).mean(0).tolist()
-                names = ["reward", "response_length", "no_eos_fraction"] + (["gold_score"] if gold_score else [])
-                metrics.update({f"eval/beta_{beta:g}/{k}": v for k, v in zip(names, means)})
+                metrics.update({f"eval/beta_{beta:g}/{name}": value for name, value in zip(names, means)})
         model.train()
         return common.mean_across_ranks(metrics)
 
     def report(prefix, metrics):
+        """One line on rank 0: the gold score (or the reward) at every β."""
         if rank == 0:
             key = "gold_score" if gold_score else "reward"
-            print(prefix + ", ".join(f"β={b:g}: {key} {metrics[f'eval/beta_{b:g}/{key}']:+.3f}"
-                                     for b in args.eval_betas), flush=True)
+            sweep = [f"β={beta:g}: {key} {metrics[f'eval/beta_{beta:g}/{key}']:+.3f}" for beta in args.eval_betas]
+            print(prefix + ", ".join(sweep), flush=True)
 
     if args.eval_only:
-        report(f"{args.checkpoint}: ", metrics := evaluate())
+        metrics = evaluate()
+        report(f"{args.checkpoint}: ", metrics)
         log(0, metrics)
         common.exit_cleanly()
         raise SystemExit(0)
 
-    # Data: scored responses, EOS appended, the z-scored reward on the last token (ALGORITHMS.md §7).
-    rewards = torch.tensor(rewards[: rows_per_rank * world_size], dtype=torch.float32)
-    rewards = (rewards - rewards.mean()) / (rewards.std() + 1e-8)  # z-scored over the whole dataset
+    # Training data: scored responses, EOS appended; the score, z-scored over the whole dataset, is the reward on the
+    # last token (r_t = 0 elsewhere), as trlX's make_experience does
+    scores = torch.tensor(dataset_scores[: rows_per_rank * world_size], dtype=torch.float32)
+    scores = (scores - scores.mean()) / (scores.std() + 1e-8)
     mine = list(range(rank, rows_per_rank * world_size, world_size))
-    query_rows, _ = common.encode_prompts(tokenizer, [prompts[i] for i in mine], **encode)
-    eos = tokenizer.eos_token
-    texts = [responses[i].replace(eos, "").rstrip() if eos else responses[i] for i in mine]
-    response_rows = [ids[: args.max_new_tokens - 1] + [tokenizer.eos_token_id]  # EOS appended to every response
-                     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    query_ids, query_mask = common.pad_left(query_rows, tokenizer.pad_token_id, device)
-    width = max(len(r) for r in response_rows)
-    response_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in response_rows],
-                                device=device)
-    response_mask = torch.tensor([[1.0] * len(r) + [0.0] * (width - len(r)) for r in response_rows], device=device)
-    token_rewards = torch.zeros_like(response_mask)
-    token_rewards[torch.arange(len(mine)), response_mask.sum(1).long() - 1] = rewards[mine].to(device)
+    data = common.encode_offline_rows(
+        tokenizer,
+        [prompts[i] for i in mine],
+        [responses[i] for i in mine],
+        **encoding,
+        device=device,
+    )
+    rewards = torch.zeros_like(data.response_mask)
+    last_token = data.response_mask.sum(1).long() - 1
+    rewards[torch.arange(len(mine)), last_token] = scores[mine].to(device)
+    data_gold = {}
     if gold_score and args.offline_dataset == common.BUILTIN:  # the data's own gold score: the bar to clear
-        data_gold = common.mean_across_ranks({"data/gold_score": sum(g := gold_score(
-            [responses[i] for i in mine])) / len(g)})
-    else:
-        data_gold = {}
+        gold = gold_score([responses[i] for i in mine])
+        data_gold = common.mean_across_ranks({"data/gold_score": sum(gold) / len(gold)})
 
-    shuffler = torch.Generator().manual_seed(args.seed + rank)
-    steps_per_epoch, step, start_time = rows_per_rank // args.batch_size, 0, time.time()
-    # Checkpoints: `resume/` holds all a run needs to go on as if never stopped: the engine (LM and heads) with its
+    # Resume: `resume/` holds all a run needs to go on as if never stopped: the engine (LM and heads) with its
     # optimizer, the target Q heads, the step, each rank's RNG and its shuffler's state at the start of the epoch.
-    engines, resume_path, stop_requested = {"model": model}, os.path.join(run_dir, "resume"), common.stop_signals()
-    first_epoch, skip = 1, 0
+    shuffler = torch.Generator().manual_seed(args.seed + rank)
+    step = 0
+    start_time = time.time()
+    engines = {"model": model}
+    stop_requested = common.stop_signals()  # SIGTERM / Ctrl-C from here on: a checkpoint at the next step, then exit
+    first_epoch = 1
+    skip = 0
     if args.resume:
         state = common.load_resume(args.resume, engines, rank)
-        step, eval_history = state["step"], state["eval_history"]
+        step = state["step"]
+        eval_history = state["eval_history"]
         target_q_heads.load_state_dict(state["target_q_heads"])
         shuffler.set_state(state["epoch_shuffler"])
         first_epoch = (step - 1) // steps_per_epoch + 1  # the epoch of the saved step; its batches before it skipped
@@ -471,59 +724,100 @@ if __name__ == "__main__":
     else:
         eval_history = [(0, {**evaluate(), **data_gold})]
         log(0, eval_history[-1][1])
-    report(f"{run_name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1])
+    report(f"{run.name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1])
+
+    # ALGO LOGIC: ILQL's training loop, a pass over the shuffled rows per epoch
     model.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
-    for epoch in range(first_epoch, args.epochs + 1):
-        t0, n_tokens, epoch_shuffler = time.time(), 0, shuffler.get_state()
-        order = torch.randperm(rows_per_rank, generator=shuffler)[: steps_per_epoch * args.batch_size]
-        for idx in order.split(args.batch_size)[skip:]:
-            ids, mask, pos = common.concat_inputs(query_ids[idx], query_mask[idx], response_ids[idx],
-                                                  response_mask[idx], device)
-            # state s_t (before response token t) sits at position P−1+t; s_T, after the last column, at P−1+T: the
-            # model's heads run on these T + 1 positions only, and V(s_0..s_T) is `values` whole
-            logits, hidden, values, q_logits = model(ids, mask, pos, keep=response_ids.shape[1] + 1)
+    for epoch in range(first_epoch, args.offline_epochs + 1):
+        epoch_start = time.time()
+        n_tokens = 0
+        epoch_shuffler = shuffler.get_state()
+        order = torch.randperm(rows_per_rank, generator=shuffler)[: steps_per_epoch * args.mini_batch_size]
+        for idx in order.split(args.mini_batch_size)[skip:]:
+            batch = data.rows(idx)
+            input_ids, attention_mask, position_ids = common.concat_inputs(*batch, device)
+            # 1. Forward the batch: the state s_t (before response token t) sits at position P−1+t, s_T (after the
+            # last column) at P−1+T; the heads run on these T + 1 positions only: V(s_0..s_T), Q and π_β at s_0..s_T
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                keep=batch.response_ids.shape[1] + 1,
+            )
             states = slice(0, -1)  # s_0..s_{T-1}: the states where a response token is chosen
+            # 2. The target heads' Q̂_i(s_t, ·), without gradient
             with torch.no_grad():
-                target_q_logits = torch.stack([q(hidden[:, states].float()) for q in target_q_heads])
-            # ALGO LOGIC: loss = Q + expectile V + cql_scale · CQL + awac_scale · AWAC (ALGORITHMS.md §7)
-            loss, stats = ilql_loss(logits[:, states], q_logits[:, :, states], target_q_logits, values,
-                                    response_ids[idx], token_rewards[idx], response_mask[idx], args.gamma, args.tau,
-                                    args.cql_scale, args.awac_scale, args.beta_train)
-            model.backward(loss)
+                target_q_logits = torch.stack([q(out.hidden[:, states].float()) for q in target_q_heads])
+            # 3. L_Q + L_V + cql_scale · L_CQL + awac_scale · L_AWAC over the response tokens
+            losses = ilql_loss(
+                logits=out.logits[:, states],
+                q_logits=out.q_logits[:, :, states],
+                target_q_logits=target_q_logits,
+                values=out.values,
+                response_ids=batch.response_ids,
+                rewards=rewards[idx],
+                response_mask=batch.response_mask,
+                gamma=args.gamma,
+                tau=args.tau,
+                cql_scale=args.cql_scale,
+                awac_scale=args.awac_scale,
+                beta_train=args.beta_train,
+            )
+            # 4. One optimiser step of the LM and the V and Q heads together
+            model.backward(losses.loss)
             model.step()
             step += 1
+            # 5. The target Q heads follow the Q heads: Q̂ ← α Q + (1 − α) Q̂
             if step % args.steps_for_target_q_sync == 0:
                 q_heads = getattr(model, "module", model).q_heads
-                gather = common.deepspeed.zero.GatheredParameters(list(q_heads.parameters())) if zero3 \
-                    else nullcontext()
-                with gather:
+                with gathered_parameters(q_heads, zero3):
                     polyak_update(target_q_heads, q_heads, args.alpha)
-            n_tokens += int(response_mask[idx].sum()) * world_size
+
+            # Statistics, logging, and a resumable checkpoint when due
+            n_tokens += int(batch.response_mask.sum()) * world_size
+            stats = {
+                "q/loss": losses.q_loss.item(),
+                "value/loss": losses.value_loss.item(),
+                "q/cql_loss": losses.cql_loss.item(),
+                "policy/awac_loss": losses.awac_loss.item(),
+                "q/mean": losses.q_mean.item(),
+                "q/target_mean": losses.target_q_mean.item(),
+                "value/mean": losses.value_mean.item(),
+            }
             stats = common.mean_across_ranks(stats)
-            common.check_finite(stats, step, resume_path)
+            common.check_finite(stats, step, run.resume_path)
             if step % args.log_every == 0:
-                stats["time/tokens_per_s"] = n_tokens / (time.time() - t0)
+                stats["time/tokens_per_s"] = n_tokens / (time.time() - epoch_start)
                 stats["policy/learning_rate"] = common.current_lr(model)  # of the next step (--lr-schedule)
                 log(step, stats)
                 if rank == 0:
-                    print(f"epoch {epoch} step {step:5d} q {stats['loss/q']:.4f} v {stats['loss/v']:.4f} "
-                          f"cql {stats['loss/cql']:.3f} awac {stats['loss/awac']:.3f} V {stats['values/v']:+.3f} "
-                          f"tokens/s {stats['time/tokens_per_s']:.0f}", flush=True)
-            if (signum := stop_requested()) or (args.save_every and step % args.save_every == 0):
-                common.save_resume(resume_path, "ilql.py", step, engines, dict(
-                    step=step, eval_history=eval_history, target_q_heads=target_q_heads.state_dict(),
-                    epoch_shuffler=epoch_shuffler), args, run_dir, rank)
-            if signum:
-                common.exit_after_signal(signum, resume_path, "ilql.py", rank)
+                    print(
+                        f"epoch {epoch} step {step:5d} q {stats['q/loss']:.4f} v {stats['value/loss']:.4f} "
+                        f"cql {stats['q/cql_loss']:.3f} awac {stats['policy/awac_loss']:.3f} "
+                        f"V {stats['value/mean']:+.3f} tokens/s {stats['time/tokens_per_s']:.0f}",
+                        flush=True,
+                    )
+            resume_state = dict(
+                step=step,
+                eval_history=eval_history,
+                target_q_heads=target_q_heads.state_dict(),
+                epoch_shuffler=epoch_shuffler,
+            )
+            common.checkpoint_if_due(run, args, step=step, engines=engines, state=resume_state, signum=stop_requested())
         skip = 0
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
+        # Evaluation: decode the held-out prompts over the β sweep
+        if epoch % args.eval_every == 0 or epoch == args.offline_epochs:
             eval_history.append((step, evaluate()))
             log(step, eval_history[-1][1])
-            report(f"epoch {epoch}/{args.epochs}: ", eval_history[-1][1])
+            report(f"epoch {epoch}/{args.offline_epochs}: ", eval_history[-1][1])
 
-    save_checkpoint(model, target_q_heads, tokenizer, os.path.join(run_dir, "policy"), rank)
+    # Save: the LM as an HF folder and the heads beside it
+    save_checkpoint(model, target_q_heads, tokenizer, path=os.path.join(run.dir, "policy"), rank=rank)
     if rank == 0:
-        first, final = eval_history[0][1], eval_history[-1][1]
-        print(f"done in {time.time() - start_time:.0f} s; held-out before → after: " + ", ".join(
-            f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in final) + f"; saved to {run_dir}/policy")
+        first = eval_history[0][1]
+        final = eval_history[-1][1]
+        changes = ", ".join(f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in final)
+        print(
+            f"done in {time.time() - start_time:.0f} s; held-out before → after: {changes}; saved to {run.dir}/policy"
+        )
     common.exit_cleanly()

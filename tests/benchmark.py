@@ -52,7 +52,7 @@ The numbers, per (script, variant); tok/s = real response tokens per second (the
                    master copy, no state beyond AdamW's; the flat copy of the gradients that its all-reduce makes after
                    every backward lives only during that call and is not counted.
   peak / floor   = peak above idle / floor.
-  shares         = generation / scoring / update of one iteration, the update counted ppo_epochs times.
+  shares         = generation / scoring / update of one iteration, the update counted update_epochs times.
 
 Targets, printed and marked ⚠ when missed, never asserted (the exit status stays 0): rollout ratio ≥ 0.9,
 whole rollout ≥ 0.7, update ratio ≥ 0.85, peak / floor ≤ 2.5 (at prompt 256 / response 64 / batch 16 with a 50k
@@ -474,7 +474,7 @@ def main(argv=None):
             )
         chunk = opts.batch_size if variant == "unchunked" else (opts.forward_batch_size or mb)
         lora_r = opts.lora_r if variant == "lora" else 0
-        epochs = sargs.ppo_epochs
+        epochs = sargs.update_epochs
         print(
             f"bench: {name} {variant} (mini-batch {mb}, forward batch {chunk}, LoRA r {lora_r}, {opts.repeats} "
             f"repeat(s) after a warm-up)",
@@ -603,7 +603,7 @@ def main(argv=None):
                 value_model.eval()
                 penalty["repetition_penalty"] = sargs.repetition_penalty  # only ppo.py's generate() takes it
             response_ids = mod.generate(
-                policy=policy,
+                policy,
                 query_ids=query_ids,
                 query_mask=query_mask,
                 generation_config=generation_config,
@@ -655,9 +655,9 @@ def main(argv=None):
                 advantages, returns = mod.compute_gae(
                     rewards=rewards,
                     values=old_values,
-                    mask=mask,
+                    response_mask=mask,
                     gamma=sargs.gamma,
-                    lam=sargs.gae_lambda,
+                    gae_lambda=sargs.gae_lambda,
                 )
                 if sargs.whiten_advantages:
                     advantages = common.whiten_masked(advantages, mask, across_ranks=True)
@@ -687,25 +687,24 @@ def main(argv=None):
                         **sampling,
                     )
                     values = common.forward_values(value_model, *fwd).to(device)
-                    _, stats = mod.ppo_loss(
+                    terms = mod.ppo_loss(
                         logprobs=logprobs,
                         old_logprobs=r.old_logprobs[idx],
                         values=values,
                         old_values=r.old_values[idx],
                         advantages=r.advantages[idx],
                         returns=r.returns[idx],
-                        mask=mask,
+                        response_mask=mask,
                         cliprange=sargs.cliprange,
                         cliprange_value=sargs.cliprange_value,
                         vf_coef=sargs.vf_coef,
                     )
                     entropy_mean = common.masked_mean(entropy, mask)
-                    policy.backward(stats["pg_loss"] - sargs.entropy_coef * entropy_mean)
-                    value_model.backward(sargs.vf_coef * stats["vf_loss"])
+                    policy.backward(terms.policy_loss - sargs.entropy_coef * entropy_mean)
+                    value_model.backward(sargs.vf_coef * terms.value_loss)
                     policy.step()
                     value_model.step()
-                    stats["policy/entropy"] = entropy_mean.detach()
-                    step_stats.append({k: v.item() for k, v in stats.items()})
+                    step_stats.append([terms.policy_loss.item(), terms.value_loss.item(), entropy_mean.item()])
                 else:
                     logprobs = common.forward_logprobs(policy, *fwd, **sampling)
                     values = common.forward_values(value_model, *fwd).to(device)
@@ -714,18 +713,18 @@ def main(argv=None):
                             logprobs=logprobs,
                             ref_logprobs=r.ref_logprobs[idx],
                             advantages=r.advantages[idx],
-                            mask=mask,
+                            response_mask=mask,
                             lam=sargs.lam,
                         )
                     else:
                         pg_loss = mod.awr_loss(
                             logprobs=logprobs,
                             advantages=r.advantages[idx],
-                            mask=mask,
+                            response_mask=mask,
                             lam=sargs.lam,
                             max_weight=sargs.max_weight,
                         )
-                    vf_loss = mod.value_loss(values=values, returns=r.returns[idx], mask=mask)
+                    vf_loss = mod.value_loss(values=values, returns=r.returns[idx], response_mask=mask)
                     policy.backward(pg_loss)
                     value_model.backward(sargs.vf_coef * vf_loss)
                     policy.step()
@@ -854,7 +853,7 @@ def main(argv=None):
             "lora_r": lora_r,
             "forward_batch_size": chunk,
             "mini_batch_size": mb,
-            "ppo_epochs": epochs,
+            "update_epochs": epochs,
             "policy_parameters": base_parameters,
             "trainable_parameters": sum(p.numel() for p in raw_policy.parameters() if p.requires_grad),
             "optimizers": optimizers_used,
@@ -956,7 +955,7 @@ def main(argv=None):
         "rollout = generation + scoring (reward, π_old / π_ref log-probs, values, GAE), both against bare "
         "generate(); update = one epoch of the script's mini-batch loop (loss, backward, step on its DeepSpeed "
         "engines) vs a bare forward/backward/AdamW loop on the same models and mini-batches; shares are of one "
-        "iteration (generation, scoring, ppo_epochs × update). fwd = rows per no-grad scoring forward, mb = "
+        "iteration (generation, scoring, update_epochs × update). fwd = rows per no-grad scoring forward, mb = "
         "mini-batch, r = LoRA rank."
     )
     optimizer_names = sorted({o for r in results for o in r["optimizers"]})

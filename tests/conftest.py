@@ -13,8 +13,15 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # anything that reaches for the hub fails at once instead of hanging
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # This venv's tools first, for every run: DeepSpeed compiles its CPU comm op with the first `ninja` on PATH, and the
-# venv's ninja (1.13) and the system's (1.11) keep different build logs, so alternating rebuilt it (~40 s) each time.
+# venv's ninja (1.13) and the system's (1.11) keep different build logs, so alternating between them recompiles it.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+
+
+# The settings of a quick online run on the built-in task: two iterations of 16 responses, one update epoch
+TINY_ONLINE = (
+    "--total-episodes 32 --rollout-batch-size 16 --mini-batch-size 8 --update-epochs 1 --max-new-tokens 12 "
+    "--eval-prompts 16 --eval-every 1"
+).split()
 
 
 @pytest.fixture(scope="session")

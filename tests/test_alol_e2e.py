@@ -1,5 +1,6 @@
 """alol.py end to end on the built-in task (subprocesses, tiny settings): each of the eight variants, two processes
 under torchrun, the V_ref / advantage cache and its key, a bad dataset."""
+
 import json
 import math
 import os
@@ -8,8 +9,10 @@ import pytest
 from conftest import assert_resume_reproduces, read_run, run_pairs, run_script
 
 ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
-TINY = ["--total-steps", "8", "--batch-size", "4", "--eval-every", "4", "--eval-prompts", "8", "--value-prompts",
-        "40", "--value-epochs", "2", "--max-new-tokens", "12"]
+TINY = (
+    "--total-steps 8 --mini-batch-size 4 --eval-every 4 --eval-prompts 8 --value-prompts 40 --value-epochs 2 "
+    "--max-new-tokens 12"
+).split()
 EVAL_KEYS = ["eval/reward", "eval/gold_score", "eval/distinct_1", "eval/distinct_2", "eval/response_length"]
 
 
@@ -27,16 +30,15 @@ def _check(proc, output_dir, algorithm):
     assert [r["step"] for r in records] == list(range(n_steps + 1))
     for key in EVAL_KEYS + ["data/rows", "data/dropped_rows", "data/advantage_mean", "value/heldout_mse"]:
         assert key in first, key
-    for key in EVAL_KEYS + ["policy/loss", "policy/seq_log_ratio_to_ref"]:
+    for key in EVAL_KEYS + ["policy/loss", "policy/log_ratio_to_ref", "policy/clipfrac"]:
         assert key in last, key
     assert all(math.isfinite(v) for r in records for v in r.values())
     assert 0 < last["eval/distinct_1"] <= 1 and 0 < last["eval/distinct_2"] <= 1
     assert (run / "policy" / "config.json").exists() and (run / "policy" / "model.safetensors").exists()
     rows, dropped = first["data/rows"], first["data/dropped_rows"]
     assert f"{int(dropped)} dropped (weight ≤ 0)" in proc.stdout
-    if algorithm == "nll":  # uniform: every row, every step
-        assert dropped == 0 and n_steps == 8
-    elif algorithm in ("wbc", "r_gold", "r_lol"):  # ∝ R = sigmoid(logit) > 0: no row dropped
+    # nll: uniform, every row and every step; wbc, r_gold, r_lol: ∝ R = sigmoid(logit) > 0, no row dropped
+    if algorithm in ("nll", "wbc", "r_gold", "r_lol"):
         assert dropped == 0 and n_steps == 8
     else:  # ∝ max(A, 0): rows with A ≤ 0 dropped, steps scaled by the positive fraction
         assert 0 < dropped < rows
@@ -48,8 +50,11 @@ def _check(proc, output_dir, algorithm):
 def variants(builtin_path, shared_cache, tmp_path_factory):
     """Each variant's run: a_lol first (it fits V_ref and fills the cache), then the other seven, two at a time."""
     out = tmp_path_factory.mktemp("variants")
-    job = lambda a: ("alol.py", ["--algorithm", a, *TINY, "--cache-dir", str(shared_cache), "--output-dir",
-                                 str(out / a)], {})
+
+    def job(algorithm):
+        args = ["--algorithm", algorithm, *TINY, "--cache-dir", str(shared_cache), "--output-dir", str(out / algorithm)]
+        return ("alol.py", args, {})
+
     runs = run_pairs({"a_lol": job("a_lol")}, workers=1)
     runs.update(run_pairs({a: job(a) for a in ALGORITHMS if a != "a_lol"}))
     return {a: (runs[a], out / a) for a in ALGORITHMS}
@@ -73,8 +78,17 @@ def test_no_cache_recomputes_and_overwrites(builtin_path, tmp_path, shared_cache
     (entry,) = shared_cache.glob("*.json")
     before = json.loads(entry.read_text())
     os.utime(entry, (0, 0))
-    proc = run_script("alol.py", "--algorithm", "a_lol_seq", *TINY, "--no-cache", "--cache-dir", str(shared_cache),
-                      "--output-dir", str(tmp_path / "second"))
+    proc = run_script(
+        "alol.py",
+        "--algorithm",
+        "a_lol_seq",
+        *TINY,
+        "--no-cache",
+        "--cache-dir",
+        str(shared_cache),
+        "--output-dir",
+        str(tmp_path / "second"),
+    )
     assert "V_ref fitted" in proc.stdout and "from the cache" not in proc.stdout
     (entry_after,) = shared_cache.glob("*.json")  # the same key: the entry is overwritten, not duplicated
     assert entry_after == entry and entry.stat().st_mtime > 0
@@ -84,27 +98,50 @@ def test_no_cache_recomputes_and_overwrites(builtin_path, tmp_path, shared_cache
 def test_torchrun_two_ranks_zero3_preference_rows(builtin_path, tmp_path):
     """Two ranks under ZeRO-3 (π_ref sharded too) compute V_ref and the advantages in lockstep, on preference rows
     whose chosen responses have no reward column: the reward model scores them."""
-    proc = run_script("alol.py", "--algorithm", "a_lol", *TINY, "--zero-stage", "3", "--offline-dataset",
-                      os.path.join(builtin_path, "data", "preference"), "--cache-dir", str(tmp_path / "cache"),
-                      "--output-dir", str(tmp_path / "run"), nproc=2)
+    proc = run_script(
+        "alol.py",
+        "--algorithm",
+        "a_lol",
+        *TINY,
+        "--zero-stage",
+        "3",
+        "--offline-dataset",
+        os.path.join(builtin_path, "data", "preference"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        nproc=2,
+    )
     assert "2 rank(s)" in proc.stdout and "V_ref fitted" in proc.stdout
     assert "no column reward" in proc.stdout
     first, _ = _check(proc, tmp_path / "run", "a_lol")
     import datasets
+
     preference = datasets.load_from_disk(os.path.join(builtin_path, "data", "preference"))
     assert first["data/rows"] == len(preference)  # every chosen response of the built-in preference rows
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     from transformers import AutoModelForCausalLM
+
     run, _ = read_run(tmp_path / "run")
     AutoModelForCausalLM.from_pretrained(run / "policy")
 
 
 def test_dataset_without_response_column_names_the_shapes(builtin_path, tmp_path):
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"prompt": "the movie", "text": "was fine", "reward": 1.0}) + "\n"
-                            for _ in range(4)))
-    proc = run_script("alol.py", "--offline-dataset", str(data), "--cache-dir", str(tmp_path / "cache"),
-                      "--output-dir", str(tmp_path), check=False)
+    data.write_text(
+        "".join(json.dumps({"prompt": "the movie", "text": "was fine", "reward": 1.0}) + "\n" for _ in range(4))
+    )
+    proc = run_script(
+        "alol.py",
+        "--offline-dataset",
+        str(data),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(tmp_path),
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "A-LoL rows need prompt and response" in errors[0], proc.stderr[-2000:]
@@ -117,10 +154,16 @@ def test_cache_key_covers_stop_strings_and_reward_dtype(builtin_path, tmp_path):
     run_script("alol.py", *TINY, "--cache-dir", str(cache), "--output-dir", str(tmp_path / "base"))
     assert len(list(cache.glob("*.json"))) == 1
     jobs = {
-        "stop": ("alol.py", [*TINY, "--stop-strings", "film", "--cache-dir", str(cache), "--output-dir",
-                             str(tmp_path / "stop")], {}),
-        "dtype": ("alol.py", [*TINY, "--reward-dtype", "bfloat16", "--cache-dir", str(cache), "--output-dir",
-                              str(tmp_path / "dtype")], {}),
+        "stop": (
+            "alol.py",
+            [*TINY, "--stop-strings", "film", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "stop")],
+            {},
+        ),
+        "dtype": (
+            "alol.py",
+            [*TINY, "--reward-dtype", "bfloat16", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "dtype")],
+            {},
+        ),
     }
     for name, proc in run_pairs(jobs).items():
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,6 +175,7 @@ def test_fingerprint_is_the_content_of_a_local_model(tmp_path):
     import shutil
 
     import alol
+
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")

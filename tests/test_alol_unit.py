@@ -1,14 +1,16 @@
-"""Unit tests of alol.py (ALGORITHMS.md §8): the eight losses against plain Python loops and hand-computed values on
+"""Unit tests of alol.py: the eight losses against plain Python loops and hand-computed values on
 ragged right-padded masks, the clamps, gradients with the ratios held constant, the good_priority sampler, the keyed
-cache, the attention-pooled value head and its fit, distinct-n. CPU, offline, fast."""
+cache, the attention-pooled value head and its fit, distinct-n, the presets. CPU, offline, fast."""
+
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+from test_apa_awr_unit import GARBAGE, ragged  # ragged rows right-padded with garbage, and their 0/1 mask
 
 import alol
-from test_apa_awr_unit import GARBAGE, ragged  # ragged rows right-padded with garbage, and their 0/1 mask
 
 ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 
@@ -23,12 +25,14 @@ A = [0.25, -0.5, 0.75]  # row 1 has a negative advantage: A⁺ = 0
 WIDTH = 4
 
 
-def loop_loss(algorithm, lp_rows, ref_rows, rewards, advantages, clip, kl_beta, u):
-    """ALGORITHMS.md §8's table, one sequence at a time, over the real tokens only."""
+def loop_loss(algorithm, lp_rows, ref_rows, scores, advantages, cliprange, kl_coef, u):
+    """Each variant's per-sequence loss, one sequence at a time, over the real tokens only."""
     total = 0.0
-    for lp, ref, r, a in zip(lp_rows, ref_rows, rewards, advantages):
-        s, s_ref, a_plus = -sum(lp), -sum(ref), max(a, 0.0)
-        w = min(max(math.exp(s_ref - s), 1 - clip), 1 + clip)
+    for lp, ref, r, a in zip(lp_rows, ref_rows, scores, advantages):
+        s = -sum(lp)
+        s_ref = -sum(ref)
+        a_plus = max(a, 0.0)
+        w = min(max(math.exp(s_ref - s), 1 - cliprange), 1 + cliprange)
         per_seq = {
             "nll": s,
             "wbc": s * r,
@@ -36,36 +40,74 @@ def loop_loss(algorithm, lp_rows, ref_rows, rewards, advantages, clip, kl_beta, 
             "r_lol": s * w * r,
             "a_lol": s * w * a_plus,
             "a_lol_ref_free": s * a_plus,
-            "a_lol_seq": sum(-x * min(max(math.exp(x - y), 1 - clip), 1 + clip) for x, y in zip(lp, ref)) * a_plus,
-            "a_lol_kl": s * a_plus + kl_beta * (s_ref - s),
+            "a_lol_seq": sum(-x * min(max(math.exp(x - y), 1 - cliprange), 1 + cliprange) for x, y in zip(lp, ref))
+            * a_plus,
+            "a_lol_kl": s * a_plus + kl_coef * (s_ref - s),
         }[algorithm]
         total += per_seq
     return total / len(lp_rows)
 
 
-def call(algorithm, lp_rows=LP, ref_rows=REF, rewards=R, advantages=A, clip=0.9, kl_beta=0.1, u=0.1, grad=False):
-    lp, mask = ragged(lp_rows, WIDTH, GARBAGE)
+def terms(algorithm, lp_rows=LP, ref_rows=REF, scores=R, advantages=A, cliprange=0.9, kl_coef=0.1, u=0.1, grad=False):
+    lp, response_mask = ragged(lp_rows, WIDTH, GARBAGE)
     ref, _ = ragged(ref_rows, WIDTH, -GARBAGE)
     lp.requires_grad_(grad)
-    loss = alol.alol_loss(algorithm, lp, ref, mask, torch.tensor(rewards, dtype=torch.float64),
-                          torch.tensor(advantages, dtype=torch.float64), clip, kl_beta, u)
-    return loss, lp
+    result = alol.alol_loss(
+        algorithm=algorithm,
+        logprobs=lp,
+        ref_logprobs=ref,
+        response_mask=response_mask,
+        scores=torch.tensor(scores, dtype=torch.float64),
+        advantages=torch.tensor(advantages, dtype=torch.float64),
+        cliprange=cliprange,
+        kl_coef=kl_coef,
+        gold_floor=u,
+    )
+    return result, lp
+
+
+def call(algorithm, **kwargs):
+    """(the loss, the log-prob leaf tensor)"""
+    result, lp = terms(algorithm, **kwargs)
+    return result.loss, lp
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-@pytest.mark.parametrize("clip, kl_beta, u", [(0.9, 0.1, 0.1), (0.2, 0.5, 0.4), (0.05, 0.0, 0.0)])
-def test_loss_matches_python_loop(algorithm, clip, kl_beta, u):
-    expected = loop_loss(algorithm, LP, REF, R, A, clip, kl_beta, u)
-    assert call(algorithm, clip=clip, kl_beta=kl_beta, u=u)[0].item() == pytest.approx(expected, rel=1e-12)
+@pytest.mark.parametrize("cliprange, kl_coef, u", [(0.9, 0.1, 0.1), (0.2, 0.5, 0.4), (0.05, 0.0, 0.0)])
+def test_loss_matches_python_loop(algorithm, cliprange, kl_coef, u):
+    expected = loop_loss(algorithm, LP, REF, R, A, cliprange, kl_coef, u)
+    loss = call(algorithm, cliprange=cliprange, kl_coef=kl_coef, u=u)[0]
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_padding_may_hold_inf_and_nan():
-    lp, mask = ragged(LP, WIDTH, float("inf"))
+    lp, response_mask = ragged(LP, WIDTH, float("inf"))
     ref, _ = ragged(REF, WIDTH, float("nan"))
     for algorithm in ALGORITHMS:
-        loss = alol.alol_loss(algorithm, lp, ref, mask, torch.tensor(R, dtype=torch.float64),
-                              torch.tensor(A, dtype=torch.float64), clip=0.9, kl_beta=0.1, gold_floor=0.1)
-        assert loss.item() == pytest.approx(loop_loss(algorithm, LP, REF, R, A, 0.9, 0.1, 0.1), rel=1e-12)
+        result = alol.alol_loss(
+            algorithm=algorithm,
+            logprobs=lp,
+            ref_logprobs=ref,
+            response_mask=response_mask,
+            scores=torch.tensor(R, dtype=torch.float64),
+            advantages=torch.tensor(A, dtype=torch.float64),
+            cliprange=0.9,
+            kl_coef=0.1,
+            gold_floor=0.1,
+        )
+        assert result.loss.item() == pytest.approx(loop_loss(algorithm, LP, REF, R, A, 0.9, 0.1, 0.1), rel=1e-12)
+        assert torch.isfinite(result.log_ratio_to_ref) and torch.isfinite(result.clipfrac)
+
+
+def test_log_ratio_and_clipfrac_terms():
+    # sequence log-ratios log π_θ(y|x) − log π_ref(y|x): 0.25, −2.5, 0.875; weights 1.28, 0.082, 2.40
+    for algorithm in ALGORITHMS:
+        result = terms(algorithm)[0]
+        assert result.log_ratio_to_ref.item() == pytest.approx((0.25 - 2.5 + 0.875) / 3, rel=1e-12)
+        assert result.clipfrac.item() == pytest.approx(2 / 3)  # ε = 0.9: rows 1 and 2 outside [0.1, 1.9]
+        assert not result.log_ratio_to_ref.requires_grad and not result.clipfrac.requires_grad
+    assert terms("a_lol", cliprange=0.2)[0].clipfrac.item() == pytest.approx(1.0)  # 1.28 > 1.2 too
+    assert terms("a_lol", cliprange=1.5)[0].clipfrac.item() == 0.0
 
 
 def test_hand_values():
@@ -83,8 +125,11 @@ def test_hand_values():
     row0 = 0.5 * math.exp(0.25) + 1.25 * math.exp(-0.25) + 2.0 * math.exp(-0.5) + 0.25 * 1.9
     row2 = 0.125 * math.exp(0.375) + 1.5 * math.exp(0.5)
     assert call("a_lol_seq")[0].item() == pytest.approx((row0 * 0.25 + row2 * 0.75) / 3, rel=1e-12)
+
     # r_gold, u = 0.1: weights max(π(y_t), 0.1); exp(-3) = 0.0498 → 0.1
-    gold = lambda xs: sum(-x * max(math.exp(x), 0.1) for x in xs)
+    def gold(xs):
+        return sum(-x * max(math.exp(x), 0.1) for x in xs)
+
     expected = (gold(LP[0]) * 0.8 + 3.0 * 0.1 * 0.3 + gold(LP[2]) * 0.6) / 3
     assert call("r_gold")[0].item() == pytest.approx(expected, rel=1e-12)
 
@@ -92,25 +137,31 @@ def test_hand_values():
 def test_clamp_binds_on_both_sides():
     # one-token rows with A⁺ = R = 1: ratio exp(+2) = 7.4 → 1 + ε (S = 1) and exp(-3) = 0.05 → 1 − ε (S = 4)
     lp_rows, ref_rows = [[-1.0], [-4.0]], [[-3.0], [-1.0]]
-    for clip in (0.9, 0.5):
+    for cliprange in (0.9, 0.5):
         for algorithm in ("a_lol", "a_lol_seq", "r_lol"):
-            loss = call(algorithm, lp_rows, ref_rows, [1.0, 1.0], [1.0, 1.0], clip=clip)[0].item()
-            assert loss == pytest.approx((1 * (1 + clip) + 4 * (1 - clip)) / 2, rel=1e-12)
-            lone = call(algorithm, lp_rows[:1], ref_rows[:1], [1.0], [1.0], clip=clip)[0].item()
-            assert lone == pytest.approx(1 + clip, rel=1e-12)
+            both = dict(lp_rows=lp_rows, ref_rows=ref_rows, scores=[1.0, 1.0], advantages=[1.0, 1.0])
+            loss = call(algorithm, **both, cliprange=cliprange)[0].item()
+            assert loss == pytest.approx((1 * (1 + cliprange) + 4 * (1 - cliprange)) / 2, rel=1e-12)
+            one = dict(lp_rows=lp_rows[:1], ref_rows=ref_rows[:1], scores=[1.0], advantages=[1.0])
+            lone = call(algorithm, **one, cliprange=cliprange)[0].item()
+            assert lone == pytest.approx(1 + cliprange, rel=1e-12)
 
 
-def analytic_grad(algorithm, lp, ref, r, a, clip=0.9, kl_beta=0.1, u=0.1):
+def analytic_grad(algorithm, lp, ref, r, a, cliprange=0.9, kl_coef=0.1, u=0.1):
     """d loss / d lp[b][t] with every ratio and weight held constant (as if detached)."""
-    n, a_plus = len(lp), max(a, 0.0)
-    w = min(max(math.exp(sum(lp) - sum(ref)), 1 - clip), 1 + clip)
+    a_plus = max(a, 0.0)
+    w = min(max(math.exp(sum(lp) - sum(ref)), 1 - cliprange), 1 + cliprange)
     per_token = {
-        "nll": lambda x, y: -1.0, "wbc": lambda x, y: -r, "r_gold": lambda x, y: -max(math.exp(x), u) * r,
-        "r_lol": lambda x, y: -w * r, "a_lol": lambda x, y: -w * a_plus, "a_lol_ref_free": lambda x, y: -a_plus,
-        "a_lol_seq": lambda x, y: -min(max(math.exp(x - y), 1 - clip), 1 + clip) * a_plus,
-        "a_lol_kl": lambda x, y: -a_plus + kl_beta,  # d/dlp of β(Sref − S) = +β
+        "nll": lambda x, y: -1.0,
+        "wbc": lambda x, y: -r,
+        "r_gold": lambda x, y: -max(math.exp(x), u) * r,
+        "r_lol": lambda x, y: -w * r,
+        "a_lol": lambda x, y: -w * a_plus,
+        "a_lol_ref_free": lambda x, y: -a_plus,
+        "a_lol_seq": lambda x, y: -min(max(math.exp(x - y), 1 - cliprange), 1 + cliprange) * a_plus,
+        "a_lol_kl": lambda x, y: -a_plus + kl_coef,  # d/dlp of β(Sref − S) = +β
     }[algorithm]
-    return [per_token(x, y) for x, y in zip(lp, ref)], n
+    return [per_token(x, y) for x, y in zip(lp, ref)]
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -120,7 +171,7 @@ def test_ratios_carry_no_gradient(algorithm):
     loss, lp = call(algorithm, grad=True)
     loss.backward()
     for b, (lp_row, ref_row, r, a) in enumerate(zip(LP, REF, R, A)):
-        expected, _ = analytic_grad(algorithm, lp_row, ref_row, r, a)
+        expected = analytic_grad(algorithm, lp_row, ref_row, r, a)
         for t in range(WIDTH):
             if t < len(lp_row):
                 assert lp.grad[b, t].item() == pytest.approx(expected[t] / len(LP), rel=1e-12, abs=1e-15), (b, t)
@@ -130,11 +181,11 @@ def test_ratios_carry_no_gradient(algorithm):
 
 
 def test_a_lol_kl_term():
-    """a_lol_kl − a_lol_ref_free = β_kl · mean(log π_θ(y|x) − log π_ref(y|x)), linear in β_kl."""
+    """a_lol_kl − a_lol_ref_free = β · mean(log π_θ(y|x) − log π_ref(y|x)), linear in β (--kl-coef)."""
     log_ratio = sum(sum(lp) - sum(ref) for lp, ref in zip(LP, REF)) / len(LP)  # (0.25 − 2.5 + 0.875) / 3
     base = call("a_lol_ref_free")[0].item()
     for beta in (0.0, 0.1, 2.0):
-        assert call("a_lol_kl", kl_beta=beta)[0].item() - base == pytest.approx(beta * log_ratio, rel=1e-9, abs=1e-12)
+        assert call("a_lol_kl", kl_coef=beta)[0].item() - base == pytest.approx(beta * log_ratio, rel=1e-9, abs=1e-12)
 
 
 def test_unknown_algorithm_raises():
@@ -199,7 +250,11 @@ def test_cache_recomputes_when_its_key_changes(tmp_path):
 def test_cache_checks_the_stored_key(tmp_path):
     """An entry whose stored key differs from the one asked for (a hash collision, a hand-edited file) is not used."""
     calls = []
-    compute = lambda: (calls.append(1), ({"x": torch.zeros(1)}, {}))[1]
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.zeros(1)}, {}
+
     alol.cached({"a": 1}, compute, str(tmp_path))
     (entry,) = tmp_path.glob("*.json")
     stored = json.loads(entry.read_text())
@@ -242,7 +297,8 @@ def test_fit_value_head_keeps_the_best_held_out_epoch_in_eval_mode():
     hidden = torch.randn(n, length, width, generator=g)
     mask = (torch.arange(length)[None] >= torch.randint(0, 3, (n, 1), generator=g)).long()  # left padding
     targets = torch.sigmoid(hidden[:, -1, :4].sum(-1))  # learnable from the last (always real) position
-    head, history = alol.fit_value_head(hidden, mask, targets, 0.0, 1.0, epochs=6, lr=3e-2, batch_size=16, seed=1)
+    fit = dict(lo=0.0, hi=1.0, epochs=6, lr=3e-2, batch_size=16, seed=1)
+    head, history = alol.fit_value_head(hidden, mask, targets, **fit)
     assert not head.training and not any(p.requires_grad for p in head.parameters())
     assert len(history) == 6
     first = head(hidden, mask)
@@ -250,7 +306,7 @@ def test_fit_value_head_keeps_the_best_held_out_epoch_in_eval_mode():
     held_out = ((first[180:] - targets[180:]) ** 2).mean().item()
     assert held_out == pytest.approx(min(history), rel=1e-5)  # the kept epoch is the held-out best
     assert min(history) < ((targets[180:] - targets[:180].mean()) ** 2).mean().item()  # better than the mean
-    again, history_again = alol.fit_value_head(hidden, mask, targets, 0.0, 1.0, 6, 3e-2, 16, seed=1)
+    again, history_again = alol.fit_value_head(hidden, mask, targets, **fit)
     assert history_again == history and torch.equal(again(hidden, mask), first)  # seeded: ranks agree
 
 
@@ -259,3 +315,45 @@ def test_distinct_n():
     assert alol.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
     assert alol.distinct_n(["a b", "a b"], 2) == 0.5  # over all texts together, not per text
     assert alol.distinct_n([""], 2) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# presets
+# ------------------------------------------------------------------------------------------------------------
+def test_every_preset_builds_valid_args():
+    assert set(alol.PRESETS) == {"hh-125m", "hh-1b", "hh-6b"}
+    fields = {f.name for f in dataclasses.fields(alol.Args)}
+    for name, preset in alol.PRESETS.items():
+        assert set(preset) <= fields, name
+        args = dataclasses.replace(alol.Args(), **preset)
+        assert args.algorithm in alol.ALGORITHMS
+
+
+def test_hh_1b_preset_is_what_launch_sh_passed():
+    """The values `launch.sh paper alol-hh --size 1b` passed to alol.py, but the device (--reward-device cuda:1)."""
+    args = dataclasses.replace(alol.Args(), **alol.PRESETS["hh-1b"])
+    expected = dict(
+        model_name_or_path="Dahoas/pythia-1B-static-sft",
+        offline_dataset="Anthropic/hh-rlhf",
+        dataset="Anthropic/hh-rlhf",
+        eval_split="test",
+        eval_prompts=280,
+        max_prompt_length=896,
+        max_new_tokens=128,
+        stop_strings=["Human:", "Assistant:"],
+        bf16=True,
+        lora_r=64,
+        lora_alpha=16.0,
+        lora_dropout=0.05,
+        lora_target_modules=["all-linear"],
+        reward_model=["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"],
+        reward_transform="sigmoid",
+        mini_batch_size=16,
+        total_steps=9000,
+        learning_rate=2e-4,
+        max_grad_norm=0.3,
+    )
+    assert {name: getattr(args, name) for name in expected} == expected
+    assert args.reward_device == "policy"  # the device layout stays in launch.sh
+    assert alol.PRESETS["hh-125m"]["model_name_or_path"] == "Dahoas/pythia-125M-static-sft"
+    assert alol.PRESETS["hh-6b"]["model_name_or_path"] == "Dahoas/pythia-6B-static-sft"

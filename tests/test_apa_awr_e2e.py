@@ -1,13 +1,13 @@
 """apa.py and awr.py end to end on the built-in task (subprocesses, tiny settings), online and offline."""
+
 import math
 
 import pytest
-from conftest import assert_resume_reproduces, read_run, run_script
+from conftest import TINY_ONLINE, assert_resume_reproduces, read_run, run_script
 
-TINY = ["--total-episodes", "32", "--rollout-batch-size", "16", "--mini-batch-size", "8", "--ppo-epochs", "1",
-        "--max-new-tokens", "12", "--eval-prompts", "16", "--eval-every", "1"]
-OFFLINE = ["--offline-dataset", "builtin", "--offline-epochs", "2", "--mini-batch-size", "32", "--max-new-tokens",
-           "24", "--eval-prompts", "16"]
+OFFLINE = (
+    "--offline-dataset builtin --offline-epochs 2 --mini-batch-size 32 --max-new-tokens 24 --eval-prompts 16".split()
+)
 
 
 def _check(records, steps, keys):
@@ -19,19 +19,30 @@ def _check(records, steps, keys):
 
 @pytest.mark.parametrize("script", ["apa.py", "awr.py"])
 def test_online_single_process(builtin_path, tmp_path, script):
-    proc = run_script(script, *TINY, "--output-dir", str(tmp_path / "a"))
+    proc = run_script(script, *TINY_ONLINE, "--output-dir", str(tmp_path / "a"))
     assert "done in" in proc.stdout
     _, records = read_run(tmp_path / "a")
-    _check(records, 2, ["policy/loss", "value/loss", "rollout/score", "rollout/gold_score", "rollout/kl_to_ref",
-                        "eval/gold_score", "eval/kl_to_ref"])
+    _check(
+        records,
+        2,
+        [
+            "policy/loss",
+            "value/loss",
+            "rollout/score",
+            "rollout/gold_score",
+            "rollout/kl_to_ref",
+            "eval/gold_score",
+            "eval/kl_to_ref",
+        ],
+    )
     if script == "apa.py":  # stopped by SIGTERM at iteration 1 of 2, resumed: the same numbers
-        assert_resume_reproduces(script, TINY, records, tmp_path)
+        assert_resume_reproduces(script, TINY_ONLINE, records, tmp_path)
 
 
 @pytest.mark.parametrize("script", ["apa.py", "awr.py"])
 def test_offline_advantages_are_refreshed_every_epoch(builtin_path, tmp_path, script):
-    """The released offline code computed advantages once, from a random value head (ALGORITHMS.md §6). Here the
-    value model is fitted first and the advantages recomputed every epoch: they must change between epochs."""
+    """The value model is fitted to the returns first and the advantages recomputed from it before every epoch
+    (the released offline code took them once from an untrained value head): they must change between epochs."""
     run_script(script, *OFFLINE, "--output-dir", str(tmp_path / "a"))
     _, records = read_run(tmp_path / "a")
     _check(records, 2, ["policy/loss", "value/loss", "offline/advantage_change", "eval/gold_score"])
@@ -42,18 +53,20 @@ def test_offline_advantages_are_refreshed_every_epoch(builtin_path, tmp_path, sc
 
 
 def test_apa_torchrun_zero3(builtin_path, tmp_path):
-    args = [*TINY, "--total-episodes", "64", "--zero-stage", "3"]
+    args = [*TINY_ONLINE, "--total-episodes", "64", "--zero-stage", "3"]
     proc = run_script("apa.py", *args, "--output-dir", str(tmp_path / "a"), nproc=2)
     assert "2 rank(s)" in proc.stdout
     run, records = read_run(tmp_path / "a")
     _check(records, 2, ["policy/loss", "eval/kl_to_ref"])
     assert_resume_reproduces("apa.py", args, records, tmp_path, nproc=2)  # ZeRO-3 shards saved and restored
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(run / "policy")
 
 
 def test_offline_dataset_with_wrong_columns_names_the_shapes(builtin_path, tmp_path):
     import json
+
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps({"prompt": "the movie", "text": "was fine"}) + "\n" for _ in range(4)))
     proc = run_script("apa.py", "--offline-dataset", str(data), check=False)
@@ -65,8 +78,22 @@ def test_unfrozen_layers_and_adam_settings(builtin_path, tmp_path):
     """--unfrozen-layers 1 (the released runs train the top 2 blocks): the saved policy's embeddings and lower block
     are bit-identical to the SFT model's, the top block moved; AdamW betas / weight decay are accepted."""
     from safetensors.torch import load_file
-    run_script("apa.py", *TINY, "--unfrozen-layers", "1", "--adam-betas", "0.9", "0.999", "--weight-decay", "1e-6",
-               "--learning-rate", "1e-3", "--output-dir", str(tmp_path))
+
+    run_script(
+        "apa.py",
+        *TINY_ONLINE,
+        "--unfrozen-layers",
+        "1",
+        "--adam-betas",
+        "0.9",
+        "0.999",
+        "--weight-decay",
+        "1e-6",
+        "--learning-rate",
+        "1e-3",
+        "--output-dir",
+        str(tmp_path),
+    )
     run, _ = read_run(tmp_path)
     before = load_file(f"{builtin_path}/sft/model.safetensors")
     after = load_file(run / "policy" / "model.safetensors")
@@ -78,7 +105,7 @@ def test_unfrozen_layers_and_adam_settings(builtin_path, tmp_path):
 
 def test_stop_strings_cut_rollouts(builtin_path, tmp_path):
     """--stop-strings "." cuts every built-in response at the end of its first sentence: short, and all ended."""
-    run_script("apa.py", *TINY, "--stop-strings", ".", "--output-dir", str(tmp_path))
+    run_script("apa.py", *TINY_ONLINE, "--stop-strings", ".", "--output-dir", str(tmp_path))
     _, records = read_run(tmp_path)
     for r in records[1:]:
         assert r["rollout/no_eos_fraction"] == 0 and r["rollout/response_length"] < 8, r

@@ -1,5 +1,8 @@
-"""Unit tests of the APA and AWR losses (ALGORITHMS.md §4, §5), the value loss and the GAE copies of apa.py and
-awr.py: hand-computed values and plain Python loops over ragged right-padded masks. CPU, offline, fast."""
+"""Unit tests of the APA and AWR losses (the APA paper's L^APA and L^AWR), the value loss and the GAE copies of
+apa.py and awr.py: hand-computed values and plain Python loops over ragged right-padded masks; and the paper presets.
+CPU, offline, fast."""
+
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +10,7 @@ import torch
 
 import apa
 import awr
+import ppo
 
 GARBAGE = 1e6  # padding entries: large values that must not reach the loss or its gradient
 
@@ -16,8 +20,8 @@ def ragged(rows, width, fill=GARBAGE, dtype=torch.float64):
     x = torch.full((len(rows), width), fill, dtype=dtype)
     mask = torch.zeros(len(rows), width, dtype=dtype)
     for i, row in enumerate(rows):
-        x[i, :len(row)] = torch.tensor(row, dtype=dtype)
-        mask[i, :len(row)] = 1
+        x[i, : len(row)] = torch.tensor(row, dtype=dtype)
+        mask[i, : len(row)] = 1
     return x, mask
 
 
@@ -29,7 +33,7 @@ N_REAL = 7
 
 
 # ------------------------------------------------------------------------------------------------------------
-# APA loss: masked mean of (lp − ref − A/λ)², ALGORITHMS.md §4
+# APA loss: masked mean of (lp − ref − A/λ)²
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lam", [0.1, 2.0])
 def test_apa_loss_matches_python_loop(lam):
@@ -40,7 +44,9 @@ def test_apa_loss_matches_python_loop(lam):
             n += 1
     expected /= n
     (lp, mask), (ref, _), (adv, _) = ragged(LP, 4), ragged(REF, 4, -GARBAGE), ragged(ADV, 4, GARBAGE)
-    assert apa.apa_loss(lp, ref, adv, mask, lam).item() == pytest.approx(expected, rel=1e-12)
+    assert apa.apa_loss(
+        logprobs=lp, ref_logprobs=ref, advantages=adv, response_mask=mask, lam=lam
+    ).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_apa_loss_hand_value():
@@ -49,7 +55,7 @@ def test_apa_loss_hand_value():
     lp, mask = ragged([[-1.0, -2.0]], 3)
     ref, _ = ragged([[-2.0, -1.0]], 3, -7.0)
     adv, _ = ragged([[0.5, -1.0]], 3, 9.0)
-    assert apa.apa_loss(lp, ref, adv, mask, 0.5).item() == 0.5
+    assert apa.apa_loss(logprobs=lp, ref_logprobs=ref, advantages=adv, response_mask=mask, lam=0.5).item() == 0.5
 
 
 def test_apa_loss_zero_at_target_and_gradient():
@@ -61,7 +67,7 @@ def test_apa_loss_zero_at_target_and_gradient():
     adv, _ = ragged(adv_rows, 3, -456.0)
     lp, _ = ragged(target_rows, 3, GARBAGE)
     lp.requires_grad_(True)
-    loss = apa.apa_loss(lp, ref, adv, mask, lam)
+    loss = apa.apa_loss(logprobs=lp, ref_logprobs=ref, advantages=adv, response_mask=mask, lam=lam)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(lp.grad, torch.zeros_like(lp))
@@ -71,7 +77,7 @@ def test_apa_loss_zero_at_target_and_gradient():
     off_rows = [[t + s for t, s in zip(tr, sr)] for tr, sr in zip(target_rows, shifts)]
     lp, _ = ragged(off_rows, 3, GARBAGE)
     lp.requires_grad_(True)
-    loss = apa.apa_loss(lp, ref, adv, mask, lam)
+    loss = apa.apa_loss(logprobs=lp, ref_logprobs=ref, advantages=adv, response_mask=mask, lam=lam)
     loss.backward()
     n = sum(len(r) for r in off_rows)
     assert loss.item() == pytest.approx(sum(s * s for sr in shifts for s in sr) / n, rel=1e-12)
@@ -86,7 +92,7 @@ def test_apa_loss_zero_at_target_and_gradient():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# AWR loss: masked mean of −min(exp(A/λ), max_weight).detach() · lp, ALGORITHMS.md §5
+# AWR loss: masked mean of −min(exp(A/λ), max_weight).detach() · lp
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("lam, max_weight", [(1.0, 20.0), (0.5, 3.0), (2.0, 1e9)])
 def test_awr_loss_matches_python_loop(lam, max_weight):
@@ -97,7 +103,9 @@ def test_awr_loss_matches_python_loop(lam, max_weight):
             n += 1
     expected /= n
     (lp, mask), (adv, _) = ragged(LP, 4, -GARBAGE), ragged(ADV, 4, GARBAGE)
-    assert awr.awr_loss(lp, adv, mask, lam, max_weight).item() == pytest.approx(expected, rel=1e-12)
+    assert awr.awr_loss(
+        logprobs=lp, advantages=adv, response_mask=mask, lam=lam, max_weight=max_weight
+    ).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_awr_loss_hand_value_and_clamp():
@@ -105,15 +113,25 @@ def test_awr_loss_hand_value_and_clamp():
     lp, mask = ragged([[-1.0, -0.5], [-2.0]], 2, GARBAGE)
     adv, _ = ragged([[0.0, math.log(2.0)], [5.0]], 2, GARBAGE)
     # (1·1 + 2·0.5 + 20·2) / 3 = 42 / 3 = 14
-    assert awr.awr_loss(lp, adv, mask, 1.0, 20.0).item() == pytest.approx(14.0, rel=1e-12)
+    assert awr.awr_loss(
+        logprobs=lp, advantages=adv, response_mask=mask, lam=1.0, max_weight=20.0
+    ).item() == pytest.approx(14.0, rel=1e-12)
     # the clamp binds only above max_weight: without it the last term is e^5 · 2
-    assert awr.awr_loss(lp, adv, mask, 1.0, 1e6).item() == pytest.approx((2.0 + 2 * math.exp(5.0)) / 3, rel=1e-12)
+    assert awr.awr_loss(
+        logprobs=lp, advantages=adv, response_mask=mask, lam=1.0, max_weight=1e6
+    ).item() == pytest.approx((2.0 + 2 * math.exp(5.0)) / 3, rel=1e-12)
     # λ = 2 with A = 5: e^2.5 ≈ 12.18 < 20, no clamp
     expected = (1.0 + math.sqrt(2.0) * 0.5 + math.exp(2.5) * 2.0) / 3
-    assert awr.awr_loss(lp, adv, mask, 2.0, 20.0).item() == pytest.approx(expected, rel=1e-12)
+    assert awr.awr_loss(
+        logprobs=lp, advantages=adv, response_mask=mask, lam=2.0, max_weight=20.0
+    ).item() == pytest.approx(expected, rel=1e-12)
     # a single token with A = 5, λ = 1, max_weight 20: weight exactly 20, not e^5
     one_lp, one_mask = ragged([[-1.0]], 1)
-    assert awr.awr_loss(one_lp, torch.tensor([[5.0]], dtype=torch.float64), one_mask, 1.0, 20.0).item() == 20.0
+    one_adv = torch.tensor([[5.0]], dtype=torch.float64)
+    assert (
+        awr.awr_loss(logprobs=one_lp, advantages=one_adv, response_mask=one_mask, lam=1.0, max_weight=20.0).item()
+        == 20.0
+    )
 
 
 def test_awr_weight_carries_no_gradient():
@@ -124,7 +142,7 @@ def test_awr_weight_carries_no_gradient():
     adv, _ = ragged(adv_rows, 4, GARBAGE)
     lp.requires_grad_(True)
     adv.requires_grad_(True)
-    awr.awr_loss(lp, adv, mask, lam, max_weight).backward()
+    awr.awr_loss(logprobs=lp, advantages=adv, response_mask=mask, lam=lam, max_weight=max_weight).backward()
     assert adv.grad is None or torch.equal(adv.grad, torch.zeros_like(adv))
     for i, row in enumerate(adv_rows):
         for t in range(4):
@@ -174,9 +192,12 @@ def test_gae_copies_agree(seed, gamma, lam):
     rewards = torch.randn(len(lengths), width, generator=g, dtype=torch.float64)
     values = torch.randn(len(lengths), width, generator=g, dtype=torch.float64)
     mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).to(torch.float64)
-    a_apa, r_apa = apa.compute_gae(rewards, values, mask, gamma, lam)
-    a_awr, r_awr = awr.compute_gae(rewards, values, mask, gamma, lam)
-    assert torch.equal(a_apa, a_awr) and torch.equal(r_apa, r_awr)
+    results = [
+        module.compute_gae(rewards=rewards, values=values, response_mask=mask, gamma=gamma, gae_lambda=lam)
+        for module in (apa, awr, ppo)
+    ]
+    for advantages, returns in results[1:]:  # the three scripts' copies compute the same
+        assert torch.equal(advantages, results[0][0]) and torch.equal(returns, results[0][1])
 
 
 @pytest.mark.parametrize("module", [apa, awr])
@@ -190,7 +211,92 @@ def test_gae_matches_python_loop(module):
     exp_adv, exp_ret = loop_gae(rewards.tolist(), values.tolist(), lengths, gamma, lam, width)
     rewards_g = torch.where(mask.bool(), rewards, torch.full_like(rewards, GARBAGE))  # padding must not leak
     values_g = torch.where(mask.bool(), values, torch.full_like(values, -GARBAGE))
-    advantages, returns = module.compute_gae(rewards_g, values_g, mask, gamma, lam)
+    advantages, returns = module.compute_gae(
+        rewards=rewards_g, values=values_g, response_mask=mask, gamma=gamma, gae_lambda=lam
+    )
     for i in range(len(lengths)):
         assert advantages[i].tolist() == pytest.approx(exp_adv[i], abs=1e-10)
         assert returns[i].tolist() == pytest.approx(exp_ret[i], abs=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the paper presets
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [apa, awr])
+def test_every_preset_builds_valid_args(module):
+    names = {"apa": {"tldr"}, "awr": set()}[module.__name__]
+    sizes = ("125m", "1b", "6b")
+    assert set(module.PRESETS) == names | {f"hh-{s}" for s in sizes} | {f"offline-hh-{s}" for s in sizes}
+    for name, preset in module.PRESETS.items():
+        args = dataclasses.replace(module.Args(), **preset, preset=name)
+        assert args.rollout_batch_size % args.mini_batch_size == 0, name
+        assert isinstance(args.reward_model, list), name
+        assert (args.offline_dataset is not None) == name.startswith("offline-"), name
+
+
+# What `launch.sh paper apa-hh --size 1b` passed before the presets moved beside Args (less the GPU layout)
+LAUNCH_APA_HH_1B = dict(
+    model_name_or_path="Dahoas/pythia-1B-static-sft",
+    dataset="Dahoas/rm-static",
+    eval_split="test",
+    eval_prompts=280,
+    max_prompt_length=896,
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    unfrozen_layers=2,
+    adam_betas=(0.9, 0.95),
+    weight_decay=1e-6,
+    bf16=True,
+    reward_model=["Dahoas/gptj-rm-static"],
+    value_model="policy",
+    rollout_batch_size=64,
+    mini_batch_size=8,
+    update_epochs=2,
+    gamma=1.0,
+    gae_lambda=0.95,
+    vf_coef=1.0,
+    lam=0.1,
+    learning_rate=1e-6,
+    reward_scaling="running",
+    reward_clip=100.0,
+)
+
+
+def test_presets_equal_what_launch_sh_passed():
+    assert apa.PRESETS["hh-1b"] == LAUNCH_APA_HH_1B
+    # awr-hh: λ = 2 (the released adv_coeff_log = 1/λ = 0.5); the 125M run samples 128 responses a step
+    assert awr.PRESETS["hh-125m"] == {
+        **LAUNCH_APA_HH_1B,
+        "model_name_or_path": "Dahoas/pythia-125M-static-sft",
+        "rollout_batch_size": 128,
+        "lam": 2.0,
+    }
+    # offline: the online HH arguments, rm-static's rows, lr 1e-6; λ 0.1 for APA, AWR's default λ = 1
+    offline = {k: v for k, v in LAUNCH_APA_HH_1B.items() if k not in ("lam", "reward_scaling", "reward_clip")}
+    offline = {**offline, "model_name_or_path": "Dahoas/pythia-6B-static-sft", "offline_dataset": "Dahoas/rm-static"}
+    assert apa.PRESETS["offline-hh-6b"] == {**offline, "lam": 0.1}
+    assert awr.PRESETS["offline-hh-6b"] == offline
+    assert apa.PRESETS["tldr"] == dict(
+        model_name_or_path="CarperAI/openai_summarize_tldr_sft",
+        reward_model=["CarperAI/openai_summarize_tldr_rm_checkpoint"],
+        dataset="CarperAI/openai_summarize_tldr",
+        eval_split="test",
+        eval_prompts=280,
+        max_prompt_length=512,
+        max_new_tokens=50,
+        unfrozen_layers=8,
+        bf16=True,
+        value_model="policy",
+        rollout_batch_size=128,
+        mini_batch_size=8,
+        update_epochs=2,
+        gamma=1.0,
+        gae_lambda=0.95,
+        lam=0.1,
+        learning_rate=1e-6,
+        adam_betas=(0.9, 0.999),
+        weight_decay=1e-6,
+        vf_coef=1.0,
+        reward_scaling="running",
+        reward_clip=100.0,
+    )

@@ -6,25 +6,7 @@ checkpoint). Subprocesses on the built-in task, as a user would meet them."""
 import json
 
 import pytest
-from conftest import error_line, read_run, run_pairs
-
-TINY = [
-    "--total-episodes",
-    "32",
-    "--rollout-batch-size",
-    "16",
-    "--mini-batch-size",
-    "8",
-    "--update-epochs",
-    "1",
-    "--max-new-tokens",
-    "12",
-    "--eval-prompts",
-    "16",
-    "--eval-every",
-    "1",
-]
-
+from conftest import TINY_ONLINE, error_line, read_run, run_pairs
 
 NAN_REWARD = '''
 rows = 0
@@ -74,8 +56,8 @@ def runs(builtin_path, tmp_path_factory):
         **{f"empty_response_{s}": (s, ["--offline-dataset", empty], {}) for s in ("apa.py", "ilql.py", "alol.py")},
         "nan_in_rows": ("awr.py", ["--offline-dataset", nan, "--mini-batch-size", "2"], {}),
         "small": ("apa.py", ["--offline-dataset", small, "--mini-batch-size", "8"], {}),
-        "episodes": ("ppo.py", [*TINY, "--total-episodes", "48"], {"nproc": 2}),
-        "value_device": ("ppo.py", [*TINY, "--total-episodes", "32", "--value-device", "cuda:0"], {"nproc": 2}),
+        "episodes": ("ppo.py", [*TINY_ONLINE, "--total-episodes", "48"], {"nproc": 2}),
+        "value_device": ("ppo.py", [*TINY_ONLINE, "--total-episodes", "32", "--value-device", "cuda:0"], {"nproc": 2}),
         "algorithm": ("alol.py", ["--algorithm", "ppo"], {}),
         "value_prompts": (
             "alol.py",
@@ -99,7 +81,7 @@ def runs(builtin_path, tmp_path_factory):
         "resume_ranks": ("ppo.py", ["--resume", resume["ranks"]], {}),
         "nan_reward": (
             "ppo.py",
-            [*TINY, "--reward-model", "nan_reward:late_nan", "--save-every", "1"],
+            [*TINY_ONLINE, "--reward-model", "nan_reward:late_nan", "--save-every", "1"],
             {"env": {"PYTHONPATH": str(tmp)}},
         ),
         "nan_loss": (

@@ -6,20 +6,10 @@ import time
 
 from conftest import error_line, read_run, run_script
 
-TINY = [
-    "--total-episodes",
-    "16",
-    "--rollout-batch-size",
-    "16",
-    "--mini-batch-size",
-    "8",
-    "--update-epochs",
-    "1",
-    "--max-new-tokens",
-    "8",
-    "--eval-prompts",
-    "16",
-]
+TINY = (
+    "--total-episodes 16 --rollout-batch-size 16 --mini-batch-size 8 --update-epochs 1 --max-new-tokens 8 "
+    "--eval-prompts 16"
+).split()
 
 
 def test_one_process_compiles_nothing(builtin_path, tmp_path):

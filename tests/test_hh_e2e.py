@@ -161,42 +161,19 @@ RUNS = {
     "ppo": ("ppo.py", _online, []),
     "apa": ("apa.py", _online, []),
     "awr": ("awr.py", _online, []),
-    "apa_offline": ("apa.py", _offline, ["--offline-epochs", "1", "--mini-batch-size", "32", "--eval-every", "1"]),
+    "apa_offline": ("apa.py", _offline, "--offline-epochs 1 --mini-batch-size 32 --eval-every 1".split()),
     "ilql": (
         "ilql.py",
         _offline,
-        [
-            "--offline-epochs",
-            "1",
-            "--mini-batch-size",
-            "16",
-            "--eval-betas",
-            "1",
-            "--eval-every",
-            "1",
-            "--log-every",
-            "2",
-        ],
+        "--offline-epochs 1 --mini-batch-size 16 --eval-betas 1 --eval-every 1 --log-every 2".split(),
     ),
     "alol": (
         "alol.py",
         _offline,
-        [
-            "--algorithm",
-            "a_lol",
-            "--total-steps",
-            "2",
-            "--mini-batch-size",
-            "8",
-            "--value-split",
-            "train",
-            "--value-prompts",
-            "16",
-            "--value-epochs",
-            "1",
-            "--eval-every",
-            "2",
-        ],
+        (
+            "--algorithm a_lol --total-steps 2 --mini-batch-size 8 --value-split train --value-prompts 16 "
+            "--value-epochs 1 --eval-every 2"
+        ).split(),
     ),  # --dataset: the held-out rows (the runs fixture)
 }
 

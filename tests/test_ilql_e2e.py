@@ -1,13 +1,15 @@
 """ilql.py end to end on the built-in scored responses (subprocesses, tiny settings): training, the β sweep, the
 checkpoint (an HF folder plus the heads) reloaded for decoding, two ranks under ZeRO-2, and bad input."""
+
 import math
 
 import pytest
 from conftest import assert_resume_reproduces, read_run, run_script
 from safetensors.torch import load_file
 
-TINY = ["--epochs", "1", "--batch-size", "64", "--eval-prompts", "16", "--max-new-tokens", "16", "--log-every", "4",
-        "--eval-betas", "0", "2"]
+TINY = (
+    "--offline-epochs 1 --mini-batch-size 64 --eval-prompts 16 --max-new-tokens 16 --log-every 4 --eval-betas 0 2"
+).split()
 
 
 def _check_run(records):
@@ -15,8 +17,10 @@ def _check_run(records):
     assert len(evals) == 2, records  # before and after training
     assert {"eval/beta_2/gold_score", "eval/beta_2/reward", "eval/beta_0/response_length"} <= set(evals[-1])
     assert "data/gold_score" in records[0]
-    steps = [r for r in records if "loss/q" in r]
-    assert steps and {"loss/v", "loss/cql", "loss/awac", "values/v", "values/target_q"} <= set(steps[-1])
+    steps = [r for r in records if "q/loss" in r]
+    assert steps and {"value/loss", "q/cql_loss", "policy/awac_loss", "q/mean", "value/mean", "q/target_mean"} <= set(
+        steps[-1]
+    )
     assert all(math.isfinite(v) for r in records for v in r.values())
 
 
@@ -43,6 +47,7 @@ def test_stopped_mid_epoch_and_resumed_is_identical(trained, tmp_path):
 
 def test_checkpoint_is_an_hf_folder_plus_heads_and_decodes_with_eval_only(trained, tmp_path):
     from transformers import AutoModelForCausalLM
+
     out, _ = trained
     run_dir, records = read_run(out)
     policy = run_dir / "policy"
@@ -72,8 +77,9 @@ def test_torchrun_two_ranks_zero2(builtin_path, tmp_path):
 def test_bad_inputs_give_one_line(builtin_path, tmp_path):
     proc = run_script("ilql.py", "--eval-only", "--output-dir", str(tmp_path), check=False)
     assert proc.returncode != 0 and "error: --eval-only needs --checkpoint" in proc.stderr.strip().splitlines()[-1]
-    proc = run_script("ilql.py", "--checkpoint", str(builtin_path) + "/sft", "--output-dir", str(tmp_path),
-                      check=False)
+    proc = run_script("ilql.py", "--checkpoint", str(builtin_path) + "/sft", "--output-dir", str(tmp_path), check=False)
     assert proc.returncode != 0 and "ilql_heads.safetensors is missing" in proc.stderr.strip().splitlines()[-1]
-    proc = run_script("ilql.py", "--batch-size", "4096", "--output-dir", str(tmp_path), check=False)
-    assert proc.returncode != 0 and "lower --batch-size" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("ilql.py", "--mini-batch-size", "4096", "--output-dir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "lower --mini-batch-size" in proc.stderr.strip().splitlines()[-1]
+    proc = run_script("ilql.py", "--preset", "hh-2b", "--output-dir", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "hh-125m, hh-1b, hh-6b" in proc.stderr.strip().splitlines()[-1]

@@ -1,5 +1,7 @@
 """ilql.py's pieces against hand-computed values and Python loops: the four loss terms on ragged masks, the Polyak
-update, and the β-shifted decoding as a transformers LogitsProcessor."""
+update, the β-shifted decoding as a transformers LogitsProcessor, and the paper presets."""
+
+import dataclasses
 import math
 
 import pytest
@@ -15,8 +17,9 @@ MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0,
 def _inputs(seed=0, vocab=5):
     g = torch.Generator().manual_seed(seed)
     B, T = MASK.shape
-    logits, q_logits, tq_logits = (torch.randn(*s, generator=g) for s in ((B, T, vocab), (2, B, T, vocab),
-                                                                          (2, B, T, vocab)))
+    logits, q_logits, tq_logits = (
+        torch.randn(*s, generator=g) for s in ((B, T, vocab), (2, B, T, vocab), (2, B, T, vocab))
+    )
     values = torch.randn(B, T + 1, generator=g)
     actions = torch.randint(vocab, (B, T), generator=g)
     rewards = torch.zeros(B, T)
@@ -26,8 +29,28 @@ def _inputs(seed=0, vocab=5):
     return logits, q_logits, tq_logits, values, actions, rewards
 
 
+def _loss(inputs, *, response_mask, tau=TAU, cql_scale, awac_scale, beta_train):
+    """ilql.ilql_loss on (logits, q_logits, target_q_logits, values, response_ids, rewards), the order _inputs
+    returns them in."""
+    logits, q_logits, target_q_logits, values, response_ids, rewards = inputs
+    return ilql.ilql_loss(
+        logits=logits,
+        q_logits=q_logits,
+        target_q_logits=target_q_logits,
+        values=values,
+        response_ids=response_ids,
+        rewards=rewards,
+        response_mask=response_mask,
+        gamma=GAMMA,
+        tau=tau,
+        cql_scale=cql_scale,
+        awac_scale=awac_scale,
+        beta_train=beta_train,
+    )
+
+
 def _loop_loss(logits, q_logits, tq_logits, values, actions, rewards, cql_scale, awac_scale, beta_train):
-    """The ALGORITHMS.md §7 formulas, one token at a time; every term a mean over the real tokens."""
+    """ILQL's four terms (ilql.py's docstring), one token at a time; every term a mean over the real tokens."""
     terms = {"q": 0.0, "v": 0.0, "cql": 0.0, "awac": 0.0}
     n = 0
     for b in range(MASK.shape[0]):
@@ -37,8 +60,9 @@ def _loop_loss(logits, q_logits, tq_logits, values, actions, rewards, cql_scale,
             next_v = float(values[b, t + 1]) if t + 1 < length else 0.0  # terminal after the last token
             tq = min(float(tq_logits[i, b, t, a]) for i in range(2))
             v = float(values[b, t])
-            terms["q"] += sum((float(q_logits[i, b, t, a]) - (float(rewards[b, t]) + GAMMA * next_v)) ** 2
-                              for i in range(2))
+            terms["q"] += sum(
+                (float(q_logits[i, b, t, a]) - (float(rewards[b, t]) + GAMMA * next_v)) ** 2 for i in range(2)
+            )
             terms["v"] += (TAU if tq > v else 1 - TAU) * (tq - v) ** 2
             terms["cql"] += sum(-float(torch.log_softmax(q_logits[i, b, t], -1)[a]) for i in range(2))
             terms["awac"] += -float(torch.log_softmax(logits[b, t], -1)[a]) * math.exp(beta_train * (tq - v))
@@ -50,24 +74,33 @@ def _loop_loss(logits, q_logits, tq_logits, values, actions, rewards, cql_scale,
 @pytest.mark.parametrize("beta_train", [0.0, 0.5])
 def test_ilql_loss_matches_a_token_loop_on_ragged_masks(beta_train):
     inputs = _inputs()
-    loss, stats = ilql.ilql_loss(*inputs, MASK, GAMMA, TAU, 0.1, 1.0, beta_train)
+    losses = _loss(inputs, response_mask=MASK, cql_scale=0.1, awac_scale=1.0, beta_train=beta_train)
     expected, terms = _loop_loss(*inputs, 0.1, 1.0, beta_train)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert losses.loss.item() == pytest.approx(expected, rel=1e-5)
+    fields = {"q": "q_loss", "v": "value_loss", "cql": "cql_loss", "awac": "awac_loss"}
     for k in terms:
-        assert stats[f"loss/{k}"] == pytest.approx(terms[k], rel=1e-5), k
+        assert getattr(losses, fields[k]).item() == pytest.approx(terms[k], rel=1e-5), k
 
 
 def test_expectile_weights_tau_above_and_below():
     """One token each: tQ above V is weighted τ, tQ below V by 1 − τ."""
     mask = torch.ones(2, 1)
     tq_logits = torch.zeros(2, 2, 1, 3)
-    tq_logits[:, 0, 0, 1] = 1.0   # row 0: tQ = 1 > V = 0  -> 0.7 · 1² = 0.7
-    tq_logits[:, 1, 0, 1] = 0.0   # row 1: tQ = 0 < V = 2  -> 0.3 · 2² = 1.2
+    tq_logits[:, 0, 0, 1] = 1.0  # row 0: tQ = 1 > V = 0  -> 0.7 · 1² = 0.7
+    tq_logits[:, 1, 0, 1] = 0.0  # row 1: tQ = 0 < V = 2  -> 0.3 · 2² = 1.2
     values = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
-    args = (torch.zeros(2, 1, 3), torch.zeros(2, 2, 1, 3), tq_logits, values, torch.ones(2, 1, dtype=torch.long),
-            torch.zeros(2, 1), mask, GAMMA)
-    assert ilql.ilql_loss(*args, 0.7, 0.0, 0.0, 0.0)[1]["loss/v"] == pytest.approx((0.7 + 1.2) / 2)
-    assert ilql.ilql_loss(*args, 0.2, 0.0, 0.0, 0.0)[1]["loss/v"] == pytest.approx((0.2 * 1 + 0.8 * 4) / 2)
+    inputs = (
+        torch.zeros(2, 1, 3),
+        torch.zeros(2, 2, 1, 3),
+        tq_logits,
+        values,
+        torch.ones(2, 1, dtype=torch.long),
+        torch.zeros(2, 1),
+    )
+    losses = _loss(inputs, response_mask=mask, tau=0.7, cql_scale=0.0, awac_scale=0.0, beta_train=0.0)
+    assert losses.value_loss.item() == pytest.approx((0.7 + 1.2) / 2)
+    losses = _loss(inputs, response_mask=mask, tau=0.2, cql_scale=0.0, awac_scale=0.0, beta_train=0.0)
+    assert losses.value_loss.item() == pytest.approx((0.2 * 1 + 0.8 * 4) / 2)
 
 
 def test_q_target_uses_the_next_state_value_and_zero_at_the_terminal():
@@ -77,12 +110,19 @@ def test_q_target_uses_the_next_state_value_and_zero_at_the_terminal():
     rewards = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
     tq_logits = torch.zeros(2, 2, 2, 3)
     tq_logits[..., 0] = values.detach()[None, :, :2]  # tQ = V: the expectile term has no gradient
-    loss, stats = ilql.ilql_loss(torch.zeros(2, 2, 3), torch.zeros(2, 2, 2, 3), tq_logits, values,
-                                 torch.zeros(2, 2, dtype=torch.long), rewards, mask, GAMMA, TAU, 0.0, 0.0, 0.0)
+    inputs = (
+        torch.zeros(2, 2, 3),
+        torch.zeros(2, 2, 2, 3),
+        tq_logits,
+        values,
+        torch.zeros(2, 2, dtype=torch.long),
+        rewards,
+    )
+    losses = _loss(inputs, response_mask=mask, cql_scale=0.0, awac_scale=0.0, beta_train=0.0)
     # targets: row 0, t=0: 0 + γ·2.0; t=1: 1 + 0 (terminal, not γ·7.0); row 1, t=0: −1 + 0 (terminal, not γ·9.0)
-    expected = 2 * ((GAMMA * 2.0) ** 2 + 1.0 ** 2 + 1.0 ** 2) / 3
-    assert stats["loss/q"] == pytest.approx(expected)
-    loss.backward()
+    expected = 2 * ((GAMMA * 2.0) ** 2 + 1.0**2 + 1.0**2) / 3
+    assert losses.q_loss.item() == pytest.approx(expected)
+    losses.loss.backward()
     assert torch.all(values.grad == 0), "the Q target must not send gradient into V"
 
 
@@ -92,20 +132,21 @@ def test_cql_and_awac_terms_by_hand():
     logits = torch.tensor([2.0, 0.0]).view(1, 1, 2)
     tq_logits = torch.tensor([0.0, 1.5]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
     values = torch.tensor([[0.5, 0.0]])
-    _, stats = ilql.ilql_loss(logits, q_logits, tq_logits, values, torch.tensor([[1]]), torch.zeros(1, 1),
-                              torch.ones(1, 1), GAMMA, TAU, 0.1, 1.0, 2.0)
-    assert stats["loss/cql"] == pytest.approx(2 * math.log(1 + math.exp(-1.0)), rel=1e-6)
-    assert stats["loss/awac"] == pytest.approx(math.log(1 + math.exp(2.0)) * math.exp(2.0 * (1.5 - 0.5)), rel=1e-6)
+    inputs = (logits, q_logits, tq_logits, values, torch.tensor([[1]]), torch.zeros(1, 1))
+    losses = _loss(inputs, response_mask=torch.ones(1, 1), cql_scale=0.1, awac_scale=1.0, beta_train=2.0)
+    assert losses.cql_loss.item() == pytest.approx(2 * math.log(1 + math.exp(-1.0)), rel=1e-6)
+    expected_awac = math.log(1 + math.exp(2.0)) * math.exp(2.0 * (1.5 - 0.5))
+    assert losses.awac_loss.item() == pytest.approx(expected_awac, rel=1e-6)
 
 
 def test_awac_weight_carries_no_gradient_into_the_heads():
     inputs = list(_inputs(1))
     values = inputs[3].clone().requires_grad_(True)
     inputs[3] = values
-    loss, _ = ilql.ilql_loss(*inputs, MASK, GAMMA, TAU, 0.0, 1.0, 3.0)
-    grad_with_awac = torch.autograd.grad(loss, values)[0]
-    loss, _ = ilql.ilql_loss(*inputs, MASK, GAMMA, TAU, 0.0, 0.0, 3.0)
-    assert torch.allclose(grad_with_awac, torch.autograd.grad(loss, values)[0])
+    losses = _loss(inputs, response_mask=MASK, cql_scale=0.0, awac_scale=1.0, beta_train=3.0)
+    grad_with_awac = torch.autograd.grad(losses.loss, values)[0]
+    losses = _loss(inputs, response_mask=MASK, cql_scale=0.0, awac_scale=0.0, beta_train=3.0)
+    assert torch.allclose(grad_with_awac, torch.autograd.grad(losses.loss, values)[0])
 
 
 def test_polyak_update():
@@ -121,8 +162,18 @@ def test_polyak_update():
 
 def _tiny_ilql(seed=0, vocab=48):
     torch.manual_seed(seed)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=32, n_embd=16, n_layer=1, n_head=2,
-                                    eos_token_id=1, pad_token_id=0, bos_token_id=2)).eval()
+    lm = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_positions=32,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            eos_token_id=1,
+            pad_token_id=0,
+            bos_token_id=2,
+        )
+    ).eval()
     model = ilql.ILQLModel(lm).eval()
     return model, ilql.ILQLModel(lm).q_heads  # other random heads as the target
 
@@ -132,7 +183,7 @@ def test_logits_processor_reads_the_state_the_heads_are_trained_on():
     ids = torch.randint(3, 48, (2, 6))
     mask, pos = torch.ones_like(ids), torch.arange(6).expand(2, -1)
     with torch.no_grad():
-        logits, hidden, values, _ = model(ids, mask, pos, keep=6)
+        logits, hidden, values, _ = model(input_ids=ids, attention_mask=mask, position_ids=pos, keep=6)
         with ilql.ILQLLogitsProcessor(model, target, beta=2.0) as processor:
             model.lm(input_ids=ids, attention_mask=mask)  # the hook keeps the last position's hidden state
             shifted = processor(ids, logits[:, -1])
@@ -154,7 +205,7 @@ def test_heads_run_on_the_kept_positions_only_and_match_a_full_forward():
     mask[0, :2] = 0  # a left-padded prompt
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        logits, hidden, values, q = model(ids, mask, pos, keep=4)
+        logits, hidden, values, q = model(input_ids=ids, attention_mask=mask, position_ids=pos, keep=4)
         assert seen == {"lm_head": [4], "q": [4], "v": [4]}
         full = model.lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     assert logits.shape == (3, 4, 48) and q.shape == (2, 3, 4, 48) and values.shape == (3, 4)
@@ -167,16 +218,62 @@ def test_beta_zero_leaves_sampling_unchanged_and_beta_changes_it():
     model, target = _tiny_ilql()
     query = torch.randint(3, 48, (4, 5))
     query_mask = torch.ones_like(query)
-    config = GenerationConfig(do_sample=True, top_k=20, temperature=1.0, max_new_tokens=12, pad_token_id=0,
-                              eos_token_id=1)
+    config = GenerationConfig(
+        do_sample=True, top_k=20, temperature=1.0, max_new_tokens=12, pad_token_id=0, eos_token_id=1
+    )
 
     def sample(beta):
         torch.manual_seed(7)
         if beta is None:  # plain transformers sampling, no processor
             return model.lm.generate(input_ids=query, attention_mask=query_mask, generation_config=config)[:, 5:]
-        return ilql.generate(model, target, query, query_mask, config, beta, zero3=False)
+        return ilql.generate(
+            model, target, query_ids=query, query_mask=query_mask, generation_config=config, beta=beta, zero3=False
+        )
 
     plain = sample(None)
     assert torch.equal(sample(0.0), plain)
     assert not torch.equal(sample(50.0), plain)
     assert not model.lm.get_output_embeddings()._forward_hooks, "the hook must be removed after generate"
+
+
+def test_every_preset_builds_valid_args():
+    for name, preset in ilql.PRESETS.items():
+        args = dataclasses.replace(ilql.Args(), **preset, preset=name)
+        assert args.model_name_or_path.startswith("Dahoas/pythia-") and args.bf16, name
+    assert set(ilql.PRESETS) == {"hh-125m", "hh-1b", "hh-6b"}
+
+
+def test_hh_1b_preset_is_what_launch_sh_passed():
+    """The values `launch.sh paper ilql-hh --size 1b` passed as flags before the presets (its GPU layout,
+    --reward-device cuda:1, stays in launch.sh)."""
+    args = dataclasses.replace(ilql.Args(), **ilql.PRESETS["hh-1b"])
+    expected = dict(
+        model_name_or_path="Dahoas/pythia-1B-static-sft",
+        dataset="Dahoas/rm-static",
+        eval_split="test",
+        eval_prompts=280,
+        max_prompt_length=896,
+        max_new_tokens=128,
+        stop_strings=["Human:", "Assistant:"],
+        unfrozen_layers=2,
+        adam_betas=(0.9, 0.95),
+        weight_decay=1e-6,
+        bf16=True,
+        offline_dataset="Dahoas/rm-static",
+        reward_model=["Dahoas/gptj-rm-static"],
+        tau=0.6,
+        gamma=0.99,
+        cql_scale=0.1,
+        awac_scale=1.0,
+        alpha=1e-4,
+        beta_train=0.0,
+        steps_for_target_q_sync=1,
+        learning_rate=1e-6,
+        eval_betas=[1.0, 4.0],
+        top_k=20,
+    )
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert ilql.PRESETS["hh-125m"]["model_name_or_path"] == "Dahoas/pythia-125M-static-sft"
+    assert ilql.PRESETS["hh-6b"]["model_name_or_path"] == "Dahoas/pythia-6B-static-sft"
+    # the flags launch.sh did not pass keep the script's defaults
+    assert (args.offline_epochs, args.mini_batch_size, args.reward_device) == (10, 16, "policy")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import (
     ROOT,
+    TINY_ONLINE,
     assert_resume_reproduces,
     error_line,
     read_run,
@@ -24,78 +25,29 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(ROOT))
 import common
 
-LORA = ["--lora-r", "4", "--lora-alpha", "8", "--learning-rate", "1e-3"]
-ONLINE = [
-    "--total-episodes",
-    "32",
-    "--rollout-batch-size",
-    "16",
-    "--mini-batch-size",
-    "8",
-    "--update-epochs",
-    "1",
-    "--max-new-tokens",
-    "12",
-    "--eval-prompts",
-    "16",
-    "--eval-every",
-    "1",
-]
+LORA = "--lora-r 4 --lora-alpha 8 --learning-rate 1e-3".split()
 RUNS = {
-    "ppo": ("ppo.py", [*ONLINE, "--value-learning-rate", "1e-3"]),
-    "apa": ("apa.py", [*ONLINE, "--value-learning-rate", "1e-3"]),
+    "ppo": ("ppo.py", [*TINY_ONLINE, "--value-learning-rate", "1e-3"]),
+    "apa": ("apa.py", [*TINY_ONLINE, "--value-learning-rate", "1e-3"]),
     "awr": (
         "awr.py",
-        [
-            "--offline-dataset",
-            "builtin",
-            "--offline-epochs",
-            "1",
-            "--mini-batch-size",
-            "32",
-            "--max-new-tokens",
-            "16",
-            "--eval-prompts",
-            "16",
-        ],
+        (
+            "--offline-dataset builtin --offline-epochs 1 --mini-batch-size 32 --max-new-tokens 16 --eval-prompts 16"
+        ).split(),
     ),
     "alol": (
         "alol.py",
-        [
-            "--total-steps",
-            "8",
-            "--mini-batch-size",
-            "4",
-            "--eval-every",
-            "4",
-            "--eval-prompts",
-            "8",
-            "--value-prompts",
-            "40",
-            "--value-epochs",
-            "2",
-            "--max-new-tokens",
-            "12",
-            "--no-cache",
-        ],
+        (
+            "--total-steps 8 --mini-batch-size 4 --eval-every 4 --eval-prompts 8 --value-prompts 40 --value-epochs 2 "
+            "--max-new-tokens 12 --no-cache"
+        ).split(),
     ),
     "ilql": (
         "ilql.py",
-        [
-            "--offline-epochs",
-            "1",
-            "--mini-batch-size",
-            "64",
-            "--eval-prompts",
-            "16",
-            "--max-new-tokens",
-            "16",
-            "--log-every",
-            "4",
-            "--eval-betas",
-            "0",
-            "2",
-        ],
+        (
+            "--offline-epochs 1 --mini-batch-size 64 --eval-prompts 16 --max-new-tokens 16 --log-every 4 --eval-betas "
+            "0 2"
+        ).split(),
     ),
 }
 
@@ -397,7 +349,7 @@ def test_lora_settings_that_cannot_work_fail_in_one_line(builtin_path, tmp_path)
         "four_bit_cpu": ("alol.py", ["--load-in-4bit", "--lora-r", "8"], {}),
         "unfrozen": ("apa.py", ["--lora-r", "8", "--unfrozen-layers", "2"], {}),
         "four_bit_zero": ("ilql.py", ["--load-in-4bit", "--lora-r", "8", "--zero-stage", "2"], {}),
-        "target": ("awr.py", ["--lora-r", "8", "--lora-target-modules", "q_proj", "--offline-dataset", "builtin"], {}),
+        "target": ("awr.py", "--lora-r 8 --lora-target-modules q_proj --offline-dataset builtin".split(), {}),
     }
     for name, (_, args, _) in jobs.items():
         args += ["--output-dir", str(tmp_path / name)]

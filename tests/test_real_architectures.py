@@ -390,47 +390,22 @@ RUNS = {
         "awr.py",
         "gptj",
         _offline("gptj", ["rm_neox_bpe", "arch_rewards:spy"])
-        + ["--offline-epochs", "1", "--mini-batch-size", "8", "--eval-every", "1"],
+        + "--offline-epochs 1 --mini-batch-size 8 --eval-every 1".split(),
     ),
     "ilql_qwen2": (
         "ilql.py",
         "qwen2",
         _offline("qwen2", ["arch_rewards:length"])
-        + [
-            "--offline-epochs",
-            "1",
-            "--mini-batch-size",
-            "8",
-            "--eval-betas",
-            "1",
-            "--eval-every",
-            "1",
-            "--log-every",
-            "1",
-        ],
+        + "--offline-epochs 1 --mini-batch-size 8 --eval-betas 1 --eval-every 1 --log-every 1".split(),
     ),
     "alol_llama": (
         "alol.py",
         "llama",
         _offline("llama", ["rm_gptj_bpe"])
-        + [
-            "--algorithm",
-            "a_lol",
-            "--total-steps",
-            "2",
-            "--mini-batch-size",
-            "4",
-            "--dataset",
-            "HELDOUT",
-            "--value-split",
-            "train",
-            "--value-prompts",
-            "8",
-            "--value-epochs",
-            "1",
-            "--eval-every",
-            "2",
-        ],
+        + (
+            "--algorithm a_lol --total-steps 2 --mini-batch-size 4 --dataset HELDOUT --value-split train "
+            "--value-prompts 8 --value-epochs 1 --eval-every 2"
+        ).split(),
     ),
     # --chat-template: ChatML prompts for the policy, the reward model's own template for (prompt, response)
     "ppo_qwen2_chat": (
@@ -481,50 +456,20 @@ RUNS = {
         "ppo.py",
         "neox",
         _online("neox", ["rm_neox_gpt2"])
-        + [
-            "--update-epochs",
-            "1",
-            "--lora-r",
-            "8",
-            "--lora-target-modules",
-            "query_key_value",
-            "dense",
-            "--learning-rate",
-            "1e-3",
-            "--gradient-checkpointing",
-            "--attn-implementation",
-            "eager",
-        ],
+        + (
+            "--update-epochs 1 --lora-r 8 --lora-target-modules query_key_value dense --learning-rate 1e-3 "
+            "--gradient-checkpointing --attn-implementation eager"
+        ).split(),
     ),
     "alol_llama_lora": (
         "alol.py",
         "llama",
         _offline("llama", ["rm_gptj_bpe"])
-        + [
-            "--algorithm",
-            "a_lol",
-            "--total-steps",
-            "2",
-            "--mini-batch-size",
-            "4",
-            "--dataset",
-            "HELDOUT",
-            "--value-split",
-            "train",
-            "--value-prompts",
-            "8",
-            "--value-epochs",
-            "1",
-            "--eval-every",
-            "2",
-            "--lora-r",
-            "8",
-            "--lora-target-modules",
-            "o_proj",
-            "down_proj",
-            "--learning-rate",
-            "1e-3",
-        ],
+        + (
+            "--algorithm a_lol --total-steps 2 --mini-batch-size 4 --dataset HELDOUT --value-split train "
+            "--value-prompts 8 --value-epochs 1 --eval-every 2 --lora-r 8 --lora-target-modules o_proj down_proj "
+            "--learning-rate 1e-3"
+        ).split(),
     ),  # the blocks' outputs: _chatty
 }
 

@@ -4,24 +4,8 @@
 import json
 
 import pytest
-from conftest import read_run, run_script
+from conftest import TINY_ONLINE, read_run, run_script
 
-TINY = [
-    "--total-episodes",
-    "32",
-    "--rollout-batch-size",
-    "16",
-    "--mini-batch-size",
-    "8",
-    "--update-epochs",
-    "1",
-    "--max-new-tokens",
-    "12",
-    "--eval-prompts",
-    "16",
-    "--eval-every",
-    "1",
-]
 REWARD_MODULE = '''
 def words(prompts, responses):
     """one point per word of the response (special tokens are already stripped)"""
@@ -39,7 +23,7 @@ def reward_module(tmp_path):
 def test_python_reward_function_alone(builtin_path, tmp_path, reward_module):
     proc = run_script(
         "apa.py",
-        *TINY,
+        *TINY_ONLINE,
         "--reward-model",
         "word_reward:words",
         "--reward-weights",
@@ -58,10 +42,10 @@ def test_python_reward_function_alone(builtin_path, tmp_path, reward_module):
 
 
 def test_reward_model_plus_function_summed_with_weights(builtin_path, tmp_path, reward_module):
-    base = run_script("apa.py", *TINY, "--output-dir", str(tmp_path / "base"), env=reward_module)
+    base = run_script("apa.py", *TINY_ONLINE, "--output-dir", str(tmp_path / "base"), env=reward_module)
     run_script(
         "apa.py",
-        *TINY,
+        *TINY_ONLINE,
         "--reward-model",
         "builtin",
         "word_reward:words",
