@@ -254,6 +254,7 @@ BUILTIN_SETTINGS = dict(
     n_offline_prompts=1024,
     n_rm_prompts=2048,
     n_pretrain_texts=2048,
+    n_ranking_prompts=1024,
 )
 # The task ships with the project, built once by `python common.py --rebuild-builtin`: training is not bit-exact
 # across CPUs (Intel / AMD, AVX2 / AVX-512), so a task built on each machine would differ from machine to machine.
@@ -264,7 +265,10 @@ BUILTIN_MANIFEST = "MANIFEST.json"
 def builtin_key(settings: dict = BUILTIN_SETTINGS) -> str:
     """A hash of everything the task is built from: its settings, the vocabulary and the builder's code. The code
     counts by its syntax tree, so that formatting and comments never change the key; what it does does."""
-    code = [ast.dump(ast.parse(inspect.getsource(f))) for f in (sample_review, builtin_gold_score, _build_builtin)]
+    code = [
+        ast.dump(ast.parse(inspect.getsource(f)))
+        for f in (sample_review, builtin_gold_score, _build_builtin, _build_builtin_rankings)
+    ]
     return hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
 
 
@@ -296,6 +300,7 @@ def build_builtin(path: str, settings: dict):
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     _build_builtin(tmp, settings)
+    _build_builtin_rankings(tmp, settings)
     files = sorted(
         os.path.relpath(os.path.join(folder, name), tmp) for folder, _, names in os.walk(tmp) for name in names
     )
@@ -450,6 +455,55 @@ def _build_builtin(path: str, settings: dict):
     Dataset.from_dict({"text": pretrain_texts}).save_to_disk(f"{path}/data/pretrain")
 
 
+def _build_builtin_rankings(path: str, settings: dict):
+    """Rankings for PRO: for each of `n_ranking_prompts` prompts (the first 2-5 words of a review), 4 samples of the
+    SFT policy in path/sft (temperature 1, at most 32 new tokens, cut after <eos>), each scored by the reward model
+    in path/reward. Saved to path/data/rankings as {prompt, responses, rewards, gold}."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    s = SimpleNamespace(**settings)
+    rng = random.Random(s.seed + 1)
+    torch.manual_seed(s.seed + 1)
+    tok = AutoTokenizer.from_pretrained(f"{path}/sft")
+    sft = AutoModelForCausalLM.from_pretrained(f"{path}/sft").eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(f"{path}/reward").eval()
+    n_candidates = 4
+    prompts = [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(s.n_ranking_prompts)]
+    repeated = [prompt for prompt in prompts for _ in range(n_candidates)]
+    responses = []
+    rewards = []
+    with torch.no_grad():
+        for start in range(0, len(repeated), 256):
+            chunk = repeated[start : start + 256]
+            tok.padding_side = "left"
+            enc = tok(chunk, return_tensors="pt", padding=True)
+            generated = sft.generate(
+                **enc,
+                do_sample=True,
+                top_k=0,
+                temperature=1.0,
+                max_new_tokens=32,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+            ids, mask, _ = truncate_after_eos(
+                generated[:, enc.input_ids.shape[1] :], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id
+            )
+            texts = [tok.decode(row[:n]) for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
+            tok.padding_side = "right"
+            scored = tok([f"{p} {r}" for p, r in zip(chunk, texts)], return_tensors="pt", padding=True)
+            responses += texts
+            rewards += rm(**scored).logits[:, 0].tolist()
+    rows = {
+        "prompt": prompts,
+        "responses": [responses[i : i + n_candidates] for i in range(0, len(responses), n_candidates)],
+        "rewards": [rewards[i : i + n_candidates] for i in range(0, len(rewards), n_candidates)],
+        "gold": [builtin_gold_score(responses[i : i + n_candidates]) for i in range(0, len(responses), n_candidates)],
+    }
+    Dataset.from_dict(rows).save_to_disk(f"{path}/data/rankings")
+
+
 def cpu_name() -> str:
     """The processor's model name, as /proc/cpuinfo gives it (the machine type where it gives none)."""
     try:
@@ -539,6 +593,64 @@ def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset",
         f"dataset '{name}' has columns {', '.join(data.column_names)}; offline rows need prompt, response, reward "
         f"(or prompt, chosen, rejected, or HH dialogues chosen, rejected)"
     )
+
+
+def load_preference_pairs(name: str, split: str = "train", flag="--offline-dataset"):
+    """(prompts, chosen, rejected) of preference rows of any shape canonical_rows reads: {prompt, chosen, rejected},
+    rm-static, HH transcripts, chat preference rows; `builtin`: the built-in task's preference rows."""
+    data = load_split(name, split, role="data/preference", flag=flag)
+    rows = canonical_rows(data, name)
+    if "chosen" not in rows:
+        fail(
+            f"dataset '{name}' has columns {', '.join(data.column_names)}; preference pairs need prompt, chosen, "
+            f"rejected (or HH dialogues chosen, rejected)"
+        )
+    check_rows(name, prompt=rows["prompt"], response=rows["chosen"] + rows["rejected"])
+    return rows["prompt"], rows["chosen"], rows["rejected"]
+
+
+def load_rankings(name: str, split: str = "train", flag="--offline-dataset"):
+    """(prompts, candidates, rewards): per prompt, a list of n >= 2 candidate responses and a list of their n rewards
+    (higher is better), in the dataset's order. Rows: {prompt, responses, rewards}; PRO's {prefix, suffix, reward}
+    (one ranking per row, prompt and responses as pro_pairs joins them); or preference rows of any shape (rankings
+    of 2, rewards 1 and 0). `builtin`: 4 samples of the SFT policy per prompt, scored by the built-in reward model.
+    A row whose candidates and rewards differ in length, or with fewer than 2 candidates, fails with one line."""
+    data = load_split(name, split, role="data/rankings", flag=flag)
+    cols = set(data.column_names)
+    if {"prompt", "responses", "rewards"} <= cols:
+        prompts = list(data["prompt"])
+        candidates = [[str(response) for response in row] for row in data["responses"]]
+        rewards = list(data["rewards"])
+    elif {"prefix", "suffix", "reward"} <= cols:
+        prompts = []
+        candidates = []
+        rewards = []
+        for i, (prefix, suffixes, row_rewards) in enumerate(zip(data["prefix"], data["suffix"], data["reward"])):
+            pairs = pro_pairs(prefix, suffixes)
+            if pairs is None:
+                fail(
+                    f"dataset '{name}' row {i}: its prefix does not fit its {len(suffixes)} suffixes; give one prefix, "
+                    f"or one per suffix"
+                )
+            prompts.append(pairs[0][0])
+            candidates.append([response for _, response in pairs])
+            rewards.append(row_rewards)
+    else:
+        prompts, chosen, rejected = load_preference_pairs(name, split, flag)
+        candidates = [[good, bad] for good, bad in zip(chosen, rejected)]
+        rewards = [[1.0, 0.0]] * len(prompts)
+    for i, (row_candidates, row_rewards) in enumerate(zip(candidates, rewards)):
+        if len(row_candidates) != len(row_rewards):
+            fail(
+                f"dataset '{name}' row {i} has {len(row_candidates)} candidates and {len(row_rewards)} rewards; give "
+                f"one reward per candidate"
+            )
+        if len(row_candidates) < 2:
+            fail(f"dataset '{name}' row {i} has {len(row_candidates)} candidate; a ranking needs at least 2")
+        if not all(math.isfinite(float(r)) for r in row_rewards):
+            fail(f"dataset '{name}' row {i} has a NaN or inf reward; fix or drop it")
+    check_rows(name, prompt=prompts, response=[c for row in candidates for c in row])
+    return prompts, candidates, [[float(r) for r in row] for row in rewards]
 
 
 def check_rows(name: str, **columns):

@@ -79,6 +79,10 @@ def test_shipped_datasets_match_the_settings_and_the_gold_score():
     chosen_gold = common.builtin_gold_score(preference["chosen"])
     rejected_gold = common.builtin_gold_score(preference["rejected"])
     assert all(c > r for c, r in zip(chosen_gold, rejected_gold))  # pairs are ranked by the gold score
+    rankings = datasets.load_from_disk(os.path.join(SHIPPED, "data", "rankings"))
+    assert len(rankings) == settings["n_ranking_prompts"]
+    assert {len(r) for r in rankings["responses"]} == {len(r) for r in rankings["rewards"]} == {4}
+    assert all(r.endswith("<eos>") or len(r.split()) >= 32 for row in rankings["responses"] for r in row)
 
 
 def test_shipped_offline_rewards_are_the_shipped_reward_models_scores():
@@ -96,6 +100,22 @@ def test_shipped_offline_rewards_are_the_shipped_reward_models_scores():
     assert scores.tolist() == pytest.approx(offline["reward"], abs=1e-4)
 
 
+def test_shipped_rankings_are_scored_by_the_shipped_reward_model():
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rankings = datasets.load_from_disk(os.path.join(SHIPPED, "data", "rankings")).select(range(16))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(SHIPPED, "reward"))
+    tokenizer.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(SHIPPED, "reward")).eval()
+    texts = [f"{p} {r}" for p, row in zip(rankings["prompt"], rankings["responses"]) for r in row]
+    with torch.no_grad():
+        scores = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits[:, 0]
+    expected = [reward for row in rankings["rewards"] for reward in row]
+    assert scores.tolist() == pytest.approx(expected, abs=1e-4)
+    assert rankings["gold"] == [common.builtin_gold_score(row) for row in rankings["responses"]]
+
+
 def test_rebuild_with_tiny_settings_gives_the_shipped_layout(tmp_path):
     """The build code runs and writes the same files as the shipped task, with a manifest that checks out."""
     tiny = dict(
@@ -107,6 +127,7 @@ def test_rebuild_with_tiny_settings_gives_the_shipped_layout(tmp_path):
         n_offline_prompts=8,
         n_rm_prompts=256,
         n_pretrain_texts=8,
+        n_ranking_prompts=8,
     )
     common.build_builtin(str(tmp_path / "task"), tiny)
     assert not (tmp_path / "task.tmp").exists()

@@ -4,6 +4,7 @@ made here (some of them from the real HH rows)."""
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,44 @@ def test_real_hh_rows_in_pro_shape_give_back_the_hh_split(tmp_path):
     # the same rows, as the HH transcripts themselves give them (chosen rows first, then rejected)
     hh_prompts, hh_responses, hh_rewards = common.load_offline_rows(str(path))
     assert sorted(zip(hh_prompts, hh_responses, hh_rewards)) == sorted(expected)
+
+
+def test_rankings_from_pro_rows_keep_each_row_whole(tmp_path):
+    turns = ["<|prompter|>Hi", "<|assistant|>"]
+    rows = [
+        {"prefix": [turns] * 3, "suffix": ["Hello!", " Hey.", "Go away."], "reward": [0.5, 0.0, -2.0]},
+        {"prefix": [turns] * 2, "suffix": ["Yes.", "No."], "reward": [1, 2]},
+    ]
+    prompts, candidates, rewards = common.load_rankings(_write(tmp_path, rows))
+    assert prompts == ["\n\nHuman: Hi\n\nAssistant:"] * 2
+    assert candidates == [[" Hello!", " Hey.", " Go away."], [" Yes.", " No."]]
+    assert rewards == [[0.5, 0.0, -2.0], [1.0, 2.0]]
+
+
+def test_rankings_from_preference_rows_and_the_builtin_task(tmp_path):
+    rows = [{"prompt": "the film", "chosen": "was great", "rejected": "was dull"}]
+    assert common.load_rankings(_write(tmp_path, rows)) == (["the film"], [["was great", "was dull"]], [[1.0, 0.0]])
+    assert common.load_preference_pairs(_write(tmp_path, rows)) == (["the film"], ["was great"], ["was dull"])
+    prompts, candidates, rewards = common.load_rankings("builtin")
+    assert len(prompts) == common.BUILTIN_SETTINGS["n_ranking_prompts"]
+    assert {len(c) for c in candidates} == {len(r) for r in rewards} == {4}
+    assert len(common.load_preference_pairs("builtin")[0]) > 1000
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "p", "responses": ["a", "b", "c"], "rewards": [1.0, 2.0]}, "row 0 has 3 candidates and 2 rewards"),
+        ({"prompt": "p", "responses": ["a"], "rewards": [1.0]}, "row 0 has 1 candidate; a ranking needs at least 2"),
+        ({"prompt": "p", "responses": ["a", "b"], "rewards": [1.0, float("nan")]}, "row 0 has a NaN or inf reward"),
+    ],
+)
+def test_bad_rankings_fail_with_one_line(tmp_path, row, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        common.load_rankings(_write(tmp_path, [row]))
+
+
+def test_scored_rows_are_not_preference_pairs(tmp_path):
+    rows = [{"prompt": "p", "response": "r", "reward": 1.0}]
+    with pytest.raises(SystemExit, match="preference pairs need prompt, chosen, rejected"):
+        common.load_preference_pairs(_write(tmp_path, rows))
