@@ -6,7 +6,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
 
      1. Start-up                       fail, parse_args (--preset), Run / start_run, checkpoint_if_due
      2. The built-in task              a tiny movie-review world, the code that built builtin/, resolve()
-     3. Datasets                       load_split, load_prompts, load_offline_rows, check_rows
+     3. Datasets                       load_prompts, load_offline_rows, load_preference_pairs, load_rankings
      4. Dataset and prompt formats     HH dialogues, chat messages and templates, PRO rows, canonical_rows
      5. Token ids                      encode_prompts, pad_left, Batch, encode_offline_rows, truncate_after_eos, ...
      6. Tokenizers and models          load_tokenizer, load_model, 4-bit weights, ZeRO-3 loading, no dropout
