@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# launch.sh - start one of the single-file RLHF scripts (ppo apa awr ilql alol) on CPU, one or more GPUs, or
+# launch.sh - start one of the single-file RLHF scripts (ppo apa awr ilql alol dpo pro) on CPU, one or more GPUs, or
 # several nodes, with torchrun (default) or the deepspeed launcher. Everything after `--` goes to the script.
 # Uses the python/torchrun/deepspeed on PATH (activate the venv first). Run ./launch.sh --help for examples.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
-SCRIPTS="ppo apa awr ilql alol"
+SCRIPTS="ppo apa awr ilql alol dpo pro"
 # No virtual environment active but the README's .venv is here: use it (python, torchrun, deepspeed).
 [[ -z ${VIRTUAL_ENV:-} && -x .venv/bin/python ]] && export PATH="$PWD/.venv/bin:$PATH"
 
 usage() {
   cat <<'EOF'
 Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
-  SCRIPT            one of: ppo apa awr ilql alol (".py" optional)
+  SCRIPT            one of: ppo apa awr ilql alol dpo pro (".py" optional)
   --gpus N          GPUs per node (default: all that `nvidia-smi -L` lists; 0 = run on CPU)
   --procs N         CPU processes when running on CPU (default 1)
   --deepspeed       use the deepspeed launcher instead of torchrun (GPU only)
@@ -110,7 +110,7 @@ PY
 }
 
 # ---- paper: a released experiment = one script's --preset (its values sit beside the script's Args) + a GPU layout --
-PAPER="apa-hh awr-hh ppo-hh apa-tldr ppo-tldr ilql-hh apa-off-hh awr-off-hh alol-hh"
+PAPER="apa-hh awr-hh ppo-hh apa-tldr ppo-tldr ilql-hh apa-off-hh awr-off-hh alol-hh dpo-hh pro-hh"
 preset() {  # preset NAME SIZE: sets p_script, p_preset, p_gpus, p_layout, p_mem and the layout's arguments p_args
   local name=$1 size=$2
   case $size in
@@ -136,8 +136,8 @@ preset() {  # preset NAME SIZE: sets p_script, p_preset, p_gpus, p_layout, p_mem
       p_script=ilql p_preset=hh-$size p_args=(--reward-device cuda:1)
       p_layout="2 GPUs: the LM and its heads cuda:0; the reward model (evaluation only) cuda:1"
       p_mem="LM + heads ≈ 1/4/30 GB (two 2h×50k Q heads and their targets), RM ≈ 12 GB" ;;
-    alol-hh)
-      p_script=alol p_preset=hh-$size p_args=(--reward-device cuda:1)
+    alol-hh|dpo-hh|pro-hh)
+      p_script=${name%%-*} p_preset=hh-$size p_args=(--reward-device cuda:1)
       p_layout="2 GPUs: policy (π_ref = its adapter off) cuda:0, reward model cuda:1"
       p_mem="policy ≈ 0.3/2/14 GB bf16 + adapter with its AdamW state ≈ 0.15/0.5/2.1 GB (9/34/134 M params), RM ≈ 3 GB" ;;
     *) die "paper: unknown preset '$name'; one of: $PAPER (./launch.sh paper --list)" ;;

@@ -69,7 +69,19 @@ def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tm
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["apa", "awr", "ppo"]
 
 
-PRESETS = ["apa-hh", "awr-hh", "ppo-hh", "apa-tldr", "ppo-tldr", "ilql-hh", "apa-off-hh", "awr-off-hh", "alol-hh"]
+PRESETS = [
+    "apa-hh",
+    "awr-hh",
+    "ppo-hh",
+    "apa-tldr",
+    "ppo-tldr",
+    "ilql-hh",
+    "apa-off-hh",
+    "awr-off-hh",
+    "alol-hh",
+    "dpo-hh",
+    "pro-hh",
+]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -90,7 +102,8 @@ def test_every_paper_preset_parses_with_its_script_args(name):
         args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
         assert args.preset in module.PRESETS
         assert args.seed == 7 and args.bf16  # extra arguments pass through; every preset trains in bf16
-        if name not in ("ilql-hh", "alol-hh"):  # the released layout: π_ref, V and the reward model on GPUs 1-3
+        # the released APA / PPO layout: π_ref, the value model and the reward model on GPUs 1-3
+        if name in ("apa-hh", "awr-hh", "ppo-hh", "apa-tldr", "ppo-tldr", "apa-off-hh", "awr-off-hh"):
             assert (args.ref_device, args.value_device, args.reward_device) == ("cuda:1", "cuda:2", "cuda:3")
         if name.endswith("-hh") and name != "alol-hh":
             assert args.model_name_or_path == f"Dahoas/pythia-{size.upper()}-static-sft"
@@ -103,7 +116,7 @@ def test_every_paper_preset_parses_with_its_script_args(name):
             assert args.learning_rate == (1e-6 if size == "1b" else 8e-6) and args.target_kl == 6
         if name == "ilql-hh":
             assert (args.tau, args.alpha, args.eval_betas, args.top_k) == (0.6, 1e-4, [1.0, 4.0], 20)
-        if name == "alol-hh":
+        if name in ("alol-hh", "dpo-hh", "pro-hh"):  # the A-LoL work's HH runs: 16 sequences a step, 9000 steps
             assert (args.mini_batch_size, args.total_steps, args.max_grad_norm) == (16, 9000, 0.3)
             # the released QLoRA adapter's settings, on every linear layer
             assert (args.lora_r, args.lora_alpha, args.lora_dropout) == (64, 16, 0.05)
@@ -127,7 +140,7 @@ def readme_launch_commands():
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    scripts = ("ppo", "apa", "awr", "ilql", "alol")
+    scripts = ("ppo", "apa", "awr", "ilql", "alol", "dpo", "pro")
     return [
         line.split("#")[0].strip()
         for line in lines

@@ -255,6 +255,8 @@ PAPER_LAYOUTS = {
     "apa-tldr": "trlx-tldr",
     "ppo-tldr": "trlx-tldr",
     "alol-hh": "oasst",
+    "dpo-hh": "oasst",
+    "pro-hh": "oasst",
 }
 
 

@@ -21,9 +21,9 @@ def test_ruff_check_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-PAPERS = "APA|PPO|GAE|Ziegler|Stiennon|InstructGPT|AWR|ILQL|A-LoL"
+PAPERS = "APA|PPO|GAE|Ziegler|Stiennon|InstructGPT|AWR|ILQL|A-LoL|DPO|PRO"
 MARKER = rf"\b({PAPERS}) (eq\. \(\d+[a-z]?\)|Algorithm \d+, lines? \d+(?:[–-]\d+)?)"
-SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py"]
+SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py", "dpo.py", "pro.py"]
 
 
 def equation_table():

@@ -1,0 +1,786 @@
+"""DPO: Direct Preference Optimization, offline, on preference pairs {prompt, chosen, rejected}.
+
+Paper: Rafailov, Sharma, Mitchell, Ermon, Manning, Finn, "Direct Preference Optimization: Your Language Model is
+Secretly a Reward Model", NeurIPS 2023, arXiv 2305.18290. A baseline of the A-LoL paper (Baheti et al., ICLR 2024,
+arXiv 2305.14718), whose released HH script this file follows: https://github.com/abaheti95/LoL-RL
+
+The algorithm, in the paper's notation. A dataset D of prompts x with a preferred response y_w and a dispreferred one
+y_l. π_ref is the starting (SFT) policy, frozen (π_ref = π_init); π_θ starts as a copy of it. No reward model and no
+sampling: the policy is trained directly on the pairs.
+- The sequence log-likelihood log π(y|x) = Σ_t log π(y_t | x, y_<t), summed over the response tokens.
+- The implicit reward of a response is β · (log π_θ(y|x) − log π_ref(y|x)) (up to a term of x alone), and the policy
+  is fitted to the pairs by the Bradley-Terry likelihood of those rewards, DPO eq. (7):
+      L_DPO(π_θ; π_ref) = −E_{(x, y_w, y_l)~D}[log σ(β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x))].
+  β (--beta) sets how far π_θ may move from π_ref.
+- Reference-free DPO (the A-LoL README's `--reference_free`): π_ref left out, −log σ(β (log π_θ(y_w|x) −
+  log π_θ(y_l|x))); no π_ref is loaded.
+- log π_ref(y|x) of every pair is computed once, before training, and cached under a key of what it depends on.
+- Variants (--loss-type, --label-smoothing): IPO (Azar et al., "A General Theoretical Paradigm to Understand
+  Learning from Human Preferences", AISTATS 2024, arXiv 2310.12036) regresses the log-ratio difference h onto
+  1/(2β): (h − 1/(2β))²; conservative DPO (Mitchell, "A note on DPO with noisy preferences", 2023) reads each label
+  as flipped with probability ε: −(1 − ε) log σ(βh) − ε log σ(−βh).
+Logged: the implicit rewards of chosen and rejected responses, their margin and the fraction of pairs whose margin
+is positive (accuracy), on the training batches and on pairs held out of training.
+
+Where this file differs from the released HH script (dpo_qlora_llama_hh.py at commit 9f8d816, "released" below):
+- π_ref's log-probs are computed once and cached; released, π_ref (a second 4-bit copy) runs on every batch:
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L473-L482
+- The loss is the mean over the --mini-batch-size pairs of a step; released, 8 micro-batches of 2 pairs each add
+  their mean loss's gradient (not divided by 8) before the norm is clipped to 0.3:
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L505-L511
+- The policy saved is the last one; released, the one with the best validation reward (every 900 steps):
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L531-L538
+- Prompts are the dataset's HH text; released, a "A chat between ..." system line and " ### Human:" markers:
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L432
+As in the released code (same commit):
+- the loss and the detached implicit rewards (reference-free: π_ref's log-probs taken as 0):
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L216-L228
+- sequence log-probs summed over the response tokens, each response ending in EOS:
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L433-L467
+- pairs drawn in a fresh random order each pass over the data:
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py#L417-L425
+
+    python dpo.py                                              # DPO on the built-in preference pairs
+    python dpo.py --reference-free                             # no π_ref
+    python dpo.py --loss-type ipo --beta 0.5                   # IPO
+    torchrun --nproc_per_node 2 dpo.py --zero-stage 3          # two processes (CPU or GPUs)
+    python dpo.py --preset hh-1b                               # the A-LoL paper's DPO HH setting on Pythia 1B (GPUs)
+"""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
+
+import common
+from common import Batch
+
+CACHE_VERSION = 1  # raise when what the cache holds, or how it is computed, changes
+
+
+@dataclass
+class Args:
+    # Algorithm
+    preset: str | None = None
+    """a paper setting (PRESETS: hh-125m, hh-1b, hh-6b) whose values become the defaults; flags given still win"""
+    beta: float = 0.1
+    """β of the DPO loss: the scale of the implicit reward β·log(π_θ/π_ref), and how far π_θ may move from π_ref"""
+    reference_free: bool = False
+    """leave π_ref out of the loss (reference-free DPO): −log σ(β (log π_θ(y_w|x) − log π_θ(y_l|x))); no π_ref"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's −log σ(βh); ipo: IPO's (h − 1/(2β))², h the difference of the two log-ratios to π_ref"""
+    label_smoothing: float = 0.0
+    """ε of conservative DPO (sigmoid only): each preference is read as flipped with probability ε, in [0, 0.5)"""
+    total_steps: int = 30
+    """optimisation steps"""
+    mini_batch_size: int = 16
+    """preference pairs per rank per optimiser step (two sequences each)"""
+    learning_rate: float = 1e-4
+    """policy learning rate (AdamW)"""
+    max_grad_norm: float = 0.3
+    """global gradient-norm clip (released: 0.3)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all"""
+    reward_transform: Literal["sigmoid", "none"] = "sigmoid"
+    """applied to each reward model's raw score at evaluation: sigmoid(logit), as in A-LoL HH"""
+
+    # Models and data
+    model_name_or_path: str = "builtin"
+    """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
+    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
+    """scorers of the evaluation's proxy reward (not trained on): a 1-output classifier, module:function, or `gold`"""
+    reward_weights: list[float] = field(default_factory=list)
+    """weight of each --reward-model in the proxy reward Σ w_i · transform(r_i) (empty = all 1)"""
+    offline_dataset: str = "builtin"
+    """preference pairs: {prompt, chosen, rejected} rows, rm-static, HH transcripts, chat preference rows; hub, path,
+    or builtin"""
+    offline_split: str = "train"
+    """the split of --offline-dataset trained on"""
+    heldout_pairs: int = 64
+    """the last N pairs of --offline-split are held out of training: each evaluation reports the implicit reward's
+    accuracy and margin on them (0: train on every pair)"""
+    dataset: str = "builtin"
+    """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, or builtin"""
+    prompt_field: str = "prompt"
+    """the column of --dataset holding the prompt text"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
+    eval_split: str = "test"
+    """the held-out split of --dataset used for evaluation"""
+    max_prompt_length: int = 16
+    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
+    max_new_tokens: int = 32
+    """responses are cut to this many tokens, EOS included; also the longest greedy response"""
+    stop_strings: list[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
+    forward_batch_size: int = 64
+    """rows per forward pass / generate call outside training (π_ref's log-probs, evaluation)"""
+    cache_dir: str | None = None
+    """where π_ref's log-probs are cached (default $ONEFILE_RLHF_CACHE/dpo or ~/.cache/onefile-rlhf/dpo)"""
+    no_cache: bool = False
+    """recompute π_ref's log-probs even when a cache entry with the same key exists (and overwrite it)"""
+    trust_remote_code: bool = False
+    """allow model repositories to run their own code (off unless you trust them)"""
+
+    # Devices and precision
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
+    bf16: bool = False
+    """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
+    offload: bool = False
+    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute, in the update's forward passes only"""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train).
+    π_ref is then the policy with its adapter switched off: no second copy of the model"""
+    lora_alpha: float = 16.0
+    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the update's forward passes"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
+    head (as QLoRA and the A-LoL paper did)"""
+    load_in_4bit: bool = False
+    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
+    ref_device: str = "policy"
+    """where π_ref lives while its log-probs are computed: `policy` (sharded with ZeRO-3), `cpu` or `cuda:N`"""
+    reward_device: str = "policy"
+    """where the reward model(s) live: `policy`, `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
+
+    # Logging and checkpoints
+    exp_name: str = "dpo"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (one order of the pairs for all ranks, each rank taking its share of every step)"""
+    output_dir: str = "runs"
+    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    eval_every: int = 15
+    """evaluate on held-out prompts and pairs (and print a progress line) every this many steps, and before and
+    after"""
+    eval_prompts: int = 128
+    """number of held-out prompts per evaluation, over all ranks"""
+    save_every: int = 0
+    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
+    Ctrl-C); the final policy is an HF folder"""
+    resume: str | None = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
+    local_rank: int = 0
+    """set by the `deepspeed` launcher; the rank is read from the environment"""
+
+
+# The A-LoL paper's DPO HH setting (released dpo_qlora_llama_hh.py at commit 9f8d816, "released"): β 0.1 (L108);
+# 16 pairs a step (2 per device × 8 accumulation steps, L55-L56); 9000 steps (L73); lr 2e-4 (L47), constant after
+# 300 warm-up steps (L52, L394); AdamW betas (0.9, 0.999) (L43-L44); gradient clip 0.3 (L50); prompts of up to
+# 768 − 128 tokens, 128 response tokens (L70-L71, L443-L447); evaluated every 900 steps (L77) by greedy decoding, with
+# R = sigmoid(OpenAssistant RM logit). The paper trains a QLoRA adapter (r 64, α 16, dropout 0.05, L65-L67) on
+# LLaMA-7B; here the same adapter on Dahoas' Pythia SFT policies, 16-bit base weights (add --load-in-4bit on a GPU for
+# QLoRA). https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py
+# Devices (--reward-device) are chosen by launch.sh.
+HH = dict(
+    offline_dataset="Anthropic/hh-rlhf",  # HH transcripts: chosen / rejected replies to one dialogue
+    dataset="Anthropic/hh-rlhf",
+    eval_split="test",
+    eval_prompts=280,  # the A-LoL paper's test prompts for HH
+    max_prompt_length=640,
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    bf16=True,
+    lora_r=64,
+    lora_alpha=16.0,
+    lora_dropout=0.05,
+    lora_target_modules=["all-linear"],
+    reward_model=["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"],  # the A-LoL paper's train / validation RM
+    reward_transform="sigmoid",
+    beta=0.1,
+    mini_batch_size=16,
+    total_steps=9000,
+    learning_rate=2e-4,
+    lr_warmup_steps=300,
+    adam_betas=(0.9, 0.999),
+    max_grad_norm=0.3,
+    eval_every=900,
+)
+PRESETS = {
+    f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
+    for size, name in [("125m", "125M"), ("1b", "1B"), ("6b", "6B")]
+}
+
+
+class DPOStats(NamedTuple):
+    """Batch means, without gradient, of DPO's implicit rewards r̂(x, y) = β (log π_θ(y|x) − log π_ref(y|x))."""
+
+    chosen_rewards: torch.Tensor  # r̂(x, y_w)
+    rejected_rewards: torch.Tensor  # r̂(x, y_l)
+    margins: torch.Tensor  # r̂(x, y_w) − r̂(x, y_l)
+    accuracy: torch.Tensor  # the fraction of pairs whose margin is positive
+
+
+class DPOLoss(NamedTuple):
+    loss: torch.Tensor  # the batch mean of the per-pair loss (with grad)
+    stats: DPOStats
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float,
+    reference_free: bool = False,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOLoss:
+    """The DPO loss of DPO eq. (7) and its statistics. Each argument is [batch] sequence log-probs summed over the
+    response tokens: log π_θ(y_w|x), log π_θ(y_l|x) (with grad), log π_ref(y_w|x), log π_ref(y_l|x). With
+    `reference_free` the π_ref terms are 0 (they may be None), as in the released code. `loss_type` "ipo" is IPO's
+    squared loss; `label_smoothing` ε > 0 is conservative DPO (sigmoid only)."""
+    if reference_free:
+        ref_chosen_logps = torch.zeros_like(chosen_logps)
+        ref_rejected_logps = torch.zeros_like(rejected_logps)
+    chosen_ratio = chosen_logps - ref_chosen_logps  # log π_θ(y_w|x) − log π_ref(y_w|x)
+    rejected_ratio = rejected_logps - ref_rejected_logps  # log π_θ(y_l|x) − log π_ref(y_l|x)
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)  # DPO eq. (7)
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)  # conservative DPO (ε)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO's loss: h regressed onto 1/(2τ), τ = β
+    else:
+        raise ValueError(f"unknown DPO loss type '{loss_type}'")
+    chosen_rewards = beta * chosen_ratio.detach()  # DPO's implicit reward of y_w
+    rejected_rewards = beta * rejected_ratio.detach()
+    margins = chosen_rewards - rejected_rewards
+    stats = DPOStats(
+        chosen_rewards=chosen_rewards.mean(),
+        rejected_rewards=rejected_rewards.mean(),
+        margins=margins.mean(),
+        accuracy=(margins > 0).float().mean(),
+    )
+    return DPOLoss(loss=losses.mean(), stats=stats)
+
+
+def sequence_logps(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens: [batch, response_len] per-token log-probs and
+    their response mask -> [batch]. Padding may hold anything, even inf."""
+    return torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(1)
+
+
+def pair_order(n_pairs: int, num_draws: int, generator: torch.Generator) -> torch.Tensor:
+    """`num_draws` pair indices: passes over all `n_pairs`, each in a fresh random order, as the released loop
+    reshuffles the data when it runs out."""
+    passes = -(-num_draws // n_pairs)
+    return torch.cat([torch.randperm(n_pairs, generator=generator) for _ in range(passes)])[:num_draws]
+
+
+def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
+    """compute() -> (dict of tensors, dict of JSON info), stored as <sha256 of key>.safetensors + .json under
+    cache_dir and reused only when the stored key equals `key`. Returns (tensors, info, hit). Every rank takes the
+    same branch, since compute() may hold collectives."""
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+    exists = use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors")
+    entry = {}
+    if exists:
+        with open(path + ".json") as f:
+            entry = json.load(f)
+    if common.mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
+        return load_file(path + ".safetensors"), entry["info"], True
+    tensors, info = compute()
+    if rank == 0:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f".{os.getpid()}.tmp"
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+        os.replace(path + ".safetensors" + tmp, path + ".safetensors")
+        with open(path + ".json" + tmp, "w") as f:
+            f.write(json.dumps({"key": key, "info": info}, indent=1))
+        os.replace(path + ".json" + tmp, path + ".json")
+    return tensors, info, False
+
+
+def fingerprint(name: str, role: str):
+    """A model for the cache key. A local folder: its files' contents (SHA-256 of each; of its size and first and
+    last 16 MiB above 64 MiB, as weights change everywhere when trained). A hub name: the commit it resolves to,
+    asked of the hub, else that of the copy in the local hub cache, else the name alone."""
+    path = common.resolve(name, role)
+    if not os.path.isdir(path):
+        return [path, hub_commit(path)]
+    contents = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            contents.append((entry.name, file_digest(entry.path)))
+    return contents
+
+
+def file_digest(path: str, whole_below=64 << 20, chunk=16 << 20) -> str:
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(chunk))
+            f.seek(size - chunk)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def hub_commit(name: str):
+    """The commit a hub model name resolves to now (None when neither the hub nor its local cache knows it)."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.model_info(name).sha
+    except Exception:  # offline, unknown name: try the local hub cache
+        pass
+    try:
+        return os.path.basename(huggingface_hub.snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached either: the name alone keys the cache
+        return None
+
+
+def distinct_n(texts, n):
+    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
+    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+@torch.no_grad()
+def generate(policy, *, query_ids, query_mask, generation_config, zero3):
+    """Decode responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole call,
+    and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
+    model = getattr(policy, "module", policy)  # the HF model inside a DeepSpeed engine
+    with common.gathered_for_generation(policy, zero3):
+        out = model.generate(
+            input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config, synced_gpus=zero3
+        )
+    return out[:, query_ids.shape[1] :]
+
+
+def decode_responses(tokenizer, response_ids, response_mask):
+    """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
+    return [
+        tokenizer.decode(row[: int(n)], skip_special_tokens=False)
+        for row, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())
+    ]
+
+
+def trim(batch: Batch) -> Batch:
+    """Drop the columns that are padding in every row (left of the prompts, right of the responses)."""
+    start = int(batch.query_mask.any(0).long().argmax())
+    end = int(batch.response_mask.sum(1).max())
+    return Batch(
+        query_ids=batch.query_ids[:, start:],
+        query_mask=batch.query_mask[:, start:],
+        response_ids=batch.response_ids[:, :end],
+        response_mask=batch.response_mask[:, :end],
+    )
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return Batch(*(tensor.to(device) for tensor in batch))
+
+
+def token_lists(ids, mask):
+    """The rows' token ids without their padding, as lists."""
+    return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+
+
+if __name__ == "__main__":
+    # Parse the command line (--preset NAME: a paper setting as the defaults)
+    args = common.parse_args(Args, PRESETS)
+
+    # Validate: the loss's hyper-parameters
+    if args.beta <= 0:
+        common.fail(f"--beta must be positive (it scales the implicit reward), got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        common.fail(f"--label-smoothing is a flip probability in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        common.fail("--label-smoothing applies to --loss-type sigmoid only; drop one of them")
+    if args.heldout_pairs < 0:
+        common.fail(f"--heldout-pairs must be 0 or more, got {args.heldout_pairs}")
+    run = common.start_run(args, "dpo.py")
+    rank = run.rank
+    world_size = run.world_size
+    device = run.device
+    zero3 = args.zero_stage == 3
+    weights = args.reward_weights or [1.0] * len(args.reward_model)
+
+    def transform(raw_scores):  # each reward model's raw score as it enters the proxy reward
+        return torch.sigmoid(raw_scores) if args.reward_transform == "sigmoid" else raw_scores
+
+    # Read the pairs and check them before any model is loaded: the last --heldout-pairs are not trained on
+    train_texts, chosen, rejected = common.load_preference_pairs(args.offline_dataset, args.offline_split)
+    train_texts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in train_texts]  # text / chat
+    n_pairs = len(train_texts)
+    n_train = n_pairs - args.heldout_pairs
+    if n_train < 1:
+        common.fail(
+            f"--heldout-pairs {args.heldout_pairs} leaves none of the {n_pairs} pairs of '{args.offline_dataset}' to "
+            f"train on; lower --heldout-pairs"
+        )
+
+    # Seed: one seed while loading and computing π_ref's log-probs, and for the order of the pairs (every rank)
+    torch.manual_seed(args.seed)
+
+    # Load the policy (π_θ, and π_ref until it trains), the tokenizer and the reward models of the evaluation
+    dtype = "bfloat16" if args.bf16 else "float32"
+    load = dict(
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        load_in_4bit=args.load_in_4bit,
+    )
+
+    def sharded(placement):  # under ZeRO-3 a model on `policy` is loaded shard by shard: no rank holds a whole copy
+        return common.zero3_config(
+            placement,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            offload=args.offload,
+        )
+
+    tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    policy = common.load_model(
+        args.model_name_or_path, kind="causal", flag="--model-name-or-path", sharded=sharded("policy"), **load
+    )
+    scorers = {  # a model or module:function per distinct --reward-model entry
+        name: common.load_reward(
+            name,
+            tokenizer,
+            placement=args.reward_device,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.reward_dtype,
+        )
+        for name in dict.fromkeys(name for name in args.reward_model if name != "gold")
+    }
+    log = common.make_logger(args, run.name, rank)
+
+    # Place the policy: frozen lower blocks, LoRA, the DeepSpeed engine with its optimizer and schedule
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    common.freeze_lower_layers(policy, args.unfrozen_layers)
+    common.gradient_checkpointing(policy, args.gradient_checkpointing)
+    policy = common.add_lora(
+        policy,
+        kind="causal",
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        quantized=args.load_in_4bit,
+    )
+    schedule = common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule)
+    policy = common.prepare_trainable(
+        policy,
+        placement="policy",
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.mini_batch_size,
+        lr=args.learning_rate,
+        bf16=args.bf16,
+        offload=args.offload,
+        max_grad_norm=args.max_grad_norm,
+        betas=args.adam_betas,
+        weight_decay=args.weight_decay,
+        schedule=schedule,
+    )
+    policy.eval()  # eval mode (π_ref's passes, decoding); the training loop switches to train mode
+    greedy = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=args.max_new_tokens,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+    # Data: every pair as two rows, chosen (rows 0..n-1) then rejected (rows n..2n-1), on every rank; the prompts
+    # evaluated, and this rank's share of the held-out pairs
+    encode = dict(
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
+        chat_template=args.chat_template,
+    )
+    rows = common.encode_offline_rows(tokenizer, train_texts * 2, chosen + rejected, **encode)
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
+    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
+    eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
+    if n_eval == 0:
+        common.fail(
+            f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
+            f"--eval-split or raise --eval-prompts"
+        )
+    n_heldout = args.heldout_pairs // world_size * world_size  # equal per rank: lockstep
+    heldout = torch.arange(n_train, n_train + n_heldout)[rank::world_size]
+    gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
+
+    def chunks(*tensors):
+        for i in range(0, len(tensors[0]), args.forward_batch_size):
+            yield [t[i : i + args.forward_batch_size] for t in tensors]
+
+    def score(batch, prompts):
+        """The proxy reward Σ_i w_i · transform(r_i) of each row, [n]: r_i from the i-th --reward-model, which
+        reads the token ids and the `prompts` as the dataset gave them."""
+        total = torch.zeros(len(batch.query_ids))
+        for weight, name in zip(weights, args.reward_model):
+            if name == "gold":
+                texts = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+                raw = torch.tensor(common.builtin_gold_score(texts))
+            else:
+                raw = scorers[name](*batch, prompts=prompts).float().cpu()
+            total += weight * transform(raw)
+        return total
+
+    def pair_logps(model, idx):
+        """log π(y_w|x) and log π(y_l|x) of the pairs `idx` in one forward pass, ([len(idx)], [len(idx)])."""
+        batch = to_device(trim(rows.rows(torch.cat([idx, idx + n_pairs]))), device)
+        logps = sequence_logps(common.forward_logprobs(model, *batch), batch.response_mask)
+        return logps[: len(idx)], logps[len(idx) :]
+
+    # ALGO LOGIC, step 1 (once per run, before training): log π_ref(y|x) of every chosen and rejected response
+    @torch.no_grad()
+    def compute_ref_logps():
+        """π_ref's sequence log-probs of all pairs. π_ref is loaded here only: a cache hit needs no π_ref, and it is
+        freed afterwards."""
+        if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
+            ref_policy = policy
+        else:
+            ref_model = common.load_model(
+                args.model_name_or_path,
+                kind="causal",
+                flag="--model-name-or-path",
+                sharded=sharded(args.ref_device),
+                **load,
+            )
+            ref_policy = common.prepare_frozen(
+                ref_model,
+                placement=args.ref_device,
+                zero_stage=args.zero_stage,
+                micro_batch_size=args.mini_batch_size,
+                bf16=args.bf16,
+            )
+        ref_chosen = []
+        ref_rejected = []
+        for (idx,) in chunks(torch.arange(n_pairs)):
+            chosen_logps, rejected_logps = pair_logps(ref_policy, idx)
+            ref_chosen.append(chosen_logps.float().cpu())
+            ref_rejected.append(rejected_logps.float().cpu())
+        tensors = {"ref_chosen_logps": torch.cat(ref_chosen), "ref_rejected_logps": torch.cat(ref_rejected)}
+        return tensors, {"pairs": n_pairs}
+
+    def sha(obj):
+        return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+    t0 = time.time()
+    if args.reference_free:  # no π_ref at all
+        ref_chosen_logps = None
+        ref_rejected_logps = None
+        source = "no π_ref (reference-free)"
+    else:  # π_ref's log-probs, once per run, cached under a key of everything they depend on
+        key = dict(
+            version=CACHE_VERSION,
+            model=fingerprint(args.model_name_or_path, "sft"),
+            dtype=dtype,
+            rows=sha(
+                [token_lists(rows.query_ids, rows.query_mask), token_lists(rows.response_ids, rows.response_mask)]
+            ),
+            chat_template=tokenizer.chat_template if args.chat_template else None,
+            load_in_4bit=args.load_in_4bit,
+        )
+        default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
+        cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "dpo")
+        with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
+            cache, _, hit = cached(key, compute_ref_logps, cache_dir, use_cache=not args.no_cache, rank=rank)
+        ref_chosen_logps = cache["ref_chosen_logps"]
+        ref_rejected_logps = cache["ref_rejected_logps"]
+        source = f"π_ref's log-probs {'from the cache' if hit else 'computed'} ({time.time() - t0:.0f} s)"
+
+    # The order of the pairs: passes over the training pairs, each shuffled; every step takes mini_batch_size ×
+    # world_size of them, rank r the r-th share (the same order on every rank, from the seed)
+    draws = pair_order(
+        n_train, args.total_steps * args.mini_batch_size * world_size, torch.Generator().manual_seed(args.seed)
+    )
+    torch.manual_seed(args.seed + rank)
+    data_stats = {"data/pairs": n_train, "data/heldout_pairs": n_heldout}
+    if rank == 0:
+        print(
+            f"{run.name}: {world_size} rank(s), DPO ({args.loss_type}, β {args.beta}); {source}; {n_train} pairs "
+            f"trained on, {n_heldout} held out; {args.total_steps} steps",
+            flush=True,
+        )
+
+    # Evaluate: greedy responses to held-out prompts, and the implicit reward on held-out pairs
+    @torch.no_grad()
+    def evaluate():
+        """Greedy responses to held-out prompts: proxy reward, gold score, distinct-1/2, length; on the held-out
+        pairs: the implicit reward's accuracy and margin."""
+        stats = []
+        texts = []
+        policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
+        for prompt_rows, prompts in chunks(eval_prompts, eval_texts):
+            query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
+            response_ids = generate(
+                policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=zero3
+            )
+            response_ids, response_mask, _ = common.truncate_after_eos(
+                response_ids,
+                eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id,
+                tokenizer=tokenizer,
+                stop_strings=args.stop_strings,
+            )
+            batch = Batch(query_ids, query_mask, response_ids, response_mask)
+            kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+            gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
+            lengths = batch.response_mask.sum(1).float().cpu()
+            stats.append(torch.stack([score(batch, prompts), lengths, gold], 1))
+            texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
+        names = ["eval/reward", "eval/response_length", "eval/gold_score"]
+        metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
+        if gold_score is None:
+            metrics.pop("eval/gold_score")
+        if n_heldout:
+            logps = [pair_logps(policy, idx) for (idx,) in chunks(heldout)]
+            ref = (None, None) if args.reference_free else (ref_chosen_logps[heldout], ref_rejected_logps[heldout])
+            terms = dpo_loss(
+                torch.cat([chosen_logps for chosen_logps, _ in logps]).cpu(),
+                torch.cat([rejected_logps for _, rejected_logps in logps]).cpu(),
+                *ref,
+                beta=args.beta,
+                reference_free=args.reference_free,
+            )
+            metrics["eval/preference_accuracy"] = terms.stats.accuracy.item()
+            metrics["eval/reward_margin"] = terms.stats.margins.item()
+        gathered = [None] * world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
+        dist.all_gather_object(gathered, texts)
+        texts = [text for part in gathered for text in part]
+        policy.train()
+        return {
+            **common.mean_across_ranks(metrics),
+            "eval/distinct_1": distinct_n(texts, 1),
+            "eval/distinct_2": distinct_n(texts, 2),
+        }
+
+    # Resume: `resume/` holds all a run needs to go on as if never stopped: the policy engine with its optimizer,
+    # the step (the order of the pairs is fixed by the seed) and each rank's RNG states. π_ref's log-probs come back
+    # from the cache.
+    engines = {"policy": policy}
+    stop_requested = common.stop_signals()  # SIGTERM / Ctrl-C from here on: a checkpoint at the next step, then exit
+    state = common.load_resume(args.resume, engines, rank) if args.resume else {}
+    if args.resume:
+        eval_history = state["eval_history"]
+    else:
+        eval_history = [(0, evaluate())]
+        log(0, {**data_stats, **eval_history[0][1]})
+    if rank == 0:
+        print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
+
+    # ALGO LOGIC: π_ref's log-probs are fixed above (step 1); each step below trains on one mini-batch of pairs
+    start_time = time.time()
+    window = []
+    policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
+    for step in range(state.get("step", 0) + 1, args.total_steps + 1):
+        t_step = time.time()
+        # 2. This rank's share of the step's pairs, in the shuffled order
+        start = ((step - 1) * world_size + rank) * args.mini_batch_size
+        idx = draws[start : start + args.mini_batch_size]
+        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass, and the DPO loss against π_ref's
+        chosen_logps, rejected_logps = pair_logps(policy, idx)
+        if args.reference_free:
+            ref = (None, None)
+        else:
+            ref = (ref_chosen_logps[idx].to(device), ref_rejected_logps[idx].to(device))
+        terms = dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            *ref,
+            beta=args.beta,
+            reference_free=args.reference_free,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+        )
+        # 4. One optimiser step on the mini-batch
+        policy.backward(terms.loss)
+        policy.step()
+        metrics = {
+            "policy/loss": terms.loss.item(),
+            "policy/chosen_rewards": terms.stats.chosen_rewards.item(),
+            "policy/rejected_rewards": terms.stats.rejected_rewards.item(),
+            "policy/reward_margin": terms.stats.margins.item(),
+            "policy/reward_accuracy": terms.stats.accuracy.item(),
+        }
+        if not args.reference_free:  # log π_θ(y|x) − log π_ref(y|x), over chosen and rejected responses
+            log_ratio = (terms.stats.chosen_rewards + terms.stats.rejected_rewards) / (2 * args.beta)
+            metrics["policy/log_ratio_to_ref"] = log_ratio.item()
+        window.append([time.time() - t_step, len(idx) * 2 * world_size])
+        metrics = common.mean_across_ranks(metrics)
+        common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
+        if step % args.eval_every == 0 or step == args.total_steps:
+            seconds, sequences = torch.tensor(window).sum(0).tolist()
+            eval_history.append((step, evaluate()))
+            metrics.update(eval_history[-1][1])
+            metrics["time/steps_per_s"] = len(window) / seconds
+            metrics["time/sequences_per_s"] = sequences / seconds
+            window = []
+        metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
+        log(step, metrics)
+        if rank == 0 and "eval/reward" in metrics:
+            gold = f" gold {metrics['eval/gold_score']:+.3f}" if gold_score else ""
+            print(
+                f"step {step:5d}/{args.total_steps} loss {metrics['policy/loss']:.4f} margin "
+                f"{metrics['policy/reward_margin']:+.3f} accuracy {metrics['policy/reward_accuracy']:.2f} eval reward "
+                f"{metrics['eval/reward']:.3f}{gold} distinct-2 {metrics['eval/distinct_2']:.3f} steps/s "
+                f"{metrics['time/steps_per_s']:.1f}",
+                flush=True,
+            )
+        common.checkpoint_if_due(
+            run,
+            args,
+            step=step,
+            engines=engines,
+            state=dict(step=step, eval_history=eval_history),
+            signum=stop_requested(),
+        )
+
+    # Save the trained policy as an HF folder
+    common.save_hf(policy, tokenizer, os.path.join(run.dir, "policy"), rank)
+    if rank == 0:
+        first = eval_history[0][1]
+        final = eval_history[-1][1]
+        changes = ", ".join(f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in first)
+        print(
+            f"done in {time.time() - start_time:.0f} s; held-out before → after: {changes}; policy saved to "
+            f"{run.dir}/policy",
+            flush=True,
+        )
+    common.exit_cleanly()

@@ -1,0 +1,628 @@
+"""PRO: Preference Ranking Optimization, offline, on rankings of n candidate responses per prompt.
+
+Paper: Song, Yu, Li, Yu, Huang, Li, Wang, "Preference Ranking Optimization for Human Alignment", AAAI 2024, arXiv
+2306.17492. Released code: https://github.com/AlibabaResearch/DAMO-ConvAI/tree/main/PRO. A baseline of the A-LoL paper
+(Baheti et al. 2024, arXiv 2305.14718), whose released code has its own PRO script (abaheti95/LoL-RL).
+
+The algorithm, in the paper's notation. A prompt x comes with n candidate responses, ranked best first by a reward
+model r_φ: y¹ ≻ y² ≻ … ≻ yⁿ. No reference model: the policy π_θ scores each candidate by its length-normalised
+log-likelihood r_θ(x, y) = (1/|y|) Σ_t log π_θ(y_t | x, y_<t), and learns to rank them as r_φ does.
+- The ranking loss L_PRO: the best candidate should win the softmax over all n, then the second best over the n − 1
+  left, and so on down the ranking:
+      L_PRO = − Σ_{k=1}^{n−1} log [ exp(r_θ(x, yᵏ) / Tᵏ_k) / Σ_{i=k}^{n} exp(r_θ(x, yⁱ) / Tᵏ_i) ].
+- Dynamic temperatures from the reward gaps: 1/Tᵏ_i = r_φ(x, yᵏ) − r_φ(x, yⁱ) for i > k (a candidate far below yᵏ
+  is pushed down harder), and 1/Tᵏ_k = max_{i>k} 1/Tᵏ_i (Tᵏ_k = min_{i>k} Tᵏ_i).
+- The SFT term keeps the policy on the best candidate: L = L_PRO + β · L_SFT, L_SFT = −log π_θ(y¹ | x).
+Training is offline: the rankings are fixed (read from the dataset, or scored once by --reward-model), never sampled
+from π_θ. The paper names these losses; this file names them too (their equation numbers were not checked).
+
+As in the released training loss (PRO/train/utils/process_manager.py at commit 483554e, "released" below):
+- r_θ: the sum of the response's token log-probs over its length:
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/utils/process_manager.py#L80-L89
+- the temperatures as reward differences multiplying r_θ, the positive's the largest difference, one loss per rank k
+  averaged over the batch and summed over k:
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/utils/process_manager.py#L91-L102
+- the SFT term: the best candidate's NLL SUMMED over its tokens (not length-normalised), weighted by
+  sft_weight · (n − 1)², the paper's β (where the code and the paper's text differ, the code is followed):
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/utils/process_manager.py#L104-L108
+- ties: a candidate tied with yᵏ gets the temperature difference 0, so it adds the constant exp(0) to yᵏ's softmax
+  and is neither pushed nor pulled by it; a rank whose lower candidates all tie with it gives a constant (no gradient)
+- the ranking: the candidates sorted by the reward model's raw logits, best first; the SFT candidate the best one;
+  HH's rankings of length 2 (hh-rlhf's two replies re-ranked by the reward model), sft_weight 0.05:
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/hh_preprocess_data/step_2_gen_train_data.py#L34-L46
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/hh_preprocess_data/step_2_gen_train_data.py#L104-L105
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/README.md?plain=1#L57
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/train_hh.sh#L19
+- --ranking-len N keeps each ranking's N best candidates, as the released collator keeps the first N of a sorted row:
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/utils/data_manager.py#L61
+Where this file differs from the released code:
+- the softmax is a logsumexp; released, log(1e-10 + Σ exp(·)), whose sum underflows to the 1e-10 in float32 when
+  r_θ times a large reward gap is very negative:
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/utils/process_manager.py#L98
+- rankings of different lengths share a mini-batch (absent candidates are masked out) and the SFT weight uses each
+  ranking's own n; released, every ranking of a run has the same length
+- the loss of a mini-batch is the mean over its prompts of (Σ_k L_PRO,k + SFT term); released, the mean over the
+  batch of each rank's term, summed over k: the same number when all rankings have one length
+- the presets follow the A-LoL work's PRO script (QLoRA adapter, lr 2e-4, 16 rankings a step, 9000 steps, gradient
+  clip 0.3, 300 warm-up steps, AdamW β2 0.999, prompts cut to 640 tokens and replies to 128):
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/pro_qlora_llama_hh.py#L45-L76
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/pro_qlora_llama_hh.py#L227-L230
+  PRO's own HH run trains all of LLaMA-7B with lr 5e-6:
+  https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/train_hh.sh#L23
+
+    python pro.py                                           # PRO on the built-in rankings of 4 scored SFT samples
+    python pro.py --ranking-len 2                           # each ranking's two best candidates only
+    torchrun --nproc_per_node 2 pro.py --zero-stage 3       # two processes (CPU or GPUs)
+    python pro.py --preset hh-1b --reward-device cuda:1     # the A-LoL work's PRO setting on Pythia 1B (GPUs)
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+import torch.distributed as dist
+from transformers import GenerationConfig
+
+import common
+from common import Batch
+
+
+@dataclass
+class Args:
+    # Algorithm
+    preset: str | None = None
+    """a paper setting (PRESETS: hh-125m, hh-1b, hh-6b) whose values become the defaults; flags given still win"""
+    sft_weight: float = 0.05
+    """β / (n − 1)²: the SFT term is sft_weight · (n − 1)² · (−log π_θ(y¹|x)), n the ranking's length (released 0.05)"""
+    ranking_len: int = 0
+    """train on each ranking's N best candidates (0: all of them; at least 2)"""
+    score_candidates: bool = False
+    """rank the candidates by --reward-model's raw scores instead of the dataset's rewards (PRO's HH data: hh-rlhf's
+    two replies re-ranked by the reward model)"""
+    total_steps: int = 30
+    """optimiser steps"""
+    mini_batch_size: int = 8
+    """rankings (prompts, each with all its candidates) per rank per optimiser step"""
+    learning_rate: float = 2e-5
+    """policy learning rate (AdamW)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip (released: 1.0)"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all"""
+    reward_transform: Literal["sigmoid", "none"] = "sigmoid"
+    """applied to each reward model's raw score in evaluation: sigmoid(logit), as PRO's and A-LoL's HH evaluations;
+    the rankings' rewards stay raw (the temperatures are their differences)"""
+
+    # Models and data
+    model_name_or_path: str = "builtin"
+    """the starting (SFT) policy: a hub name, a local folder, or `builtin`"""
+    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
+    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables; they
+    score the evaluation's responses (and the candidates with --score-candidates)"""
+    reward_weights: list[float] = field(default_factory=list)
+    """weight of each --reward-model in the sum (default 1 each)"""
+    offline_dataset: str = "builtin"
+    """rankings: {prompt, responses, rewards}, PRO's {prefix, suffix, reward}, or preference rows (rankings of 2);
+    hub, path, builtin"""
+    offline_split: str = "train"
+    """the split of --offline-dataset trained on"""
+    dataset: str = "builtin"
+    """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
+    prompt_field: str = "prompt"
+    """the column of --dataset holding the prompt text"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
+    eval_split: str = "test"
+    """the held-out split of --dataset used for evaluation"""
+    max_prompt_length: int = 16
+    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
+    max_new_tokens: int = 32
+    """responses are cut to this many tokens, EOS included; also the longest greedy response"""
+    stop_strings: list[str] = field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
+    forward_batch_size: int = 64
+    """rows per forward pass / generate call outside training (scoring candidates, evaluation)"""
+    trust_remote_code: bool = False
+    """allow model repositories to run their own code (off unless you trust them)"""
+
+    # Devices and precision
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
+    bf16: bool = False
+    """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
+    offload: bool = False
+    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute, in the update's forward passes only"""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the update's forward passes"""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
+    head (as QLoRA and the A-LoL paper did)"""
+    load_in_4bit: bool = False
+    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
+    reward_device: str = "policy"
+    """where the reward model(s) live: `policy`, `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
+
+    # Logging and checkpoints
+    exp_name: str = "pro"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (the order in which the rankings are visited)"""
+    output_dir: str = "runs"
+    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    eval_every: int = 10
+    """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
+    eval_prompts: int = 128
+    """number of held-out prompts per evaluation, over all ranks"""
+    save_every: int = 0
+    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
+    Ctrl-C); the final policy is an HF folder"""
+    resume: str | None = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
+    local_rank: int = 0
+    """set by the `deepspeed` launcher; the rank is read from the environment"""
+
+
+# The A-LoL work's PRO setting on HH (released pro_qlora_llama_hh.py, lines linked above): PRO's HH data (hh-rlhf's
+# chosen and rejected replies, re-ranked by the OpenAssistant reward model's raw logits: rankings of 2), sft_weight
+# 0.05, a QLoRA adapter (r 64, α 16, dropout 0.05, every linear layer) on LLaMA-7B, 2 rankings × 8 accumulation steps
+# a step, 9000 steps, lr 2e-4 constant after 300 warm-up steps, AdamW (0.9, 0.999), gradient clip 0.3, greedy
+# evaluation on 280 test prompts, sigmoid of the same reward model. Here the same adapter on Dahoas' Pythia SFT
+# policies, 16-bit base weights (add --load-in-4bit on a GPU for QLoRA). Devices (--reward-device) are chosen by
+# launch.sh.
+HH = dict(
+    offline_dataset="Anthropic/hh-rlhf",  # HH transcripts: rankings of 2, re-ranked by the reward model below
+    score_candidates=True,
+    ranking_len=2,
+    sft_weight=0.05,
+    dataset="Anthropic/hh-rlhf",
+    eval_split="test",
+    eval_prompts=280,
+    max_prompt_length=640,  # released: prompts cut to 768 − 128 tokens, replies to 128
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    bf16=True,
+    lora_r=64,
+    lora_alpha=16.0,
+    lora_dropout=0.05,
+    lora_target_modules=["all-linear"],
+    reward_model=["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"],  # PRO's and A-LoL's HH reward model
+    reward_transform="sigmoid",
+    mini_batch_size=16,  # released: 2 rankings a pass × 8 accumulation steps
+    total_steps=9000,
+    learning_rate=2e-4,
+    lr_warmup_steps=300,
+    adam_betas=(0.9, 0.999),
+    max_grad_norm=0.3,
+)
+PRESETS = {
+    f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
+    for size, name in [("125m", "125M"), ("1b", "1B"), ("6b", "6B")]
+}
+
+
+class PROLoss(NamedTuple):
+    loss: torch.Tensor  # the mean over prompts of Σ_k L_PRO,k + the SFT term (with grad)
+    stats: dict  # detached scalars, keyed by their log names
+
+
+def pro_loss(logprobs, mask, rewards, sft_weight) -> PROLoss:
+    """PRO's loss on rankings of n candidates: `logprobs` and `mask` [batch, n, len] per-token log-probs (with grad)
+    and response masks, `rewards` [batch, n] (higher is better). Candidates come in any order; the rewards rank them
+    (a stable sort: tied candidates keep their order). A candidate whose mask is all zero is absent, so rankings of
+    different lengths share a batch. Per prompt with m present candidates ranked y¹ … yᵐ:
+        Σ_{k<m} [ logsumexp({r_θ(yᵏ)·Δᵏ_max} ∪ {r_θ(yⁱ)·Δᵏ_i : i > k}) − r_θ(yᵏ)·Δᵏ_max ]
+        + sft_weight · (m − 1)² · (−Σ_t log π_θ(y¹_t)),
+    with r_θ the length-normalised log-likelihood, Δᵏ_i = r_φ(yᵏ) − r_φ(yⁱ) (= 1/Tᵏ_i) and Δᵏ_max = max_{i>k} Δᵏ_i;
+    `loss` is its mean over prompts. Padding may hold anything, even inf."""
+    real = mask.bool()
+    present = real.any(-1)  # [batch, n]
+    if not present.sum(-1).ge(1).all():
+        raise ValueError("every prompt needs at least one candidate")
+    lp = torch.where(real, logprobs, torch.zeros_like(logprobs))
+    sums = lp.sum(-1)  # log π_θ(y|x), [batch, n]
+    lengths = real.sum(-1).clamp(min=1)
+    scores = sums / lengths  # PRO: r_θ(x, y), the length-normalised log-likelihood
+    # Rank the candidates: best first, absent ones last (a stable sort keeps tied candidates in their order)
+    key = torch.where(present, rewards, torch.full_like(rewards, float("-inf")))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    present = present.gather(1, order)
+    scores = scores.gather(1, order)
+    sums = sums.gather(1, order)
+    ranked = torch.where(present, rewards.gather(1, order), torch.zeros_like(rewards))
+    n = present.shape[1]
+    below = torch.ones(n, n, dtype=torch.bool, device=present.device).triu(1)  # [k, i]: i ranked below k
+    lower = below & present[:, None, :] & present[:, :, None]  # [batch, k, i]: present yⁱ below present yᵏ
+    gaps = (ranked[:, :, None] - ranked[:, None, :]).to(scores.dtype)  # PRO: 1/Tᵏ_i = r_φ(yᵏ) − r_φ(yⁱ)
+    gaps = torch.where(lower, gaps, torch.zeros_like(gaps))
+    top_gap = gaps.amax(-1)  # PRO: 1/Tᵏ_k = max_{i>k} 1/Tᵏ_i, the dynamic temperature of yᵏ
+    others = torch.where(lower, scores[:, None, :] * gaps, torch.full_like(gaps, float("-inf")))
+    logits = torch.cat([(scores * top_gap)[:, :, None], others], dim=-1)  # [batch, k, 1 + n]
+    per_rank = logits.logsumexp(-1) - scores * top_gap  # PRO: L_PRO's term k, −log softmax of yᵏ over {yᵏ … yⁿ}
+    ranks = lower.any(-1)  # a rank k counts when a present candidate lies below it
+    ranking_loss = torch.where(ranks, per_rank, torch.zeros_like(per_rank)).sum(-1)  # PRO: L_PRO = Σ_k term k
+    m = present.sum(-1).to(scores.dtype)
+    sft_nll = -sums[:, 0]  # −log π_θ(y¹|x), summed over tokens
+    sft = sft_weight * (m - 1) ** 2 * sft_nll  # PRO: β · L_SFT, β = sft_weight · (n − 1)²
+    loss = (ranking_loss + sft).mean()  # PRO: L = L_PRO + β · L_SFT, the mean over prompts
+    with torch.no_grad():
+        wins = (scores[:, :, None] > scores[:, None, :]) & lower & (gaps > 0)  # r_θ orders a pair as r_φ does
+        stats = {
+            "policy/ranking_loss": ranking_loss.mean().detach(),
+            "policy/sft_loss": sft.mean().detach(),
+            "policy/sft_nll": sft_nll.mean().detach(),
+            "policy/ranking_accuracy": wins.sum() / (lower & (gaps > 0)).sum().clamp(min=1),
+            "policy/best_score": scores[:, 0].mean().detach(),
+            "policy/candidates": m.mean(),
+        }
+    return PROLoss(loss=loss, stats=stats)
+
+
+def rank_and_cut(candidates, rewards, ranking_len):
+    """Each ranking sorted best first by its rewards (stable: ties keep the dataset's order), cut to its
+    `ranking_len` best candidates (0: all)."""
+    ranked_candidates = []
+    ranked_rewards = []
+    for row_candidates, row_rewards in zip(candidates, rewards):
+        order = sorted(range(len(row_rewards)), key=lambda i: -row_rewards[i])
+        if ranking_len:
+            order = order[:ranking_len]
+        ranked_candidates.append([row_candidates[i] for i in order])
+        ranked_rewards.append([row_rewards[i] for i in order])
+    return ranked_candidates, ranked_rewards
+
+
+def distinct_n(texts, n):
+    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
+    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+@torch.no_grad()
+def generate(policy, *, query_ids, query_mask, generation_config, zero3):
+    """Decode responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole call,
+    and `synced_gpus` keeps ranks stepping together until every rank's batch has finished."""
+    model = getattr(policy, "module", policy)  # the HF model inside a DeepSpeed engine
+    with common.gathered_for_generation(policy, zero3):
+        out = model.generate(
+            input_ids=query_ids, attention_mask=query_mask, generation_config=generation_config, synced_gpus=zero3
+        )
+    return out[:, query_ids.shape[1] :]
+
+
+def decode_responses(tokenizer, response_ids, response_mask):
+    """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
+    return [
+        tokenizer.decode(row[: int(n)], skip_special_tokens=False)
+        for row, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())
+    ]
+
+
+if __name__ == "__main__":
+    # Parse the command line (--preset NAME: a paper setting as the defaults)
+    args = common.parse_args(Args, PRESETS)
+
+    # Validate the ranking length, then start the run (reward weights, LoRA flags, the process group, --resume)
+    if args.ranking_len == 1 or args.ranking_len < 0:
+        common.fail(f"--ranking-len {args.ranking_len}: a ranking needs at least 2 candidates (0 keeps them all)")
+    run = common.start_run(args, "pro.py")
+    rank = run.rank
+    world_size = run.world_size
+    device = run.device
+    zero3 = args.zero_stage == 3
+    weights = torch.tensor(args.reward_weights or [1.0] * len(args.reward_model))
+
+    # Read the rankings and check them before any model is loaded
+    train_texts, candidates, rewards = common.load_rankings(args.offline_dataset, args.offline_split)
+    train_texts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in train_texts]  # text / chat
+
+    # Seed: one seed while loading (the same weights on every rank) and for the order of the rankings
+    torch.manual_seed(args.seed)
+
+    # Load the policy, the tokenizer and the reward models
+    dtype = "bfloat16" if args.bf16 else "float32"
+    load = dict(
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        load_in_4bit=args.load_in_4bit,
+    )
+    sharded = common.zero3_config(
+        "policy",
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.mini_batch_size,
+        bf16=args.bf16,
+        offload=args.offload,
+    )
+    tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    policy = common.load_model(
+        args.model_name_or_path, kind="causal", flag="--model-name-or-path", sharded=sharded, **load
+    )
+    reward_fns = [
+        common.load_reward(
+            name=name,
+            tokenizer=tokenizer,
+            placement=args.reward_device,
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.reward_dtype,
+        )
+        for name in args.reward_model
+    ]
+    log = common.make_logger(args, run.name, rank)
+
+    # Place the policy: frozen lower blocks, LoRA, the DeepSpeed engine with its optimizer and schedule
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    common.freeze_lower_layers(policy, args.unfrozen_layers)
+    common.gradient_checkpointing(policy, args.gradient_checkpointing)
+    policy = common.add_lora(
+        policy,
+        kind="causal",
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        quantized=args.load_in_4bit,
+    )
+    policy = common.prepare_trainable(
+        policy,
+        placement="policy",
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.mini_batch_size,
+        lr=args.learning_rate,
+        bf16=args.bf16,
+        offload=args.offload,
+        max_grad_norm=args.max_grad_norm,
+        betas=args.adam_betas,
+        weight_decay=args.weight_decay,
+        schedule=common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule),
+    )
+    policy.eval()  # eval mode while decoding; the training loop switches to train mode
+    greedy = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=args.max_new_tokens,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+    # Data: each mini-batch of rankings is encoded when it is used, as one Batch of prompts × candidates rows
+    encode = dict(
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
+        chat_template=args.chat_template,
+    )
+
+    def encode_rankings(prompts, rankings):
+        """Rankings (lists of candidate texts, padded to one length n with None for absent candidates) as one
+        Batch of len(prompts) × n rows, prompt-major; an absent candidate's response mask is all zero."""
+        rows = [(prompt, text) for prompt, ranking in zip(prompts, rankings) for text in ranking]
+        batch = common.encode_offline_rows(
+            tokenizer,
+            [prompt for prompt, _ in rows],
+            [text if text is not None else "" for _, text in rows],
+            device=device,
+            **encode,
+        )
+        absent = torch.tensor([text is None for _, text in rows], device=device)
+        return batch._replace(response_mask=batch.response_mask.masked_fill(absent[:, None], 0.0))
+
+    def score(batch, prompts, transform=True):
+        """Σ_i w_i · transform(r_i) of each row [rows], r_i from --reward-model i (raw without `transform`)."""
+        total = torch.zeros(len(batch.query_ids))
+        for weight, reward_fn in zip(weights.tolist(), reward_fns):
+            raw = reward_fn(*batch._replace(response_mask=batch.response_mask.long()), prompts=prompts)
+            total += weight * (torch.sigmoid(raw) if transform and args.reward_transform == "sigmoid" else raw)
+        return total
+
+    t0 = time.time()
+    if args.score_candidates:  # each rank scores a share of the rankings, then every rank gets all the scores
+        pairs = [(i, j) for i, row in enumerate(candidates) for j in range(len(row))][rank::world_size]
+        mine = []
+        for start in range(0, len(pairs), args.forward_batch_size):
+            chunk = pairs[start : start + args.forward_batch_size]
+            batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
+            mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, mine)
+        for part in gathered:
+            for (i, j), value in part:
+                rewards[i][j] = value
+    candidates, rewards = rank_and_cut(candidates, rewards, args.ranking_len)
+    tied = sum(row[0] == row[-1] for row in rewards)  # every candidate of the ranking has the same reward
+    if tied == len(rewards):
+        common.fail(
+            f"every ranking of '{args.offline_dataset}' ties (all its candidates have one reward): PRO has nothing to "
+            f"rank; give rewards that differ, or --score-candidates"
+        )
+    lengths = [len(row) for row in candidates]
+    gaps = [row[0] - row[-1] for row in rewards]  # best − worst reward of each ranking
+    n_max = max(lengths)
+    candidates = [row + [None] * (n_max - len(row)) for row in candidates]
+    rewards = torch.tensor([row + [0.0] * (n_max - len(row)) for row in rewards])
+    per_step = args.mini_batch_size * world_size
+    if len(candidates) < per_step:
+        common.fail(
+            f"{len(candidates)} rankings are fewer than --mini-batch-size {args.mini_batch_size} × {world_size} "
+            f"rank(s); lower --mini-batch-size"
+        )
+    # The order of the rankings: epochs of one shuffle per epoch, the same on every rank; rank r takes every
+    # world_size-th ranking of a step's share
+    epochs = -(-args.total_steps * per_step // len(candidates))
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.cat([torch.randperm(len(candidates), generator=generator) for _ in range(epochs)])
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
+    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
+    eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
+    if n_eval == 0:
+        common.fail(
+            f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
+            f"--eval-split or raise --eval-prompts"
+        )
+    gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
+    data_stats = {
+        "data/rankings": len(candidates),
+        "data/candidates_mean": sum(lengths) / len(lengths),
+        "data/tied_rankings": tied,
+        "data/reward_mean": rewards.sum().item() / sum(lengths),
+        "data/reward_gap_mean": sum(gaps) / len(gaps),
+    }
+    if rank == 0:
+        print(
+            f"{run.name}: {world_size} rank(s), PRO on {len(candidates)} rankings of {min(lengths)}-{max(lengths)} "
+            f"candidates ({tied} all tied: SFT term only){'; scored' if args.score_candidates else ''} "
+            f"({time.time() - t0:.0f} s); {args.total_steps} steps",
+            flush=True,
+        )
+
+    def respond_greedily(query_ids, query_mask):
+        """Greedy responses to left-padded prompts, cut after EOS and at the stop strings."""
+        response_ids = generate(
+            policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=zero3
+        )
+        response_ids, response_mask, _ = common.truncate_after_eos(
+            response_ids,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer,
+            stop_strings=args.stop_strings,
+        )
+        return Batch(query_ids, query_mask, response_ids, response_mask)
+
+    # Evaluate: greedy responses to held-out prompts
+    def evaluate():
+        """Greedy responses to held-out prompts: proxy reward, gold score, distinct-1/2, length."""
+        stats = []
+        texts = []
+        policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
+        for start in range(0, len(eval_prompts), args.forward_batch_size):
+            prompts = eval_texts[start : start + args.forward_batch_size]
+            query_ids, query_mask = common.pad_left(
+                eval_prompts[start : start + args.forward_batch_size], tokenizer.pad_token_id, device
+            )
+            batch = respond_greedily(query_ids, query_mask)
+            kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+            gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
+            lengths = batch.response_mask.sum(1).float().cpu()
+            stats.append(torch.stack([score(batch, prompts), lengths, gold], 1))
+            texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
+        names = ["eval/reward", "eval/response_length", "eval/gold_score"]
+        metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
+        if gold_score is None:
+            metrics.pop("eval/gold_score")
+        gathered = [None] * world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
+        dist.all_gather_object(gathered, texts)
+        texts = [text for part in gathered for text in part]
+        policy.train()
+        return {
+            **common.mean_across_ranks(metrics),
+            "eval/distinct_1": distinct_n(texts, 1),
+            "eval/distinct_2": distinct_n(texts, 2),
+        }
+
+    # Resume: `resume/` holds the policy engine with its optimizer, the step (the order above is fixed by the seed)
+    # and each rank's RNG states
+    engines = {"policy": policy}
+    stop_requested = common.stop_signals()  # SIGTERM / Ctrl-C from here on: a checkpoint at the next step, then exit
+    state = common.load_resume(args.resume, engines, rank) if args.resume else {}
+    if args.resume:
+        eval_history = state["eval_history"]
+    else:
+        eval_history = [(0, evaluate())]
+        log(0, {**data_stats, **eval_history[0][1]})
+    if rank == 0:
+        print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
+
+    # ALGO LOGIC: each step trains on one mini-batch of rankings
+    start_time = time.time()
+    window = []
+    policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
+    for step in range(state.get("step", 0) + 1, args.total_steps + 1):
+        t_step = time.time()
+        # 1. The step's rankings: this rank's share of the next mini-batch of the shuffled order
+        idx = order[(step - 1) * per_step : step * per_step][rank::world_size]
+        batch = encode_rankings([train_texts[i] for i in idx], [candidates[i] for i in idx])
+        # 2. π_θ's per-token log-probs of every candidate, as [prompts, candidates, response_len]
+        logprobs = common.forward_logprobs(policy, *batch)
+        shape = (len(idx), n_max, -1)
+        # 3. PRO's ranking loss with the reward-gap temperatures, plus the SFT term on the best candidate
+        loss, stats = pro_loss(
+            logprobs=logprobs.reshape(shape),
+            mask=batch.response_mask.reshape(shape),
+            rewards=rewards[idx].to(device),
+            sft_weight=args.sft_weight,
+        )
+        # 4. One optimiser step on the mini-batch
+        policy.backward(loss)
+        policy.step()
+        metrics = {"policy/loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
+        window.append([time.time() - t_step, batch.response_mask.sum().item() * world_size])
+        metrics = common.mean_across_ranks(metrics)
+        common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
+        if step % args.eval_every == 0 or step == args.total_steps:
+            seconds, tokens = torch.tensor(window).sum(0).tolist()
+            eval_history.append((step, evaluate()))
+            metrics.update(eval_history[-1][1])
+            metrics["time/steps_per_s"] = len(window) / seconds
+            metrics["time/tokens_per_s"] = tokens / seconds
+            window = []
+        metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
+        log(step, metrics)
+        if rank == 0 and "eval/reward" in metrics:
+            gold = f" gold {metrics['eval/gold_score']:+.3f}" if gold_score else ""
+            print(
+                f"step {step:5d}/{args.total_steps} loss {metrics['policy/loss']:.4f} ranking "
+                f"{metrics['policy/ranking_loss']:.4f} accuracy {metrics['policy/ranking_accuracy']:.2f} eval reward "
+                f"{metrics['eval/reward']:.3f}{gold} distinct-2 {metrics['eval/distinct_2']:.3f} steps/s "
+                f"{metrics['time/steps_per_s']:.1f} tokens/s {metrics['time/tokens_per_s']:.0f}",
+                flush=True,
+            )
+        common.checkpoint_if_due(
+            run,
+            args,
+            step=step,
+            engines=engines,
+            state=dict(step=step, eval_history=eval_history),
+            signum=stop_requested(),
+        )
+
+    # Save the trained policy as an HF folder
+    common.save_hf(policy, tokenizer, os.path.join(run.dir, "policy"), rank)
+    if rank == 0:
+        first = eval_history[0][1]
+        final = eval_history[-1][1]
+        changes = ", ".join(f"{k[5:]} {first[k]:+.3f} → {final[k]:+.3f}" for k in first)
+        print(
+            f"done in {time.time() - start_time:.0f} s; held-out before → after: {changes}; policy saved to "
+            f"{run.dir}/policy",
+            flush=True,
+        )
+    common.exit_cleanly()

@@ -1,0 +1,140 @@
+"""dpo.py end to end on the built-in task (subprocesses, tiny settings): one process with π_ref's cache and resume,
+reference-free and IPO, two processes under torchrun with ZeRO-3, bad input, and a learning test."""
+
+import json
+import math
+
+import pytest
+from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script
+
+# Tiny settings; the default --max-new-tokens (32) keeps π_ref's cache entry the one the learning test reads
+TINY = "--total-steps 6 --mini-batch-size 4 --eval-every 3 --eval-prompts 8 --heldout-pairs 8".split()
+EVAL_KEYS = ["eval/reward", "eval/gold_score", "eval/distinct_1", "eval/distinct_2", "eval/response_length"]
+LOG_2 = math.log(2)  # the DPO loss of any pair while π_θ = π_ref
+PAIR_KEYS = ["eval/preference_accuracy", "eval/reward_margin"]
+POLICY_KEYS = [
+    "policy/loss",
+    "policy/chosen_rewards",
+    "policy/rejected_rewards",
+    "policy/reward_margin",
+    "policy/reward_accuracy",
+]
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One π_ref cache for the module's runs on the built-in pairs."""
+    return tmp_path_factory.mktemp("dpo_cache")
+
+
+def _check(proc, output_dir, steps=6, reference_free=False, first_loss=LOG_2):
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert "done in" in proc.stdout, proc.stdout
+    run, records = read_run(output_dir)
+    first = records[0]
+    last = records[-1]
+    assert [r["step"] for r in records] == list(range(steps + 1))
+    for key in [*EVAL_KEYS, *PAIR_KEYS, "data/pairs", "data/heldout_pairs"]:
+        assert key in first, key
+    assert first["data/heldout_pairs"] == 8
+    for key in [*EVAL_KEYS, *PAIR_KEYS, *POLICY_KEYS]:
+        assert key in last, key
+    assert ("policy/log_ratio_to_ref" in last) != reference_free
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    assert 0 <= last["policy/reward_accuracy"] <= 1 and 0 <= last["eval/preference_accuracy"] <= 1
+    if not reference_free:  # π_θ = π_ref before training: margins 0, DPO loss log 2 (to rounding: other padding)
+        assert first["eval/reward_margin"] == pytest.approx(0, abs=1e-5)
+        assert records[1]["policy/loss"] == pytest.approx(first_loss, abs=1e-5)
+    assert (run / "policy" / "config.json").exists() and (run / "policy" / "model.safetensors").exists()
+    return records
+
+
+def test_one_process_cache_and_resume(builtin_path, shared_cache, tmp_path):
+    args = [*TINY, "--cache-dir", str(shared_cache)]
+    proc = run_script("dpo.py", *args, "--output-dir", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
+    assert "π_ref's log-probs computed" in proc.stdout or "from the cache" in proc.stdout
+    records = _check(proc, tmp_path / "run")
+    assert records[0]["data/pairs"] + 8 == 1908  # every built-in pair, 8 held out
+    (entry,) = shared_cache.glob("*.json")
+    assert json.loads(entry.read_text())["info"] == {"pairs": 1908}
+    # stopped at step 1 and resumed (π_ref from the cache): the same numbers
+    assert_resume_reproduces("dpo.py", args, records, tmp_path, env={"OMP_NUM_THREADS": "1"})
+
+
+def test_reference_free_and_ipo(builtin_path, shared_cache, tmp_path):
+    jobs = {
+        "free": ("dpo.py", [*TINY, "--reference-free", "--cache-dir", str(tmp_path / "unused")], {}),
+        "ipo": ("dpo.py", [*TINY, "--loss-type", "ipo", "--beta", "0.5", "--cache-dir", str(shared_cache)], {}),
+    }
+    for name in jobs:
+        jobs[name][1].extend(["--output-dir", str(tmp_path / name)])
+    runs = run_pairs(jobs)
+    assert "no π_ref (reference-free)" in runs["free"].stdout
+    _check(runs["free"], tmp_path / "free", reference_free=True)
+    assert not (tmp_path / "unused").exists()  # no π_ref, nothing cached
+    _check(runs["ipo"], tmp_path / "ipo", first_loss=1.0)  # IPO: (0 − 1/(2β))² at π_θ = π_ref
+
+
+def test_torchrun_two_ranks_zero3(builtin_path, tmp_path):
+    """Two ranks under ZeRO-3 (π_ref sharded too) compute π_ref's log-probs in lockstep and share the pairs."""
+    proc = run_script(
+        "dpo.py",
+        *TINY,
+        "--zero-stage",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--output-dir",
+        str(tmp_path / "run"),
+        nproc=2,
+    )
+    assert "2 rank(s)" in proc.stdout and "π_ref's log-probs computed" in proc.stdout
+    _check(proc, tmp_path / "run")
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    from transformers import AutoModelForCausalLM
+
+    run, _ = read_run(tmp_path / "run")
+    AutoModelForCausalLM.from_pretrained(run / "policy")
+
+
+def test_bad_input_fails_with_one_line(builtin_path, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": "the movie", "response": "was fine", "reward": 1.0}) + "\n"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "the movie", "chosen": "was great", "rejected": "was dull"}) + "\n")
+    out = ["--output-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
+    cases = {
+        "not pairs": (["--offline-dataset", str(rows)], "preference pairs need prompt, chosen, rejected"),
+        "held out all": (["--offline-dataset", str(pairs), "--heldout-pairs", "1"], "leaves none of the 1 pairs"),
+        "smoothing": (["--label-smoothing", "0.5"], "--label-smoothing is a flip probability in [0, 0.5)"),
+        "smoothing ipo": (["--loss-type", "ipo", "--label-smoothing", "0.1"], "applies to --loss-type sigmoid"),
+        "beta": (["--beta", "0"], "--beta must be positive"),
+        "preset": (["--preset", "hh-2b"], "not one of this script's presets"),
+    }
+    runs = run_pairs({name: ("dpo.py", [*args, *out], {}) for name, (args, _) in cases.items()})
+    for name, (_, message) in cases.items():
+        assert message in error_line(runs[name]), name
+
+
+# Learning test: the default run (30 steps of 16 pairs, β 0.1, lr 1e-4) raises the held-out gold score of greedy
+# responses over the SFT policy's (measured on a 2-core AMD EPYC: −0.055 → +0.199 on 128 prompts, −0.033 → +0.193 on
+# the 64 here); evaluated only before and after.
+def test_default_run_raises_the_gold_score(builtin_path, shared_cache, tmp_path):
+    args = [
+        "--eval-every",
+        "30",
+        "--eval-prompts",
+        "64",
+        "--cache-dir",
+        str(shared_cache),
+        "--output-dir",
+        str(tmp_path),
+    ]
+    proc = run_script("dpo.py", *args)
+    assert proc.returncode == 0
+    _, records = read_run(tmp_path)
+    first = records[0]
+    last = records[-1]
+    assert last["step"] == 30
+    assert last["eval/gold_score"] > first["eval/gold_score"] + 0.1, (first, last)
+    assert last["eval/preference_accuracy"] > 0.5  # the implicit reward ranks most held-out pairs right
