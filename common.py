@@ -1,4 +1,4 @@
-"""What the five algorithm scripts share that is not an algorithm: start-up, loading, devices, forward passes,
+"""What the algorithm scripts share that is not an algorithm: start-up, loading, devices, forward passes,
 statistics, logging and checkpoints. Conventions: prompts LEFT-padded, responses RIGHT-padded, `response_mask` 1 on
 response tokens (their EOS included).
 
