@@ -7,6 +7,8 @@ import math
 import pytest
 from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script
 
+import common
+
 # Tiny settings; the default --max-new-tokens (32) keeps π_ref's cache entry the one the learning test reads
 TINY = "--total-steps 6 --mini-batch-size 4 --eval-every 3 --eval-prompts 8 --heldout-pairs 8".split()
 EVAL_KEYS = ["eval/reward", "eval/gold_score", "eval/distinct_1", "eval/distinct_2", "eval/response_length"]
@@ -54,9 +56,10 @@ def test_one_process_cache_and_resume(builtin_path, shared_cache, tmp_path):
     proc = run_script("dpo.py", *args, "--output-dir", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
     assert "π_ref's log-probs computed" in proc.stdout or "from the cache" in proc.stdout
     records = _check(proc, tmp_path / "run")
-    assert records[0]["data/pairs"] + 8 == 1908  # every built-in pair, 8 held out
+    n_pairs = len(common.load_preference_pairs("builtin")[0])
+    assert records[0]["data/pairs"] + 8 == n_pairs  # every built-in pair, 8 held out
     (entry,) = shared_cache.glob("*.json")
-    assert json.loads(entry.read_text())["info"] == {"pairs": 1908}
+    assert json.loads(entry.read_text())["info"] == {"pairs": n_pairs}
     # stopped at step 1 and resumed (π_ref from the cache): the same numbers
     assert_resume_reproduces("dpo.py", args, records, tmp_path, env={"OMP_NUM_THREADS": "1"})
 
