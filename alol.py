@@ -91,6 +91,9 @@ class Args:
     """row sampling: i.i.d. ∝ max(A, 0) (∝ R for wbc, r_gold, r_lol) or uniform; default good_priority, nll uniform"""
     total_steps: int = 300
     """optimisation steps before good_priority scales them by the fraction of rows with positive weight"""
+    scale_steps: bool = True
+    """good_priority: scale --total-steps by the fraction of rows with positive weight (as released); off: exactly
+    --total-steps, for comparisons at an equal number of steps"""
     mini_batch_size: int = 16
     """sequences per rank per optimiser step"""
     learning_rate: float = 3e-5
@@ -801,7 +804,8 @@ if __name__ == "__main__":
     ref_logprobs = cache["ref_logprobs"]
 
     # A-LoL's priority sampling: good_priority draws rows i.i.d. ∝ max(A, 0) (∝ R for wbc, r_gold, r_lol) and
-    # scales the number of steps by the fraction of rows with positive weight; uniform keeps every row and step.
+    # scales the number of steps by the fraction of rows with positive weight (--no-scale-steps: it does not);
+    # uniform keeps every row and step.
     if sampling == "uniform":
         priority = torch.ones_like(scores)
     elif args.algorithm in REWARD_WEIGHTED:
@@ -811,7 +815,7 @@ if __name__ == "__main__":
     positive = common.mean_across_ranks({"p": (priority > 0).float().mean().item()})["p"]  # one step count: lockstep
     if positive == 0:
         common.fail("no row has a positive advantage (or reward): nothing to train on with --sampling good_priority")
-    num_steps = max(1, round(args.total_steps * positive))
+    num_steps = max(1, round(args.total_steps * positive)) if args.scale_steps else args.total_steps
     torch.manual_seed(args.seed + rank)
     draws = priority_sampler(
         priority, num_steps * args.mini_batch_size, torch.Generator().manual_seed(args.seed + rank)

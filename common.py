@@ -2171,7 +2171,255 @@ def exit_cleanly():
         os._exit(0)
 
 
-# ---- `python common.py --rebuild-builtin`: the built-in task anew ----------------------------------------------------
+# ---- Evaluation of a saved run: its policy against a baseline, under a judge -----------------------------------------
+class Samples(NamedTuple):
+    """Responses sampled for evaluation: the token ids (`batch`), the log-probs of the sampled tokens under the
+    distribution they were drawn from, [n, response_len] (0 on padding), and the texts with special tokens kept."""
+
+    batch: Batch
+    logprobs: torch.Tensor
+    texts: list
+
+
+class EvalPolicy(NamedTuple):
+    """A policy to sample from: the causal LM and, for an ILQL folder, the logits processor of ILQL's decoding."""
+
+    lm: torch.nn.Module
+    processor: object  # a LogitsProcessor (entered as a context manager), or None
+
+
+def eval_policy(path: str, flag: str, device, beta: float) -> EvalPolicy:
+    """The policy saved in `path`. A folder written by ilql.py (with ilql_heads.safetensors) is ILQL's policy: the
+    LM and its heads together, decoding with log_softmax(logits) + β·(min Q̂ − V) as ilql.py does."""
+    lm = load_model(name=path, kind="causal", flag=flag).to(device).eval()
+    if not os.path.exists(os.path.join(resolve(path, "sft"), "ilql_heads.safetensors")):
+        return EvalPolicy(lm, None)
+    import copy
+
+    import ilql  # the ILQL decoding rule lives with its algorithm
+
+    model = ilql.ILQLModel(lm)
+    target_q_heads = copy.deepcopy(model.q_heads)
+    ilql.load_heads(model, target_q_heads, resolve(path, "sft"))
+    model.to(device).eval()
+    return EvalPolicy(lm, ilql.ILQLLogitsProcessor(model, target_q_heads.to(device), beta))
+
+
+@torch.no_grad()
+def sample_for_eval(policy: EvalPolicy, tokenizer, prompt_rows, *, settings, stop_strings, batch_size, device):
+    """Responses to the (token-id) prompts, sampled with `settings` (a GenerationConfig), cut after EOS and at the
+    stop strings, with the log-probs of the sampled tokens under the sampling distribution itself: read from the
+    processed scores of `generate` (temperature, top-k and ILQL's shift all applied), so KL estimates need no second
+    pass through the policy."""
+    parts = []
+    for start in range(0, len(prompt_rows), batch_size):
+        query_ids, query_mask = pad_left(prompt_rows[start : start + batch_size], tokenizer.pad_token_id, device)
+        processors = [policy.processor] if policy.processor is not None else []
+        with policy.processor or contextlib.nullcontext():
+            out = policy.lm.generate(
+                input_ids=query_ids,
+                attention_mask=query_mask,
+                generation_config=settings,
+                logits_processor=processors,
+            )
+        response_ids = out.sequences[:, query_ids.shape[1] :]
+        logprobs = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1)
+        logprobs = logprobs.gather(-1, response_ids[:, :, None]).squeeze(-1)
+        response_ids, response_mask, _ = truncate_after_eos(
+            response_ids,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer,
+            stop_strings=stop_strings,
+        )
+        texts = [
+            tokenizer.decode(row[: int(n)], skip_special_tokens=False)
+            for row, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())
+        ]
+        parts.append(
+            Samples(Batch(query_ids, query_mask, response_ids, response_mask), logprobs * response_mask, texts)
+        )
+    return parts
+
+
+def win_rate(scores, baseline_scores, resamples: int = 1000, seed: int = 0):
+    """The fraction of prompts where the policy's response beats the baseline's under the judge (a tie counts ½),
+    with a 95% bootstrap interval over prompts (percentiles of `resamples` resampled means): (rate, low, high)."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    baseline_scores = torch.as_tensor(baseline_scores, dtype=torch.float64)
+    wins = (scores > baseline_scores).double() + 0.5 * (scores == baseline_scores).double()
+    draws = torch.randint(len(wins), (resamples, len(wins)), generator=torch.Generator().manual_seed(seed))
+    means = wins[draws].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return wins.mean().item(), low, high
+
+
+def distinct_n(texts, n: int) -> float:
+    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
+    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def evaluate_run(
+    run_dir: str,
+    *,
+    baseline="sft",
+    judge=None,
+    prompts=None,
+    temperature=1.0,
+    beta=1.0,
+    batch_size=16,
+    seed=1,
+    device="cpu",
+    out=None,
+) -> dict:
+    """The policy of a finished run (`run_dir`/policy) against a baseline (`sft`: the run's starting policy, π_init;
+    or another run's folder) on the run's held-out prompts (the first `prompts` of its --eval-split; default its
+    --eval-prompts). Both are sampled at `temperature` over the full vocabulary with one seed, and decoded greedily.
+    On the samples: the win rate of the policy under `judge` (a --reward-model entry, or `gold`: the built-in task's
+    gold score, the default there) with its 95% bootstrap interval, and the policy's KL to π_init,
+    Σ_t log p(y_t) − log π_init(y_t) per sampled response (mean, nats, with its standard error). On both decodings:
+    the run's proxy reward (its --reward-model entries, raw scores weighted by its --reward-weights), the gold score
+    on the built-in task, distinct-2 and the response length. The pairs go to `out` (default
+    `run_dir`/eval-vs-BASELINE.jsonl), the summary (returned) to the same name with .json."""
+    with open(os.path.join(run_dir, "args.json")) as f:
+        run = SimpleNamespace(**json.load(f))
+    policy_path = os.path.join(run_dir, "policy")
+    if not os.path.isdir(policy_path):
+        fail(f"{run_dir} has no policy/ folder: pass the folder of a run that finished (runs/NAME)")
+    builtin = run.dataset == BUILTIN
+    judge = judge or ("gold" if builtin else None)
+    if judge is None:
+        fail(f"{run_dir} was not trained on the built-in task: pass --judge (a reward model, module:function or URL)")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(policy_path, flag="RUN_DIR")
+    policy = eval_policy(policy_path, flag="RUN_DIR", device=device, beta=beta)
+    init = EvalPolicy(load_model(name=run.model_name_or_path, kind="causal", flag="--model-name-or-path"), None)
+    init = init._replace(lm=init.lm.to(device).eval())
+    if baseline == "sft":
+        other = init
+    else:
+        other = eval_policy(os.path.join(baseline, "policy"), flag="--baseline", device=device, beta=beta)
+
+    # The held-out prompts, as the run evaluated them
+    texts = load_prompts(run.dataset, run.eval_split, run.prompt_field)[: prompts or run.eval_prompts]
+    prompt_rows, _ = encode_prompts(
+        tokenizer,
+        texts,
+        max_prompt_length=run.max_prompt_length,
+        max_new_tokens=run.max_new_tokens,
+        context=policy.lm.config.max_position_embeddings,
+        chat_template=getattr(run, "chat_template", False),
+    )
+    settings = GenerationConfig(
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=run.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    sampling = dict(
+        settings=settings,
+        stop_strings=getattr(run, "stop_strings", []),
+        batch_size=batch_size,
+        device=device,
+    )
+    greedy = dict(sampling, settings=GenerationConfig(**dict(settings.to_dict(), do_sample=False)))
+    samples = {}
+    for name, model in (("policy", policy), ("baseline", other)):
+        torch.manual_seed(seed)  # the same draws for both: differences come from the models
+        samples[name] = sample_for_eval(model, tokenizer, prompt_rows, **sampling)
+        samples[f"{name}_greedy"] = sample_for_eval(model, tokenizer, prompt_rows, **greedy)
+
+    # Scores: the judge, the run's proxy reward, the gold score; the policy's KL to π_init
+    def scorer(entry):
+        if entry == "gold":
+            return lambda *batch, texts, prompts: torch.tensor(builtin_gold_score(texts))
+        score = load_reward(entry, tokenizer, placement=str(device))
+        return lambda *batch, texts, prompts: score(*batch, prompts=prompts)
+
+    weights = run.reward_weights or [1.0] * len(run.reward_model)
+    proxies = [scorer(entry) for entry in run.reward_model]
+    judged = scorer(judge)
+    columns = {}
+    for name, parts in samples.items():
+        rows = {"judge": [], "reward": [], "kl_to_init": [], "length": []} | ({"gold": []} if builtin else {})
+        for start, part in zip(range(0, len(texts), batch_size), parts):
+            chunk = dict(texts=part.texts, prompts=texts[start : start + batch_size])
+            rows["judge"].append(judged(*part.batch, **chunk))
+            rows["reward"].append(sum(w * proxy(*part.batch, **chunk) for w, proxy in zip(weights, proxies)))
+            if builtin:
+                rows["gold"].append(torch.tensor(builtin_gold_score(part.texts)))
+            if not name.endswith("_greedy"):  # a KL estimate needs responses sampled from the policy
+                init_logprobs = forward_logprobs(init.lm, *part.batch, temperature=temperature)
+                rows["kl_to_init"].append((part.logprobs - init_logprobs.cpu()).sum(1))
+            rows["length"].append(part.batch.response_mask.sum(1).float())
+        columns[name] = {key: torch.cat(values).float() for key, values in rows.items() if values}
+        columns[name]["texts"] = [t for part in parts for t in part.texts]
+    rate, low, high = win_rate(columns["policy"]["judge"], columns["baseline"]["judge"], seed=seed)
+
+    summary = {
+        "run": run_dir,
+        "baseline": baseline,
+        "judge": judge,
+        "prompts": len(texts),
+        "win_rate": rate,
+        "win_rate_low": low,
+        "win_rate_high": high,
+    }
+    for name in samples:
+        c = columns[name]
+        summary[f"{name}/reward"] = c["reward"].mean().item()
+        if builtin:
+            summary[f"{name}/gold_score"] = c["gold"].mean().item()
+        summary[f"{name}/distinct_2"] = distinct_n(c["texts"], 2)
+        summary[f"{name}/response_length"] = c["length"].mean().item()
+        if "kl_to_init" in c:
+            summary[f"{name}/kl_to_init"] = c["kl_to_init"].mean().item()
+            summary[f"{name}/kl_to_init_stderr"] = (c["kl_to_init"].std() / len(texts) ** 0.5).item()
+    out = out or os.path.join(run_dir, f"eval-vs-{os.path.basename(baseline.rstrip('/'))}.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        for i, prompt in enumerate(texts):
+            row = {"prompt": prompt}
+            for name in samples:
+                c = columns[name]
+                scores = {k: c[k][i].item() for k in ("judge", "reward", "gold", "kl_to_init") if k in c}
+                row[name] = {"response": c["texts"][i], **scores}
+            f.write(json.dumps(row) + "\n")
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def eval_table(summary: dict) -> str:
+    """evaluate_run's summary for a terminal: the win rate, then one markdown row for each side."""
+    lines = [
+        f"{summary['run']}: win rate against {summary['baseline']} under {summary['judge']} "
+        f"{summary['win_rate']:.3f} (95% bootstrap interval {summary['win_rate_low']:.3f}–"
+        f"{summary['win_rate_high']:.3f}) on {summary['prompts']} held-out prompts",
+        "| | proxy reward | gold score | KL to π_init (nats) | distinct-2 | response length |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("policy", "baseline", "policy_greedy", "baseline_greedy"):
+        gold = summary.get(f"{name}/gold_score")
+        gold = "–" if gold is None else f"{gold:+.3f}"
+        kl = "–"
+        if f"{name}/kl_to_init" in summary:
+            kl = f"{summary[f'{name}/kl_to_init']:.2f} ± {summary[f'{name}/kl_to_init_stderr']:.2f}"
+        lines.append(
+            f"| {name.replace('_', ', ')} | {summary[f'{name}/reward']:+.3f} | {gold} | {kl} | "
+            f"{summary[f'{name}/distinct_2']:.3f} | {summary[f'{name}/response_length']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# ---- `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`: tools outside a training run ---------
 if __name__ == "__main__":
     import argparse
 
@@ -2183,7 +2431,34 @@ if __name__ == "__main__":
         const=BUILTIN_SHIPPED,
         help="build the built-in task anew into FOLDER (default: the shipped builtin/ beside common.py)",
     )
+    tools = parser.add_subparsers(dest="tool")
+    evaluation = tools.add_parser("eval", help="a run's policy against a baseline under a judge (evaluate_run)")
+    evaluation.add_argument("run_dir", help="a finished run: runs/NAME, with args.json and policy/")
+    evaluation.add_argument("--baseline", default="sft", help="sft (the run's starting policy) or another RUN_DIR")
+    evaluation.add_argument("--judge", help="a --reward-model entry, or gold (the built-in default)")
+    evaluation.add_argument("--prompts", type=int, help="held-out prompts (default: the run's --eval-prompts)")
+    evaluation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (full vocabulary)")
+    evaluation.add_argument("--beta", type=float, default=1.0, help="ILQL runs: the decoding β")
+    evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    evaluation.add_argument("--seed", type=int, default=1, help="the sampling seed (the same for both policies)")
+    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.add_argument("--out", help="the pairs' jsonl (default RUN_DIR/eval-vs-BASELINE.jsonl)")
     cli = parser.parse_args()
-    if cli.rebuild_builtin is None:
-        parser.error("nothing to do; pass --rebuild-builtin")
-    build_builtin(cli.rebuild_builtin, BUILTIN_SETTINGS)
+    if cli.tool == "eval":
+        s = evaluate_run(
+            cli.run_dir,
+            baseline=cli.baseline,
+            judge=cli.judge,
+            prompts=cli.prompts,
+            temperature=cli.temperature,
+            beta=cli.beta,
+            batch_size=cli.batch_size,
+            seed=cli.seed,
+            device=cli.device,
+            out=cli.out,
+        )
+        print(eval_table(s))
+    elif cli.rebuild_builtin is not None:
+        build_builtin(cli.rebuild_builtin, BUILTIN_SETTINGS)
+    else:
+        parser.error("nothing to do; pass eval RUN_DIR or --rebuild-builtin")

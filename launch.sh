@@ -21,6 +21,7 @@ Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
   --dry-run         print the command instead of running it
 OMP_NUM_THREADS defaults to max(1, nproc / processes-per-node) when unset.
   ./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [-- ARGS]   PPO vs APA vs AWR on the built-in task
+  ./launch.sh compare --offline [--steps 128] [--seeds '1 2 3']      NLL, wBC, A-LoL, DPO, PRO, ILQL, same steps
   ./launch.sh paper NAME [--size 125m|1b|6b] [--dry-run]   a released experiment (--list: all, with GPUs)
   ./launch.sh bench [--batch-size 64] [--scripts ppo apa awr] ...    throughput vs bare generate / training loop
 Examples:
@@ -41,6 +42,7 @@ int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a non-negative integer, got '$2'";
 # ---- compare: PPO, APA and AWR on the built-in task, same budget, several seeds, one table -------------------------
 compare() {
   local seeds="1 2 3" episodes=8192 out="runs/compare-$(date +%Y%m%d-%H%M%S)" algo seed start
+  if [[ ${1:-} == --offline ]]; then shift; compare_offline "$@"; return; fi
   while (($#)); do
     case $1 in
       --seeds) seeds=$2; shift 2 ;;
@@ -106,6 +108,111 @@ for ax, name in zip(axes, ["proxy reward", "gold score"]):
 fig.tight_layout()
 fig.savefig(os.path.join(out, "reward_vs_kl.png"), dpi=100)
 print(f"wrote {os.path.join(out, 'reward_vs_kl.png')}")
+PY
+}
+
+# ---- compare --offline: the offline methods on the built-in rows, same steps, one evaluation, one table -------------
+# name  script  its own arguments (every run also gets --seed, the steps, --mini-batch-size 16 and the output folder)
+OFFLINE_METHODS="nll:alol:--algorithm nll
+wbc:alol:--algorithm wbc
+a_lol:alol:--algorithm a_lol --no-scale-steps
+a_lol_seq:alol:--algorithm a_lol_seq --no-scale-steps
+dpo:dpo:
+dpo_ref_free:dpo:--reference-free
+pro:pro:
+ilql:ilql:"
+compare_offline() {
+  local seeds="1 2 3" steps=128 betas="1 4" methods="" out="runs/compare-offline-$(date +%Y%m%d-%H%M%S)"
+  local line name script own seed start run_dir beta steps_args
+  while (($#)); do
+    case $1 in
+      --seeds) seeds=$2; shift 2 ;;
+      --steps) int "$1" "$2"; steps=$2; shift 2 ;;
+      --methods) methods=$2; shift 2 ;;
+      --ilql-betas) betas=$2; shift 2 ;;
+      --out) out=$2; shift 2 ;;
+      -h|--help) echo "./launch.sh compare --offline [--seeds '1 2 3'] [--steps 128] [--methods 'nll dpo ...']" \
+                      "[--ilql-betas '1 4'] [--out DIR] [-- ARGS for every script]"; exit 0 ;;
+      --) shift; break ;;
+      *) die "compare --offline: unknown option '$1' (see ./launch.sh compare --offline --help)" ;;
+    esac
+  done
+  # ILQL counts epochs over the 1024 built-in rows, 64 steps of 16 rows each
+  ((steps % 64 == 0)) || die "compare --offline: --steps must be a multiple of 64 (one ILQL epoch of the built-in rows)"
+  mkdir -p "$out"; : > "$out/wall_times.txt"
+  while IFS=: read -r name script own; do
+    [[ -z $methods || " $methods " == *" $name "* ]] || continue
+    if [[ $script == ilql ]]; then
+      steps_args=(--offline-epochs $((steps / 64)) --eval-every $((steps / 64)))
+    else
+      steps_args=(--total-steps "$steps" --eval-every "$steps")
+    fi
+    for seed in $seeds; do
+      echo "compare --offline: $name seed $seed ($steps steps) -> $out/$name-$seed.log"
+      start=$EPOCHREALTIME
+      # shellcheck disable=SC2086  # $own: the method's own arguments, split on purpose
+      python "$script.py" $own "${steps_args[@]}" --mini-batch-size 16 --seed "$seed" --exp-name "$name" \
+        --output-dir "$out/$name-$seed" "$@" > "$out/$name-$seed.log" 2>&1 \
+        || die "compare --offline: $name seed $seed failed; see $out/$name-$seed.log"
+      echo "$name $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
+      run_dir=$(ls -d "$out/$name-$seed"/*/)
+      for beta in $([[ $script == ilql ]] && echo "$betas" || echo 1); do
+        local label=$name; [[ $script == ilql ]] && label="ilql_beta_$beta"
+        python common.py eval "$run_dir" --beta "$beta" --out "$out/eval/$label-$seed.jsonl" >> "$out/$name-$seed.log" 2>&1 \
+          || die "compare --offline: evaluating $name seed $seed failed; see $out/$name-$seed.log"
+      done
+    done
+  done <<< "$OFFLINE_METHODS"
+  python - "$out" <<'PY'
+import glob, json, os, statistics as st, sys
+out = sys.argv[1]
+walls, evals = {}, {}
+for line in open(os.path.join(out, "wall_times.txt")):
+    name, seed, start, end = line.split()
+    walls.setdefault(name, []).append(float(end) - float(start))
+for path in sorted(glob.glob(os.path.join(out, "eval", "*.json"))):
+    label = os.path.basename(path).rsplit("-", 1)[0]
+    evals.setdefault(label, []).append(json.load(open(path)))
+def fmt(xs, digits=3, sign="+"):
+    spread = st.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{st.mean(xs):{sign}.{digits}f} ± {spread:.{digits}f}"
+lines = ["| method | seeds | gold score | gold score, greedy | proxy reward (raw) | KL to π_init (nats) | distinct-2 "
+         "| win rate vs SFT (gold) | train wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
+first = next(iter(evals.values()))[0]
+lines.append(f"| SFT (π_init) | – | {first['baseline/gold_score']:+.3f} | {first['baseline_greedy/gold_score']:+.3f} | "
+             f"{first['baseline/reward']:+.3f} | 0 | {first['baseline/distinct_2']:.3f} | 0.5 | – |")
+points = {}
+for label, runs in evals.items():
+    wall = walls.get(label.split("_beta_")[0] if label.startswith("ilql") else label, [])
+    gold = [r["policy/gold_score"] for r in runs]
+    kl = [r["policy/kl_to_init"] for r in runs]
+    points[label] = (kl, gold)
+    lines.append(f"| {label.replace('_beta_', ' β=')} | {len(runs)} | {fmt(gold)} | "
+                 f"{fmt([r['policy_greedy/gold_score'] for r in runs])} | "
+                 f"{fmt([r['policy/reward'] for r in runs])} | {fmt(kl, 2, '')} | "
+                 f"{fmt([r['policy/distinct_2'] for r in runs], 3, '')} | {fmt([r['win_rate'] for r in runs], 3, '')} | "
+                 f"{fmt(wall, 1, '') if wall else '–'} |")
+table = "\n".join(lines)
+print(f"{first['prompts']} held-out prompts; each policy sampled at temperature 1 over the full vocabulary (one seed)"
+      " and decoded greedily; mean ± std over training seeds")
+print(table)
+open(os.path.join(out, "table.md"), "w").write(table + "\n")
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    print("matplotlib is not installed: no gold-vs-KL picture (pip install matplotlib)")
+    sys.exit(0)
+fig, ax = plt.subplots(figsize=(6, 4))
+for label, (kl, gold) in points.items():
+    ax.errorbar(st.mean(kl), st.mean(gold), xerr=st.stdev(kl) if len(kl) > 1 else 0,
+                yerr=st.stdev(gold) if len(gold) > 1 else 0, fmt="o", capsize=3, label=label.replace("_beta_", " β="))
+ax.axhline(first["baseline/gold_score"], color="gray", ls="--", label="SFT")
+ax.set_xlabel("KL to π_init (nats per response)"); ax.set_ylabel("held-out gold score"); ax.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(os.path.join(out, "gold_vs_kl.png"), dpi=100)
+print(f"wrote {os.path.join(out, 'gold_vs_kl.png')}")
 PY
 }
 
