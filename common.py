@@ -1201,7 +1201,7 @@ def load_reward(
     float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without them, the
     decoded query ids stand in). An entry is:
     - `module:function`, a Python f(prompts, responses) -> list of floats: the prompts as given (texts, or lists of
-      messages), the responses decoded after their prompts (response_texts; the module is looked up in the working
+      messages), the responses decoded after their prompts (reward_texts; the module is looked up in the working
       directory and on PYTHONPATH);
     - a 1-output sequence-classification model (hub name, folder, builtin), frozen on `placement`. One whose tokenizer
       has a chat template scores its own template of (prompt messages, response); else one with the policy's
@@ -1248,16 +1248,16 @@ def load_reward(
 
     def own_texts(query_ids, query_mask, response_ids, response_mask, prompts):
         """The texts the reward model reads: its chat template of (prompt, response), or prompt text + response."""
-        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)
-        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+        texts = reward_texts(tokenizer, query_ids, query_mask, response_ids, response_mask, prompts=prompts)
+        pairs = zip(texts.prompts, texts.responses)
         if own_template:
             return [
                 reward_tokenizer.apply_chat_template(
                     prompt_messages(prompt) + [{"role": "assistant", "content": reply}], tokenize=False
                 )
-                for prompt, reply in zip(prompts, responses)
+                for prompt, reply in pairs
             ]
-        return [prompt_text(prompt) + reply for prompt, reply in zip(prompts, responses)]
+        return [prompt_text(prompt) + reply for prompt, reply in pairs]
 
     @torch.no_grad()
     def score_with_model(query_ids, query_mask, response_ids, response_mask, prompts=None):
@@ -1280,6 +1280,32 @@ def load_reward(
     return score_with_model
 
 
+class RewardTexts(NamedTuple):
+    """What a reward that reads text gets: the prompts as the dataset gave them (text or messages; decoded from the
+    query ids without them) and the responses decoded after their prompts (response_texts)."""
+
+    prompts: list
+    responses: list
+
+
+def reward_texts(tokenizer, query_ids, query_mask, response_ids, response_mask, prompts=None) -> RewardTexts:
+    """The texts of rows (query_ids, query_mask, response_ids, response_mask) as a reward reads them."""
+    return RewardTexts(
+        prompts=_decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts),
+        responses=response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask),
+    )
+
+
+def _text_reward(tokenizer, score_texts):
+    """load_reward's score(...) of a reward that reads text: score_texts(prompts, responses) -> one float per row."""
+
+    def score_with_texts(query_ids, query_mask, response_ids, response_mask, prompts=None):
+        texts = reward_texts(tokenizer, query_ids, query_mask, response_ids, response_mask, prompts=prompts)
+        return torch.tensor(score_texts(texts.prompts, texts.responses), dtype=torch.float32)
+
+    return score_with_texts
+
+
 def _reward_function(name: str, tokenizer):
     """A `module:function` --reward-model entry as load_reward's score(...): f(prompts, responses) -> floats."""
     module, _, function = name.partition(":")
@@ -1292,18 +1318,16 @@ def _reward_function(name: str, tokenizer):
             f"PYTHONPATH, and give --reward-model as module:function"
         )
 
-    def score_with_function(query_ids, query_mask, response_ids, response_mask, prompts=None):
-        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)
-        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+    def call(prompts, responses):
         scores = [float(s) for s in fn(prompts, responses)]
-        if len(scores) != len(query_ids):
+        if len(scores) != len(responses):
             fail(
-                f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
+                f"the reward function '{name}' returned {len(scores)} scores for {len(responses)} responses; it "
                 f"must return one float per (prompt, response)"
             )
-        return torch.tensor(scores)
+        return scores
 
-    return score_with_function
+    return _text_reward(tokenizer, call)
 
 
 def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dtype: str) -> dict:
