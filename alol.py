@@ -126,7 +126,7 @@ class Args:
     model_name_or_path: str = "builtin"
     """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """scorer of each reward field (one, or one per field): a 1-output classifier, module:function, or `gold`"""
+    """scorer of each reward field (one, or one per field): a 1-output classifier, module:function, URL or `gold`"""
     offline_dataset: str = "builtin"
     """training rows {prompt, response, reward columns} or preference rows {prompt, chosen, ...}: hub, path, builtin"""
     offline_split: str = "train"
@@ -401,7 +401,7 @@ def fingerprint(name: str, role: str):
     if name == "gold":
         return [name]
     path = common.resolve(name, role)
-    if ":" in path and not os.path.exists(path):  # a module:function reward: its name
+    if ":" in path and not os.path.exists(path):  # module:function or URL: its name (code and server assumed fixed)
         return [path]
     if not os.path.isdir(path):
         return [path, hub_commit(path)]

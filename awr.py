@@ -145,7 +145,7 @@ class Args:
     model_name_or_path: str = "builtin"
     """the SFT policy, which is also the frozen π_ref = π_init: a hub name, a local folder, or `builtin`"""
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables"""
+    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`), `module:function` callables, URLs"""
     reward_weights: list[float] = field(default_factory=list)
     """weight of each --reward-model in the sum (default 1 each)"""
     value_model: str = "reward"

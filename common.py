@@ -11,7 +11,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
      5. Token ids                      encode_prompts, pad_left, Batch, encode_offline_rows, truncate_after_eos, ...
      6. Tokenizers and models          load_tokenizer, load_model, 4-bit weights, ZeRO-3 loading, no dropout
      7. Which weights train            LoRA adapters (add_lora, adapter_off, merged_state_dict), freeze_lower_layers
-     8. Rewards                        load_reward: a Python function, a sequence-classification model, a released one
+     8. Rewards                        load_reward: a Python function, a URL, a 1-output classifier, a released one
      9. Reward models as released      the trlX / Dahoas, trlX TL;DR and OpenAssistant layouts
     10. Distributed set-up             the process group, all-reduce of CPU tensors, generate under ZeRO-3
     11. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import http.client
 import importlib
 import inspect
 import json
@@ -46,6 +47,9 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -1186,7 +1190,7 @@ def merged_state_dict(state: dict, model) -> dict:
     return merged
 
 
-# ---- Rewards: a Python function, a sequence-classification model, or a reward model as released ----------------------
+# ---- Rewards: a Python function, a URL, a sequence-classification model, or a reward model as released ---------------
 def load_reward(
     name: str,
     tokenizer,
@@ -1201,8 +1205,12 @@ def load_reward(
     float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without them, the
     decoded query ids stand in). An entry is:
     - `module:function`, a Python f(prompts, responses) -> list of floats: the prompts as given (texts, or lists of
-      messages), the responses decoded after their prompts (response_texts; the module is looked up in the working
+      messages), the responses decoded after their prompts (reward_texts; the module is looked up in the working
       directory and on PYTHONPATH);
+    - `http://HOST:PORT/PATH` or `https://...`, a server that scores the same texts: POSTed JSON {"prompts": [...],
+      "responses": [...]}, REMOTE_BATCH rows a request, it answers {"scores": [one number per response]}
+      (_remote_reward: retried with back-off while it is down or answers 5xx, one error line when it stays down or
+      answers badly);
     - a 1-output sequence-classification model (hub name, folder, builtin), frozen on `placement`. One whose tokenizer
       has a chat template scores its own template of (prompt messages, response); else one with the policy's
       vocabulary reads its head at the last real token of the policy's ids; else it reads the prompt text and the
@@ -1210,6 +1218,8 @@ def load_reward(
     - a released layout (trlX / Dahoas hf_ckpt.pt, trlX TL;DR, OpenAssistant), scored on its own text format
       (load_released_reward).
     `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
+    if is_remote_reward(name):  # before module:function, which a URL's colon would also match
+        return _remote_reward(name, tokenizer)
     module, _, function = name.partition(":")
     if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
         return _reward_function(name, tokenizer)
@@ -1248,16 +1258,16 @@ def load_reward(
 
     def own_texts(query_ids, query_mask, response_ids, response_mask, prompts):
         """The texts the reward model reads: its chat template of (prompt, response), or prompt text + response."""
-        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)
-        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+        texts = reward_texts(tokenizer, query_ids, query_mask, response_ids, response_mask, prompts=prompts)
+        pairs = zip(texts.prompts, texts.responses)
         if own_template:
             return [
                 reward_tokenizer.apply_chat_template(
                     prompt_messages(prompt) + [{"role": "assistant", "content": reply}], tokenize=False
                 )
-                for prompt, reply in zip(prompts, responses)
+                for prompt, reply in pairs
             ]
-        return [prompt_text(prompt) + reply for prompt, reply in zip(prompts, responses)]
+        return [prompt_text(prompt) + reply for prompt, reply in pairs]
 
     @torch.no_grad()
     def score_with_model(query_ids, query_mask, response_ids, response_mask, prompts=None):
@@ -1280,6 +1290,32 @@ def load_reward(
     return score_with_model
 
 
+class RewardTexts(NamedTuple):
+    """What a reward that reads text gets: the prompts as the dataset gave them (text or messages; decoded from the
+    query ids without them) and the responses decoded after their prompts (response_texts)."""
+
+    prompts: list
+    responses: list
+
+
+def reward_texts(tokenizer, query_ids, query_mask, response_ids, response_mask, prompts=None) -> RewardTexts:
+    """The texts of rows (query_ids, query_mask, response_ids, response_mask) as a reward reads them."""
+    return RewardTexts(
+        prompts=_decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts),
+        responses=response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask),
+    )
+
+
+def _text_reward(tokenizer, score_texts):
+    """load_reward's score(...) of a reward that reads text: score_texts(prompts, responses) -> one float per row."""
+
+    def score_with_texts(query_ids, query_mask, response_ids, response_mask, prompts=None):
+        texts = reward_texts(tokenizer, query_ids, query_mask, response_ids, response_mask, prompts=prompts)
+        return torch.tensor(score_texts(texts.prompts, texts.responses), dtype=torch.float32)
+
+    return score_with_texts
+
+
 def _reward_function(name: str, tokenizer):
     """A `module:function` --reward-model entry as load_reward's score(...): f(prompts, responses) -> floats."""
     module, _, function = name.partition(":")
@@ -1292,18 +1328,107 @@ def _reward_function(name: str, tokenizer):
             f"PYTHONPATH, and give --reward-model as module:function"
         )
 
-    def score_with_function(query_ids, query_mask, response_ids, response_mask, prompts=None):
-        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)
-        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
+    def call(prompts, responses):
         scores = [float(s) for s in fn(prompts, responses)]
-        if len(scores) != len(query_ids):
+        if len(scores) != len(responses):
             fail(
-                f"the reward function '{name}' returned {len(scores)} scores for {len(query_ids)} responses; it "
+                f"the reward function '{name}' returned {len(scores)} scores for {len(responses)} responses; it "
                 f"must return one float per (prompt, response)"
             )
-        return torch.tensor(scores)
+        return scores
 
-    return score_with_function
+    return _text_reward(tokenizer, call)
+
+
+# A URL entry: rows per request, seconds a request may take, tries before giving up, and the wait before the second
+# try (doubled before each next: 1, 2, 4 s)
+REMOTE_BATCH = 32
+REMOTE_TIMEOUT = 60.0
+REMOTE_TRIES = 4
+REMOTE_BACKOFF = 1.0
+REMOTE_CONTRACT = 'it must take a POST of JSON {"prompts": [...], "responses": [...]} and answer {"scores": [...]}'
+
+
+def is_remote_reward(name: str) -> bool:
+    """Whether a --reward-model entry is a scoring server's URL (http:// or https://)."""
+    return name.lower().startswith(("http://", "https://"))
+
+
+def _remote_reward(url: str, tokenizer):
+    """A URL --reward-model entry as load_reward's score(...): the texts a module:function gets, POSTed as JSON
+    {"prompts": [...], "responses": [...]}, REMOTE_BATCH rows at a time; the server answers {"scores": [...]}, one
+    finite number per response. Each rank posts its own rows."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = bool(parts.hostname) and (parts.port is None or parts.port > 0)  # .port: ValueError if not a number
+    except ValueError:
+        valid = False
+    if not valid:
+        fail(f"--reward-model {url} is not a server's URL; give it as http://HOST:PORT/PATH or https://HOST/PATH")
+
+    def score_remotely(prompts, responses):
+        scores = []
+        for start in range(0, len(responses), REMOTE_BATCH):
+            rows = slice(start, start + REMOTE_BATCH)
+            scores += _remote_scores(url, prompts=prompts[rows], responses=responses[rows])
+        return scores
+
+    return _text_reward(tokenizer, score_remotely)
+
+
+def _remote_scores(url: str, prompts: list, responses: list) -> list:
+    """One request: the scores the server at `url` answers for (prompts, responses), checked."""
+    body = _post_json(url, {"prompts": prompts, "responses": responses})
+    try:
+        answer = json.loads(body, parse_int=float)  # every number a float (a huge integer: inf)
+    except ValueError:  # not JSON, or not UTF-8
+        fail(f"the reward server at {url} answered {_excerpt(body)}, which is not JSON; {REMOTE_CONTRACT}")
+    scores = answer.get("scores") if isinstance(answer, dict) else None
+    if not isinstance(scores, list):
+        fail(f'the reward server at {url} answered {_excerpt(body)}, without a "scores" list; {REMOTE_CONTRACT}')
+    if len(scores) != len(responses):
+        fail(
+            f"the reward server at {url} answered {len(scores)} scores for {len(responses)} responses; it must answer "
+            f"one per response"
+        )
+    for score in scores:
+        if not isinstance(score, float):
+            fail(f"the reward server at {url} answered the score {json.dumps(score)[:80]}; each score must be a number")
+        if not math.isfinite(score):
+            fail(f"the reward server at {url} answered the score {score}; each score must be a finite number")
+    return scores
+
+
+def _post_json(url: str, payload) -> bytes:
+    """POST `payload` as JSON to `url` and return the answer's body. A refused or reset connection, a timeout, a cut
+    answer, 429 or 5xx is retried (REMOTE_TRIES tries, REMOTE_BACKOFF s apart, doubled each time); another 4xx, or
+    a server still down after the tries, stops the run with one line."""
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    problem = None
+    for attempt in range(REMOTE_TRIES):
+        if attempt:
+            time.sleep(REMOTE_BACKOFF * 2 ** (attempt - 1))
+        try:
+            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT) as answer:
+                return answer.read()
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code != 429:  # the request is wrong: the same one will not do better
+                fail(f"the reward server at {url} answered HTTP {e.code} {_excerpt(e.read())}; {REMOTE_CONTRACT}")
+            problem = f"HTTP {e.code} {e.reason}"
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+            problem = str(getattr(e, "reason", e)) or type(e).__name__
+    fail(
+        f"the reward server at {url} did not answer after {REMOTE_TRIES} tries ({problem}); start it, or give "
+        f"--reward-model the URL of one that runs"
+    )
+
+
+def _excerpt(body: bytes, limit=80) -> str:
+    """The start of a server's answer, on one line, quoted: for an error message."""
+    text = " ".join(body.decode(errors="replace").split())
+    return f"'{text[:limit]}{'...' if len(text) > limit else ''}'"
 
 
 def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dtype: str) -> dict:

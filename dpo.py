@@ -105,7 +105,7 @@ class Args:
     model_name_or_path: str = "builtin"
     """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """scorers of the evaluation's proxy reward (not trained on): a 1-output classifier, module:function, or `gold`"""
+    """scorers of the evaluation's proxy reward (not trained on): a 1-output classifier, module:function, URL, `gold`"""
     reward_weights: list[float] = field(default_factory=list)
     """weight of each --reward-model in the proxy reward Σ w_i · transform(r_i) (empty = all 1)"""
     offline_dataset: str = "builtin"

@@ -127,8 +127,8 @@ class Args:
     offline_split: str = "train"
     """the split of --offline-dataset to train on"""
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """reward(s) of the evaluation, summed: 1-output classifiers (hub name, folder, `builtin`) and/or
-    `module:function` callables"""
+    """reward(s) of the evaluation, summed: 1-output classifiers (hub name, folder, `builtin`), `module:function`
+    callables and/or URLs of scoring servers"""
     reward_weights: list[float] = field(default_factory=list)
     """weight of each --reward-model in the sum (default 1 each)"""
     dataset: str = "builtin"

@@ -108,8 +108,8 @@ class Args:
     model_name_or_path: str = "builtin"
     """the starting (SFT) policy: a hub name, a local folder, or `builtin`"""
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`) and/or `module:function` callables; they
-    score the evaluation's responses (and the candidates with --score-candidates)"""
+    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`), `module:function` callables and/or URLs;
+    they score the evaluation's responses (and the candidates with --score-candidates)"""
     reward_weights: list[float] = field(default_factory=list)
     """weight of each --reward-model in the sum (default 1 each)"""
     offline_dataset: str = "builtin"
