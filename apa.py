@@ -19,7 +19,13 @@ The advantage is GAE (Schulman et al. 2016) on a value model V fitted to the ret
     δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = δ_t + γ λ_GAE A_{t+1},   R_t = A_t + V(s_t),   V after the end = 0,
 
 with the sequence's score as the reward r_t of its last token and 0 elsewhere: no KL term in the reward, the loss
-itself holds π_θ near π_init. The loop follows Algorithm 1 of the paper:
+itself holds π_θ near π_init. Online, the KL to π_init is logged by three per-token estimates (Schulman,
+"Approximating KL Divergence", http://joschu.net/blog/kl-approx.html), with r = log π_init(a|s) − log π_old(a|s) on
+the sampled token: k1 = −r (the papers' KL, also logged as rollout/kl_to_ref), k2 = ½ r², k3 = (e^r − 1) − r. PPO's
+--kl-estimator and --kl-in-loss have no place here: the reward has no KL term to estimate, and L^APA already anchors
+log π_θ to log π_init.
+
+The loop follows Algorithm 1 of the paper:
 
     lines 2-4  π_θ and π_ref start from π_init; V from π_init too (here also from the reward model, --value-model)
     line 5     for each iteration:
@@ -309,6 +315,20 @@ def apa_loss(*, logprobs, ref_logprobs, advantages, response_mask, lam):
     """The APA loss L^APA: masked mean over response tokens of (log π_θ − A/λ − log π_init)², anchored to
     π_init = π_ref, not to π_old. All tensors [batch, response_len]; `logprobs` carries the gradient."""
     return masked_mean((logprobs - ref_logprobs - advantages / lam) ** 2, response_mask)  # the APA paper's loss L^APA
+
+
+def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
+    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' KL), k2 = ½ r² (biased, low variance),
+    k3 = (e^r − 1) − r (unbiased, never negative). Logged only. All tensors [batch, response_len]; 0 on padding."""
+    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
 def value_loss(values, returns, response_mask):
@@ -735,6 +755,14 @@ if __name__ == "__main__":
             # 6. Log: the rollout's statistics, timings, and an evaluation every --eval-every iterations
             metrics["rollout/score"] = r.scores.mean().item()
             metrics["rollout/kl_to_ref"] = ((r.old_logprobs - r.ref_logprobs) * response_mask).sum(1).mean().item()
+            for name in ("k1", "k2", "k3"):  # each estimate summed over a response (0 on padding), mean over responses
+                kl = kl_estimate(
+                    logprobs=r.old_logprobs,
+                    ref_logprobs=r.ref_logprobs,
+                    response_mask=response_mask,
+                    estimator=name,
+                )
+                metrics[f"rollout/kl_{name}"] = kl.sum(1).mean().item()
             metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
             metrics["rollout/no_eos_fraction"] = (~r.ended).float().mean().item()
             mean_logprob = masked_mean(r.old_logprobs, response_mask, across_ranks=True)

@@ -18,8 +18,14 @@ the returns, backwards over the response:
 
     δ_t = r_t + γ V(s_{t+1}) − V(s_t),   A_t = δ_t + γ λ_GAE A_{t+1},   R_t = A_t + V(s_t),   V after the end = 0,
 
-with the sequence's score as the reward r_t of its last token and 0 elsewhere, no KL term. The loop follows
-Algorithm 1 of the APA paper:
+with the sequence's score as the reward r_t of its last token and 0 elsewhere, no KL term. Online, the KL to π_init
+is logged by three per-token estimates (Schulman, "Approximating KL Divergence",
+http://joschu.net/blog/kl-approx.html), with r = log π_init(a|s) − log π_old(a|s) on the sampled token: k1 = −r (the
+papers' KL, also logged as rollout/kl_to_ref), k2 = ½ r², k3 = (e^r − 1) − r. PPO's --kl-estimator and --kl-in-loss
+have no place here: the reward has no KL term to estimate, and a KL term in L^AWR would make it another algorithm
+than the baseline the APA paper ran.
+
+The loop follows Algorithm 1 of the APA paper:
 
     lines 2-4  π_θ and π_ref start from π_init; V from π_init too (here also from the reward model, --value-model)
     line 5     for each iteration:
@@ -315,6 +321,20 @@ def awr_loss(*, logprobs, advantages, response_mask, lam, max_weight):
     [batch, response_len]; `logprobs` carries the gradient."""
     weights = torch.exp(advantages / lam).clamp(max=max_weight).detach()
     return masked_mean(-weights * logprobs, response_mask)  # the APA paper's L^AWR: weighted log-likelihood
+
+
+def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
+    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' KL), k2 = ½ r² (biased, low variance),
+    k3 = (e^r − 1) − r (unbiased, never negative). Logged only. All tensors [batch, response_len]; 0 on padding."""
+    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
 def value_loss(values, returns, response_mask):
@@ -747,6 +767,14 @@ if __name__ == "__main__":
             # 6. Log: the rollout's statistics, timings, and an evaluation every --eval-every iterations
             metrics["rollout/score"] = r.scores.mean().item()
             metrics["rollout/kl_to_ref"] = ((r.old_logprobs - r.ref_logprobs) * response_mask).sum(1).mean().item()
+            for name in ("k1", "k2", "k3"):  # each estimate summed over a response (0 on padding), mean over responses
+                kl = kl_estimate(
+                    logprobs=r.old_logprobs,
+                    ref_logprobs=r.ref_logprobs,
+                    response_mask=response_mask,
+                    estimator=name,
+                )
+                metrics[f"rollout/kl_{name}"] = kl.sum(1).mean().item()
             metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
             metrics["rollout/no_eos_fraction"] = (~r.ended).float().mean().item()
             mean_logprob = masked_mean(r.old_logprobs, response_mask, across_ranks=True)

@@ -19,6 +19,14 @@ value model, r(x, y) the reward model's score of the whole response.
   trained on R(x, y) = r(x, y) − β log(π(y|x) / π_ref(y|x)). The log-ratio of a sequence is the sum of its tokens',
   so the per-token reward is r_t = −β (log π_old(y_t|s_t) − log π_ref(y_t|s_t)), plus the score r(x, y) on the last
   token y_T.
+- The per-token KL estimate (`--kl-estimator`; Schulman, "Approximating KL Divergence",
+  http://joschu.net/blog/kl-approx.html): with r = log π_ref(y_t|s_t) − log π_old(y_t|s_t) on the sampled token,
+  k1 = −r (the papers' penalty above, the default), k2 = ½ r², k3 = (e^r − 1) − r; all three are logged.
+  `--kl-in-loss` moves the penalty out of the reward into the loss, as GRPO does (Shao et al. 2024, DeepSeekMath,
+  arXiv 2402.03300): the reward is the score alone, and the loss adds β · mean_t k(π_θ, π_ref) over the rollout's
+  response tokens, with the current π_θ (its gradient flows; k3 or k2, as k1's gradient is 0 in expectation on
+  the policy's own samples). β is then the weight of a mean per token, not of a sum per response; it still adapts
+  on the rollout's KL measured by k1.
 - β adapts toward a target KL (Ziegler et al., Section 2.2): e = clip(KL / KL_target − 1, −0.2, 0.2),
   β ← β (1 + e · n / horizon), n the responses of the batch; or β stays fixed.
 - Advantages by GAE, truncated at the end of the response (PPO eq. (11) and (12); the GAE paper's GAE(γ, λ)):
@@ -91,7 +99,11 @@ class Args:
     update_epochs: int = 2
     """passes over each rollout batch"""
     init_kl_coef: float = 0.05
-    """β: weight of the per-token KL penalty −β(log π_old − log π_ref) in the reward"""
+    """β: weight of the per-token KL penalty in the reward, −β(log π_old − log π_ref) with k1 (or in the loss)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """the per-token KL estimate penalised, with r = log π_ref − log π: k1 = −r (the papers'), k2 = ½r², k3 = e^r−1−r"""
+    kl_in_loss: bool = False
+    """penalise the KL in the loss, not the reward: + β · mean over tokens of the estimate at the current π_θ (GRPO)"""
     adaptive_kl: bool = True
     """adapt β toward `target_kl` (Ziegler et al. 2019); off = fixed β"""
     target_kl: float = 6.0
@@ -346,16 +358,31 @@ def compute_gae(*, rewards, values, response_mask, gamma, gae_lambda):
     return advantages, (advantages + values) * response_mask
 
 
+def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
+    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' penalty), k2 = ½ r² (biased, low
+    variance), k3 = (e^r − 1) − r (unbiased, never negative). All tensors [batch, response_len]; 0 on padding."""
+    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
 class PPOLoss(NamedTuple):
     """The terms of the PPO loss of one mini-batch. `loss`, `policy_loss` and `value_loss` carry gradients (the
     policy and the value model each run their own backward pass); the statistics do not."""
 
     loss: torch.Tensor  # policy_loss + vf_coef · value_loss
-    policy_loss: torch.Tensor  # −L^CLIP
+    policy_loss: torch.Tensor  # −L^CLIP, plus kl_coef · kl_loss when the KL is in the loss
     value_loss: torch.Tensor  # the clipped value loss
     approx_kl: torch.Tensor  # E_t[(ρ_t − 1) − log ρ_t], an estimate of KL(π_old ‖ π_θ)
     clipfrac: torch.Tensor  # fraction of tokens where the policy clip binds
     value_clipfrac: torch.Tensor  # fraction of tokens where the value clip binds
+    kl_loss: torch.Tensor | None = None  # masked mean of the KL estimate between π_θ and π_ref (with --kl-in-loss)
 
 
 def ppo_loss(
@@ -370,14 +397,29 @@ def ppo_loss(
     cliprange,
     cliprange_value,
     vf_coef,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
 ) -> PPOLoss:
     """The clipped surrogate objective (PPO eq. (7)) as a loss, and the clipped value loss of the released code
     (trlX's modeling_ppo.py; the PPO paper has no value clipping). All tensors [batch, response_len];
-    `response_mask` 1 on response tokens; advantages already whitened. Means are over response tokens."""
+    `response_mask` 1 on response tokens; advantages already whitened. Means are over response tokens. With
+    `ref_logprobs` (--kl-in-loss, as GRPO), the policy loss adds kl_coef · the masked mean of `kl_estimator`
+    between the current π_θ (`logprobs`, with its gradient) and π_ref."""
     ratio = torch.exp(logprobs - old_logprobs)  # ρ_t = π_θ / π_old
     policy_losses = -advantages * ratio
     policy_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     policy_loss = masked_mean(torch.max(policy_losses, policy_losses_clipped), response_mask)  # PPO eq. (7)
+    kl_loss = None
+    if ref_logprobs is not None:  # the KL penalty in the loss instead of the reward
+        kl_per_token = kl_estimate(
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            response_mask=response_mask,
+            estimator=kl_estimator,
+        )
+        kl_loss = masked_mean(kl_per_token, response_mask)
+        policy_loss = policy_loss + kl_coef * kl_loss
 
     values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     value_losses = (values - returns) ** 2
@@ -396,6 +438,7 @@ def ppo_loss(
         approx_kl=approx_kl,
         clipfrac=clipfrac,
         value_clipfrac=value_clipfrac,
+        kl_loss=kl_loss,
     )
 
 
@@ -479,6 +522,11 @@ if __name__ == "__main__":
         common.fail(
             f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
             f"{args.mini_batch_size}; pick a mini-batch size that divides it"
+        )
+    if args.kl_in_loss and args.kl_estimator == "k1":
+        common.fail(
+            "--kl-in-loss with --kl-estimator k1 pulls nothing toward π_ref: the gradient of log π_θ − log π_ref is 0 "
+            "in expectation over the policy's own samples; pass --kl-estimator k3 (GRPO's) or k2"
         )
     run = common.start_run(args, "ppo.py")
     device = run.device
@@ -803,10 +851,20 @@ if __name__ == "__main__":
             if args.reward_clip is not None:
                 scores = scores.clamp(-args.reward_clip, args.reward_clip)
 
-            # 4. Per-token rewards: every token pays the KL penalty −β(log π_old − log π_ref) (the k1 estimate), and
-            # the score goes on the last response token.
-            kl = (old_logprobs - sampled.ref_logprobs) * response_mask
-            rewards = -kl_coef * kl  # Ziegler Section 2: R(x, y) = r(x, y) − β log(π(y|x) / π_ref(y|x)), per token
+            # 4. Per-token rewards: every token pays the KL penalty −β · k of --kl-estimator (k1 = log π_old −
+            # log π_ref by default), unless --kl-in-loss puts it in the loss; the score goes on the last response
+            # token. All three estimates are kept for the log.
+            kl = {
+                name: kl_estimate(
+                    logprobs=old_logprobs,
+                    ref_logprobs=sampled.ref_logprobs,
+                    response_mask=response_mask,
+                    estimator=name,
+                )
+                for name in ("k1", "k2", "k3")
+            }
+            penalty = torch.zeros_like(response_mask) if args.kl_in_loss else kl[args.kl_estimator]
+            rewards = -kl_coef * penalty  # Ziegler Section 2: R(x, y) = r(x, y) − β log(π(y|x) / π_ref(y|x)), per token
             last = response_mask.sum(1).long() - 1
             rewards[torch.arange(len(rewards)), last] += scores
 
@@ -850,6 +908,9 @@ if __name__ == "__main__":
                     cliprange=args.cliprange,
                     cliprange_value=args.cliprange_value,
                     vf_coef=args.vf_coef,
+                    ref_logprobs=sampled.ref_logprobs[idx] if args.kl_in_loss else None,  # --kl-in-loss: β · KL
+                    kl_coef=kl_coef,
+                    kl_estimator=args.kl_estimator,
                 )
                 entropy_mean = masked_mean(entropy, mini_batch.response_mask)
                 policy_loss = terms.policy_loss - args.entropy_coef * entropy_mean  # PPO eq. (9): the S bonus
@@ -861,6 +922,8 @@ if __name__ == "__main__":
                     "value/clipfrac": terms.value_clipfrac.item(),
                     "policy/entropy": entropy_mean.item(),
                 }
+                if terms.kl_loss is not None:
+                    stats["policy/kl_loss"] = terms.kl_loss.item()  # the estimate's mean per token, before β
                 if args.ptx_coef > 0:  # PPO-ptx: the language-model loss on pretraining text
                     ptx_draw = torch.randint(len(ptx_ids), (len(idx),), generator=sampler)
                     ptx_input, ptx_mask = common.pad_left(
@@ -882,8 +945,10 @@ if __name__ == "__main__":
                 step_stats.append(stats)
         t_update = time.time() - t1
 
-        # 7. Adapt β toward target_kl from the KL per response of the whole (all-rank) batch (Ziegler Section 2.2).
-        kl_per_response = masked_mean(kl.sum(1), torch.ones_like(kl[:, 0]), across_ranks=True).item()
+        # 7. Adapt β toward target_kl from the KL per response of the whole (all-rank) batch (Ziegler Section 2.2),
+        # measured by k1 whatever the estimator penalised and wherever the penalty is.
+        kl_k1 = kl["k1"]
+        kl_per_response = masked_mean(kl_k1.sum(1), torch.ones_like(kl_k1[:, 0]), across_ranks=True).item()
         kl_coef_used = kl_coef
         if args.adaptive_kl:
             kl_coef = update_kl_coef(
@@ -906,6 +971,8 @@ if __name__ == "__main__":
         metrics["rollout/score"] = raw_scores.mean().item()
         metrics["rollout/score_std"] = score_std.item()
         metrics["rollout/kl_to_ref"] = kl_per_response
+        for name, per_token in kl.items():  # each estimate summed over a response (0 on padding), mean over responses
+            metrics[f"rollout/kl_{name}"] = per_token.sum(1).mean().item()
         metrics["rollout/kl_coef"] = kl_coef_used
         metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
         metrics["rollout/no_eos_fraction"] = (~sampled.ended).float().mean().item()
