@@ -2437,29 +2437,21 @@ def evaluate_run(
         context=policy.lm.config.max_position_embeddings,
         chat_template=getattr(run, "chat_template", False),
     )
-    settings = GenerationConfig(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
+    decoding = dict(
         max_new_tokens=run.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         output_scores=True,
         return_dict_in_generate=True,
     )
-    sampling = dict(
-        settings=settings,
-        stop_strings=getattr(run, "stop_strings", []),
-        batch_size=batch_size,
-        device=device,
-    )
-    greedy = dict(sampling, settings=GenerationConfig(**dict(settings.to_dict(), do_sample=False)))
+    sampling = dict(stop_strings=getattr(run, "stop_strings", []), batch_size=batch_size, device=device)
+    sampled = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **decoding)
+    greedy = GenerationConfig(do_sample=False, **decoding)
     samples = {}
     for name, model in (("policy", policy), ("baseline", other)):
         torch.manual_seed(seed)  # the same draws for both: differences come from the models
-        samples[name] = sample_for_eval(model, tokenizer, prompt_rows, **sampling)
-        samples[f"{name}_greedy"] = sample_for_eval(model, tokenizer, prompt_rows, **greedy)
+        samples[name] = sample_for_eval(model, tokenizer, prompt_rows, settings=sampled, **sampling)
+        samples[f"{name}_greedy"] = sample_for_eval(model, tokenizer, prompt_rows, settings=greedy, **sampling)
 
     # Scores: the judge, the run's proxy reward, the gold score; the policy's KL to π_init
     def scorer(entry):

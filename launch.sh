@@ -22,6 +22,7 @@ Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
 OMP_NUM_THREADS defaults to max(1, nproc / processes-per-node) when unset.
   ./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [-- ARGS]   PPO vs APA vs AWR on the built-in task
   ./launch.sh compare --offline [--steps 128] [--seeds '1 2 3']      NLL, wBC, A-LoL, DPO, PRO, ILQL, same steps
+  ./launch.sh eval RUN_DIR [--judge ENTRY] [--baseline sft|RUN_DIR]  win rate of a run's policy, KL to π_init
   ./launch.sh paper NAME [--size 125m|1b|6b] [--dry-run]   a released experiment (--list: all, with GPUs)
   ./launch.sh bench [--batch-size 64] [--scripts ppo apa awr] ...    throughput vs bare generate / training loop
 Examples:
@@ -62,11 +63,16 @@ compare() {
       python "$algo.py" --seed "$seed" --total-episodes "$episodes" --exp-name "$algo" --output-dir "$out/$algo" "$@" \
         > "$out/$algo-$seed.log" 2>&1 || die "compare: $algo seed $seed failed; see $out/$algo-$seed.log"
       echo "$algo $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
+      python common.py eval "$(ls -d "$out/$algo/${algo}__${seed}__"*/ | tail -1)" --out "$out/eval/$algo-$seed.jsonl" \
+        >> "$out/$algo-$seed.log" 2>&1 || die "compare: evaluating $algo seed $seed failed; see $out/$algo-$seed.log"
     done
   done
   python - "$out" <<'PY'
 import glob, json, os, statistics as st, sys
 out, rows, curves = sys.argv[1], {}, {}
+wins = {}
+for path in glob.glob(os.path.join(out, "eval", "*.json")):
+    wins.setdefault(os.path.basename(path).rsplit("-", 1)[0], []).append(json.load(open(path))["win_rate"])
 walls = {}
 for line in open(os.path.join(out, "wall_times.txt")):
     algo, seed, start, end = line.split()
@@ -78,14 +84,17 @@ for path in sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl"))):
     rows.setdefault("SFT (before)", []).append(evals[0])
     curves.setdefault(algo, []).append([(r["eval/kl_to_ref"], r["eval/reward"], r.get("eval/gold_score")) for r in evals])
 fmt = lambda xs: f"{st.mean(xs):+.3f} ± {st.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
-lines = ["| algorithm | seeds | proxy reward | gold score | KL to π_init (nats) | wall time (s) |", "|---|---|---|---|---|---|"]
+lines = ["| algorithm | seeds | proxy reward | gold score | KL to π_init (nats) | win rate vs SFT (gold) | wall time (s) |",
+         "|---|---|---|---|---|---|---|"]
 for algo in ["SFT (before)", "ppo", "apa", "awr"]:
     if algo in rows:
         r = rows[algo][:len(rows["ppo"])] if algo == "SFT (before)" else rows[algo]
         w = walls.get(algo)
         wall = f"{st.mean(w):.0f} ± {st.stdev(w) if len(w) > 1 else 0.0:.0f}" if w else "–"
+        win = f"{st.mean(wins[algo]):.3f} ± {st.stdev(wins[algo]) if len(wins[algo]) > 1 else 0.0:.3f}" if algo in wins else "0.5"
         lines.append(f"| {algo} | {len(r)} | {fmt([x['eval/reward'] for x in r])} | "
-                     f"{fmt([x.get('eval/gold_score', float('nan')) for x in r])} | {fmt([x['eval/kl_to_ref'] for x in r])} | {wall} |")
+                     f"{fmt([x.get('eval/gold_score', float('nan')) for x in r])} | {fmt([x['eval/kl_to_ref'] for x in r])} | "
+                     f"{win} | {wall} |")
 table = "\n".join(lines)
 print(table)
 open(os.path.join(out, "table.md"), "w").write(table + "\n")
@@ -278,6 +287,7 @@ paper() {
 case "${1:-}" in
   ""|-h|--help) usage; exit 0 ;;
   compare) shift; compare "$@"; exit 0 ;;
+  eval) shift; exec python common.py eval "$@" ;;
   paper) shift; paper "$@" ;;
   bench) shift; [[ -n ${OMP_NUM_THREADS:-} ]] || export OMP_NUM_THREADS=$(nproc); exec python tests/benchmark.py "$@" ;;
 esac

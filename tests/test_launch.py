@@ -1,5 +1,6 @@
 """launch.sh builds the right launcher command (checked with --dry-run; no process is started)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -66,7 +67,12 @@ def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tm
     assert table in proc.stdout
     for row in ("SFT (before)", "ppo", "apa", "awr"):
         assert f"| {row} | 1 |" in table
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["apa", "awr", "ppo"]
+    assert "win rate vs SFT (gold)" in table
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["apa", "awr", "eval", "ppo"]
+    for algo in ("ppo", "apa", "awr"):  # each run judged against SFT on its held-out prompts
+        summary = json.loads((tmp_path / "eval" / f"{algo}-1.json").read_text())
+        assert summary["prompts"] == 16 and f"| {algo} | 1 |" in table
+        assert f"| {summary['win_rate']:.3f} ± 0.000 |" in table.split(f"| {algo} | 1 |")[1].splitlines()[0]
 
 
 PRESETS = [
