@@ -17,7 +17,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
     11. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
     12. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
     13. Masked statistics              means and whitening where padding never counts, optionally over all ranks
-    14. Logging and saving             TensorBoard + metrics.jsonl, Hugging Face folders (LoRA merged)
+    14. Logging and saving             TensorBoard, metrics.jsonl, W&B, Hugging Face folders (LoRA merged)
     15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
     16. `python common.py --rebuild-builtin`
 
@@ -109,9 +109,9 @@ class Run(NamedTuple):
 
 def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Run:
     """What every script checks before it loads anything (one --reward-weights value per --reward-model, unless the
-    script weighs something else and checks that itself; the LoRA flags; a --resume folder this script with this
-    many ranks can continue), then the process group. `script` names the script and its mode: a checkpoint is
-    continued only by the same."""
+    script weighs something else and checks that itself; the LoRA flags; wandb for --track; a --resume folder this
+    script with this many ranks can continue), then the process group. `script` names the script and its mode: a
+    checkpoint is continued only by the same."""
     weights = getattr(args, "reward_weights", None)
     if one_weight_per_reward_model and weights and len(weights) != len(args.reward_model):
         fail(
@@ -119,6 +119,8 @@ def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Ru
             f"one weight per reward model"
         )
     check_lora(args)
+    if args.track:
+        import_wandb()  # missing: fail now, not after the models are loaded
     rank, world_size, device = init_distributed(args.zero_stage)
     if args.resume:
         check_resume(args.resume, script)
@@ -1947,15 +1949,35 @@ def mean_across_ranks(metrics: dict) -> dict:
     return dict(zip(keys, (values / _world()).tolist()))
 
 
-# ---- Logging and saving: TensorBoard and metrics.jsonl, Hugging Face folders -----------------------------------------
+# ---- Logging and saving: TensorBoard and metrics.jsonl, W&B (--track), Hugging Face folders --------------------------
+def import_wandb():
+    """Weights & Biases for --track, or a one-line error that names the install (the scripts run without it)."""
+    try:
+        import wandb
+    except ImportError:
+        fail("--track logs to Weights & Biases, which is not installed; pip install wandb, or run without --track")
+    return wandb
+
+
 def make_logger(args, run_name: str, rank: int):
-    """TensorBoard (cleanRL's hyper-parameter table) + args.json + metrics.jsonl on rank 0; returns log(step, metrics).
-    metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one seed write identical files."""
+    """On rank 0: with --track, a W&B run first (cleanRL's wandb.init: sync_tensorboard patches TensorBoard's writer,
+    so it comes before the SummaryWriter is made), then TensorBoard (cleanRL's hyper-parameter table), args.json and
+    metrics.jsonl; returns log(step, metrics). metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs
+    with one seed write identical files."""
     from torch.utils.tensorboard import SummaryWriter
 
     if rank != 0:
         return lambda step, metrics: None
     run_dir = os.path.join(args.output_dir, run_name)
+    if args.track:
+        import_wandb().init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -1981,6 +2003,15 @@ def make_logger(args, run_name: str, rank: int):
         writer.flush()
 
     return log
+
+
+def finish_tracking(exit_code: int = 0):
+    """End this process's W&B run, if --track started one: the TensorBoard events left are synced and the run is
+    marked finished (exit_code 0) or failed. exit_cleanly and exit_after_signal call it; a run that stops with an
+    error is finished by wandb's own exit hook."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def save_hf(engine, tokenizer, path: str, rank: int):
@@ -2137,6 +2168,7 @@ def exit_after_signal(signum: int, path: str, script: str, rank: int):
         )
     _barrier()
     dist.destroy_process_group()
+    finish_tracking(exit_code=128 + signum)
     raise SystemExit(128 + signum)
 
 
@@ -2165,6 +2197,7 @@ def exit_cleanly():
     world_size = _world()
     dist.barrier()
     dist.destroy_process_group()
+    finish_tracking()
     if world_size > 1:
         sys.stdout.flush()
         sys.stderr.flush()

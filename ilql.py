@@ -190,6 +190,12 @@ class Args:
     """seed of the experiment (rank r shuffles and samples with seed + r)"""
     output_dir: str = "runs"
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    track: bool = False
+    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars"""
+    wandb_project_name: str = "onefile-rlhf"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
     eval_every: int = 5

@@ -173,6 +173,12 @@ class Args:
     """seed of the experiment (the order in which the rankings are visited)"""
     output_dir: str = "runs"
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    track: bool = False
+    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars"""
+    wandb_project_name: str = "onefile-rlhf"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_every: int = 10
     """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
     eval_prompts: int = 128
