@@ -201,10 +201,18 @@ class Args:
     """seed of the experiment (V_ref is fitted under this seed on every rank; rank r draws batches with seed + r)"""
     output_dir: str = "runs"
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    track: bool = False
+    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
+    wandb_project_name: str = "onefile-rlhf"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_every: int = 100
     """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
+    log_samples: int = 16
+    """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
     Ctrl-C); the final policy is an HF folder"""
@@ -840,10 +848,11 @@ if __name__ == "__main__":
         )
 
     # Evaluate: greedy responses to held-out prompts
-    def evaluate():
+    def evaluate(step):
         """Greedy responses to held-out prompts: proxy reward (R's scale), gold score, distinct-1/2, length."""
         stats = []
         texts = []
+        samples = []  # rank 0's first --log-samples responses, for log.samples
         policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
         for prompt_rows, prompts in chunks(eval_prompts, eval_texts):
             query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
@@ -851,7 +860,15 @@ if __name__ == "__main__":
             kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
             gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
             lengths = batch.response_mask.sum(1).float().cpu()
-            stats.append(torch.stack([score(batch, prompts), lengths, gold], 1))
+            scores = score(batch, prompts)
+            stats.append(torch.stack([scores, lengths, gold], 1))
+            samples += common.sample_rows(
+                args.log_samples - len(samples),
+                prompt=prompts,
+                response=kept,
+                score=scores,
+                gold_score=gold if gold_score else None,
+            )
             texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
         names = ["eval/reward", "eval/response_length", "eval/gold_score"]
         metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
@@ -861,6 +878,7 @@ if __name__ == "__main__":
         dist.all_gather_object(gathered, texts)
         texts = [text for part in gathered for text in part]
         policy.train()
+        log.samples(step, samples)
         return {
             **common.mean_across_ranks(metrics),
             "eval/distinct_1": distinct_n(texts, 1),
@@ -875,7 +893,7 @@ if __name__ == "__main__":
     if args.resume:
         eval_history = state["eval_history"]
     else:
-        eval_history = [(0, evaluate())]
+        eval_history = [(0, evaluate(0))]
         log(0, {**data_stats, **eval_history[0][1]})
     if rank == 0:
         print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
@@ -916,7 +934,7 @@ if __name__ == "__main__":
         common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
         if step % args.eval_every == 0 or step == num_steps:
             seconds, tokens = torch.tensor(window).sum(0).tolist()
-            eval_history.append((step, evaluate()))
+            eval_history.append((step, evaluate(step)))
             metrics.update(eval_history[-1][1])
             metrics["time/steps_per_s"] = len(window) / seconds
             metrics["time/tokens_per_s"] = tokens / seconds

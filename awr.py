@@ -220,10 +220,18 @@ class Args:
     """seed of the experiment (rank r samples with seed + r)"""
     output_dir: str = "runs"
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    track: bool = False
+    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
+    wandb_project_name: str = "onefile-rlhf"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (offline: every epoch), and before and after"""
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
+    log_samples: int = 16
+    """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many iterations (offline: epochs); 0: only when
     stopped by SIGTERM / Ctrl-C. The final policy and value model are HF folders"""
@@ -641,9 +649,11 @@ if __name__ == "__main__":
             return common.in_chunks(values_of, batch, chunk).to(device)
 
     # Evaluate: held-out prompts, the training sampling setting, a fixed seed
-    def evaluate():
-        """Proxy reward, gold score, KL to π_ref, response length and the fraction without EOS, over all ranks."""
+    def evaluate(step):
+        """Proxy reward, gold score, KL to π_ref, response length and the fraction without EOS, over all ranks; the
+        first --log-samples responses of rank 0 go to log.samples."""
         rows = []
+        samples = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10**6 + run.rank)
             for i in range(0, len(eval_prompts), args.rollout_batch_size):
@@ -660,11 +670,20 @@ if __name__ == "__main__":
                     torch.tensor(gold),
                 ]
                 rows.append(torch.stack(columns, 1))
+                samples += common.sample_rows(
+                    args.log_samples - len(samples),
+                    prompt=eval_texts[part],
+                    response=texts,
+                    score=r.scores,
+                    gold_score=gold if gold_score else None,
+                    kl_to_ref=columns[1],  # the eval/kl_to_ref column
+                )
         means = torch.cat(rows).mean(0).tolist()
         keys = ["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction", "eval/gold_score"]
         metrics = dict(zip(keys, means))
         if gold_score is None:
             metrics.pop("eval/gold_score")
+        log.samples(step, samples)
         return common.mean_across_ranks(metrics)
 
     # ALGO LOGIC: one pass of AWR and value updates over shuffled mini-batches
@@ -715,7 +734,7 @@ if __name__ == "__main__":
         eval_history = state["eval_history"]
         sampler.set_state(state["sampler"])
     else:
-        eval_history = [(0, evaluate())]
+        eval_history = [(0, evaluate(0))]
         log(0, eval_history[-1][1])
     if run.rank == 0:
         before = ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items())
@@ -789,7 +808,7 @@ if __name__ == "__main__":
             metrics["time/update_tokens_per_s"] = n_tokens * args.update_epochs / t_update
             metrics["time/episodes_per_s"] = per_iteration / (time.time() - t0)
             if iteration % args.eval_every == 0 or iteration == num_iterations:
-                eval_history.append((iteration, evaluate()))
+                eval_history.append((iteration, evaluate(iteration)))
                 metrics.update(eval_history[-1][1])
             metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(iteration, metrics)
@@ -868,7 +887,7 @@ if __name__ == "__main__":
             metrics = common.mean_across_ranks(metrics)
             # 6. Log, and evaluate after every epoch
             common.check_finite(metrics, epoch, run.resume_path)  # before evaluating (sampling) from NaN weights
-            eval_history.append((epoch, evaluate()))
+            eval_history.append((epoch, evaluate(epoch)))
             metrics.update(eval_history[-1][1])
             metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(epoch, metrics)

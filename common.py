@@ -17,22 +17,24 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
     11. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
     12. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
     13. Masked statistics              means and whitening where padding never counts, optionally over all ranks
-    14. Logging and saving             TensorBoard + metrics.jsonl, Hugging Face folders (LoRA merged)
+    14. Logging and saving             TensorBoard, metrics.jsonl, samples.jsonl, W&B, Hugging Face folders
     15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
-    16. `python common.py --rebuild-builtin`
+    16. Evaluation of a saved run      evaluate_run: win rate under a judge, KL to π_init (`./launch.sh eval`)
+    17. `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`
 
 Copying one algorithm script into a project: copy common.py beside it. The script calls into sections 1, 3, 5-8 and
-10-15. Sections 2, 4 and 9 serve only the built-in task (`builtin` as a model or dataset name) and data in other
-formats (HH dialogues, chat templates, PRO rows, released reward-model layouts); each is reached through a few calls
-from the sections a script needs (resolve; canonical_rows, render_prompts, prompt_messages, prompt_text;
-reward_layout), so a project that feeds its own models and plain {prompt, response, reward} columns may cut them
-together with those calls."""
+10-15; sections 16-17 are tools run after training. Sections 2, 4 and 9 serve only the built-in task (`builtin` as a
+model or dataset name) and data in other formats (HH dialogues, chat templates, PRO rows, released reward-model
+layouts); each is reached through a few calls from the sections a script needs (resolve; canonical_rows,
+render_prompts, prompt_messages, prompt_text; reward_layout), so a project that feeds its own models and plain
+{prompt, response, reward} columns may cut them together with those calls."""
 
 import ast
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import html
 import http.client
 import importlib
 import inspect
@@ -103,7 +105,7 @@ class Run(NamedTuple):
     world_size: int
     device: torch.device
     name: str  # {exp_name}__{seed}__{unix time}
-    dir: str  # {output_dir}/{name}: args.json, metrics.jsonl, TensorBoard events, the saved models
+    dir: str  # {output_dir}/{name}: args.json, metrics.jsonl, samples.jsonl, TensorBoard events, the saved models
     script: str  # whose checkpoints these are: "ppo.py", or "apa.py --offline-dataset" (modes do not mix)
 
     @property
@@ -113,9 +115,9 @@ class Run(NamedTuple):
 
 def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Run:
     """What every script checks before it loads anything (one --reward-weights value per --reward-model, unless the
-    script weighs something else and checks that itself; the LoRA flags; a --resume folder this script with this
-    many ranks can continue), then the process group. `script` names the script and its mode: a checkpoint is
-    continued only by the same."""
+    script weighs something else and checks that itself; the LoRA flags; wandb for --track; a --resume folder this
+    script with this many ranks can continue), then the process group. `script` names the script and its mode: a
+    checkpoint is continued only by the same."""
     weights = getattr(args, "reward_weights", None)
     if one_weight_per_reward_model and weights and len(weights) != len(args.reward_model):
         fail(
@@ -123,6 +125,8 @@ def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Ru
             f"one weight per reward model"
         )
     check_lora(args)
+    if args.track:
+        import_wandb()  # missing: fail now, not after the models are loaded
     rank, world_size, device = init_distributed(args.zero_stage)
     if args.resume:
         check_resume(args.resume, script)
@@ -2072,22 +2076,107 @@ def mean_across_ranks(metrics: dict) -> dict:
     return dict(zip(keys, (values / _world()).tolist()))
 
 
-# ---- Logging and saving: TensorBoard and metrics.jsonl, Hugging Face folders -----------------------------------------
-def make_logger(args, run_name: str, rank: int):
-    """TensorBoard (cleanRL's hyper-parameter table) + args.json + metrics.jsonl on rank 0; returns log(step, metrics).
-    metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one seed write identical files."""
+# ---- Logging and saving: TensorBoard, metrics.jsonl and samples.jsonl, W&B (--track), Hugging Face folders -----------
+def import_wandb():
+    """Weights & Biases for --track, or a one-line error that names the install (the scripts run without it)."""
+    try:
+        import wandb
+    except ImportError:
+        fail("--track logs to Weights & Biases, which is not installed; pip install wandb, or run without --track")
+    return wandb
+
+
+class Logger:
+    """What make_logger returns. On rank 0: log(step, metrics) writes scalars to TensorBoard and metrics.jsonl;
+    log.samples(step, rows) a table of sample responses to TensorBoard (text, tag `samples`), samples.jsonl and, with
+    --track, W&B (a wandb.Table under `samples`). On other ranks both do nothing."""
+
+    def __init__(self, writer=None, metrics_file=None, samples_file=None, wandb_run=None):
+        self.writer = writer
+        self.metrics_file = metrics_file
+        self.samples_file = samples_file
+        self.wandb_run = wandb_run
+
+    def __call__(self, step: int, metrics: dict):
+        if self.writer is None:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items()) if not k.startswith("time/")}}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        self.writer.flush()
+
+    def samples(self, step: int, rows: list):
+        """`rows`: dicts of one set of columns (sample_rows makes them); samples.jsonl gets one line per row."""
+        if self.writer is None or not rows:
+            return
+        for row in rows:
+            record = {"step": step, **{k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}}
+            self.samples_file.write(json.dumps(record) + "\n")
+        self.samples_file.flush()
+        self.show_samples(step, rows)
+
+    def show_samples(self, step: int, rows: list):
+        """The rows as a markdown table in TensorBoard and as a wandb.Table (with the step) under --track."""
+        columns = list(rows[0])
+
+        def cell(value) -> str:  # one line of markdown: HTML and the table's `|` escaped, newlines as <br>
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            return html.escape(text, quote=False).replace("|", "\\|").replace("\n", "<br>")
+
+        lines = ["|" + "|".join(columns) + "|", "|" + "|".join("-" for _ in columns) + "|"]
+        lines += ["|" + "|".join(cell(row[c]) for c in columns) + "|" for row in rows]
+        self.writer.add_text("samples", "\n".join(lines), step)
+        self.writer.flush()
+        if self.wandb_run is not None:  # logged at the TensorBoard step: sync_tensorboard's x-axis is global_step
+            import wandb
+
+            table = wandb.Table(columns=["step", *columns], data=[[step, *row.values()] for row in rows])
+            self.wandb_run.log({"samples": table, "global_step": step})
+
+
+def sample_rows(n: int, **columns) -> list:
+    """The first n rows (none for n ≤ 0) of equal-length columns as dicts for Logger.samples: a column is a list or a
+    1-D tensor, a single value is repeated on every row, a None column is left out, a `prompt` is shown as text."""
+    columns = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in columns.items() if v is not None}
+    length = min(len(v) for v in columns.values() if isinstance(v, list))
+    columns = {k: v if isinstance(v, list) else [v] * length for k, v in columns.items()}
+    if "prompt" in columns:
+        columns["prompt"] = [prompt_text(prompt) for prompt in columns["prompt"]]
+    return [{k: v[i] for k, v in columns.items()} for i in range(min(max(n, 0), length))]
+
+
+def make_logger(args, run_name: str, rank: int) -> Logger:
+    """On rank 0: with --track, a W&B run first (cleanRL's wandb.init: sync_tensorboard patches TensorBoard's writer,
+    so it comes before the SummaryWriter is made), then TensorBoard (cleanRL's hyper-parameter table), args.json,
+    metrics.jsonl and samples.jsonl. metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one
+    seed write identical files. A resumed run's logs start with everything logged up to its checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
 
     if rank != 0:
-        return lambda step, metrics: None
+        return Logger()
     run_dir = os.path.join(args.output_dir, run_name)
+    wandb_run = None
+    if args.track:
+        wandb_run = import_wandb().init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     with open(os.path.join(run_dir, "args.json"), "w") as f:
         f.write(json.dumps(vars(args), indent=1, default=str))
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (written until the run ends)
-    previous = os.path.join(args.resume, "metrics.jsonl") if getattr(args, "resume", None) else None
+    samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")  # noqa: SIM115 (written until the run ends)
+    log = Logger(writer=writer, metrics_file=metrics_file, samples_file=samples_file, wandb_run=wandb_run)
+    resume = getattr(args, "resume", None)
+    previous = os.path.join(resume, "metrics.jsonl") if resume else None
     if previous and os.path.exists(previous):  # a resumed run's logs start with everything logged up to its checkpoint
         with open(previous) as f:
             for line in f:
@@ -2096,16 +2185,28 @@ def make_logger(args, run_name: str, rank: int):
                 for k, v in record.items():
                     if k != "step":
                         writer.add_scalar(k, v, record["step"])
-
-    def log(step, metrics):
-        for k, v in metrics.items():
-            writer.add_scalar(k, v, step)
-        record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items()) if not k.startswith("time/")}}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        writer.flush()
-
+    previous = os.path.join(resume, "samples.jsonl") if resume else None
+    if previous and os.path.exists(previous):  # and its sample tables, as the checkpoint saw them
+        by_step = {}
+        with open(previous) as f:
+            for line in f:
+                record = json.loads(line)
+                samples_file.write(line)
+                by_step.setdefault(record.pop("step"), []).append(record)
+        for step, rows in by_step.items():
+            log.show_samples(step, rows)
+    metrics_file.flush()
+    samples_file.flush()
     return log
+
+
+def finish_tracking(exit_code: int = 0):
+    """End this process's W&B run, if --track started one: the TensorBoard events left are synced and the run is
+    marked finished (exit_code 0) or failed. exit_cleanly and exit_after_signal call it; a run that stops with an
+    error is finished by wandb's own exit hook."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def save_hf(engine, tokenizer, path: str, rank: int):
@@ -2183,9 +2284,9 @@ def save_resume(path: str, script: str, step: int, engines: dict, state: dict, a
     }
     torch.save({"state": state, "rng": rng}, os.path.join(tmp, f"rank{rank}.pt"))
     if rank == 0:
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.exists(metrics):
-            shutil.copy(metrics, tmp)
+        for log_file in ("metrics.jsonl", "samples.jsonl"):  # what was logged up to this step, for the resumed run
+            if os.path.exists(os.path.join(run_dir, log_file)):
+                shutil.copy(os.path.join(run_dir, log_file), tmp)
         meta = {"script": script, "step": step, "world_size": _world(), "args": vars(args)}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, default=str)
@@ -2262,6 +2363,7 @@ def exit_after_signal(signum: int, path: str, script: str, rank: int):
         )
     _barrier()
     dist.destroy_process_group()
+    finish_tracking(exit_code=128 + signum)
     raise SystemExit(128 + signum)
 
 
@@ -2290,6 +2392,7 @@ def exit_cleanly():
     world_size = _world()
     dist.barrier()
     dist.destroy_process_group()
+    finish_tracking()
     if world_size > 1:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -190,8 +190,16 @@ class Args:
     """seed of the experiment (rank r shuffles and samples with seed + r)"""
     output_dir: str = "runs"
     """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    track: bool = False
+    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
+    wandb_project_name: str = "onefile-rlhf"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_prompts: int = 128
     """number of held-out prompts per evaluation, over all ranks"""
+    log_samples: int = 16
+    """responses shown per β at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
     eval_every: int = 5
     """evaluate every this many epochs, and before and after training"""
     log_every: int = 10
@@ -624,15 +632,18 @@ if __name__ == "__main__":
     eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
 
-    def evaluate():
-        """Held-out prompts decoded at every β of the sweep, one fixed seed: proxy reward, gold score, length."""
+    def evaluate(step):
+        """Held-out prompts decoded at every β of the sweep, one fixed seed: proxy reward, gold score, length; at
+        every β the first --log-samples responses of rank 0 go to log.samples."""
         metrics = {}
+        samples = []
         names = ["reward", "response_length", "no_eos_fraction"] + (["gold_score"] if gold_score else [])
         model.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for beta in args.eval_betas:
                 torch.manual_seed(10**6 + rank)  # the same draws at every β: differences come from β alone
                 rows = []
+                shown = []  # this β's samples
                 for start in range(0, len(eval_prompts), args.forward_batch_size):
                     chunk = slice(start, start + args.forward_batch_size)
                     query_ids, query_mask = common.pad_left(eval_prompts[chunk], tokenizer.pad_token_id, device)
@@ -665,9 +676,19 @@ if __name__ == "__main__":
                     gold = gold_score(texts) if gold_score else [0.0] * len(texts)
                     columns = [scores, response_mask.sum(1).float().cpu(), (~ended).float().cpu(), torch.tensor(gold)]
                     rows.append(torch.stack(columns, 1))
+                    shown += common.sample_rows(
+                        args.log_samples - len(shown),
+                        beta=beta,
+                        prompt=eval_texts[chunk],
+                        response=texts,
+                        score=scores,
+                        gold_score=gold if gold_score else None,
+                    )
+                samples += shown
                 means = torch.cat(rows).mean(0).tolist()
                 metrics.update({f"eval/beta_{beta:g}/{name}": value for name, value in zip(names, means)})
         model.train()
+        log.samples(step, samples)
         return common.mean_across_ranks(metrics)
 
     def report(prefix, metrics):
@@ -678,7 +699,7 @@ if __name__ == "__main__":
             print(prefix + ", ".join(sweep), flush=True)
 
     if args.eval_only:
-        metrics = evaluate()
+        metrics = evaluate(0)
         report(f"{args.checkpoint}: ", metrics)
         log(0, metrics)
         common.exit_cleanly()
@@ -722,7 +743,7 @@ if __name__ == "__main__":
         first_epoch = (step - 1) // steps_per_epoch + 1  # the epoch of the saved step; its batches before it skipped
         skip = step - (first_epoch - 1) * steps_per_epoch
     else:
-        eval_history = [(0, {**evaluate(), **data_gold})]
+        eval_history = [(0, {**evaluate(0), **data_gold})]
         log(0, eval_history[-1][1])
     report(f"{run.name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1])
 
@@ -807,7 +828,7 @@ if __name__ == "__main__":
         skip = 0
         # Evaluation: decode the held-out prompts over the β sweep
         if epoch % args.eval_every == 0 or epoch == args.offline_epochs:
-            eval_history.append((step, evaluate()))
+            eval_history.append((step, evaluate(step)))
             log(step, eval_history[-1][1])
             report(f"epoch {epoch}/{args.offline_epochs}: ", eval_history[-1][1])
 
