@@ -172,9 +172,9 @@ compare_offline() {
       done
     done
   done <<< "$OFFLINE_METHODS"
-  python - "$out" <<'PY'
+  python - "$out" $(cut -d: -f1 <<< "$OFFLINE_METHODS") <<'PY'
 import glob, json, os, statistics as st, sys
-out = sys.argv[1]
+out, order = sys.argv[1], sys.argv[2:]  # the methods in OFFLINE_METHODS' order
 walls, evals = {}, {}
 for line in open(os.path.join(out, "wall_times.txt")):
     name, seed, start, end = line.split()
@@ -182,6 +182,7 @@ for line in open(os.path.join(out, "wall_times.txt")):
 for path in sorted(glob.glob(os.path.join(out, "eval", "*.json"))):
     label = os.path.basename(path).rsplit("-", 1)[0]
     evals.setdefault(label, []).append(json.load(open(path)))
+evals = dict(sorted(evals.items(), key=lambda item: (order.index(item[0].split("_beta_")[0]), item[0])))
 def fmt(xs, digits=3, sign="+"):
     spread = st.stdev(xs) if len(xs) > 1 else 0.0
     return f"{st.mean(xs):{sign}.{digits}f} ± {spread:.{digits}f}"
