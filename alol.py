@@ -213,6 +213,8 @@ class Args:
     """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
     Ctrl-C); the final policy is an HF folder"""
@@ -344,10 +346,12 @@ class ValueHead(torch.nn.Module):
 
 
 @torch.enable_grad()  # also when called under no_grad
-def fit_value_head(hidden, query_mask, targets, *, lo, hi, epochs, lr, batch_size, seed, device="cpu"):
+def fit_value_head(
+    hidden, query_mask, targets, *, lo, hi, epochs, lr, batch_size, seed, device="cpu", show_progress=False
+):
     """V_πref fitted by MSE to `targets` (the reward of π_ref's own responses) on the first 90% of the prompts; the
     epoch with the lowest MSE on the last 10% is kept. Returns (head in eval mode: no dropout when scoring,
-    held-out MSE per epoch)."""
+    held-out MSE per epoch). `show_progress`: a bar over the epochs (common.progress)."""
     torch.manual_seed(seed)  # same head, same dropout masks on every rank
     head = ValueHead(hidden.shape[-1], lo, hi).to(device)
     head.out.bias.data.fill_(torch.logit((targets.mean() - lo) / (hi - lo), eps=1e-4).item())  # start at the mean
@@ -362,7 +366,7 @@ def fit_value_head(hidden, query_mask, targets, *, lo, hi, epochs, lr, batch_siz
 
     history = []
     best = None
-    for _ in range(max(epochs, 1)):
+    for _ in common.progress(range(max(epochs, 1)), desc="V_ref fit", enabled=show_progress):
         head.train()
         for idx in torch.randperm(n_fit, generator=order).split(batch_size):
             optimizer.zero_grad()
@@ -654,9 +658,9 @@ if __name__ == "__main__":
         )
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
 
-    def chunks(*tensors):
-        for i in range(0, len(tensors[0]), args.forward_batch_size):
-            yield [t[i : i + args.forward_batch_size] for t in tensors]
+    def chunks(*tensors):  # --forward-batch-size rows of each, as a list: a progress bar reads its length
+        size = args.forward_batch_size
+        return [[t[i : i + size] for t in tensors] for i in range(0, len(tensors[0]), size)]
 
     def score(batch, prompts, raw=None):
         """R = Σ_i w_i · transform(r_i), [n]: r_i from `raw` [n, fields] where not NaN, else from field i's scorer,
@@ -721,7 +725,9 @@ if __name__ == "__main__":
         value_ids, value_mask = common.pad_left(value_prompts, tokenizer.pad_token_id, device)  # one prompt width
         targets = []
         hidden = []
-        for query_ids, query_mask, prompts in chunks(value_ids, value_mask, value_texts):
+        for query_ids, query_mask, prompts in common.progress(
+            chunks(value_ids, value_mask, value_texts), desc="π_ref greedy responses", enabled=args.progress
+        ):
             batch = respond_greedily(ref_policy, query_ids, query_mask, ref_zero3)
             targets.append(score(batch, prompts))
             hidden.append(prompt_hidden(query_ids, query_mask))
@@ -745,12 +751,15 @@ if __name__ == "__main__":
             batch_size=args.value_batch_size,
             seed=args.seed,
             device=device,
+            show_progress=args.progress,
         )
         # 3. R, V_πref(x) and A_πref = R − V_πref(x) of every training row, and π_ref's per-token log-probs
         scores = []
         values = []
         ref_logprobs = []
-        for *columns, raw, prompts in chunks(*rows, raw_data, train_texts):
+        for *columns, raw, prompts in common.progress(
+            chunks(*rows, raw_data, train_texts), desc="advantages and π_ref log-probs", enabled=args.progress
+        ):
             batch = to_device(trim(Batch(*columns)), device)
             response_mask = batch.response_mask.long()  # as the scorers read it
             scores.append(score(batch._replace(response_mask=response_mask), prompts, raw))
@@ -854,7 +863,9 @@ if __name__ == "__main__":
         texts = []
         samples = []  # rank 0's first --log-samples responses, for log.samples
         policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        for prompt_rows, prompts in chunks(eval_prompts, eval_texts):
+        for prompt_rows, prompts in common.progress(
+            chunks(eval_prompts, eval_texts), desc="evaluate", enabled=args.progress
+        ):
             query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
             batch = respond_greedily(policy, query_ids, query_mask, zero3)
             kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
@@ -903,7 +914,7 @@ if __name__ == "__main__":
     start_time = time.time()
     window = []
     policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
-    for step in range(state.get("step", 0) + 1, num_steps + 1):
+    for step in common.progress(range(state.get("step", 0) + 1, num_steps + 1), desc="steps", enabled=args.progress):
         t_step = time.time()
         # 4. The step's rows, drawn by priority sampling (∝ A_πref⁺, or ∝ R for the reward-weighted baselines)
         idx = draws[(step - 1) * args.mini_batch_size : step * args.mini_batch_size]

@@ -232,6 +232,8 @@ class Args:
     """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many iterations (offline: epochs); 0: only when
     stopped by SIGTERM / Ctrl-C. The final policy and value model are HF folders"""
@@ -656,7 +658,9 @@ if __name__ == "__main__":
         samples = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10**6 + run.rank)
-            for i in range(0, len(eval_prompts), args.rollout_batch_size):
+            for i in common.progress(
+                range(0, len(eval_prompts), args.rollout_batch_size), desc="evaluate", enabled=args.progress
+            ):
                 part = slice(i, i + args.rollout_batch_size)
                 r = rollout(eval_prompts[part], eval_texts[part])
                 response_mask = r.batch.response_mask
@@ -749,7 +753,9 @@ if __name__ == "__main__":
         num_iterations = args.total_episodes // per_iteration
         score_moments = RunningMoments()
         vars(score_moments).update(state.get("score_moments", {}))
-        for iteration in range(state.get("step", 0) + 1, num_iterations + 1):  # APA Algorithm 1, line 5
+        for iteration in common.progress(  # APA Algorithm 1, line 5
+            range(state.get("step", 0) + 1, num_iterations + 1), desc="iterations", enabled=args.progress
+        ):
             t0 = time.time()
             # 1. Roll out π_θ on a batch of prompts: responses, their scores, π_old and π_ref log-probs
             index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
@@ -857,7 +863,9 @@ if __name__ == "__main__":
             gae_lambda=1.0,
         )
         value_model.train()
-        for _ in range(0 if args.resume else args.value_warmup_epochs):
+        for _ in common.progress(
+            range(0 if args.resume else args.value_warmup_epochs), desc="value warm-up", enabled=args.progress
+        ):
             for idx in torch.randperm(len(response_mask), generator=sampler).split(args.mini_batch_size):
                 values = common.forward_values(value_model, *batch.rows(idx)).to(device)
                 vf_loss = value_loss(values, mc_returns[idx], response_mask[idx])
@@ -865,7 +873,9 @@ if __name__ == "__main__":
                 value_model.step()
         value_model.eval()
         previous = state.get("previous")
-        for epoch in range(state.get("step", 0) + 1, args.offline_epochs + 1):
+        for epoch in common.progress(
+            range(state.get("step", 0) + 1, args.offline_epochs + 1), desc="epochs", enabled=args.progress
+        ):
             # 4. Advantages from the current V, before every epoch
             advantages, returns = compute_gae(
                 rewards=rewards,

@@ -17,7 +17,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
     11. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
     12. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
     13. Masked statistics              means and whitening where padding never counts, optionally over all ranks
-    14. Logging and saving             TensorBoard, metrics.jsonl, samples.jsonl, W&B, Hugging Face folders
+    14. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, W&B, HF folders
     15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
     16. Evaluation of a saved run      evaluate_run: win rate under a judge, KL to π_init (`./launch.sh eval`)
     17. `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`
@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -2076,7 +2077,55 @@ def mean_across_ranks(metrics: dict) -> dict:
     return dict(zip(keys, (values / _world()).tolist()))
 
 
-# ---- Logging and saving: TensorBoard, metrics.jsonl and samples.jsonl, W&B (--track), Hugging Face folders -----------
+# ---- Logging and saving: progress bars, TensorBoard, metrics.jsonl and samples.jsonl, W&B, Hugging Face folders ------
+def progress(iterable, *, desc: str, total: int | None = None, enabled: bool = True):
+    """`iterable` under a tqdm bar named `desc` (on stderr, erased when the loop ends) on rank 0, when `enabled`
+    (--progress) and stdout is a terminal; else `iterable` itself: logs, CI and tests get no bar. `total`: the
+    number of items, for an iterable without len()."""
+    if not enabled or int(os.environ.get("RANK", "0")) != 0 or not sys.stdout.isatty():
+        return iterable
+    return ProgressBar(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class ProgressBar(tqdm):
+    """A tqdm bar under which print() writes whole lines: while its loop runs, sys.stdout is a PrintAboveBars (one
+    for all nested bars), so a printed line never shares a row with a bar."""
+
+    def __iter__(self):
+        if isinstance(sys.stdout, PrintAboveBars):  # an outer bar's loop already redirects stdout
+            yield from super().__iter__()
+            return
+        above = PrintAboveBars(sys.stdout)
+        with contextlib.redirect_stdout(above):
+            try:
+                yield from super().__iter__()
+            finally:  # the loop ended, broke off or raised: the bar is erased, a line still unfinished goes out
+                above.stdout.write(above.pending)
+
+
+class PrintAboveBars:
+    """sys.stdout while bars are shown: each complete line is written with the bars (on stderr) cleared, and the
+    bars are drawn again below it; an unfinished line waits for its newline."""
+
+    def __init__(self, stdout):
+        self.stdout = stdout
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        lines, newline, self.pending = (self.pending + text).rpartition("\n")
+        if newline:
+            with ProgressBar.external_write_mode(file=sys.stderr):
+                self.stdout.write(lines + newline)
+                self.stdout.flush()
+        return len(text)
+
+    def flush(self):
+        self.stdout.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: those of the real stdout
+        return getattr(self.stdout, name)
+
+
 def import_wandb():
     """Weights & Biases for --track, or a one-line error that names the install (the scripts run without it)."""
     try:
@@ -2434,13 +2483,24 @@ def eval_policy(path: str, flag: str, device, beta: float) -> EvalPolicy:
 
 
 @torch.no_grad()
-def sample_for_eval(policy: EvalPolicy, tokenizer, prompt_rows, *, settings, stop_strings, batch_size, device):
+def sample_for_eval(
+    policy: EvalPolicy,
+    tokenizer,
+    prompt_rows,
+    *,
+    settings,
+    stop_strings,
+    batch_size,
+    device,
+    desc="sampling",
+    show_progress=True,
+):
     """Responses to the (token-id) prompts, sampled with `settings` (a GenerationConfig), cut after EOS and at the
     stop strings, with the log-probs of the sampled tokens under the sampling distribution itself: read from the
     processed scores of `generate` (temperature, top-k and ILQL's shift all applied), so KL estimates need no second
-    pass through the policy."""
+    pass through the policy. `desc`: the name of its progress bar."""
     parts = []
-    for start in range(0, len(prompt_rows), batch_size):
+    for start in progress(range(0, len(prompt_rows), batch_size), desc=desc, enabled=show_progress):
         query_ids, query_mask = pad_left(prompt_rows[start : start + batch_size], tokenizer.pad_token_id, device)
         processors = [policy.processor] if policy.processor is not None else []
         with policy.processor or contextlib.nullcontext():
@@ -2500,6 +2560,7 @@ def evaluate_run(
     seed=1,
     device="cpu",
     out=None,
+    show_progress=True,
 ) -> dict:
     """The policy of a finished run (`run_dir`/policy) against a baseline (`sft`: the run's starting policy, π_init;
     or another run's folder) on the run's held-out prompts (the first `prompts` of its --eval-split; default its
@@ -2509,7 +2570,8 @@ def evaluate_run(
     Σ_t log p(y_t) − log π_init(y_t) per sampled response (mean, nats, with its standard error). On both decodings:
     the run's proxy reward (its --reward-model entries, raw scores weighted by its --reward-weights), the gold score
     on the built-in task, distinct-2 and the response length. The pairs go to `out` (default
-    `run_dir`/eval-vs-BASELINE.jsonl), the summary (returned) to the same name with .json."""
+    `run_dir`/eval-vs-BASELINE.jsonl), the summary (returned) to the same name with .json. `show_progress`: tqdm
+    bars while sampling, in a terminal (`progress`)."""
     with open(os.path.join(run_dir, "args.json")) as f:
         run = SimpleNamespace(**json.load(f))
     policy_path = os.path.join(run_dir, "policy")
@@ -2547,14 +2609,21 @@ def evaluate_run(
         output_scores=True,
         return_dict_in_generate=True,
     )
-    sampling = dict(stop_strings=getattr(run, "stop_strings", []), batch_size=batch_size, device=device)
+    sampling = dict(
+        stop_strings=getattr(run, "stop_strings", []),
+        batch_size=batch_size,
+        device=device,
+        show_progress=show_progress,
+    )
     sampled = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **decoding)
     greedy = GenerationConfig(do_sample=False, **decoding)
     samples = {}
     for name, model in (("policy", policy), ("baseline", other)):
         torch.manual_seed(seed)  # the same draws for both: differences come from the models
-        samples[name] = sample_for_eval(model, tokenizer, prompt_rows, settings=sampled, **sampling)
-        samples[f"{name}_greedy"] = sample_for_eval(model, tokenizer, prompt_rows, settings=greedy, **sampling)
+        samples[name] = sample_for_eval(model, tokenizer, prompt_rows, settings=sampled, desc=name, **sampling)
+        samples[f"{name}_greedy"] = sample_for_eval(
+            model, tokenizer, prompt_rows, settings=greedy, desc=f"{name}, greedy", **sampling
+        )
 
     # Scores: the judge, the run's proxy reward, the gold score; the policy's KL to π_init
     def scorer(entry):
@@ -2663,6 +2732,7 @@ if __name__ == "__main__":
     evaluation.add_argument("--seed", type=int, default=1, help="the sampling seed (the same for both policies)")
     evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     evaluation.add_argument("--out", help="the pairs' jsonl (default RUN_DIR/eval-vs-BASELINE.jsonl)")
+    evaluation.add_argument("--no-progress", action="store_true", help="no tqdm bars (shown only in a terminal)")
     cli = parser.parse_args()
     if cli.tool == "eval":
         s = evaluate_run(
@@ -2676,6 +2746,7 @@ if __name__ == "__main__":
             seed=cli.seed,
             device=cli.device,
             out=cli.out,
+            show_progress=not cli.no_progress,
         )
         print(eval_table(s))
     elif cli.rebuild_builtin is not None:

@@ -192,6 +192,8 @@ class Args:
     """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
     Ctrl-C); the final policy is an HF folder"""
@@ -552,9 +554,9 @@ if __name__ == "__main__":
     heldout = torch.arange(n_train, n_train + n_heldout)[rank::world_size]
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
 
-    def chunks(*tensors):
-        for i in range(0, len(tensors[0]), args.forward_batch_size):
-            yield [t[i : i + args.forward_batch_size] for t in tensors]
+    def chunks(*tensors):  # --forward-batch-size rows of each, as a list: a progress bar reads its length
+        size = args.forward_batch_size
+        return [[t[i : i + size] for t in tensors] for i in range(0, len(tensors[0]), size)]
 
     def score(batch, prompts):
         """The proxy reward Σ_i w_i · transform(r_i) of each row, [n]: r_i from the i-th --reward-model, which
@@ -599,7 +601,7 @@ if __name__ == "__main__":
             )
         ref_chosen = []
         ref_rejected = []
-        for (idx,) in chunks(torch.arange(n_pairs)):
+        for (idx,) in common.progress(chunks(torch.arange(n_pairs)), desc="π_ref log-probs", enabled=args.progress):
             chosen_logps, rejected_logps = pair_logps(ref_policy, idx)
             ref_chosen.append(chosen_logps.float().cpu())
             ref_rejected.append(rejected_logps.float().cpu())
@@ -656,7 +658,9 @@ if __name__ == "__main__":
         texts = []
         samples = []  # rank 0's first --log-samples responses, for log.samples
         policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        for prompt_rows, prompts in chunks(eval_prompts, eval_texts):
+        for prompt_rows, prompts in common.progress(
+            chunks(eval_prompts, eval_texts), desc="evaluate", enabled=args.progress
+        ):
             query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
             response_ids = generate(
                 policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=zero3
@@ -727,7 +731,9 @@ if __name__ == "__main__":
     start_time = time.time()
     window = []
     policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
-    for step in range(state.get("step", 0) + 1, args.total_steps + 1):
+    for step in common.progress(
+        range(state.get("step", 0) + 1, args.total_steps + 1), desc="steps", enabled=args.progress
+    ):
         t_step = time.time()
         # 2. This rank's share of the step's pairs, in the shuffled order
         start = ((step - 1) * world_size + rank) * args.mini_batch_size

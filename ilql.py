@@ -200,6 +200,8 @@ class Args:
     """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown per β at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     eval_every: int = 5
     """evaluate every this many epochs, and before and after training"""
     log_every: int = 10
@@ -644,7 +646,11 @@ if __name__ == "__main__":
                 torch.manual_seed(10**6 + rank)  # the same draws at every β: differences come from β alone
                 rows = []
                 shown = []  # this β's samples
-                for start in range(0, len(eval_prompts), args.forward_batch_size):
+                for start in common.progress(
+                    range(0, len(eval_prompts), args.forward_batch_size),
+                    desc=f"evaluate β={beta:g}",
+                    enabled=args.progress,
+                ):
                     chunk = slice(start, start + args.forward_batch_size)
                     query_ids, query_mask = common.pad_left(eval_prompts[chunk], tokenizer.pad_token_id, device)
                     response_ids = generate(
@@ -754,7 +760,9 @@ if __name__ == "__main__":
         n_tokens = 0
         epoch_shuffler = shuffler.get_state()
         order = torch.randperm(rows_per_rank, generator=shuffler)[: steps_per_epoch * args.mini_batch_size]
-        for idx in order.split(args.mini_batch_size)[skip:]:
+        for idx in common.progress(
+            order.split(args.mini_batch_size)[skip:], desc=f"epoch {epoch}", enabled=args.progress
+        ):
             batch = data.rows(idx)
             input_ids, attention_mask, position_ids = common.concat_inputs(*batch, device)
             # 1. Forward the batch: the state s_t (before response token t) sits at position P−1+t, s_T (after the

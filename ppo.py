@@ -244,6 +244,8 @@ class Args:
     """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many iterations (0: only when stopped by
     SIGTERM / Ctrl-C); the final policy and value model are HF folders"""
@@ -786,7 +788,9 @@ if __name__ == "__main__":
         samples = []
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(10**6 + run.rank)
-            for i in range(0, len(eval_prompts), args.rollout_batch_size):
+            for i in common.progress(
+                range(0, len(eval_prompts), args.rollout_batch_size), desc="evaluate", enabled=args.progress
+            ):
                 sampled = rollout(
                     eval_prompts[i : i + args.rollout_batch_size],
                     eval_texts[i : i + args.rollout_batch_size],
@@ -843,7 +847,7 @@ if __name__ == "__main__":
             f"before training: {before}"
         )
     start_time = time.time()
-    for iteration in range(start, num_iterations + 1):
+    for iteration in common.progress(range(start, num_iterations + 1), desc="iterations", enabled=args.progress):
         # ALGO LOGIC
         # 1. Roll out π_old on a batch of prompts: sample, cut at EOS, π_old and π_ref log-probs (PPO Algorithm 1).
         t0 = time.time()

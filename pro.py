@@ -185,6 +185,8 @@ class Args:
     """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
     Ctrl-C); the final policy is an HF folder"""
@@ -453,7 +455,9 @@ if __name__ == "__main__":
     if args.score_candidates:  # each rank scores a share of the rankings, then every rank gets all the scores
         pairs = [(i, j) for i, row in enumerate(candidates) for j in range(len(row))][rank::world_size]
         mine = []
-        for start in range(0, len(pairs), args.forward_batch_size):
+        for start in common.progress(
+            range(0, len(pairs), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
+        ):
             chunk = pairs[start : start + args.forward_batch_size]
             batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
             mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
@@ -532,7 +536,9 @@ if __name__ == "__main__":
         texts = []
         samples = []  # rank 0's first --log-samples responses, for log.samples
         policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        for start in range(0, len(eval_prompts), args.forward_batch_size):
+        for start in common.progress(
+            range(0, len(eval_prompts), args.forward_batch_size), desc="evaluate", enabled=args.progress
+        ):
             prompts = eval_texts[start : start + args.forward_batch_size]
             query_ids, query_mask = common.pad_left(
                 eval_prompts[start : start + args.forward_batch_size], tokenizer.pad_token_id, device
@@ -583,7 +589,9 @@ if __name__ == "__main__":
     start_time = time.time()
     window = []
     policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
-    for step in range(state.get("step", 0) + 1, args.total_steps + 1):
+    for step in common.progress(
+        range(state.get("step", 0) + 1, args.total_steps + 1), desc="steps", enabled=args.progress
+    ):
         t_step = time.time()
         # 1. The step's rankings: this rank's share of the next mini-batch of the shuffled order
         idx = order[(step - 1) * per_step : step * per_step][rank::world_size]
