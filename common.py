@@ -129,6 +129,7 @@ def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Ru
     if args.track:
         import_wandb()  # missing: fail now, not after the models are loaded
     rank, world_size, device = init_distributed(args.zero_stage)
+    library_bars(args.progress and rank == 0)
     if args.resume:
         check_resume(args.resume, script)
     name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -2087,6 +2088,18 @@ def progress(iterable, *, desc: str, total: int | None = None, enabled: bool = T
     return ProgressBar(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
+def library_bars(enabled: bool):
+    """transformers' and datasets' own bars (loading and saving weights, dataset shards) follow ours: shown only when
+    `enabled` (--progress, rank 0) and stdout is a terminal, so that logs hold no bars."""
+    if enabled and sys.stdout.isatty():
+        return
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+
+
 class ProgressBar(tqdm):
     """A tqdm bar under which print() writes whole lines: while its loop runs, sys.stdout is a PrintAboveBars (one
     for all nested bars), so a printed line never shares a row with a bar."""
@@ -2735,6 +2748,7 @@ if __name__ == "__main__":
     evaluation.add_argument("--no-progress", action="store_true", help="no tqdm bars (shown only in a terminal)")
     cli = parser.parse_args()
     if cli.tool == "eval":
+        library_bars(not cli.no_progress)
         s = evaluate_run(
             cli.run_dir,
             baseline=cli.baseline,

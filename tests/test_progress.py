@@ -131,6 +131,9 @@ def test_dpo_shows_bars_in_a_terminal_only_and_logs_the_same(builtin_path, tmp_p
     # --no-progress in a terminal, and no terminal at all: none of these bars
     assert not re.search(OUR_BARS, runs["no_progress"][1]), runs["no_progress"][1][-3000:]
     assert not re.search(OUR_BARS, runs["captured"][1] + runs["captured"][2]), runs["captured"][2][-3000:]
+    # nor those of transformers (loading, saving the weights): a log has no bars
+    for name in ("no_progress", "captured"):
+        assert "Loading weights" not in "".join(runs[name][1:]) and "%|" not in "".join(runs[name][1:]), name
     # The bars change nothing a run logs
     records = {name: read_run(tmp_path / name)[1] for name in runs}
     assert records["terminal"] == records["captured"] == records["no_progress"]
