@@ -13,8 +13,9 @@ log-likelihood r_θ(x, y) = (1/|y|) Σ_t log π_θ(y_t | x, y_<t), and learns to
 - Dynamic temperatures from the reward gaps: 1/Tᵏ_i = r_φ(x, yᵏ) − r_φ(x, yⁱ) for i > k (a candidate far below yᵏ
   is pushed down harder), and 1/Tᵏ_k = max_{i>k} 1/Tᵏ_i (Tᵏ_k = min_{i>k} Tᵏ_i).
 - The SFT term keeps the policy on the best candidate: L = L_PRO + β · L_SFT, L_SFT = −log π_θ(y¹ | x).
-Training is offline: the rankings are fixed (read from the dataset, or scored once by --reward-model), never sampled
-from π_θ. The paper names these losses; this file names them too (their equation numbers were not checked).
+Training is offline: the rankings are fixed (read from the dataset, or scored once by --reward-model and cached),
+never sampled from π_θ. The paper names these losses; this file names them too (their equation numbers were not
+checked).
 
 As in the released training loss (PRO/train/utils/process_manager.py at commit 483554e, "released" below):
 - r_θ: the sum of the response's token log-probs over its length:
@@ -56,6 +57,8 @@ Where this file differs from the released code:
     python pro.py --preset hh-1b --reward-device cuda:1     # the A-LoL work's PRO setting on Pythia 1B (GPUs)
 """
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -63,10 +66,13 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 import common
 from common import Batch
+
+CACHE_VERSION = 1  # raise when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -134,6 +140,10 @@ class Args:
     """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     forward_batch_size: int = 64
     """rows per forward pass / generate call outside training (scoring candidates, evaluation)"""
+    cache_dir: str | None = None
+    """where --score-candidates' scores are cached (default $ONEFILE_RLHF_CACHE/pro or ~/.cache/onefile-rlhf/pro)"""
+    no_cache: bool = False
+    """rescore the candidates even when a cache entry with the same key exists (and overwrite it)"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
 
@@ -305,6 +315,74 @@ def rank_and_cut(candidates, rewards, ranking_len):
     return ranked_candidates, ranked_rewards
 
 
+def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
+    """compute() -> (dict of tensors, dict of JSON info), stored as <sha256 of key>.safetensors + .json under
+    cache_dir and reused only when the stored key equals `key`. Returns (tensors, info, hit). Every rank takes the
+    same branch, since compute() may hold collectives."""
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+    exists = use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors")
+    entry = {}
+    if exists:
+        with open(path + ".json") as f:
+            entry = json.load(f)
+    if common.mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
+        return load_file(path + ".safetensors"), entry["info"], True
+    tensors, info = compute()
+    if rank == 0:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f".{os.getpid()}.tmp"
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+        os.replace(path + ".safetensors" + tmp, path + ".safetensors")
+        with open(path + ".json" + tmp, "w") as f:
+            f.write(json.dumps({"key": key, "info": info}, indent=1))
+        os.replace(path + ".json" + tmp, path + ".json")
+    return tensors, info, False
+
+
+def fingerprint(name: str, role: str):
+    """A model for the cache key. A local folder: its files' contents (SHA-256 of each; of its size and first and
+    last 16 MiB above 64 MiB, as weights change everywhere when trained). A hub name: the commit it resolves to,
+    asked of the hub, else that of the copy in the local hub cache, else the name alone."""
+    path = common.resolve(name, role)
+    if ":" in path and not os.path.exists(path):  # module:function or URL: its name (code and server assumed fixed)
+        return [path]
+    if not os.path.isdir(path):
+        return [path, hub_commit(path)]
+    contents = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            contents.append((entry.name, file_digest(entry.path)))
+    return contents
+
+
+def file_digest(path: str, whole_below=64 << 20, chunk=16 << 20) -> str:
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            digest.update(f.read())
+        else:
+            digest.update(f.read(chunk))
+            f.seek(size - chunk)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def hub_commit(name: str):
+    """The commit a hub model name resolves to now (None when neither the hub nor its local cache knows it)."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.model_info(name).sha
+    except Exception:  # offline, unknown name: try the local hub cache
+        pass
+    try:
+        return os.path.basename(huggingface_hub.snapshot_download(name, local_files_only=True))
+    except Exception:  # not cached either: the name alone keys the cache
+        return None
+
+
 def distinct_n(texts, n):
     """Distinct-n: unique word n-grams / all word n-grams over all texts."""
     grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
@@ -452,20 +530,49 @@ if __name__ == "__main__":
         return total
 
     t0 = time.time()
-    if args.score_candidates:  # each rank scores a share of the rankings, then every rank gets all the scores
-        pairs = [(i, j) for i, row in enumerate(candidates) for j in range(len(row))][rank::world_size]
-        mine = []
-        for start in common.progress(
-            range(0, len(pairs), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
-        ):
-            chunk = pairs[start : start + args.forward_batch_size]
-            batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
-            mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, mine)
-        for part in gathered:
-            for (i, j), value in part:
-                rewards[i][j] = value
+    hit = False
+    if args.score_candidates:
+        pairs = [(i, j) for i, row in enumerate(candidates) for j in range(len(row))]  # (ranking, candidate)
+
+        @torch.no_grad()
+        def score_candidates():
+            """Each rank scores a share of the candidates (raw scores, weighted); every rank then gets them all."""
+            mine = []
+            shared = pairs[rank::world_size]
+            for start in common.progress(
+                range(0, len(shared), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
+            ):
+                chunk = shared[start : start + args.forward_batch_size]
+                batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
+                mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, mine)
+            position = {pair: k for k, pair in enumerate(pairs)}
+            scores = torch.zeros(len(pairs))
+            for part in gathered:
+                for pair, value in part:
+                    scores[position[pair]] = value
+            return {"scores": scores}, {}
+
+        # The scores depend on the reward models, their weights and precision, and the rows as encoded (the policy's
+        # tokenizer and prompt settings); cached under a key of all of them, since scoring is the slow part here
+        key = dict(
+            version=CACHE_VERSION,
+            reward_models=[fingerprint(name, "reward") for name in args.reward_model],
+            reward_weights=weights.tolist(),
+            reward_dtype=args.reward_dtype,
+            bf16=args.bf16,
+            policy=fingerprint(args.model_name_or_path, "sft"),
+            rows=hashlib.sha256(json.dumps([train_texts, candidates]).encode()).hexdigest(),
+            max_prompt_length=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            chat_template=tokenizer.chat_template if args.chat_template else None,
+        )
+        default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
+        cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "pro")
+        cache, _, hit = cached(key, score_candidates, cache_dir, use_cache=not args.no_cache, rank=rank)
+        for (i, j), value in zip(pairs, cache["scores"].tolist()):
+            rewards[i][j] = value
     candidates, rewards = rank_and_cut(candidates, rewards, args.ranking_len)
     tied = sum(row[0] == row[-1] for row in rewards)  # every candidate of the ranking has the same reward
     if tied == len(rewards):
@@ -507,10 +614,11 @@ if __name__ == "__main__":
         "data/reward_mean": rewards.sum().item() / sum(lengths),
         "data/reward_gap_mean": sum(gaps) / len(gaps),
     }
+    scored = ("; scored from the cache" if hit else "; scored") if args.score_candidates else ""
     if rank == 0:
         print(
             f"{run.name}: {world_size} rank(s), PRO on {len(candidates)} rankings of {min(lengths)}-{max(lengths)} "
-            f"candidates ({tied} all tied: SFT term only){'; scored' if args.score_candidates else ''} "
+            f"candidates ({tied} all tied: SFT term only){scored} "
             f"({time.time() - t0:.0f} s); {args.total_steps} steps",
             flush=True,
         )

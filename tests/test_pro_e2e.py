@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import pytest
 from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script
 
 TINY = "--total-steps 4 --mini-batch-size 4 --eval-every 2 --eval-prompts 8 --max-new-tokens 12".split()
@@ -55,6 +56,27 @@ def test_torchrun_two_ranks_zero3_preference_rows(builtin_path, tmp_path):
 
     run, _ = read_run(tmp_path / "run")
     AutoModelForCausalLM.from_pretrained(run / "policy")
+
+
+def test_scored_candidates_are_cached(builtin_path, tmp_path):
+    """--score-candidates on the built-in preference rows: scored once, read back from the cache by a second run
+    (the same numbers), scored anew when the key changes (twice the reward weight: twice the rewards)."""
+    rows = os.path.join(builtin_path, "data", "preference")
+    args = [*TINY, "--offline-dataset", rows, "--score-candidates", "--cache-dir", str(tmp_path / "cache")]
+    first = run_script("pro.py", *args, "--output-dir", str(tmp_path / "first"), env={"OMP_NUM_THREADS": "1"})
+    assert "; scored (" in first.stdout, first.stdout
+    jobs = {
+        "again": ("pro.py", [*args, "--output-dir", str(tmp_path / "again")], {}),
+        "doubled": ("pro.py", [*args, "--reward-weights", "2", "--output-dir", str(tmp_path / "doubled")], {}),
+    }
+    runs = run_pairs(jobs)
+    assert "; scored from the cache" in runs["again"].stdout, runs["again"].stdout
+    assert "; scored (" in runs["doubled"].stdout, runs["doubled"].stdout
+    records = {name: _check(proc, tmp_path / name) for name, proc in [("first", first), *runs.items()]}
+    assert records["again"] == records["first"]
+    assert records["first"][0]["data/reward_gap_mean"] > 0  # the reward model re-ranks: best above worst
+    doubled = records["doubled"][0]["data/reward_mean"]
+    assert doubled == pytest.approx(2 * records["first"][0]["data/reward_mean"], rel=1e-5)
 
 
 def test_bad_rankings_fail_with_one_line(builtin_path, tmp_path):
