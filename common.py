@@ -2524,8 +2524,14 @@ def sample_for_eval(
                 logits_processor=processors,
             )
         response_ids = out.sequences[:, query_ids.shape[1] :]
-        logprobs = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1)
-        logprobs = logprobs.gather(-1, response_ids[:, :, None]).squeeze(-1)
+        # one decoding step at a time: a [batch, vocab] log-softmax, never a [batch, steps, vocab] copy of the scores
+        logprobs = torch.stack(
+            [
+                s.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+                for s, token in zip(out.scores, response_ids.T)
+            ],
+            1,
+        )
         response_ids, response_mask, _ = truncate_after_eos(
             response_ids,
             eos_id=tokenizer.eos_token_id,
