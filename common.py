@@ -1505,27 +1505,64 @@ def _state_dict(file: str) -> dict:
     return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are read only when used
 
 
+def _hub_snapshot(repo: str):
+    """The folder of a hub repo's snapshot in the local hub cache (HF_HUB_CACHE) at its pinned revision (main without
+    one), as huggingface_hub lays the cache out: models--ORG--NAME/refs/<branch, tag or short hash> holds a commit,
+    snapshots/<commit>/ its files. A short commit hash that no ref names (the snapshot fetched by its full hash) is
+    the one cached commit it begins. None when the cache does not hold it."""
+    from huggingface_hub import constants, snapshot_download
+
+    revision = RELEASED_REVISIONS.get(repo)
+    try:
+        return snapshot_download(repo, revision=revision, local_files_only=True)
+    except (OSError, ValueError):  # not cached under that revision name, or not a repo name
+        pass
+    snapshots = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "snapshots")
+    cached = os.listdir(snapshots) if revision and os.path.isdir(snapshots) else []
+    commits = [commit for commit in cached if commit.startswith(revision)]
+    return os.path.join(snapshots, commits[0]) if len(commits) == 1 else None
+
+
+def _hub_files(repo: str):
+    """A hub repo's file names at its pinned revision: the hub's list, or, when the hub cannot be asked
+    (HF_HUB_OFFLINE=1, no connection), those of its snapshot in the local hub cache. None when neither knows it."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        return sorted(list_repo_files(repo, revision=RELEASED_REVISIONS.get(repo)))
+    except Exception:  # offline mode, no connection (an error of the HTTP library), no such repo: the cache's files
+        snapshot = _hub_snapshot(repo)
+        return None if snapshot is None else sorted(os.listdir(snapshot))
+
+
 def _reward_file(path: str, filename: str) -> str:
-    """A file of a local folder, or of a hub repo (downloaded; at the pinned revision where there is one)."""
+    """A file of a local folder, or of a hub repo at its pinned revision where there is one: downloaded, or read from
+    the local hub cache when the hub cannot be asked (HF_HUB_OFFLINE=1, no connection)."""
     if os.path.isdir(path):
         return os.path.join(path, filename)
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(path, filename, revision=RELEASED_REVISIONS.get(path))
+    revision = RELEASED_REVISIONS.get(path)
+    try:
+        return hf_hub_download(path, filename, revision=revision)
+    except OSError as error:  # not downloadable now and not cached under the revision's name: the snapshot's file
+        snapshot = _hub_snapshot(path)
+        if snapshot is not None and os.path.isfile(os.path.join(snapshot, filename)):
+            return os.path.join(snapshot, filename)
+        at = f" --revision {revision}" if revision else ""
+        fail(
+            f"cannot read {filename} of '{path}'{at} ({_first_line(error)}); without the hub (HF_HUB_OFFLINE=1, no "
+            f"connection) download it first into the hub cache: hf download {path}{at}"
+        )
 
 
 def reward_layout(path: str) -> str:
-    """The layout of a --reward-model folder or hub repo, decided from its file list and config.json (no weights
-    downloaded); `score` for a hub name that cannot be listed (offline, unknown), whose loading then says why."""
-    if os.path.isdir(path):
-        files = sorted(os.listdir(path))
-    else:
-        from huggingface_hub import list_repo_files
-
-        try:
-            files = list_repo_files(path, revision=RELEASED_REVISIONS.get(path))
-        except (OSError, ValueError):  # offline, no such repo, or not a repo name: load_model then says which
-            return "score"
+    """The layout of a --reward-model folder or hub repo, decided from its file list (the hub's, or its cached
+    snapshot's when the hub cannot be asked) and config.json (no weights downloaded); `score` for a hub name that
+    neither the hub nor the cache knows, whose loading then says why."""
+    files = sorted(os.listdir(path)) if os.path.isdir(path) else _hub_files(path)
+    if files is None:  # neither the hub nor its cache knows it (or not a repo name): load_model then says which
+        return "score"
     config = None
     if "config.json" in files:
         with open(_reward_file(path, "config.json")) as f:

@@ -1,17 +1,23 @@
 """Reward models as released (common.py, "Reward models as released"): each layout is written tiny and random to a
 folder exactly as its authors stored it, loaded through common.load_reward, and its score checked against a hand
 computation with plain transformers modules on the text its released code scores (so a wrong text format, a wrong
-read position or a random head fails). Also: the layout of every `launch.sh paper` reward model from the real repos'
-file lists, and one error line for a folder in no known layout. CPU, offline, a few seconds."""
+read position or a random head fails). The same three under their hub ids with HF_HUB_OFFLINE=1, from a hub cache laid
+out as huggingface_hub lays it out: scored by the same recipe at trlX's pinned revision, and apa.py run with them.
+Also: the layout of every `launch.sh paper` reward model from the real repos' file lists, and one error line for a
+folder in no known layout. CPU, offline, about a minute (two subprocesses)."""
 
+import hashlib
 import importlib
 import json
+import os
 import shlex
 import subprocess
+import sys
+from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_ONLINE, read_run, run_script
 
 import common
 
@@ -160,7 +166,18 @@ def test_trlx_tldr_wraps_the_text_and_reads_the_token_before_eos(tmp_path, gpt2,
     assert (got - plain).abs().max() > 1e-2  # without "<|startoftext|>" the scores differ: the wrapping is tested
 
 
-def test_oasst_gpt_neox_reward_model_scores_prompter_assistant_turns(tmp_path, gpt2):
+class Oasst(NamedTuple):
+    """A tiny OpenAssistant reward model written to a folder, and what its hand computation needs."""
+
+    trunk: torch.nn.Module
+    tokenizer: object
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def oasst_folder(folder, gpt2) -> Oasst:
+    """OpenAssistant's layout: config.json of model_type gpt_neox_reward_model, pytorch_model.bin (`gpt_neox.*`,
+    `out_proj` with bias) and its tokenizer with the <|prompter|> / <|assistant|> tokens."""
     from transformers import GPTNeoXConfig, GPTNeoXModel
 
     tok = gpt2.__class__.from_pretrained(str(GPT2_TOKENIZER))
@@ -177,7 +194,6 @@ def test_oasst_gpt_neox_reward_model_scores_prompter_assistant_turns(tmp_path, g
     )
     trunk = GPTNeoXModel(config).eval()
     weight, bias = torch.randn(1, 32), torch.randn(1)
-    folder = tmp_path / "oasst-rm"
     folder.mkdir()
     state = {f"gpt_neox.{k}": v for k, v in trunk.state_dict().items()}
     torch.save({**state, "out_proj.weight": weight, "out_proj.bias": bias}, folder / "pytorch_model.bin")
@@ -189,6 +205,12 @@ def test_oasst_gpt_neox_reward_model_scores_prompter_assistant_turns(tmp_path, g
     }
     (folder / "config.json").write_text(json.dumps(fields))
     tok.save_pretrained(folder)
+    return Oasst(trunk=trunk, tokenizer=tok, weight=weight, bias=bias)
+
+
+def test_oasst_gpt_neox_reward_model_scores_prompter_assistant_turns(tmp_path, gpt2):
+    folder = tmp_path / "oasst-rm"
+    trunk, tok, weight, bias = oasst_folder(folder, gpt2)
     assert common.reward_layout(str(folder)) == "oasst"
     assert [common.oasst_dialogue(p, r, EOS) for p, r in zip(PROMPTS, RESPONSES)] == OASST_TEXTS
     assert tok("<|prompter|>Hi").input_ids[0] == tok.convert_tokens_to_ids("<|prompter|>")  # one token, as in OA's
@@ -300,3 +322,161 @@ def test_layout_rules_on_file_lists():
     assert (
         common.oasst_dialogue("Summarize this.", " ok ", EOS) == f"<|prompter|>Summarize this.{EOS}<|assistant|>ok{EOS}"
     )
+
+
+# ---- The released repos by hub id with HF_HUB_OFFLINE=1, from a hub cache laid out as huggingface_hub lays it out ----
+TLDR_RM = "CarperAI/openai_summarize_tldr_rm_checkpoint"
+OASST_RM = "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
+
+
+def commit_of(name: str) -> str:
+    """A 40-hex commit hash (any will do: the cache names snapshots by commit)."""
+    return hashlib.sha1(name.encode()).hexdigest()
+
+
+PINNED_COMMIT = "676bfd4d" + commit_of("pinned")[8:]  # the commit trlX's short pin 676bfd4d names
+
+
+def cache_repo(cache, repo: str, folder, commit: str, refs=("main",)):
+    """`folder`'s files put into a hub cache as huggingface_hub stores a download: models--ORG--NAME/blobs/<hash>,
+    snapshots/<commit>/<file> a relative link to its blob, refs/<branch or revision asked for> holding the commit."""
+    storage = cache / ("models--" + repo.replace("/", "--"))
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    (storage / "refs").mkdir(exist_ok=True)
+    for file in sorted(folder.iterdir()):
+        data = file.read_bytes()
+        blob = hashlib.sha256(data).hexdigest()
+        (storage / "blobs" / blob).write_bytes(data)
+        (snapshot / file.name).symlink_to(f"../../blobs/{blob}")
+    for ref in refs:
+        (storage / "refs" / ref).write_text(commit)
+
+
+class HubCache(NamedTuple):
+    path: object  # HF_HUB_CACHE
+    scores: dict  # hub id -> policy_batch's scores by the released recipe (hand_scores)
+    later_scores: torch.Tensor  # Dahoas/gptj-rm-static's scores at its later main, which trlX's pin avoids
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, gpt2) -> HubCache:
+    """The three released reward models under their hub ids, tiny and random, with the bases their bare state dicts
+    take the trunk config and tokenizer from (EleutherAI/gpt-j-6B, gpt2, CarperAI/openai_summarize_tldr_sft), in one
+    hub cache. Dahoas/gptj-rm-static has the pinned commit (refs/676bfd4d, as a download of that revision leaves it)
+    and a later main with another head."""
+    from transformers import GPT2Config
+
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "cache"
+    trunk = tiny_gptj(len(gpt2))
+    (gptj := root / "gpt-j-6B").mkdir()  # the trunk config, and the GPT-2 BPE as GPT-J's tokenizer
+    trunk.config.save_pretrained(gptj)
+    gpt2.save_pretrained(gptj)
+    cache_repo(cache, "EleutherAI/gpt-j-6B", gptj, commit_of("gpt-j"))
+    (bpe := root / "gpt2").mkdir()  # the tokenizer and its config.json (AutoTokenizer reads the model type there)
+    GPT2Config().save_pretrained(bpe)
+    gpt2.save_pretrained(bpe)
+    cache_repo(cache, "gpt2", bpe, commit_of("gpt2"))
+    (sft := root / "sft").mkdir()
+    trunk.config.save_pretrained(sft)
+    cache_repo(cache, "CarperAI/openai_summarize_tldr_sft", sft, commit_of("sft"))
+    heads = {"pinned": torch.randn(1, 32), "later": torch.randn(1, 32), "tldr": torch.randn(1, 32)}
+    for name, commit, refs in (("pinned", PINNED_COMMIT, ("676bfd4d",)), ("later", commit_of("later"), ("main",))):
+        (folder := root / name).mkdir()
+        torch.save(trlx_state_dict(trunk, heads[name]), folder / "hf_ckpt.pt")
+        cache_repo(cache, "Dahoas/gptj-rm-static", folder, commit, refs)
+    (tldr := root / "tldr").mkdir()
+    torch.save(trlx_state_dict(trunk, heads["tldr"]), tldr / "pytorch_model.bin")
+    cache_repo(cache, TLDR_RM, tldr, commit_of("tldr"))
+    oasst = oasst_folder(root / "oasst", gpt2)
+    cache_repo(cache, OASST_RM, root / "oasst", commit_of("oasst"))
+
+    hh_texts = [p + r + EOS for p, r in zip(PROMPTS, RESPONSES)]
+    tldr_texts = [f"<|startoftext|>{p}{r}{EOS}" for p, r in zip(PROMPTS, RESPONSES)]
+
+    def at_eos(ids):
+        return ids.index(gpt2.eos_token_id)
+
+    return HubCache(
+        path=cache,
+        scores={
+            "Dahoas/gptj-rm-static": hand_scores(trunk, gpt2, hh_texts, at_eos, heads["pinned"]),
+            TLDR_RM: hand_scores(trunk, gpt2, tldr_texts, lambda ids: at_eos(ids) - 1, heads["tldr"]),
+            OASST_RM: hand_scores(oasst.trunk, oasst.tokenizer, OASST_TEXTS, lambda ids: -1, oasst.weight, oasst.bias),
+        },
+        later_scores=hand_scores(trunk, gpt2, hh_texts, at_eos, heads["later"]),
+    )
+
+
+# common.load_reward by hub id in a process that sees only the hub cache: each repo's layout and scores as JSON
+SCORE_BY_HUB_ID = """
+import json
+import sys
+import test_reward_layouts as t  # first: its conftest puts the project on sys.path
+import common
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(str(t.GPT2_TOKENIZER))
+rows = t.policy_batch(tok)
+print(json.dumps({n: [common.reward_layout(n), common.load_reward(n, tok)(*rows).tolist()] for n in sys.argv[1:]}))
+"""
+
+
+def offline(cache) -> dict:
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+
+
+def test_released_reward_models_by_hub_id_offline_score_as_released(hub_cache):
+    assert sorted(hub_cache.scores) == sorted(HUB_REPOS)  # the ids the paper presets name
+    proc = subprocess.run(
+        [sys.executable, "-c", SCORE_BY_HUB_ID, *hub_cache.scores],
+        cwd=ROOT / "tests",
+        env={**os.environ, **offline(hub_cache.path)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, want in hub_cache.scores.items():
+        assert got[name][0] == common.reward_layout_of(*HUB_REPOS[name]), name
+        torch.testing.assert_close(torch.tensor(got[name][1]), want, atol=1e-4, rtol=1e-4)
+    # the pinned commit was read, not main's later upload
+    assert (torch.tensor(got["Dahoas/gptj-rm-static"][1]) - hub_cache.later_scores).abs().max() > 1e-2
+
+
+def test_apa_runs_offline_with_each_released_reward_model_by_hub_id(hub_cache, builtin_path, tmp_path):
+    run_script(
+        "apa.py",
+        *TINY_ONLINE,
+        "--reward-model",
+        *hub_cache.scores,
+        "--output-dir",
+        str(tmp_path),
+        env=offline(hub_cache.path),
+    )
+    run, records = read_run(tmp_path)
+    assert json.loads((run / "args.json").read_text())["reward_model"] == list(hub_cache.scores)
+    assert len(records) > 1 and all(torch.isfinite(torch.tensor(r["rollout/score"])) for r in records[1:])
+
+
+def test_a_short_pinned_revision_without_its_ref_is_the_cached_commit_it_begins(tmp_path, monkeypatch):
+    """A snapshot fetched by its full hash has no refs/676bfd4d: the pin still finds it, not main's later commit; a
+    repo the cache lacks is one error line that names the download."""
+    from huggingface_hub import constants
+
+    for name, commit, refs in (("pinned", PINNED_COMMIT, ()), ("later", commit_of("later"), ("main",))):
+        (folder := tmp_path / name).mkdir()
+        (folder / "hf_ckpt.pt").write_text(name)
+        cache_repo(tmp_path / "cache", "Dahoas/gptj-rm-static", folder, commit, refs)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert constants.HF_HUB_OFFLINE
+    assert common.reward_layout("Dahoas/gptj-rm-static") == "trlx-hh"
+    with open(common._reward_file("Dahoas/gptj-rm-static", "hf_ckpt.pt")) as f:
+        assert f.read() == "pinned"
+    assert common.reward_layout(TLDR_RM) == "score"  # not cached: loading it as a classifier then says why
+    with pytest.raises(SystemExit) as info:
+        common._reward_file(TLDR_RM, "pytorch_model.bin")
+    message = str(info.value)
+    assert message.startswith("error:") and "\n" not in message and f"hf download {TLDR_RM}" in message
