@@ -1468,7 +1468,9 @@ def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dty
 #   Linear(hidden_size, 1) WITH bias (l.50-51), pooled at the last real token or the mean (l.73-85)); its repo has the
 #   config and the tokenizer. A-LoL (abaheti95/LoL-RL metrics_hh.py:44-78) scores the turns
 #   "<|prompter|>…EOS<|assistant|>…EOS" (l.60-63; model_training/custom_datasets/formatting.py:10-16 names the
-#   tokens), left-truncated to 1024 tokens (l.48, 68).
+#   tokens), left-truncated to 1024 tokens (l.48, 68); it split the HH dialogues as PRO did, which drops or joins a
+#   few paragraphs: oasst_dialogue says where and why the texts here keep them.
+# A hub id is read from the local hub cache where the hub cannot be asked (HF_HUB_OFFLINE=1, no connection).
 # A local folder overrides the trunk: a config.json (and tokenizer files) beside the state dict replace the base's.
 RELEASED_TRUNKS = {
     "trlx-hh": ("EleutherAI/gpt-j-6B", "gpt2"),
@@ -1581,9 +1583,17 @@ def reward_layout(path: str) -> str:
 
 def oasst_dialogue(prompt, response: str, eos: str) -> str:
     """A prompt (an HH prompt, text or messages) and a reply as OpenAssistant's turns
-    "<|prompter|>…EOS<|assistant|>…EOS", each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63).
-    Text without HH markers is one prompter turn."""
+    "<|prompter|>…EOS<|assistant|>…EOS", each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63),
+    from the whole dialogue: every paragraph kept, each turn its own (hh_turns). Text without HH markers is one
+    prompter turn."""
     tags = {"user": "<|prompter|>", "assistant": "<|assistant|>"}
+    # Here the text differs from A-LoL's: it scored PRO's preprocessed HH data (LoL-RL README.md:15-20), split by
+    # PRO's _split_dialogue (after OpenAssistant's rank_datasets.py), which drops a "\n\n" paragraph that starts with
+    # neither "Human:" nor "Assistant:" (l.43-44) and joins consecutive turns of one speaker with "\n" (l.45-50):
+    #   https://github.com/AlibabaResearch/DAMO-ConvAI/blob/64f4da714a5e301bbcac876e9651dd2a082d3036/PRO/train/hh_preprocess_data/step_1_process.py#L29-L55
+    #   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/metrics_hh.py#L60-L63
+    # 309 of the 4,666 HH test prompts (harmless-base and helpful-base) read differently. The reward model reads
+    # here the dialogue the policy answered, the paragraphs A-LoL's text drops included.
     turns = [(m["role"], m["content"].strip()) for m in prompt_messages(prompt) if m["role"] in tags]
     turns.append(("assistant", response.strip()))
     return "".join(f"{tags[role]}{text}{eos}" for role, text in turns)

@@ -324,6 +324,18 @@ def test_layout_rules_on_file_lists():
     )
 
 
+def test_oasst_dialogue_keeps_every_paragraph_and_each_turn():
+    """The dialogue as the policy read it: a paragraph that starts no turn stays in its turn, and two turns of one
+    speaker stay two. A-LoL's text (PRO's _split_dialogue, see oasst_dialogue) drops the one and joins the other."""
+    prompt = "\n\nHuman: Sort this list:\n\n1. milk\n2. eggs\n\nHuman: Alphabetically.\n\nAssistant:"
+    ours = common.oasst_dialogue(prompt, " 1. eggs 2. milk", EOS)
+    assert ours == (
+        f"<|prompter|>Sort this list:\n\n1. milk\n2. eggs{EOS}<|prompter|>Alphabetically.{EOS}"
+        f"<|assistant|>1. eggs 2. milk{EOS}"
+    )
+    assert ours != f"<|prompter|>Sort this list:\nAlphabetically.{EOS}<|assistant|>1. eggs 2. milk{EOS}"  # A-LoL's
+
+
 # ---- The released repos by hub id with HF_HUB_OFFLINE=1, from a hub cache laid out as huggingface_hub lays it out ----
 TLDR_RM = "CarperAI/openai_summarize_tldr_rm_checkpoint"
 OASST_RM = "OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"
