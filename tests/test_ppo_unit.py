@@ -280,7 +280,8 @@ def policy_batch(tok):
 
 def saved(tmp_path, model, tok, name):
     """The reward model and its tokenizer as a folder: load_reward takes the path a real run would."""
-    model.save_pretrained(tmp_path / name), tok.save_pretrained(tmp_path / name)
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
     return str(tmp_path / name)
 
 
