@@ -89,6 +89,8 @@ class Args:
     """global gradient-norm clip (released: 0.3)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL DPO HH: 1e-6)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     lr_warmup_steps: int = 0
@@ -204,12 +206,21 @@ class Args:
 
 
 # The A-LoL paper's DPO HH setting (released dpo_qlora_llama_hh.py at commit 9f8d816, "released"): β 0.1 (L108);
-# 16 pairs a step (2 per device × 8 accumulation steps, L55-L56); 9000 steps (L73); lr 2e-4 (L47), constant after
-# 300 warm-up steps (L52, L394); AdamW betas (0.9, 0.999) (L43-L44); gradient clip 0.3 (L50); prompts of up to
-# 768 − 128 tokens, 128 response tokens (L70-L71, L443-L447); evaluated every 900 steps (L77) by greedy decoding, with
-# R = sigmoid(OpenAssistant RM logit). The paper trains a QLoRA adapter (r 64, α 16, dropout 0.05, L65-L67) on
-# LLaMA-7B; here the same adapter on Dahoas' Pythia SFT policies, 16-bit base weights (add --load-in-4bit on a GPU for
-# QLoRA). https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py
+# 16 pairs a step (2 per device × 8 accumulation steps, L55-L56); 9000 steps (L73); lr 2e-4 (L47), constant (L52,
+# L395: transformers' get_scheduler("constant") takes no warm-up, so the 300 warm-up steps of L53 and L394 never act);
+# bitsandbytes' paged AdamW (L42, L390-L393) with betas (0.9, 0.999) and ε 1e-6 (L43-L45) and its own weight decay
+# 0.01 (the script's weight_decay, L46, never reaches the optimiser); gradient clip 0.3 (L50); prompts of up to
+# 768 − 128 tokens, 128 response tokens (L443-L447); evaluated every 900 steps (L77) by greedy decoding, with
+# R = sigmoid(OpenAssistant RM logit). The released run goes on training the SFT adapter it loads
+# (timdettmers/qlora-hh-rlhf-7b on 4-bit LLaMA-7B, L40, L290), and π_ref is that same adapter loaded frozen (L319-L320):
+# the script's lora_r / lora_alpha / lora_dropout fields (L65-L67) are never read. Dahoas' Pythia SFT policies have
+# no SFT adapter, so here a fresh adapter (r 64, α 16, dropout 0.05: the values of those unread fields) trains on
+# 16-bit base weights and π_ref is the policy with it switched off, π_init in both runs (add --load-in-4bit on a GPU
+# for QLoRA). https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py
+# The optimiser as the pinned transformers 4.32.1 and bitsandbytes 0.41.1 build it:
+# https://github.com/huggingface/transformers/blob/v4.32.1/src/transformers/trainer.py#L1021-L1026
+# https://github.com/huggingface/transformers/blob/v4.32.1/src/transformers/optimization.py#L358-L359
+# https://github.com/bitsandbytes-foundation/bitsandbytes/blob/18e827d666fa2b70a12d539ccedc17aa51b2c97c/bitsandbytes/optim/adamw.py#L9-L12
 # Devices (--reward-device) are chosen by launch.sh.
 HH = dict(
     offline_dataset="Anthropic/hh-rlhf",  # HH transcripts: chosen / rejected replies to one dialogue
@@ -230,8 +241,9 @@ HH = dict(
     mini_batch_size=16,
     total_steps=9000,
     learning_rate=2e-4,
-    lr_warmup_steps=300,
     adam_betas=(0.9, 0.999),
+    adam_eps=1e-6,
+    weight_decay=0.01,
     max_grad_norm=0.3,
     eval_every=900,
 )
@@ -519,6 +531,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=schedule,
     )

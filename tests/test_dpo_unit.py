@@ -178,9 +178,10 @@ def test_cache_recomputes_when_its_key_changes(tmp_path):
 # presets
 # ------------------------------------------------------------------------------------------------------------
 def test_hh_1b_preset_is_the_released_dpo_setting():
-    """The released dpo_qlora_llama_hh.py (LoL-RL, commit 9f8d816): β 0.1, lr 2e-4 with 300 warm-up steps, 2 × 8
-    pairs a step, 9000 steps, AdamW (0.9, 0.999), clip 0.3, QLoRA r 64 α 16 dropout 0.05, prompts 768 − 128 tokens,
-    128 new tokens, evaluation every 900 steps; the models and data of alol.py's HH presets."""
+    """The released dpo_qlora_llama_hh.py (LoL-RL, commit 9f8d816): β 0.1, lr 2e-4 constant (no warm-up: its
+    constant schedule takes none), 2 × 8 pairs a step, 9000 steps, AdamW (0.9, 0.999), ε 1e-6, weight decay 0.01,
+    clip 0.3, an adapter of r 64 α 16 dropout 0.05, prompts 768 − 128 tokens, 128 new tokens, evaluation every 900
+    steps; the models and data of alol.py's HH presets."""
     args = dataclasses.replace(dpo.Args(), **dpo.PRESETS["hh-1b"])
     expected = dict(
         model_name_or_path="Dahoas/pythia-1B-static-sft",
@@ -203,9 +204,11 @@ def test_hh_1b_preset_is_the_released_dpo_setting():
         mini_batch_size=16,
         total_steps=9000,
         learning_rate=2e-4,
-        lr_warmup_steps=300,
+        lr_warmup_steps=0,
         lr_schedule="constant",
         adam_betas=(0.9, 0.999),
+        adam_eps=1e-6,
+        weight_decay=0.01,
         max_grad_norm=0.3,
         eval_every=900,
     )
