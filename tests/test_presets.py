@@ -9,6 +9,8 @@ import importlib
 from typing import NamedTuple
 
 import pytest
+import torch
+from conftest import ROOT
 
 import common
 
@@ -302,3 +304,32 @@ def test_every_preset_has_its_optimiser_and_lengths_in_the_table():
         (s, n, f) for s in EXPECTED for n in EXPECTED[s] if n != "ppo-max" for f in lengths if (s, n, f) not in covered
     ]
     assert missing == []
+
+
+class _Tiny(torch.nn.Module):
+    """A model as the engines take it: parameters and a `device`."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+    @property
+    def device(self):
+        return self.linear.weight.device
+
+
+def test_adam_eps_reaches_adamw_in_every_script():
+    """--adam-eps is AdamW's ε in DeepSpeed's config and in the plain-torch engine, and every script passes it."""
+    import ast
+
+    assert common.deepspeed_config(0, micro_batch_size=1, lr=1e-3, eps=1e-6)["optimizer"]["params"]["eps"] == 1e-6
+    assert common.deepspeed_config(0, micro_batch_size=1, lr=1e-3)["optimizer"]["params"]["eps"] == 1e-8
+    engine = common.prepare_trainable(_Tiny(), "cpu", zero_stage=0, micro_batch_size=1, lr=1e-3, eps=1e-6)
+    assert [group["eps"] for group in engine.optimizer.param_groups] == [1e-6]
+    for script in EXPECTED:
+        tree = ast.parse((ROOT / f"{script}.py").read_text())
+        calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+        engines = [c for c in calls if ast.unparse(c.func) in ("common.prepare_trainable", "dict")]  # or its kwargs
+        passed = [k for call in engines for k in call.keywords if k.arg == "eps"]
+        assert [ast.unparse(k.value) for k in passed] == ["args.adam_eps"], script
+        assert any(f.name == "adam_eps" for f in dataclasses.fields(importlib.import_module(script).Args)), script
