@@ -36,9 +36,10 @@ Where this file differs from the released HH script (lolrl_qlora_llama_hh.py at 
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L237-L241
 - V_πref and A_πref are cached under a key of everything they depend on; released, a pickle is reused whatever changed:
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L520-L528
-- The learning rate is constant from step 1 unless --lr-warmup-steps is given; released, 300 warm-up steps:
-  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L635
 As in the released code (same commit):
+- the learning rate constant from step 1: the released script sets 300 warm-up steps, but transformers'
+  get_scheduler("constant") takes none (see the HH preset below):
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L635-L636
 - the sequence weight from summed token log-probs, clamped to [1 − ε, 1 + ε]:
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L869-L875
 - A-LoL seq's clamped per-token weights, summed over the response:
@@ -102,6 +103,8 @@ class Args:
     """global gradient-norm clip (released: 0.3)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL HH: 1e-6)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     lr_warmup_steps: int = 0
@@ -224,17 +227,23 @@ class Args:
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
-# The paper's HH setting (A-LoL paper, HH experiments; released lolrl_qlora_llama_hh.py): 16 sequences a step, 9000
-# steps, lr 2e-4 constant, gradient clip 0.3, greedy evaluation on 280 test prompts, R = sigmoid(OpenAssistant RM
-# logit). The paper trains a QLoRA adapter (r 64, α 16, dropout 0.05, every linear layer) on LLaMA-7B; here the same
-# adapter on Dahoas' Pythia SFT policies, 16-bit base weights (add --load-in-4bit on a GPU for QLoRA). Devices
-# (--reward-device) are chosen by launch.sh.
+# The paper's HH setting (A-LoL paper, HH experiments; released lolrl_qlora_llama_hh.py at commit 9f8d816): 16
+# sequences a step (4 × 4 accumulation steps, L55-L56), 9000 steps (L76), lr 2e-4 (L49) constant (L52, L636:
+# transformers' get_scheduler("constant") takes no warm-up), bitsandbytes' paged AdamW (L44, L632-L634) with betas
+# (0.9, 0.999) and ε 1e-6 (L45-L47) and its own weight decay 0.01 (the script's weight_decay, L48, never reaches the
+# optimiser; see dpo.py's HH preset for the library lines), gradient clip 0.3 (L50), prompts cut to 768 − 128 tokens
+# (L70, L218), greedy evaluation on 280 test prompts, R = sigmoid(OpenAssistant RM logit). The released run goes on
+# training the SFT adapter it loads (timdettmers/qlora-hh-rlhf-7b on 4-bit LLaMA-7B, L42, L411); its lora_r /
+# lora_alpha / lora_dropout fields (L65-L67) are never read. Here a fresh adapter (r 64, α 16, dropout 0.05: the
+# values of those unread fields, every linear layer) on Dahoas' Pythia SFT policies, 16-bit base weights (add
+# --load-in-4bit on a GPU for QLoRA). Devices (--reward-device) are chosen by launch.sh.
+# https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py
 HH = dict(
     offline_dataset="Anthropic/hh-rlhf",  # HH transcripts; the RM scores their chosen replies
     dataset="Anthropic/hh-rlhf",
     eval_split="test",
     eval_prompts=280,
-    max_prompt_length=896,  # trlX's seq_length 1024 − 128 new tokens (an assumption: the papers do not say)
+    max_prompt_length=640,  # released: 768 − 128
     max_new_tokens=128,
     stop_strings=["Human:", "Assistant:"],
     bf16=True,
@@ -247,6 +256,9 @@ HH = dict(
     mini_batch_size=16,
     total_steps=9000,
     learning_rate=2e-4,
+    adam_betas=(0.9, 0.999),
+    adam_eps=1e-6,
+    weight_decay=0.01,
     max_grad_norm=0.3,
 )
 PRESETS = {
@@ -607,6 +619,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=schedule,
     )

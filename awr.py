@@ -107,6 +107,8 @@ class Args:
     """global gradient-norm clip, policy and value model each"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released: 1e-8)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6)"""
     lr_warmup_steps: int = 0
@@ -249,7 +251,7 @@ HH = dict(  # Anthropic HH as the APA paper ran it: Dahoas' Pythia SFT policies 
     dataset="Dahoas/rm-static",
     eval_split="test",
     eval_prompts=280,  # the first 280 test prompts
-    max_prompt_length=896,  # trlX's seq_length 1024 − 128 new tokens (an assumption: the papers do not say)
+    max_prompt_length=872,  # released seq_length 1000 − 128 new tokens (trlX cuts prompts to their difference)
     max_new_tokens=128,
     stop_strings=["Human:", "Assistant:"],
     unfrozen_layers=2,  # trlX trained the top 2 blocks
@@ -282,7 +284,7 @@ TLDR = dict(  # TL;DR summarisation: CarperAI's GPT-J SFT policy and reward mode
     dataset="CarperAI/openai_summarize_tldr",
     eval_split="test",
     eval_prompts=280,
-    max_prompt_length=512,
+    max_prompt_length=500,  # released seq_length 550 − 50 new tokens
     max_new_tokens=50,
     unfrozen_layers=8,
     bf16=True,
@@ -562,6 +564,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=schedule,
     )

@@ -1798,6 +1798,7 @@ def deepspeed_config(
     weight_decay=0.0,
     train=True,
     hidden_size=None,
+    eps=1e-8,
 ):
     """`train=False`: a frozen model sharded like the policy. torch's AdamW (nothing to compile) unless offloading.
     With the model's `hidden_size` h, ZeRO's buffers are sized to it as transformers' Trainer sizes them ("auto"):
@@ -1822,7 +1823,7 @@ def deepspeed_config(
     }
     if train:
         config["gradient_clipping"] = max_grad_norm
-        adamw = {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay, "torch_adam": not offload}
+        adamw = {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay, "torch_adam": not offload}
         config["optimizer"] = {"type": "AdamW", "params": adamw}
     return config
 
@@ -1889,12 +1890,12 @@ def current_lr(engine) -> float:
 class TorchEngine:
     """Engine calls (forward, backward, step, .module, .device) for a model on its own device, or without DeepSpeed."""
 
-    def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None):
+    def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None, eps=1e-8):
         self.module = model
         self.device = model.device
         self.max_grad_norm = max_grad_norm
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or _constant_lr)
 
     def __call__(self, *args, **kwargs):
@@ -1938,6 +1939,7 @@ def prepare_trainable(
     betas=(0.9, 0.95),
     weight_decay=0.0,
     schedule=None,
+    eps=1e-8,
 ):
     """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere. `schedule`
     (see lr_schedule) scales `lr` at every optimiser step; resumable checkpoints keep its position."""
@@ -1955,6 +1957,7 @@ def prepare_trainable(
             betas=betas,
             weight_decay=weight_decay,
             schedule=schedule,
+            eps=eps,
         )
     config = deepspeed_config(
         zero_stage,
@@ -1966,6 +1969,7 @@ def prepare_trainable(
         betas=betas,
         weight_decay=weight_decay,
         hidden_size=hidden_size_of(model),
+        eps=eps,
     )
     params = [p for p in model.parameters() if p.requires_grad]
 

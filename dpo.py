@@ -16,9 +16,11 @@ sampling: the policy is trained directly on the pairs.
   log π_θ(y_l|x))); no π_ref is loaded.
 - log π_ref(y|x) of every pair is computed once, before training, and cached under a key of what it depends on.
 - Variants (--loss-type, --label-smoothing): IPO (Azar et al., "A General Theoretical Paradigm to Understand
-  Learning from Human Preferences", AISTATS 2024, arXiv 2310.12036) regresses the log-ratio difference h onto
-  1/(2β): (h − 1/(2β))²; conservative DPO (Mitchell, "A note on DPO with noisy preferences", 2023) reads each label
-  as flipped with probability ε: −(1 − ε) log σ(βh) − ε log σ(−βh).
+  Learning from Human Preferences", AISTATS 2024, arXiv 2310.12036) regresses the log-ratio difference onto
+  1/(2β): (h̄ − 1/(2β))², with h̄ the difference of the two log-ratios each averaged over its response's tokens, as
+  the IPO authors' reported runs did (`ipo`; `ipo_sum` takes the summed sequence log-probs of the paper's equation);
+  conservative DPO (Mitchell, "A note on DPO with noisy preferences", 2023) reads each label as flipped with
+  probability ε: −(1 − ε) log σ(βh) − ε log σ(−βh).
 Logged: the implicit rewards of chosen and rejected responses, their margin and the fraction of pairs whose margin
 is positive (accuracy), on the training batches and on pairs held out of training.
 
@@ -72,11 +74,15 @@ class Args:
     preset: str | None = None
     """a paper setting (PRESETS: hh-125m, hh-1b, hh-6b) whose values become the defaults; flags given still win"""
     beta: float = 0.1
-    """β of the DPO loss: the scale of the implicit reward β·log(π_θ/π_ref), and how far π_θ may move from π_ref"""
+    """β of the loss, how far π_θ may move from π_ref. sigmoid: the scale of the implicit reward β·log(π_θ/π_ref).
+    ipo / ipo_sum: IPO's τ, the loss pulls the chosen response's log-ratio above the rejected one's by 1/(2β), per
+    token with ipo (β 0.1: 5 nats a token), per sequence with ipo_sum"""
     reference_free: bool = False
     """leave π_ref out of the loss (reference-free DPO): −log σ(β (log π_θ(y_w|x) − log π_θ(y_l|x))); no π_ref"""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: DPO's −log σ(βh); ipo: IPO's (h − 1/(2β))², h the difference of the two log-ratios to π_ref"""
+    loss_type: Literal["sigmoid", "ipo", "ipo_sum"] = "sigmoid"
+    """sigmoid: DPO's −log σ(βh), h the difference of the two sequence log-ratios log(π_θ/π_ref); ipo: IPO's
+    (h̄ − 1/(2β))², h̄ the same difference with each log-ratio averaged over its response's tokens (the IPO authors'
+    runs); ipo_sum: (h − 1/(2β))² on the summed log-ratios (IPO's equation as printed; long responses dominate)"""
     label_smoothing: float = 0.0
     """ε of conservative DPO (sigmoid only): each preference is read as flipped with probability ε, in [0, 0.5)"""
     total_steps: int = 30
@@ -89,6 +95,8 @@ class Args:
     """global gradient-norm clip (released: 0.3)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL DPO HH: 1e-6)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     lr_warmup_steps: int = 0
@@ -204,12 +212,21 @@ class Args:
 
 
 # The A-LoL paper's DPO HH setting (released dpo_qlora_llama_hh.py at commit 9f8d816, "released"): β 0.1 (L108);
-# 16 pairs a step (2 per device × 8 accumulation steps, L55-L56); 9000 steps (L73); lr 2e-4 (L47), constant after
-# 300 warm-up steps (L52, L394); AdamW betas (0.9, 0.999) (L43-L44); gradient clip 0.3 (L50); prompts of up to
-# 768 − 128 tokens, 128 response tokens (L70-L71, L443-L447); evaluated every 900 steps (L77) by greedy decoding, with
-# R = sigmoid(OpenAssistant RM logit). The paper trains a QLoRA adapter (r 64, α 16, dropout 0.05, L65-L67) on
-# LLaMA-7B; here the same adapter on Dahoas' Pythia SFT policies, 16-bit base weights (add --load-in-4bit on a GPU for
-# QLoRA). https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py
+# 16 pairs a step (2 per device × 8 accumulation steps, L55-L56); 9000 steps (L73); lr 2e-4 (L47), constant (L52,
+# L395: transformers' get_scheduler("constant") takes no warm-up, so the 300 warm-up steps of L53 and L394 never act);
+# bitsandbytes' paged AdamW (L42, L390-L393) with betas (0.9, 0.999) and ε 1e-6 (L43-L45) and its own weight decay
+# 0.01 (the script's weight_decay, L46, never reaches the optimiser); gradient clip 0.3 (L50); prompts of up to
+# 768 − 128 tokens, 128 response tokens (L443-L447); evaluated every 900 steps (L77) by greedy decoding, with
+# R = sigmoid(OpenAssistant RM logit). The released run goes on training the SFT adapter it loads
+# (timdettmers/qlora-hh-rlhf-7b on 4-bit LLaMA-7B, L40, L290), and π_ref is that same adapter loaded frozen (L319-L320):
+# the script's lora_r / lora_alpha / lora_dropout fields (L65-L67) are never read. Dahoas' Pythia SFT policies have
+# no SFT adapter, so here a fresh adapter (r 64, α 16, dropout 0.05: the values of those unread fields) trains on
+# 16-bit base weights and π_ref is the policy with it switched off, π_init in both runs (add --load-in-4bit on a GPU
+# for QLoRA). https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/dpo_qlora_llama_hh.py
+# The optimiser as the pinned transformers 4.32.1 and bitsandbytes 0.41.1 build it:
+# https://github.com/huggingface/transformers/blob/v4.32.1/src/transformers/trainer.py#L1021-L1026
+# https://github.com/huggingface/transformers/blob/v4.32.1/src/transformers/optimization.py#L358-L359
+# https://github.com/bitsandbytes-foundation/bitsandbytes/blob/18e827d666fa2b70a12d539ccedc17aa51b2c97c/bitsandbytes/optim/adamw.py#L9-L12
 # Devices (--reward-device) are chosen by launch.sh.
 HH = dict(
     offline_dataset="Anthropic/hh-rlhf",  # HH transcripts: chosen / rejected replies to one dialogue
@@ -230,8 +247,9 @@ HH = dict(
     mini_batch_size=16,
     total_steps=9000,
     learning_rate=2e-4,
-    lr_warmup_steps=300,
     adam_betas=(0.9, 0.999),
+    adam_eps=1e-6,
+    weight_decay=0.01,
     max_grad_norm=0.3,
     eval_every=900,
 )
@@ -256,20 +274,24 @@ class DPOLoss(NamedTuple):
 
 
 def dpo_loss(
+    *,
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
     ref_chosen_logps: torch.Tensor | None,
     ref_rejected_logps: torch.Tensor | None,
     beta: float,
     reference_free: bool = False,
-    *,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> DPOLoss:
-    """The DPO loss of DPO eq. (7) and its statistics. Each argument is [batch] sequence log-probs summed over the
-    response tokens: log π_θ(y_w|x), log π_θ(y_l|x) (with grad), log π_ref(y_w|x), log π_ref(y_l|x). With
+    """The DPO loss of DPO eq. (7) and its statistics. Each log-prob argument is [batch] sequence log-probs summed
+    over the response tokens: log π_θ(y_w|x), log π_θ(y_l|x) (with grad), log π_ref(y_w|x), log π_ref(y_l|x). With
     `reference_free` the π_ref terms are 0 (they may be None), as in the released code. `loss_type` "ipo" is IPO's
-    squared loss; `label_smoothing` ε > 0 is conservative DPO (sigmoid only)."""
+    squared loss on log-ratios averaged over each response's tokens, whose counts it needs: `chosen_lengths` and
+    `rejected_lengths`, [batch]; "ipo_sum" the same on the sums; `label_smoothing` ε > 0 is conservative DPO
+    (sigmoid only). The statistics are the implicit rewards of the summed log-ratios, whatever the loss."""
     if reference_free:
         ref_chosen_logps = torch.zeros_like(chosen_logps)
         ref_rejected_logps = torch.zeros_like(rejected_logps)
@@ -280,7 +302,14 @@ def dpo_loss(
         losses = -F.logsigmoid(beta * h)  # DPO eq. (7)
         losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)  # conservative DPO (ε)
     elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2  # IPO's loss: h regressed onto 1/(2τ), τ = β
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths (response tokens of each pair)")
+        # The IPO authors' reported runs average each log-ratio over the response's tokens before the squared loss
+        # (as TRL does, confirmed with them): https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/trainer/dpo_trainer.py#L1441-L1451
+        h_mean = chosen_ratio / chosen_lengths - rejected_ratio / rejected_lengths
+        losses = (h_mean - 1 / (2 * beta)) ** 2  # IPO's loss: h̄ regressed onto 1/(2τ), τ = β
+    elif loss_type == "ipo_sum":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO's loss on summed log-ratios: h regressed onto 1/(2τ), τ = β
     else:
         raise ValueError(f"unknown DPO loss type '{loss_type}'")
     chosen_rewards = beta * chosen_ratio.detach()  # DPO's implicit reward of y_w
@@ -519,6 +548,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=schedule,
     )
@@ -540,6 +570,7 @@ if __name__ == "__main__":
         chat_template=args.chat_template,
     )
     rows = common.encode_offline_rows(tokenizer, train_texts * 2, chosen + rejected, **encode)
+    response_lengths = rows.response_mask.sum(1)  # response tokens of each row, EOS included (IPO's averages)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
@@ -694,9 +725,10 @@ if __name__ == "__main__":
             logps = [pair_logps(policy, idx) for (idx,) in chunks(heldout)]
             ref = (None, None) if args.reference_free else (ref_chosen_logps[heldout], ref_rejected_logps[heldout])
             terms = dpo_loss(
-                torch.cat([chosen_logps for chosen_logps, _ in logps]).cpu(),
-                torch.cat([rejected_logps for _, rejected_logps in logps]).cpu(),
-                *ref,
+                chosen_logps=torch.cat([chosen_logps for chosen_logps, _ in logps]).cpu(),
+                rejected_logps=torch.cat([rejected_logps for _, rejected_logps in logps]).cpu(),
+                ref_chosen_logps=ref[0],
+                ref_rejected_logps=ref[1],
                 beta=args.beta,
                 reference_free=args.reference_free,
             )
@@ -745,13 +777,16 @@ if __name__ == "__main__":
         else:
             ref = (ref_chosen_logps[idx].to(device), ref_rejected_logps[idx].to(device))
         terms = dpo_loss(
-            chosen_logps,
-            rejected_logps,
-            *ref,
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref[0],
+            ref_rejected_logps=ref[1],
             beta=args.beta,
             reference_free=args.reference_free,
             loss_type=args.loss_type,
             label_smoothing=args.label_smoothing,
+            chosen_lengths=response_lengths[idx].to(device),
+            rejected_lengths=response_lengths[idx + n_pairs].to(device),
         )
         # 4. One optimiser step on the mini-batch
         policy.backward(terms.loss)

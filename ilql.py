@@ -105,6 +105,8 @@ class Args:
     """global gradient-norm clip"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2) (released HH: 0.9, 0.95)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released HH: 1e-8)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released HH: 1e-6)"""
     lr_warmup_steps: int = 0
@@ -223,7 +225,7 @@ HH = dict(
     eval_split="test",
     eval_prompts=280,  # the first 280 test prompts (trlX examples/hh: islice(dataset["test"], 280))
     reward_model=["Dahoas/gptj-rm-static"],
-    max_prompt_length=896,  # trlX's seq_length 1024 − 128 new tokens: an assumption, not in the papers
+    max_prompt_length=872,  # released seq_length 1000 − 128 new tokens (trlX cuts prompts to their difference)
     max_new_tokens=128,
     stop_strings=["Human:", "Assistant:"],
     unfrozen_layers=2,  # trlX's num_layers_unfrozen in the APA HH configs
@@ -586,6 +588,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=schedule,
     )

@@ -139,6 +139,8 @@ class Args:
     """global gradient-norm clip, policy and value model each"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released: 1e-8)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6, PPO TL;DR 0.01)"""
     lr_warmup_steps: int = 0
@@ -262,7 +264,7 @@ HH = dict(
     dataset="Dahoas/rm-static",
     eval_split="test",
     eval_prompts=280,
-    max_prompt_length=896,  # trlX's seq_length 1024 − 128 new tokens (an assumption: the papers do not say)
+    max_prompt_length=896,  # released seq_length 1024 − 128 new tokens (trlX cuts prompts to their difference)
     max_new_tokens=128,
     stop_strings=["Human:", "Assistant:"],
     unfrozen_layers=2,
@@ -297,7 +299,7 @@ TLDR = dict(
     dataset="CarperAI/openai_summarize_tldr",
     eval_split="test",
     eval_prompts=280,
-    max_prompt_length=512,
+    max_prompt_length=500,  # released seq_length 550 − 50 new tokens
     max_new_tokens=50,
     unfrozen_layers=8,
     bf16=True,
@@ -332,6 +334,7 @@ MOSS_RLHF = dict(
     whiten_advantages=False,  # use_advantage_norm off
     value_model="reward",  # the critic starts from the reward model
     max_grad_norm=1.0,
+    adam_eps=1e-6,  # config_ppo.py L24: the policy's eps (ppo_trainer.py L204-L205: the critic's 1e-8; one ε here)
     learning_rate=5e-7,
     value_learning_rate=1.5e-6,
     lr_warmup_steps=100,
@@ -655,6 +658,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=schedule,
     )

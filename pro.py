@@ -44,9 +44,9 @@ Where this file differs from the released code:
   ranking's own n; released, every ranking of a run has the same length
 - the loss of a mini-batch is the mean over its prompts of (Σ_k L_PRO,k + SFT term); released, the mean over the
   batch of each rank's term, summed over k: the same number when all rankings have one length
-- the presets follow the A-LoL work's PRO script (QLoRA adapter, lr 2e-4, 16 rankings a step, 9000 steps, gradient
-  clip 0.3, 300 warm-up steps, AdamW β2 0.999, prompts cut to 640 tokens and replies to 128):
-  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/pro_qlora_llama_hh.py#L45-L76
+- the presets follow the A-LoL work's PRO script (LoRA adapter, lr 2e-4 constant, 16 rankings a step, 9000 steps,
+  gradient clip 0.3, AdamW β2 0.999 and ε 1e-6, prompts cut to 640 tokens and replies to 128):
+  https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/pro_qlora_llama_hh.py#L44-L79
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/pro_qlora_llama_hh.py#L227-L230
   PRO's own HH run trains all of LLaMA-7B with lr 5e-6:
   https://github.com/AlibabaResearch/DAMO-ConvAI/blob/483554eae102996f5ec1f4feab4e78ef29c2a394/PRO/train/train_hh.sh#L23
@@ -97,6 +97,8 @@ class Args:
     """global gradient-norm clip (released: 1.0)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL PRO HH: 1e-6)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     lr_warmup_steps: int = 0
@@ -206,13 +208,19 @@ class Args:
     """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
-# The A-LoL work's PRO setting on HH (released pro_qlora_llama_hh.py, lines linked above): PRO's HH data (hh-rlhf's
-# chosen and rejected replies, re-ranked by the OpenAssistant reward model's raw logits: rankings of 2), sft_weight
-# 0.05, a QLoRA adapter (r 64, α 16, dropout 0.05, every linear layer) on LLaMA-7B, 2 rankings × 8 accumulation steps
-# a step, 9000 steps, lr 2e-4 constant after 300 warm-up steps, AdamW (0.9, 0.999), gradient clip 0.3, greedy
-# evaluation on 280 test prompts, sigmoid of the same reward model. Here the same adapter on Dahoas' Pythia SFT
-# policies, 16-bit base weights (add --load-in-4bit on a GPU for QLoRA). Devices (--reward-device) are chosen by
-# launch.sh.
+# The A-LoL work's PRO setting on HH (released pro_qlora_llama_hh.py, lines linked above and below): PRO's HH data
+# (hh-rlhf's chosen and rejected replies, re-ranked by the OpenAssistant reward model's raw logits: rankings of 2),
+# sft_weight 0.05 (L113), 2 rankings × 8 accumulation steps a step (L57-L58), 9000 steps (L76), lr 2e-4 (L49),
+# constant (L54, L373: transformers' get_scheduler("constant") takes no warm-up, so the 300 warm-up steps of L55 and
+# L372 never act), bitsandbytes' paged AdamW (L44, L369-L371) with betas (0.9, 0.999) and ε 1e-6 (L45-L47) and its
+# own weight decay 0.01 (the script's weight_decay, L48, never reaches the optimiser; see dpo.py's HH preset for the
+# library lines), gradient clip 0.3 (L52), prompts cut to 768 − 128 tokens and replies to 128 (L227-L230), evaluated
+# every 900 steps (L79) by greedy decoding on 280 test prompts, sigmoid of the same reward model. The released run
+# goes on training the SFT adapter it loads (timdettmers/qlora-hh-rlhf-7b on 4-bit LLaMA-7B, L42, L304); its
+# lora_r / lora_alpha / lora_dropout fields (L65-L69) are never read. Here a fresh adapter (r 64, α 16, dropout 0.05:
+# the values of those unread fields) on Dahoas' Pythia SFT policies, 16-bit base weights (add --load-in-4bit on a GPU
+# for QLoRA). https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/pro_qlora_llama_hh.py
+# Devices (--reward-device) are chosen by launch.sh.
 HH = dict(
     offline_dataset="Anthropic/hh-rlhf",  # HH transcripts: rankings of 2, re-ranked by the reward model below
     score_candidates=True,
@@ -234,9 +242,11 @@ HH = dict(
     mini_batch_size=16,  # released: 2 rankings a pass × 8 accumulation steps
     total_steps=9000,
     learning_rate=2e-4,
-    lr_warmup_steps=300,
     adam_betas=(0.9, 0.999),
+    adam_eps=1e-6,
+    weight_decay=0.01,
     max_grad_norm=0.3,
+    eval_every=900,
 )
 PRESETS = {
     f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
@@ -487,6 +497,7 @@ if __name__ == "__main__":
         offload=args.offload,
         max_grad_norm=args.max_grad_norm,
         betas=args.adam_betas,
+        eps=args.adam_eps,
         weight_decay=args.weight_decay,
         schedule=common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule),
     )

@@ -321,7 +321,8 @@ def test_distinct_n():
 # presets
 # ------------------------------------------------------------------------------------------------------------
 def test_hh_1b_preset_is_what_launch_sh_passed():
-    """The values `launch.sh paper alol-hh --size 1b` passed to alol.py, but the device (--reward-device cuda:1)."""
+    """The values `launch.sh paper alol-hh --size 1b` passed to alol.py, but the device (--reward-device cuda:1) and
+    the released prompt length (768 − 128 tokens, not 896)."""
     args = dataclasses.replace(alol.Args(), **alol.PRESETS["hh-1b"])
     expected = dict(
         model_name_or_path="Dahoas/pythia-1B-static-sft",
@@ -329,7 +330,7 @@ def test_hh_1b_preset_is_what_launch_sh_passed():
         dataset="Anthropic/hh-rlhf",
         eval_split="test",
         eval_prompts=280,
-        max_prompt_length=896,
+        max_prompt_length=640,
         max_new_tokens=128,
         stop_strings=["Human:", "Assistant:"],
         bf16=True,

@@ -221,13 +221,14 @@ def test_gae_matches_python_loop(module):
 # ------------------------------------------------------------------------------------------------------------
 # the paper presets
 # ------------------------------------------------------------------------------------------------------------
-# What `launch.sh paper apa-hh --size 1b` passed before the presets moved beside Args (less the GPU layout)
+# What `launch.sh paper apa-hh --size 1b` passed before the presets moved beside Args (less the GPU layout), with the
+# released prompt length (seq_length 1000 − 128 new tokens; TL;DR 550 − 50) in place of its 896 (TL;DR 512)
 LAUNCH_APA_HH_1B = dict(
     model_name_or_path="Dahoas/pythia-1B-static-sft",
     dataset="Dahoas/rm-static",
     eval_split="test",
     eval_prompts=280,
-    max_prompt_length=896,
+    max_prompt_length=872,
     max_new_tokens=128,
     stop_strings=["Human:", "Assistant:"],
     unfrozen_layers=2,
@@ -269,7 +270,7 @@ def test_presets_equal_what_launch_sh_passed():
         dataset="CarperAI/openai_summarize_tldr",
         eval_split="test",
         eval_prompts=280,
-        max_prompt_length=512,
+        max_prompt_length=500,
         max_new_tokens=50,
         unfrozen_layers=8,
         bf16=True,

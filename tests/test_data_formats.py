@@ -177,7 +177,8 @@ def test_pro_rows_with_one_shared_list_of_turns_or_plain_prompts(tmp_path):
         }
     ]
     prompt = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant:"
-    (tmp_path / "shared").mkdir(), (tmp_path / "tldr").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "tldr").mkdir()
     assert common.load_offline_rows(_write(tmp_path / "shared", shared)) == (
         [prompt] * 2,
         [" See you.", " No."],

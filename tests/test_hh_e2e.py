@@ -53,7 +53,8 @@ def hh(tmp_path_factory):
     policy = GPT2LMHeadModel(GPT2Config(**ids, tie_word_embeddings=False))
     with torch.no_grad():  # hidden state ≈ a fixed direction u, and the "Human:" row of the output layer along it:
         u = torch.nn.functional.normalize(torch.randn(32), dim=0)  # p("Human:") ≈ e^6 / (e^6 + 511) ≈ 0.44
-        policy.transformer.ln_f.weight.fill_(0.1), policy.transformer.ln_f.bias.copy_(u)
+        policy.transformer.ln_f.weight.fill_(0.1)
+        policy.transformer.ln_f.bias.copy_(u)
         policy.lm_head.weight[human] = 6.0 * u
     policy.save_pretrained(root / "policy")
     tokenizer.save_pretrained(root / "policy")

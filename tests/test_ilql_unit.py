@@ -238,14 +238,14 @@ def test_beta_zero_leaves_sampling_unchanged_and_beta_changes_it():
 
 def test_hh_1b_preset_is_what_launch_sh_passed():
     """The values `launch.sh paper ilql-hh --size 1b` passed as flags before the presets (its GPU layout,
-    --reward-device cuda:1, stays in launch.sh)."""
+    --reward-device cuda:1, stays in launch.sh), with the released prompt length 1000 − 128 tokens, not 896."""
     args = dataclasses.replace(ilql.Args(), **ilql.PRESETS["hh-1b"])
     expected = dict(
         model_name_or_path="Dahoas/pythia-1B-static-sft",
         dataset="Dahoas/rm-static",
         eval_split="test",
         eval_prompts=280,
-        max_prompt_length=896,
+        max_prompt_length=872,
         max_new_tokens=128,
         stop_strings=["Human:", "Assistant:"],
         unfrozen_layers=2,

@@ -280,7 +280,8 @@ def policy_batch(tok):
 
 def saved(tmp_path, model, tok, name):
     """The reward model and its tokenizer as a folder: load_reward takes the path a real run would."""
-    model.save_pretrained(tmp_path / name), tok.save_pretrained(tmp_path / name)
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
     return str(tmp_path / name)
 
 
@@ -468,6 +469,7 @@ def test_hh_1b_preset_equals_what_launch_sh_passed():
 
 
 def test_tldr_preset_equals_what_launch_sh_passed():
+    """What `./launch.sh paper ppo-tldr` passed, with the released prompt length (550 − 50 tokens, not 512)."""
     import common
 
     args = common.parse_args(ppo.Args, ppo.PRESETS, argv=["--preset", "tldr"])
@@ -477,7 +479,7 @@ def test_tldr_preset_equals_what_launch_sh_passed():
         dataset="CarperAI/openai_summarize_tldr",
         eval_split="test",
         eval_prompts=280,
-        max_prompt_length=512,
+        max_prompt_length=500,
         max_new_tokens=50,
         unfrozen_layers=8,
         bf16=True,

@@ -180,8 +180,11 @@ def test_hh_1b_preset_is_the_released_pro_setting():
         mini_batch_size=16,
         total_steps=9000,
         learning_rate=1e-5,
-        lr_warmup_steps=300,
+        lr_warmup_steps=0,
         adam_betas=(0.9, 0.999),
+        adam_eps=1e-6,
+        weight_decay=0.01,
+        eval_every=900,
         max_grad_norm=0.3,
     )
     assert {name: getattr(args, name) for name in expected} == expected

@@ -64,3 +64,15 @@ def test_every_row_of_the_equation_table_points_at_the_line_that_implements_it()
 def test_every_numbered_equation_marker_in_the_code_is_in_the_table():
     cited = {(file, number) for _, file, number in equation_table()}
     assert [m for m in code_markers() if (m[1], m[2]) not in cited] == []
+
+
+def test_no_tuple_statements():
+    """One statement per line: no expression statement that is a tuple (`a.f(), b.g()`), in the scripts and tests."""
+    import ast
+
+    found = []
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Tuple):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert found == [], "tuple statements (write one statement per line): " + ", ".join(found)
