@@ -445,7 +445,9 @@ if __name__ == "__main__":
         return torch.sigmoid(raw_scores) if args.reward_transform == "sigmoid" else raw_scores
 
     # Read the pairs and check them before any model is loaded: the last --heldout-pairs are not trained on
-    train_texts, chosen, rejected = common.load_preference_pairs(args.offline_dataset, args.offline_split)
+    train_texts, chosen, rejected = common.load_preference_pairs(
+        args.offline_dataset, args.offline_split, held_out=(args.dataset, args.eval_split)
+    )
     train_texts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in train_texts]  # text / chat
     n_pairs = len(train_texts)
     n_train = n_pairs - args.heldout_pairs
@@ -539,8 +541,15 @@ if __name__ == "__main__":
         context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
         chat_template=args.chat_template,
     )
+    need = args.heldout_pairs + 1
+    kept = common.fitting_prompts(tokenizer, train_texts, what="preference pairs", need=need, **encode)
+    train_texts, chosen, rejected = common.rows_at(kept, train_texts, chosen, rejected)
+    n_pairs = len(train_texts)
+    n_train = n_pairs - args.heldout_pairs
     rows = common.encode_offline_rows(tokenizer, train_texts * 2, chosen + rejected, **encode)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]
