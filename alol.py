@@ -146,7 +146,7 @@ class Args:
     """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
     evaluated, are left out"""
     eval_split: str = "test"
-    """the held-out split of --dataset used for evaluation"""
+    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32

@@ -166,7 +166,7 @@ class Args:
     train_split: str = "train"
     """the split sampled for rollouts"""
     eval_split: str = "test"
-    """the held-out split used for evaluation (also in offline mode: evaluation samples from the policy)"""
+    """the held-out split evaluated (offline too: samples of the policy); 'train[-5%:]' holds out training rows"""
     offline_dataset: str | None = None
     """train offline on {prompt, response, reward} or preference rows, not rollouts; `builtin` = scored SFT responses"""
     response_field: str = "response"

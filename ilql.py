@@ -134,7 +134,7 @@ class Args:
     dataset: str = "builtin"
     """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
     eval_split: str = "test"
-    """the split of --dataset used for evaluation"""
+    """the split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     prompt_field: str = "prompt"
     """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
     response_field: str = "response"

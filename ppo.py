@@ -183,7 +183,7 @@ class Args:
     train_split: str = "train"
     """the split sampled for rollouts"""
     eval_split: str = "test"
-    """the held-out split used for evaluation"""
+    """the held-out split used for evaluation; 'train[-5%:]' holds a slice of the training rows out of training"""
     ptx_dataset: str = "builtin"
     """plain-text dataset for PPO-ptx (column `ptx_field`); `builtin` = grammar text"""
     ptx_field: str = "text"

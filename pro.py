@@ -131,7 +131,7 @@ class Args:
     """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
     user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     eval_split: str = "test"
-    """the held-out split of --dataset used for evaluation"""
+    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
