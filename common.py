@@ -877,18 +877,30 @@ def prompt_budget(max_prompt_length: int, max_new_tokens: int, context: int) -> 
     return budget
 
 
+def _turn_starts(prompt):
+    """A chat prompt as (system message or [], the other messages, where a kept tail may start: 0 and each later user
+    turn, the last one last)."""
+    messages = prompt_messages(prompt)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    return system, turns, [0] + [k for k, message in enumerate(turns) if k and message["role"] == "user"]
+
+
+def _chat_ids(tokenizer, messages) -> list:
+    """The template's rendering of `messages` with the assistant turn opened, as token ids (no BOS added: a template
+    writes its own)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def fit_chat_prompt(tokenizer, prompt, budget: int):
     """Token ids of a chat prompt rendered with the template (assistant turn opened) in at most `budget` tokens, by
     dropping whole turns from the start: a leading system message stays, and the kept turns start at a user turn,
     the earliest that fits; never a message cut. None when even the last user turn (with the system message and the
     opened assistant turn) does not fit."""
-    messages = prompt_messages(prompt)
-    system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system) :]
-    starts = [0] + [k for k, message in enumerate(turns) if k and message["role"] == "user"]
+    system, turns, starts = _turn_starts(prompt)
     for start in starts:
-        text = tokenizer.apply_chat_template(system + turns[start:], tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # a template writes its own BOS
+        ids = _chat_ids(tokenizer, system + turns[start:])
         if len(ids) <= budget:
             return ids
     return None
@@ -904,13 +916,15 @@ def fitting_prompts(
     if not chat_template:
         return list(range(len(prompts)))
     budget = prompt_budget(max_prompt_length, max_new_tokens, context)
-    texts = render_prompts(tokenizer, prompts, chat_template)
-    lengths = [len(row) for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    kept = [
-        i
-        for i, (prompt, length) in enumerate(zip(prompts, lengths))
-        if length <= budget or fit_chat_prompt(tokenizer, prompt, budget) is not None
-    ]
+    render_prompts(tokenizer, [], chat_template)  # a tokenizer without a template: its one-line error
+    tails = []  # each prompt's shortest form: the system message, the last user turn on
+    for prompt in prompts:
+        system, turns, starts = _turn_starts(prompt)
+        tails.append(
+            tokenizer.apply_chat_template(system + turns[starts[-1] :], tokenize=False, add_generation_prompt=True)
+        )
+    lengths = [len(row) for row in tokenizer(tails, add_special_tokens=False)["input_ids"]]
+    kept = [i for i, length in enumerate(lengths) if length <= budget]
     dropped = len(prompts) - len(kept)
     if len(kept) < need:
         fail(
