@@ -899,11 +899,20 @@ def fit_chat_prompt(tokenizer, prompt, budget: int):
     the earliest that fits; never a message cut. None when even the last user turn (with the system message and the
     opened assistant turn) does not fit."""
     system, turns, starts = _turn_starts(prompt)
-    for start in starts:
-        ids = _chat_ids(tokenizer, system + turns[start:])
+    best = _chat_ids(tokenizer, system + turns[starts[-1] :])
+    if len(best) > budget:
+        return None
+    low = 0  # a binary search over the starts: a tail's length grows with each earlier turn it takes
+    high = len(starts) - 1  # the earliest start known to fit
+    while low < high:
+        middle = (low + high) // 2
+        ids = _chat_ids(tokenizer, system + turns[starts[middle] :])
         if len(ids) <= budget:
-            return ids
-    return None
+            high = middle
+            best = ids
+        else:
+            low = middle + 1
+    return best
 
 
 def fitting_prompts(
