@@ -149,7 +149,7 @@ class Args:
     """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
     evaluated, are left out"""
     eval_split: str = "test"
-    """the held-out split of --dataset used for evaluation"""
+    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
@@ -536,7 +536,13 @@ if __name__ == "__main__":
         return torch.sigmoid(raw_scores) if args.reward_transform == "sigmoid" else raw_scores
 
     # Read the rows and check them before any model is loaded
-    data = common.load_split(args.offline_dataset, args.offline_split, "data/offline", "--offline-dataset")
+    data = common.load_split(
+        args.offline_dataset,
+        args.offline_split,
+        role="data/offline",
+        flag="--offline-dataset",
+        held_out=(args.dataset, args.eval_split),
+    )
     if "prompt" not in data.column_names:
         canonical = common.canonical_rows(data, args.offline_dataset)
         if canonical:  # HH transcripts: split at the last "Assistant:"; train on the chosen reply
@@ -632,27 +638,33 @@ if __name__ == "__main__":
         eos_token_id=tokenizer.eos_token_id,
     )
 
-    # Data: the training rows (all of them on every rank), the prompts that fit V_ref and those evaluated
-    raw_data = torch.tensor(  # [rows, fields]; NaN: scored by the field's --reward-model in compute_advantages
-        [
-            [float(v) for v in data[name]] if name not in missing else [float("nan")] * len(data)
-            for name in args.reward_fields
-        ]
-    ).T
+    # Data: the training rows (all of them on every rank), the prompts that fit V_ref and those evaluated; the rows
+    # whose chat prompt cannot fit the prompt budget are dropped first
     encode = dict(
         max_prompt_length=args.max_prompt_length,
         max_new_tokens=args.max_new_tokens,
         context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
         chat_template=args.chat_template,
     )
+    data = data.select(common.fitting_prompts(tokenizer, data["prompt"], what="offline rows", **encode))
+    raw_data = torch.tensor(  # [rows, fields]; NaN: scored by the field's --reward-model in compute_advantages
+        [
+            [float(v) for v in data[name]] if name not in missing else [float("nan")] * len(data)
+            for name in args.reward_fields
+        ]
+    ).T
     train_texts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in data["prompt"]]  # text / chat
     rows = common.encode_offline_rows(tokenizer, train_texts, data[response_field], **encode)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
     # V_ref is fitted on held-out prompts, as in the paper: none that a training row has, and none of the prompts
     # evaluated (the first --eval-prompts of the evaluation split, which is also the default --value-split).
     held_out = {json.dumps(prompt) for prompt in train_texts + eval_texts[: args.eval_prompts]}
     value_texts = common.load_prompts(args.dataset, args.value_split, args.prompt_field)
-    value_texts = [prompt for prompt in value_texts if json.dumps(prompt) not in held_out][: args.value_prompts]
+    value_texts = [prompt for prompt in value_texts if json.dumps(prompt) not in held_out]
+    kept = common.fitting_prompts(tokenizer, value_texts, what="V_ref prompts", **encode)
+    value_texts = [value_texts[i] for i in kept][: args.value_prompts]
     if len(value_texts) < 2:  # one to fit, one to choose the epoch
         common.fail(
             f"the '{args.value_split}' split of --dataset {args.dataset} has {len(value_texts)} prompt(s) that "

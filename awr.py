@@ -168,7 +168,7 @@ class Args:
     train_split: str = "train"
     """the split sampled for rollouts"""
     eval_split: str = "test"
-    """the held-out split used for evaluation (also in offline mode: evaluation samples from the policy)"""
+    """the held-out split evaluated (offline too: samples of the policy); 'train[-5%:]' holds out training rows"""
     offline_dataset: str | None = None
     """train offline on {prompt, response, reward} or preference rows, not rollouts; `builtin` = scored SFT responses"""
     response_field: str = "response"
@@ -448,10 +448,13 @@ if __name__ == "__main__":
     # The data first: a file that cannot train fails before any model is loaded
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
     if args.offline_dataset is None:
-        train_texts = common.load_prompts(args.dataset, args.train_split, args.prompt_field)
+        held_out = (args.dataset, args.eval_split)  # a slice of the training split: left out of it
+        train_texts = common.load_prompts(args.dataset, args.train_split, args.prompt_field, held_out=held_out)
     else:
         fields = dict(prompt=args.prompt_field, response=args.response_field, reward=args.reward_field)
-        prompts, responses, dataset_scores = common.load_offline_rows(args.offline_dataset, fields=fields)
+        prompts, responses, dataset_scores = common.load_offline_rows(
+            args.offline_dataset, fields=fields, held_out=(args.dataset, args.eval_split)
+        )
         n_rows = len(prompts) // run.world_size * run.world_size
         if n_rows < args.mini_batch_size * run.world_size:
             common.fail(
@@ -533,6 +536,17 @@ if __name__ == "__main__":
         sharded=sharded(args.value_device),
     )
     context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
+    encode = dict(
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        context=context,
+        chat_template=args.chat_template,
+    )
+    if args.offline_dataset is not None:  # rows whose chat prompt cannot fit go before the schedule counts rows
+        need = args.mini_batch_size * run.world_size
+        kept = common.fitting_prompts(tokenizer, prompts, what="offline rows", need=need, **encode)
+        prompts, responses, dataset_scores = common.rows_at(kept, prompts, responses, dataset_scores)
+        n_rows = len(prompts) // run.world_size * run.world_size
     log = common.make_logger(args, run.name, run.rank)  # after loading: args.json records what was really used
 
     # Place: π_θ and (by default) V are DeepSpeed engines on this rank's device; π_ref and the reward model are
@@ -597,12 +611,8 @@ if __name__ == "__main__":
     values_of = functools.partial(common.forward_values, value_model)
 
     # Data: the held-out prompts split over the ranks; each rank then samples with seed + rank
-    encode = dict(
-        max_prompt_length=args.max_prompt_length,
-        max_new_tokens=args.max_new_tokens,
-        context=context,
-        chat_template=args.chat_template,
-    )
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // run.world_size * run.world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][run.rank :: run.world_size]
@@ -750,9 +760,12 @@ if __name__ == "__main__":
 
     if args.offline_dataset is None:
         # ALGO LOGIC: online AWR, the APA paper's Algorithm 1
+        kept = common.fitting_prompts(tokenizer, train_texts, what="training prompts", **encode)
+        train_texts = [train_texts[i] for i in kept]
         train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
         if n_truncated and run.rank == 0:
-            print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
+            cut = "lost their oldest turns" if args.chat_template else "were left-truncated"
+            print(f"note: {n_truncated} training prompts {cut} to fit the prompt budget")
         num_iterations = args.total_episodes // per_iteration
         score_moments = RunningMoments()
         vars(score_moments).update(state.get("score_moments", {}))

@@ -8,7 +8,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
      2. The built-in task              a tiny movie-review world, the code that built builtin/, resolve()
      3. Datasets                       load_prompts, load_offline_rows, load_preference_pairs, load_rankings
      4. Dataset and prompt formats     HH dialogues, chat messages and templates, PRO rows, canonical_rows
-     5. Token ids                      encode_prompts, pad_left, Batch, encode_offline_rows, truncate_after_eos, ...
+     5. Token ids                      fitting_prompts, encode_prompts, pad_left, Batch, encode_offline_rows, ...
      6. Tokenizers and models          load_tokenizer, load_model, 4-bit weights, ZeRO-3 loading, no dropout
      7. Which weights train            LoRA adapters (add_lora, adapter_off, merged_state_dict), freeze_lower_layers
      8. Rewards                        load_reward: a Python function, a URL, a 1-output classifier, a released one
@@ -535,8 +535,28 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0][:160]
 
 
-def load_split(name: str, split: str, role: str, flag: str):
-    """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file or a hub name."""
+def split_rows(split: str, sizes: dict, name: str) -> list:
+    """The row numbers of `split` ("train", or datasets' slice syntax: "train[-5%:]", "train[:100]",
+    "train[:10%]+train[-10%:]") in a dataset whose splits have `sizes` rows, as [(split name, rows)]."""
+    import datasets
+
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute(sizes)
+    except (ValueError, AssertionError) as e:
+        if split.split("[")[0] in sizes:
+            fail(f"cannot read the split '{split}' of '{name}' ({_first_line(e)}); write a slice as 'train[-5%:]'")
+        fail(
+            f"dataset '{name}' has no split '{split.split('[')[0]}' (it has: {', '.join(sizes)}); pass one of those, "
+            f"or hold out part of one for evaluation: --eval-split '{next(iter(sizes))}[-5%:]'"
+        )
+    return [(part.splitname, range(part.from_, part.to)) for part in instructions]
+
+
+def load_split(name: str, split: str, role: str, flag: str, held_out=None):
+    """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file (one split, `train`)
+    or a hub name. `split` may be a slice in datasets' syntax ("train[:100]", "train[-5%:]"). `held_out`, the
+    (dataset, split) evaluated: when it slices the same dataset and split, its rows are left out of this one, so
+    that `--eval-split 'train[-5%:]'` holds the last 5% of a file out of training (the two exactly complementary)."""
     import datasets
 
     path = resolve(name, role)
@@ -552,20 +572,26 @@ def load_split(name: str, split: str, role: str, flag: str):
             f"cannot load dataset '{name}' ({_first_line(e)}); pass {flag} a dataset folder, a .jsonl/.json/.parquet "
             f"file or a hub name"
         )
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            fail(
-                f"dataset '{name}' has no split '{split}' (it has: {', '.join(data)}); pass one of those to "
-                f"--train-split / --eval-split"
-            )
-        data = data[split]
-    return data
+    if not isinstance(data, datasets.DatasetDict):  # one saved Dataset: whatever the split is called
+        data = datasets.DatasetDict({split.split("[")[0]: data})
+    sizes = {key: len(rows) for key, rows in data.items()}
+    parts = split_rows(split, sizes, name)
+    held_path = resolve(held_out[0], "data/prompts") if held_out is not None else None
+    if held_path and os.path.realpath(held_path) == os.path.realpath(path) and "[" in held_out[1]:  # a slice of it
+        excluded = {(key, i) for key, rows in split_rows(held_out[1], sizes, name) for i in rows}
+        parts = [(key, [i for i in rows if (key, i) not in excluded]) for key, rows in parts]
+        if not any(rows for _, rows in parts):
+            fail(f"--eval-split '{held_out[1]}' holds out every row of '{split}' of '{name}'; hold out fewer")
+    if len(parts) == 1 and parts[0][1] == range(sizes[parts[0][0]]):  # a whole split, as it is
+        return data[parts[0][0]]
+    return datasets.concatenate_datasets([data[key].select(rows) for key, rows in parts])
 
 
-def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset"):
+def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset", held_out=None):
     """The prompts of a split: its `prompt_field` column, or the prompts of HH / TL;DR / `messages` rows
-    (canonical_rows). A prompt is a text, or a list of chat messages [{role, content}] (rendered by render_prompts)."""
-    data = load_split(name, split, role="data/prompts", flag=flag)
+    (canonical_rows). A prompt is a text, or a list of chat messages [{role, content}] (rendered by render_prompts).
+    `held_out`: the (dataset, split) evaluated, left out of this split where it slices it (load_split)."""
+    data = load_split(name, split, role="data/prompts", flag=flag, held_out=held_out)
     prompts = canonical_rows(data, name).get("prompt") if prompt_field == "prompt" else None
     if not prompts:
         if prompt_field not in data.column_names:
@@ -578,11 +604,12 @@ def load_prompts(name: str, split: str, prompt_field="prompt", flag="--dataset")
     return [p if isinstance(p, list) else str(p) for p in prompts]
 
 
-def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None):
+def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset", fields=None, held_out=None):
     """(prompts, responses, rewards) from rows {prompt, response, reward}, or from preference rows of any shape that
     canonical_rows reads: two rows each, reward 1 for the chosen response and 0 for the rejected one.
-    `fields` maps those names to the file's own columns, e.g. {"prompt": "question", "reward": "score"}."""
-    data = load_split(name, split, role="data/offline", flag=flag)
+    `fields` maps those names to the file's own columns, e.g. {"prompt": "question", "reward": "score"}. `held_out`:
+    the (dataset, split) evaluated, left out of these rows where it slices the same file (load_split)."""
+    data = load_split(name, split, role="data/offline", flag=flag, held_out=held_out)
     renames = {col: key for key, col in (fields or {}).items() if col != key and col in data.column_names}
     data = data.remove_columns([k for k in renames.values() if k in data.column_names]).rename_columns(renames)
     rows = canonical_rows(data, name)
@@ -605,10 +632,11 @@ def load_offline_rows(name: str, split: str = "train", flag="--offline-dataset",
     )
 
 
-def load_preference_pairs(name: str, split: str = "train", flag="--offline-dataset"):
+def load_preference_pairs(name: str, split: str = "train", flag="--offline-dataset", held_out=None):
     """(prompts, chosen, rejected) of preference rows of any shape canonical_rows reads: {prompt, chosen, rejected},
-    rm-static, HH transcripts, chat preference rows; `builtin`: the built-in task's preference rows."""
-    data = load_split(name, split, role="data/preference", flag=flag)
+    rm-static, HH transcripts, chat preference rows; `builtin`: the built-in task's preference rows. `held_out`: the
+    (dataset, split) evaluated, left out where it slices the same file (load_split)."""
+    data = load_split(name, split, role="data/preference", flag=flag, held_out=held_out)
     rows = canonical_rows(data, name)
     if "chosen" not in rows:
         fail(
@@ -619,13 +647,14 @@ def load_preference_pairs(name: str, split: str = "train", flag="--offline-datas
     return rows["prompt"], rows["chosen"], rows["rejected"]
 
 
-def load_rankings(name: str, split: str = "train", flag="--offline-dataset"):
+def load_rankings(name: str, split: str = "train", flag="--offline-dataset", held_out=None):
     """(prompts, candidates, rewards): per prompt, a list of n >= 2 candidate responses and a list of their n rewards
     (higher is better), in the dataset's order. Rows: {prompt, responses, rewards}; PRO's {prefix, suffix, reward}
     (one ranking per row, prompt and responses as pro_pairs joins them); or preference rows of any shape (rankings
     of 2, rewards 1 and 0). `builtin`: 4 samples of the SFT policy per prompt, scored by the built-in reward model.
-    A row whose candidates and rewards differ in length, or with fewer than 2 candidates, fails with one line."""
-    data = load_split(name, split, role="data/rankings", flag=flag)
+    A row whose candidates and rewards differ in length, or with fewer than 2 candidates, fails with one line.
+    `held_out`: the (dataset, split) evaluated, left out where it slices the same file (load_split)."""
+    data = load_split(name, split, role="data/rankings", flag=flag, held_out=held_out)
     cols = set(data.column_names)
     if {"prompt", "responses", "rewards"} <= cols:
         prompts = list(data["prompt"])
@@ -646,7 +675,7 @@ def load_rankings(name: str, split: str = "train", flag="--offline-dataset"):
             candidates.append([response for _, response in pairs])
             rewards.append(row_rewards)
     else:
-        prompts, chosen, rejected = load_preference_pairs(name, split, flag)
+        prompts, chosen, rejected = load_preference_pairs(name, split, flag, held_out=held_out)
         candidates = [[good, bad] for good, bad in zip(chosen, rejected)]
         rewards = [[1.0, 0.0]] * len(prompts)
     for i, (row_candidates, row_rewards) in enumerate(zip(candidates, rewards)):
@@ -837,27 +866,119 @@ def canonical_rows(data, name: str) -> dict:
 
 
 # ---- Token ids: prompts left-padded, responses right-padded, cut after EOS, decoded back to text ---------------------
-def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int, chat_template=False):
-    """Token ids of each prompt (rendered by render_prompts: raw text, or the chat template with the assistant turn
-    opened), LEFT-truncated to what the context leaves after the response; and how many were truncated."""
+def prompt_budget(max_prompt_length: int, max_new_tokens: int, context: int) -> int:
+    """The tokens a prompt may take: --max-prompt-length, and no more than the context leaves after the response."""
     budget = min(max_prompt_length, context - max_new_tokens)
     if budget < 1:
         fail(
             f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of {context} "
             f"tokens; lower --max-new-tokens"
         )
+    return budget
+
+
+def _turn_starts(prompt):
+    """A chat prompt as (system message or [], the other messages, where a kept tail may start: 0 and each later user
+    turn, the last one last)."""
+    messages = prompt_messages(prompt)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    return system, turns, [0] + [k for k, message in enumerate(turns) if k and message["role"] == "user"]
+
+
+def _chat_ids(tokenizer, messages) -> list:
+    """The template's rendering of `messages` with the assistant turn opened, as token ids (no BOS added: a template
+    writes its own)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def fit_chat_prompt(tokenizer, prompt, budget: int):
+    """Token ids of a chat prompt rendered with the template (assistant turn opened) in at most `budget` tokens, by
+    dropping whole turns from the start: a leading system message stays, and the kept turns start at a user turn,
+    the earliest that fits; never a message cut. None when even the last user turn (with the system message and the
+    opened assistant turn) does not fit."""
+    system, turns, starts = _turn_starts(prompt)
+    best = _chat_ids(tokenizer, system + turns[starts[-1] :])
+    if len(best) > budget:
+        return None
+    low = 0  # a binary search over the starts: a tail's length grows with each earlier turn it takes
+    high = len(starts) - 1  # the earliest start known to fit
+    while low < high:
+        middle = (low + high) // 2
+        ids = _chat_ids(tokenizer, system + turns[starts[middle] :])
+        if len(ids) <= budget:
+            high = middle
+            best = ids
+        else:
+            low = middle + 1
+    return best
+
+
+def fitting_prompts(
+    tokenizer, prompts, *, max_prompt_length, max_new_tokens, context, chat_template=False, what="prompts", need=1
+) -> list:
+    """The indices of the prompts that encode_prompts can fit: all of them for plain text (cut on the left); under
+    --chat-template those whose last user turn (with any system message and the opened assistant turn) fits. Callers
+    keep these rows of every column (prompts, responses, rewards), so that rows stay aligned. The dropped ones are
+    counted in one note (rank 0); fewer than `need` left is one error line naming --max-prompt-length."""
+    if not chat_template:
+        return list(range(len(prompts)))
+    budget = prompt_budget(max_prompt_length, max_new_tokens, context)
+    render_prompts(tokenizer, [], chat_template)  # a tokenizer without a template: its one-line error
+    tails = []  # each prompt's shortest form: the system message, the last user turn on
+    for prompt in prompts:
+        system, turns, starts = _turn_starts(prompt)
+        tails.append(
+            tokenizer.apply_chat_template(system + turns[starts[-1] :], tokenize=False, add_generation_prompt=True)
+        )
+    lengths = [len(row) for row in tokenizer(tails, add_special_tokens=False)["input_ids"]]
+    kept = [i for i, length in enumerate(lengths) if length <= budget]
+    dropped = len(prompts) - len(kept)
+    if len(kept) < need:
+        fail(
+            f"{len(kept)} of the {len(prompts)} {what} fit the prompt budget of {budget} tokens even as their last "
+            f"user turn (with the system message), and the run needs {need}; raise --max-prompt-length"
+        )
+    if dropped and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {dropped} of {len(prompts)} {what} dropped: their last user turn (with the system message) is "
+            f"longer than the prompt budget of {budget} tokens (--max-prompt-length {max_prompt_length})"
+        )
+    return kept
+
+
+def rows_at(kept, *columns) -> list:
+    """Each column (a list, or a datasets.Dataset) cut to the rows `kept` (fitting_prompts' indices), in order."""
+    return [column.select(kept) if hasattr(column, "select") else [column[i] for i in kept] for column in columns]
+
+
+def encode_prompts(tokenizer, prompts, max_prompt_length: int, max_new_tokens: int, context: int, chat_template=False):
+    """Token ids of each prompt (rendered by render_prompts: raw text, or the chat template with the assistant turn
+    opened) within the prompt budget, and how many were shortened to fit it. Text is LEFT-truncated (a leading BOS
+    kept first); a chat prompt loses whole turns from its start (fit_chat_prompt), never part of a message. Chat
+    prompts that cannot fit are refused: keep the rows of fitting_prompts first."""
+    budget = prompt_budget(max_prompt_length, max_new_tokens, context)
     texts = render_prompts(tokenizer, prompts, chat_template)
     ids = tokenizer(texts, add_special_tokens=not chat_template)["input_ids"]  # a template writes its own BOS
     if any(len(row) == 0 for row in ids):
         fail("the dataset has an empty prompt; remove it or pick another --prompt-field")
+    n_truncated = sum(len(row) > budget for row in ids)
+    if chat_template:
+        fitted = [row if len(row) <= budget else fit_chat_prompt(tokenizer, p, budget) for row, p in zip(ids, prompts)]
+        if None in fitted:
+            fail(
+                f"{fitted.count(None)} chat prompt(s) do not fit the prompt budget of {budget} tokens even as their "
+                f"last user turn; raise --max-prompt-length (or keep the rows of common.fitting_prompts)"
+            )
+        return fitted, n_truncated
 
     def cut(row):
-        # A prompt that starts with BOS (Llama, Mistral, Gemma; or a template that writes it) keeps it first when cut
-        # on the left: the model never saw a text without it. GPT-2 / Pythia / Qwen add none.
+        # A prompt that starts with BOS (Llama, Mistral, Gemma) keeps it first when cut on the left: the model never
+        # saw a text without it. GPT-2 / Pythia / Qwen add none.
         keep = row[:1] if row[0] == tokenizer.bos_token_id else []
         return keep + row[len(row) - budget + len(keep) :] if len(row) > budget else row
 
-    n_truncated = sum(len(row) > budget for row in ids)
     return [cut(row) for row in ids], n_truncated
 
 
@@ -2663,15 +2784,16 @@ def evaluate_run(
         other = eval_policy(os.path.join(baseline, "policy"), flag="--baseline", device=device, beta=beta)
 
     # The held-out prompts, as the run evaluated them
-    texts = load_prompts(run.dataset, run.eval_split, run.prompt_field)[: prompts or run.eval_prompts]
-    prompt_rows, _ = encode_prompts(
-        tokenizer,
-        texts,
+    encode = dict(
         max_prompt_length=run.max_prompt_length,
         max_new_tokens=run.max_new_tokens,
         context=policy.lm.config.max_position_embeddings,
         chat_template=getattr(run, "chat_template", False),
     )
+    texts = load_prompts(run.dataset, run.eval_split, run.prompt_field)
+    texts = [texts[i] for i in fitting_prompts(tokenizer, texts, what="evaluation prompts", **encode)]
+    texts = texts[: prompts or run.eval_prompts]  # the prompts the run evaluated: the first that fit
+    prompt_rows, _ = encode_prompts(tokenizer, texts, **encode)
     decoding = dict(
         max_new_tokens=run.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,

@@ -132,7 +132,7 @@ class Args:
     """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
     user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     eval_split: str = "test"
-    """the held-out split of --dataset used for evaluation"""
+    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
@@ -474,7 +474,9 @@ if __name__ == "__main__":
         return torch.sigmoid(raw_scores) if args.reward_transform == "sigmoid" else raw_scores
 
     # Read the pairs and check them before any model is loaded: the last --heldout-pairs are not trained on
-    train_texts, chosen, rejected = common.load_preference_pairs(args.offline_dataset, args.offline_split)
+    train_texts, chosen, rejected = common.load_preference_pairs(
+        args.offline_dataset, args.offline_split, held_out=(args.dataset, args.eval_split)
+    )
     train_texts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in train_texts]  # text / chat
     n_pairs = len(train_texts)
     n_train = n_pairs - args.heldout_pairs
@@ -569,9 +571,16 @@ if __name__ == "__main__":
         context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
         chat_template=args.chat_template,
     )
+    need = args.heldout_pairs + 1
+    kept = common.fitting_prompts(tokenizer, train_texts, what="preference pairs", need=need, **encode)
+    train_texts, chosen, rejected = common.rows_at(kept, train_texts, chosen, rejected)
+    n_pairs = len(train_texts)
+    n_train = n_pairs - args.heldout_pairs
     rows = common.encode_offline_rows(tokenizer, train_texts * 2, chosen + rejected, **encode)
     response_lengths = rows.response_mask.sum(1)  # response tokens of each row, EOS included (IPO's averages)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]

@@ -136,7 +136,7 @@ class Args:
     dataset: str = "builtin"
     """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
     eval_split: str = "test"
-    """the split of --dataset used for evaluation"""
+    """the split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     prompt_field: str = "prompt"
     """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
     response_field: str = "response"
@@ -517,7 +517,7 @@ if __name__ == "__main__":
     if not args.eval_only:  # the data first: a dataset that cannot train fails before minutes of model loading
         fields = dict(prompt=args.prompt_field, response=args.response_field, reward=args.reward_field)
         prompts, responses, dataset_scores = common.load_offline_rows(
-            args.offline_dataset, args.offline_split, fields=fields
+            args.offline_dataset, args.offline_split, fields=fields, held_out=(args.dataset, args.eval_split)
         )
         rows_per_rank = len(prompts) // world_size
         if rows_per_rank < args.mini_batch_size:
@@ -568,6 +568,17 @@ if __name__ == "__main__":
     if args.checkpoint:
         load_heads(model, target_q_heads, args.checkpoint)
     context = model.lm.config.max_position_embeddings
+    encoding = dict(
+        max_prompt_length=args.max_prompt_length,
+        max_new_tokens=args.max_new_tokens,
+        context=context,
+        chat_template=args.chat_template,
+    )
+    if not args.eval_only:  # rows whose chat prompt cannot fit go before the schedule counts rows
+        need = args.mini_batch_size * world_size
+        kept = common.fitting_prompts(tokenizer, prompts, what="offline rows", need=need, **encoding)
+        prompts, responses, dataset_scores = common.rows_at(kept, prompts, responses, dataset_scores)
+        rows_per_rank = len(prompts) // world_size
     log = common.make_logger(args, run.name, rank)
 
     # Placement: the LM + heads are one DeepSpeed engine on this rank's device; the target Q heads are a float32
@@ -617,15 +628,11 @@ if __name__ == "__main__":
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    encoding = dict(
-        max_prompt_length=args.max_prompt_length,
-        max_new_tokens=args.max_new_tokens,
-        context=context,
-        chat_template=args.chat_template,
-    )
 
     # Evaluation data: held-out prompts, the same number on every rank (ranks decode in lockstep)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encoding)
+    eval_texts = [eval_texts[i] for i in kept]
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encoding)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size
     if n_eval == 0:

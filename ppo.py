@@ -185,7 +185,7 @@ class Args:
     train_split: str = "train"
     """the split sampled for rollouts"""
     eval_split: str = "test"
-    """the held-out split used for evaluation"""
+    """the held-out split used for evaluation; 'train[-5%:]' holds a slice of the training rows out of training"""
     ptx_dataset: str = "builtin"
     """plain-text dataset for PPO-ptx (column `ptx_field`); `builtin` = grammar text"""
     ptx_field: str = "text"
@@ -551,8 +551,11 @@ if __name__ == "__main__":
             f"{max(args.total_episodes // per_iteration, 1) * per_iteration}"
         )
     zero3 = args.zero_stage == 3
-    train_texts = common.load_prompts(args.dataset, args.train_split, args.prompt_field)  # a bad file fails before
-    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)  # any model is loaded
+    # The data first: a bad file fails before any model is loaded. An --eval-split that slices the training split
+    # ('train[-5%:]') is left out of it.
+    held_out = (args.dataset, args.eval_split)
+    train_texts = common.load_prompts(args.dataset, args.train_split, args.prompt_field, held_out=held_out)
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
 
     # Seed: models are loaded under one seed, so that randomly initialised heads agree across ranks; sampling then
     # uses seed + rank, so that every rank draws its own prompts and responses.
@@ -699,6 +702,10 @@ if __name__ == "__main__":
         context=context,
         chat_template=args.chat_template,
     )
+    kept = common.fitting_prompts(tokenizer, train_texts, what="training prompts", **encode)
+    train_texts = [train_texts[i] for i in kept]
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
     train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // run.world_size * run.world_size  # equal per rank: lockstep
@@ -710,7 +717,8 @@ if __name__ == "__main__":
             f"--eval-split or raise --eval-prompts"
         )
     if n_truncated and run.rank == 0:
-        print(f"note: {n_truncated} training prompts were left-truncated to fit the prompt budget")
+        cut = "lost their oldest turns" if args.chat_template else "were left-truncated"
+        print(f"note: {n_truncated} training prompts {cut} to fit the prompt budget")
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
     if args.ptx_coef > 0:
         ptx_texts = common.load_prompts(

@@ -133,7 +133,7 @@ class Args:
     """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
     user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     eval_split: str = "test"
-    """the held-out split of --dataset used for evaluation"""
+    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     max_prompt_length: int = 16
     """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
     max_new_tokens: int = 32
@@ -434,7 +434,9 @@ if __name__ == "__main__":
     weights = torch.tensor(args.reward_weights or [1.0] * len(args.reward_model))
 
     # Read the rankings and check them before any model is loaded
-    train_texts, candidates, rewards = common.load_rankings(args.offline_dataset, args.offline_split)
+    train_texts, candidates, rewards = common.load_rankings(
+        args.offline_dataset, args.offline_split, held_out=(args.dataset, args.eval_split)
+    )
     train_texts = [prompt if isinstance(prompt, list) else str(prompt) for prompt in train_texts]  # text / chat
 
     # Seed: one seed while loading (the same weights on every rank) and for the order of the rankings
@@ -517,6 +519,8 @@ if __name__ == "__main__":
         context=policy.module.config.max_position_embeddings,  # GPT-2's n_positions is mapped to it
         chat_template=args.chat_template,
     )
+    kept = common.fitting_prompts(tokenizer, train_texts, what="rankings", **encode)
+    train_texts, candidates, rewards = common.rows_at(kept, train_texts, candidates, rewards)
 
     def encode_rankings(prompts, rankings):
         """Rankings (lists of candidate texts, padded to one length n with None for absent candidates) as one
@@ -608,6 +612,8 @@ if __name__ == "__main__":
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(candidates), generator=generator) for _ in range(epochs)])
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
     eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
     eval_prompts = eval_prompts[:n_eval][rank::world_size]

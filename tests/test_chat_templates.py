@@ -94,11 +94,139 @@ def test_encode_prompts_renders_the_template_with_the_assistant_turn_opened(kind
     assert tok.decode(row).endswith(opened) and "Human:" not in tok.decode(row)
     if kind == "llama3":  # the template writes BOS; the tokenizer must not add a second one
         assert row[0] == tok.bos_token_id and row.count(tok.bos_token_id) == 1
-        (cut,), n_truncated = common.encode_prompts(tok, [HH], 12, 16, 1024, chat_template=True)
-        assert n_truncated == 1 and cut == row[:1] + row[-11:]  # cut on the left, BOS kept first
+    # too long: the first turns go whole (the BOS the template writes stays first), never part of a message
+    last = tok(tok.apply_chat_template(HH_MESSAGES[2:], tokenize=False, add_generation_prompt=True))["input_ids"]
+    last = last[1:] if kind == "llama3" else last  # the tokenizer's own BOS before the one the template wrote
+    (cut,), n_truncated = common.encode_prompts(tok, [HH], len(last), 16, 1024, chat_template=True)
+    assert n_truncated == 1 and cut == last and len(cut) < len(row)
     # without the flag the prompt stays raw text, as the tokenizer encodes it
     (raw,), _ = common.encode_prompts(tok, [HH], 512, 16, 1024)
     assert raw == tok(HH)["input_ids"]
+
+
+def parse_rendered(tok, kind, row) -> list:
+    """A rendered prompt's token ids back to messages, split on the template's markers; fails unless the text is
+    whole messages (each opened and closed) followed by the opened assistant turn."""
+    text = tok.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if kind == "qwen":
+        start, head, end, opened = "", "<|im_start|>", "<|im_end|>\n", "<|im_start|>assistant\n"
+    else:
+        start, head, end = "<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>"
+        opened = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert text.startswith(start + head) and text.endswith(opened), text
+    messages = []
+    for chunk in text[len(start) : -len(opened)].split(head)[1:]:
+        assert chunk.endswith(end), text
+        role, content = chunk[: -len(end)].split("\n" if kind == "qwen" else "<|end_header_id|>\n\n", 1)
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def conversations(n: int, seed: int) -> list:
+    """Chat prompts of 1 to 4 exchanges (user first, a user turn last), half with a system message, each message 1
+    to 30 words long."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the film was slow but its cast and score kept me watching until a late twist".split()
+    prompts = []
+    for _ in range(n):
+        turns = 2 * rng.randint(0, 3) + 1
+        messages = [{"role": "system", "content": "Be brief."}] if rng.random() < 0.5 else []
+        for k in range(turns):
+            content = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))
+            messages.append({"role": "user" if k % 2 == 0 else "assistant", "content": content.capitalize()})
+        prompts.append(messages)
+    return prompts
+
+
+@pytest.mark.parametrize("kind", ["qwen", "llama3"])
+def test_chat_prompts_fit_by_whole_turns(kind, capsys):
+    """Real HH prompts and conversations with a system message, under three prompt budgets: every prompt the
+    policy gets parses back into whole messages, the system message first, then the original's last turns from a
+    user turn on, as many as fit (one more earlier exchange would not); a prompt whose last user turn cannot fit is
+    dropped, counted in one note, as often as a loop over the prompts expects."""
+    import common
+
+    tok = qwen_tokenizer() if kind == "qwen" else llama3_tokenizer()
+    hh = common.load_prompts(str(ROOT.parent / "shared/data/hh-rlhf/helpful-base-test.jsonl.gz"), "train[:40]")
+    prompts = hh + conversations(40, seed=1)
+
+    def length(messages):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    seen = []  # (dropped, shortened) at each budget
+    for budget in (24, 40, 96):
+        encode = dict(max_prompt_length=budget, max_new_tokens=16, context=1024, chat_template=True)
+        kept = common.fitting_prompts(tok, prompts, what="evaluation prompts", **encode)
+        rows, n_truncated = common.encode_prompts(tok, [prompts[i] for i in kept], **encode)
+        expected_kept = []
+        expected_truncated = 0
+        for i, prompt in enumerate(prompts):
+            messages = common.prompt_messages(prompt)
+            system = messages[:1] if messages[0]["role"] == "system" else []
+            turns = messages[len(system) :]
+            last_user = max(k for k, m in enumerate(turns) if m["role"] == "user")
+            if length(system + turns[last_user:]) <= budget:
+                expected_kept.append(i)
+                expected_truncated += length(messages) > budget
+        assert kept == expected_kept and n_truncated == expected_truncated
+        dropped = len(prompts) - len(kept)
+        notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+        assert len(notes) == (1 if dropped else 0), notes
+        assert all(note.startswith(f"note: {dropped} of {len(prompts)} evaluation prompts dropped") for note in notes)
+        seen.append((dropped, n_truncated))
+        for i, row in zip(kept, rows):
+            original = common.prompt_messages(prompts[i])
+            system = original[:1] if original[0]["role"] == "system" else []
+            turns = original[len(system) :]
+            parsed = parse_rendered(tok, kind, row)
+            assert len(row) <= budget and parsed[: len(system)] == system  # the system message kept
+            tail = parsed[len(system) :]
+            start = len(turns) - len(tail)
+            assert tail and tail == turns[start:] and tail[0]["role"] == "user"  # whole messages, the last turns
+            assert all(message in original for message in parsed)
+            earlier = [k for k in range(start) if turns[k]["role"] == "user"]
+            assert not earlier or length(system + turns[earlier[-1] :]) > budget  # as many turns as fit
+    assert all(0 < dropped < len(prompts) for dropped, _ in seen[:2]) and all(shortened for _, shortened in seen), seen
+
+
+def test_plain_text_is_cut_on_the_left_and_dropped_chat_rows_stay_aligned(tmp_path):
+    """Plain text keeps the left cut (never dropped); chat rows that cannot fit leave every column together; a set
+    where no chat prompt fits, or an unfitted one handed to encode_prompts, is one error line."""
+    import common
+
+    tok = qwen_tokenizer()
+    encode = dict(max_prompt_length=20, max_new_tokens=16, context=1024)
+    long = HH * 4
+    assert common.fitting_prompts(tok, [long, HH], **encode) == [0, 1]
+    (cut, short), n_truncated = common.encode_prompts(tok, [long, HH], **encode)
+    assert cut == tok(long)["input_ids"][-20:] and short == tok(HH)["input_ids"][-20:] and n_truncated == 2
+    wordy = [{"role": "user", "content": "Why? " * 40}]
+    rows = tmp_path / "rows.jsonl"  # scored chat rows: the middle one's only user turn is too long
+    rows.write_text(
+        "".join(
+            json.dumps({"messages": [*m, {"role": "assistant", "content": f"reply {i}"}], "reward": i}) + "\n"
+            for i, m in enumerate((HH_MESSAGES, wordy, HH_MESSAGES[:1]))
+        )
+    )
+    prompts, responses, rewards = common.load_offline_rows(str(rows))
+    chat = dict(encode, max_prompt_length=48, chat_template=True)
+    kept = common.fitting_prompts(tok, prompts, what="offline rows", **chat)
+    assert common.rows_at(kept, prompts, responses, rewards) == [
+        [HH_MESSAGES, HH_MESSAGES[:1]],
+        ["reply 0", "reply 2"],
+        [0.0, 2.0],
+    ]
+    for call in (
+        lambda: common.fitting_prompts(tok, [wordy, wordy], what="evaluation prompts", **chat),
+        lambda: common.encode_offline_rows(tok, prompts, responses, **chat),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            call()
+        message = str(stop.value)
+        assert message.startswith("error:") and "\n" not in message and "--max-prompt-length" in message, message
 
 
 def test_chat_template_errors_are_one_line():

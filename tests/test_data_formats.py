@@ -271,3 +271,63 @@ def test_scored_rows_are_not_preference_pairs(tmp_path):
     rows = [{"prompt": "p", "response": "r", "reward": 1.0}]
     with pytest.raises(SystemExit, match="preference pairs need prompt, chosen, rejected"):
         common.load_preference_pairs(_write(tmp_path, rows))
+
+
+@pytest.mark.parametrize("held", ["train[-5%:]", "train[:10]", "train[10%:20%]"])
+def test_a_slice_of_a_local_file_is_held_out_of_training(tmp_path, held):
+    """--eval-split 'train[-5%:]' on a one-split file: the evaluated rows and the training rows (prompts, and the
+    preference pairs of an offline run on the same file) are disjoint, in file order, and together the whole file."""
+    rows = [{"prompt": f"prompt {i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(43)]
+    path = Path(tmp_path) / "rows.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    path = str(path)
+    evaluated = common.load_prompts(path, held)
+    trained = common.load_prompts(path, "train", held_out=(path, held))
+    index = [int(prompt.split()[1]) for prompt in evaluated + trained]
+    assert evaluated and trained and sorted(index) == list(range(len(rows)))  # disjoint, covering the file
+    assert index[: len(evaluated)] == sorted(index[: len(evaluated)]) and index[len(evaluated) :] == sorted(
+        index[len(evaluated) :]
+    )
+    prompts, chosen, rejected = common.load_preference_pairs(path, "train", held_out=(path, held))
+    assert prompts == trained and chosen == [p.replace("prompt", "good") for p in trained]
+    assert rejected == [p.replace("prompt", "bad") for p in trained]
+    # another dataset's slice, or a whole split evaluated, leaves the training rows whole
+    assert common.load_prompts(path, "train", held_out=("other.jsonl", held)) == [r["prompt"] for r in rows]
+    assert len(common.load_prompts(path, "train", held_out=(path, "train"))) == len(rows)
+
+
+def test_held_out_slices_fail_with_one_line(tmp_path):
+    path = _write(tmp_path, [{"prompt": f"prompt {i}"} for i in range(4)])
+    for split, held, fix in (
+        ("test", None, "--eval-split 'train[-5%:]'"),
+        ("train[5%", None, "write a slice as 'train[-5%:]'"),
+        ("train", "train[:100%]", "hold out fewer"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            common.load_prompts(path, split, held_out=held and (path, held))
+        message = str(stop.value)
+        assert message.startswith("error:") and "\n" not in message and fix in message, message
+
+
+def test_dpo_trains_on_the_rows_an_eval_slice_leaves(tmp_path, builtin_path):
+    """One DPO step on a .jsonl of built-in preference rows with --eval-split 'train[-8:]': the run evaluates the
+    last 8 rows' prompts and trains on the rest (less --heldout-pairs)."""
+    import datasets
+    from conftest import read_run, run_script
+
+    rows = datasets.load_from_disk(str(Path(builtin_path) / "data" / "preference"))
+    rows = rows["train"] if isinstance(rows, datasets.DatasetDict) else rows
+    path = _write(tmp_path, [dict(row) for row in rows.select(range(40))])
+    run_script(
+        "dpo.py",
+        *("--dataset", path, "--offline-dataset", path, "--eval-split", "train[-8:]", "--eval-prompts", "8"),
+        *("--total-steps", "1", "--mini-batch-size", "4", "--eval-every", "1", "--heldout-pairs", "4"),
+        *("--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run")),
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    folder, records = read_run(tmp_path / "run")
+    assert records[0]["data/pairs"] + 4 == 40 - 8
+    with open(folder / "samples.jsonl") as f:
+        evaluated = [json.loads(line)["prompt"] for line in f if json.loads(line)["step"] == 0]
+    assert evaluated == [row["prompt"] for row in rows.select(range(32, 40))]
