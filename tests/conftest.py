@@ -11,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"  # anything that reaches for the hub fails at once instead of hanging
+# Every process the tests start fails where a pass in eval mode builds an autograd graph (no_graph/sitecustomize.py)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(ROOT / "tests" / "no_graph"), os.environ.get("PYTHONPATH")])
+)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # This venv's tools first, for every run: DeepSpeed compiles its CPU comm op with the first `ninja` on PATH, and the
 # venv's ninja (1.13) and the system's (1.11) keep different build logs, so alternating between them recompiles it.
