@@ -2164,7 +2164,7 @@ class Logger:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
-        record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items()) if not k.startswith("time/")}}
+        record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items())}}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         self.writer.flush()
@@ -2196,6 +2196,12 @@ class Logger:
 
             table = wandb.Table(columns=["step", *columns], data=[[step, *row.values()] for row in rows])
             self.wandb_run.log({"samples": table, "global_step": step})
+
+
+def rendered_prompts(tokenizer, query_ids, query_mask) -> list:
+    """The prompts as the policy saw them: its query ids (after the chat template and the cut to the prompt budget)
+    decoded without their padding, special tokens kept, for samples.jsonl beside the dataset's prompt."""
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=False) for row, m in zip(query_ids, query_mask)]
 
 
 def sample_rows(n: int, **columns) -> list:
