@@ -2600,7 +2600,8 @@ def evaluate_run(
     `run_dir`/eval-vs-BASELINE.jsonl), the summary (returned) to the same name with .json. `show_progress`: tqdm
     bars while sampling, in a terminal (`progress`). `device`: where the policy, the baseline and the judge run;
     `init_device`: where π_init runs (default `device`; e.g. `cpu` or a second GPU when one holds two models but not
-    three). Every score and log-prob is brought to the CPU before they are combined."""
+    three; the baseline π_init then samples there, from another device's random numbers than the policy's). Every
+    score and log-prob is brought to the CPU before they are combined."""
     with open(os.path.join(run_dir, "args.json")) as f:
         run = SimpleNamespace(**json.load(f))
     policy_path = os.path.join(run_dir, "policy")
