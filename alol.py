@@ -901,6 +901,7 @@ if __name__ == "__main__":
             samples += common.sample_rows(
                 args.log_samples - len(samples),
                 prompt=prompts,
+                rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
                 response=kept,
                 score=scores,
                 gold_score=gold if gold_score else None,
@@ -967,14 +968,18 @@ if __name__ == "__main__":
         }
         window.append([time.time() - t_step, batch.response_mask.sum().item() * world_size])
         metrics = common.mean_across_ranks(metrics)
+        metrics["time/update"] = window[-1][0]  # seconds: this step's passes, backward and optimiser step
         common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
         if step % args.eval_every == 0 or step == num_steps:
             seconds, tokens = torch.tensor(window).sum(0).tolist()
+            t_eval = time.time()
             eval_history.append((step, evaluate(step)))
             metrics.update(eval_history[-1][1])
+            metrics["time/eval"] = time.time() - t_eval
             metrics["time/steps_per_s"] = len(window) / seconds
             metrics["time/tokens_per_s"] = tokens / seconds
             window = []
+        metrics["time/iteration"] = time.time() - t_step  # seconds: the whole step, an evaluation included
         metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
         log(step, metrics)
         if rank == 0 and "eval/reward" in metrics:
@@ -982,7 +987,8 @@ if __name__ == "__main__":
             print(
                 f"step {step:5d}/{num_steps} loss {metrics['policy/loss']:.4f} log-ratio to ref "
                 f"{metrics['policy/log_ratio_to_ref']:+.3f} eval reward {metrics['eval/reward']:.3f}{gold} "
-                f"distinct-2 {metrics['eval/distinct_2']:.3f} steps/s {metrics['time/steps_per_s']:.1f} "
+                f"distinct-2 {metrics['eval/distinct_2']:.3f} steps/s {metrics['time/steps_per_s']:.3g} "
+                f"({1 / metrics['time/steps_per_s']:.2f} s/step) "
                 f"tokens/s {metrics['time/tokens_per_s']:.0f}",
                 flush=True,
             )

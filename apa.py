@@ -684,6 +684,7 @@ if __name__ == "__main__":
                 samples += common.sample_rows(
                     args.log_samples - len(samples),
                     prompt=eval_texts[part],
+                    rendered_prompt=common.rendered_prompts(tokenizer, r.batch.query_ids, r.batch.query_mask),
                     response=texts,
                     score=r.scores,
                     gold_score=gold if gold_score else None,
@@ -817,9 +818,14 @@ if __name__ == "__main__":
             metrics["time/rollout_tokens_per_s"] = n_tokens / t_rollout
             metrics["time/update_tokens_per_s"] = n_tokens * args.update_epochs / t_update
             metrics["time/episodes_per_s"] = per_iteration / (time.time() - t0)
+            metrics["time/rollout"] = t_rollout  # seconds: sampling, the rewards, the π_old and π_ref passes
+            metrics["time/update"] = t_update  # seconds: the --update-epochs passes over the rollout
             if iteration % args.eval_every == 0 or iteration == num_iterations:
+                t_eval = time.time()
                 eval_history.append((iteration, evaluate(iteration)))
                 metrics.update(eval_history[-1][1])
+                metrics["time/eval"] = time.time() - t_eval
+            metrics["time/iteration"] = time.time() - t0  # seconds: the whole iteration, its evaluation included
             metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(iteration, metrics)
             if run.rank == 0:
@@ -829,7 +835,7 @@ if __name__ == "__main__":
                     f"kl {metrics['rollout/kl_to_ref']:.2f} len {metrics['rollout/response_length']:.1f} "
                     f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
                     f"{metrics['time/update_tokens_per_s']:.0f} (update) "
-                    f"episodes/s {metrics['time/episodes_per_s']:.1f}",
+                    f"episodes/s {metrics['time/episodes_per_s']:.3g}, {metrics['time/iteration']:.2f} s/iter",
                     flush=True,
                 )
             # 7. A resumable checkpoint every --save-every iterations, or now if the run was signalled
@@ -880,6 +886,7 @@ if __name__ == "__main__":
         for epoch in common.progress(
             range(state.get("step", 0) + 1, args.offline_epochs + 1), desc="epochs", enabled=args.progress
         ):
+            t0 = time.time()
             # 4. Advantages from the current V, before every epoch
             advantages, returns = compute_gae(
                 rewards=rewards,
@@ -896,20 +903,26 @@ if __name__ == "__main__":
             if args.whiten_advantages:
                 advantages = whiten_masked(advantages, response_mask, across_ranks=True)
             # 5. One pass of L^APA + vf_coef · value loss over shuffled mini-batches
+            t1 = time.time()
             metrics = update(batch, advantages, returns, ref_logprobs)
+            metrics["time/update"] = time.time() - t1  # seconds: the epoch's pass over the rows
             metrics["offline/advantage_change"] = change
             metrics = common.mean_across_ranks(metrics)
             # 6. Log, and evaluate after every epoch
             common.check_finite(metrics, epoch, run.resume_path)  # before evaluating (sampling) from NaN weights
+            t_eval = time.time()
             eval_history.append((epoch, evaluate(epoch)))
             metrics.update(eval_history[-1][1])
+            metrics["time/eval"] = time.time() - t_eval
+            metrics["time/iteration"] = time.time() - t0  # seconds: the whole epoch, its evaluation included
             metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
             log(epoch, metrics)
             if run.rank == 0:
                 print(
                     f"epoch {epoch}/{args.offline_epochs} loss {metrics['policy/loss']:.4f} value loss "
                     f"{metrics['value/loss']:.4f} advantage change {change:.4f} eval reward "
-                    f"{metrics['eval/reward']:+.3f} KL {metrics['eval/kl_to_ref']:.2f}",
+                    f"{metrics['eval/reward']:+.3f} KL {metrics['eval/kl_to_ref']:.2f}, "
+                    f"{metrics['time/iteration']:.2f} s/epoch",
                     flush=True,
                 )
             # 7. A resumable checkpoint every --save-every epochs, or now if the run was signalled

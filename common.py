@@ -2336,7 +2336,7 @@ class Logger:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
-        record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items()) if not k.startswith("time/")}}
+        record = {"step": step, **{k: round(v, 6) for k, v in sorted(metrics.items())}}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
         self.writer.flush()
@@ -2368,6 +2368,12 @@ class Logger:
 
             table = wandb.Table(columns=["step", *columns], data=[[step, *row.values()] for row in rows])
             self.wandb_run.log({"samples": table, "global_step": step})
+
+
+def rendered_prompts(tokenizer, query_ids, query_mask) -> list:
+    """The prompts as the policy saw them: its query ids (after the chat template and the cut to the prompt budget)
+    decoded without their padding, special tokens kept, for samples.jsonl beside the dataset's prompt."""
+    return [tokenizer.decode(row[m.bool()], skip_special_tokens=False) for row, m in zip(query_ids, query_mask)]
 
 
 def sample_rows(n: int, **columns) -> list:
@@ -2739,6 +2745,7 @@ def distinct_n(texts, n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
+@torch.no_grad()  # every pass here only scores: no autograd graph is kept (it would grow with every batch)
 def evaluate_run(
     run_dir: str,
     *,
@@ -2750,6 +2757,7 @@ def evaluate_run(
     batch_size=16,
     seed=1,
     device="cpu",
+    init_device=None,
     out=None,
     show_progress=True,
 ) -> dict:
@@ -2762,7 +2770,10 @@ def evaluate_run(
     the run's proxy reward (its --reward-model entries, raw scores weighted by its --reward-weights), the gold score
     on the built-in task, distinct-2 and the response length. The pairs go to `out` (default
     `run_dir`/eval-vs-BASELINE.jsonl), the summary (returned) to the same name with .json. `show_progress`: tqdm
-    bars while sampling, in a terminal (`progress`)."""
+    bars while sampling, in a terminal (`progress`). `device`: where the policy, the baseline and the judge run;
+    `init_device`: where π_init runs (default `device`; e.g. `cpu` or a second GPU when one holds two models but not
+    three; the baseline π_init then samples there, from another device's random numbers than the policy's). Every
+    score and log-prob is brought to the CPU before they are combined."""
     with open(os.path.join(run_dir, "args.json")) as f:
         run = SimpleNamespace(**json.load(f))
     policy_path = os.path.join(run_dir, "policy")
@@ -2773,11 +2784,12 @@ def evaluate_run(
     if judge is None:
         fail(f"{run_dir} was not trained on the built-in task: pass --judge (a reward model, module:function or URL)")
     device = torch.device(device)
+    init_device = device if init_device is None else torch.device(init_device)
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(policy_path, flag="RUN_DIR")
     policy = eval_policy(policy_path, flag="RUN_DIR", device=device, beta=beta)
     init = EvalPolicy(load_model(name=run.model_name_or_path, kind="causal", flag="--model-name-or-path"), None)
-    init = init._replace(lm=init.lm.to(device).eval())
+    init = init._replace(lm=init.lm.to(init_device).eval())
     if baseline == "sft":
         other = init
     else:
@@ -2804,7 +2816,6 @@ def evaluate_run(
     sampling = dict(
         stop_strings=getattr(run, "stop_strings", []),
         batch_size=batch_size,
-        device=device,
         show_progress=show_progress,
     )
     sampled = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **decoding)
@@ -2812,9 +2823,12 @@ def evaluate_run(
     samples = {}
     for name, model in (("policy", policy), ("baseline", other)):
         torch.manual_seed(seed)  # the same draws for both: differences come from the models
-        samples[name] = sample_for_eval(model, tokenizer, prompt_rows, settings=sampled, desc=name, **sampling)
+        on = model.lm.device  # π_init as the baseline samples on init_device
+        samples[name] = sample_for_eval(
+            model, tokenizer, prompt_rows, settings=sampled, desc=name, device=on, **sampling
+        )
         samples[f"{name}_greedy"] = sample_for_eval(
-            model, tokenizer, prompt_rows, settings=greedy, desc=f"{name}, greedy", **sampling
+            model, tokenizer, prompt_rows, settings=greedy, desc=f"{name}, greedy", device=on, **sampling
         )
 
     # Scores: the judge, the run's proxy reward, the gold score; the policy's KL to π_init
@@ -2837,10 +2851,10 @@ def evaluate_run(
             if builtin:
                 rows["gold"].append(torch.tensor(builtin_gold_score(part.texts)))
             if not name.endswith("_greedy"):  # a KL estimate needs responses sampled from the policy
-                init_logprobs = forward_logprobs(init.lm, *part.batch, temperature=temperature)
-                rows["kl_to_init"].append((part.logprobs - init_logprobs.cpu()).sum(1))
+                init_logprobs = forward_logprobs(init.lm, *part.batch, temperature=temperature)  # on init_device
+                rows["kl_to_init"].append((part.logprobs.cpu() - init_logprobs.cpu()).sum(1))
             rows["length"].append(part.batch.response_mask.sum(1).float())
-        columns[name] = {key: torch.cat(values).float() for key, values in rows.items() if values}
+        columns[name] = {key: torch.cat([v.cpu() for v in values]).float() for key, values in rows.items() if values}
         columns[name]["texts"] = [t for part in parts for t in part.texts]
     rate, low, high = win_rate(columns["policy"]["judge"], columns["baseline"]["judge"], seed=seed)
 
@@ -2923,6 +2937,7 @@ if __name__ == "__main__":
     evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     evaluation.add_argument("--seed", type=int, default=1, help="the sampling seed (the same for both policies)")
     evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluation.add_argument("--init-device", help="where π_init runs (default: --device), e.g. cpu or cuda:1")
     evaluation.add_argument("--out", help="the pairs' jsonl (default RUN_DIR/eval-vs-BASELINE.jsonl)")
     evaluation.add_argument("--no-progress", action="store_true", help="no tqdm bars (shown only in a terminal)")
     cli = parser.parse_args()
@@ -2938,6 +2953,7 @@ if __name__ == "__main__":
             batch_size=cli.batch_size,
             seed=cli.seed,
             device=cli.device,
+            init_device=cli.init_device,
             out=cli.out,
             show_progress=not cli.no_progress,
         )

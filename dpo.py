@@ -721,6 +721,7 @@ if __name__ == "__main__":
             samples += common.sample_rows(
                 args.log_samples - len(samples),
                 prompt=prompts,
+                rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
                 response=kept,
                 score=scores,
                 gold_score=gold if gold_score else None,
@@ -812,14 +813,18 @@ if __name__ == "__main__":
             metrics["policy/log_ratio_to_ref"] = log_ratio.item()
         window.append([time.time() - t_step, len(idx) * 2 * world_size])
         metrics = common.mean_across_ranks(metrics)
+        metrics["time/update"] = window[-1][0]  # seconds: this step's passes, backward and optimiser step
         common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
         if step % args.eval_every == 0 or step == args.total_steps:
             seconds, sequences = torch.tensor(window).sum(0).tolist()
+            t_eval = time.time()
             eval_history.append((step, evaluate(step)))
             metrics.update(eval_history[-1][1])
+            metrics["time/eval"] = time.time() - t_eval
             metrics["time/steps_per_s"] = len(window) / seconds
             metrics["time/sequences_per_s"] = sequences / seconds
             window = []
+        metrics["time/iteration"] = time.time() - t_step  # seconds: the whole step, an evaluation included
         metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
         log(step, metrics)
         if rank == 0 and "eval/reward" in metrics:
@@ -828,7 +833,7 @@ if __name__ == "__main__":
                 f"step {step:5d}/{args.total_steps} loss {metrics['policy/loss']:.4f} margin "
                 f"{metrics['policy/reward_margin']:+.3f} accuracy {metrics['policy/reward_accuracy']:.2f} eval reward "
                 f"{metrics['eval/reward']:.3f}{gold} distinct-2 {metrics['eval/distinct_2']:.3f} steps/s "
-                f"{metrics['time/steps_per_s']:.1f}",
+                f"{metrics['time/steps_per_s']:.3g} ({1 / metrics['time/steps_per_s']:.2f} s/step)",
                 flush=True,
             )
         common.checkpoint_if_due(

@@ -696,6 +696,7 @@ if __name__ == "__main__":
                         args.log_samples - len(shown),
                         beta=beta,
                         prompt=eval_texts[chunk],
+                        rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
                         response=texts,
                         score=scores,
                         gold_score=gold if gold_score else None,
@@ -773,6 +774,7 @@ if __name__ == "__main__":
         for idx in common.progress(
             order.split(args.mini_batch_size)[skip:], desc=f"epoch {epoch}", enabled=args.progress
         ):
+            t_step = time.time()
             batch = data.rows(idx)
             input_ids, attention_mask, position_ids = common.concat_inputs(*batch, device)
             # 1. Forward the batch: the state s_t (before response token t) sits at position P−1+t, s_T (after the
@@ -827,13 +829,15 @@ if __name__ == "__main__":
             common.check_finite(stats, step, run.resume_path)
             if step % args.log_every == 0:
                 stats["time/tokens_per_s"] = n_tokens / (time.time() - epoch_start)
+                stats["time/update"] = time.time() - t_step  # seconds: this step's pass, backward and optimiser step
                 stats["policy/learning_rate"] = common.current_lr(model)  # of the next step (--lr-schedule)
                 log(step, stats)
                 if rank == 0:
                     print(
                         f"epoch {epoch} step {step:5d} q {stats['q/loss']:.4f} v {stats['value/loss']:.4f} "
                         f"cql {stats['q/cql_loss']:.3f} awac {stats['policy/awac_loss']:.3f} "
-                        f"V {stats['value/mean']:+.3f} tokens/s {stats['time/tokens_per_s']:.0f}",
+                        f"V {stats['value/mean']:+.3f} tokens/s {stats['time/tokens_per_s']:.0f}, "
+                        f"{stats['time/update']:.2f} s/step",
                         flush=True,
                     )
             resume_state = dict(
@@ -846,8 +850,9 @@ if __name__ == "__main__":
         skip = 0
         # Evaluation: decode the held-out prompts over the β sweep
         if epoch % args.eval_every == 0 or epoch == args.offline_epochs:
+            t_eval = time.time()
             eval_history.append((step, evaluate(step)))
-            log(step, eval_history[-1][1])
+            log(step, {**eval_history[-1][1], "time/eval": time.time() - t_eval})
             report(f"epoch {epoch}/{args.offline_epochs}: ", eval_history[-1][1])
 
     # Save: the LM as an HF folder and the heads beside it

@@ -822,6 +822,9 @@ if __name__ == "__main__":
                 samples += common.sample_rows(
                     args.log_samples - len(samples),
                     prompt=eval_texts[i : i + args.rollout_batch_size],
+                    rendered_prompt=common.rendered_prompts(
+                        tokenizer, sampled.batch.query_ids, sampled.batch.query_mask
+                    ),
                     response=texts,
                     score=sampled.scores,
                     gold_score=gold if gold_score else None,
@@ -1022,9 +1025,14 @@ if __name__ == "__main__":
         metrics["time/rollout_tokens_per_s"] = n_tokens / t_rollout
         metrics["time/update_tokens_per_s"] = n_tokens * args.update_epochs / t_update
         metrics["time/episodes_per_s"] = per_iteration / (time.time() - t0)
+        metrics["time/rollout"] = t_rollout  # seconds: sampling, the rewards, the π_old and π_ref passes
+        metrics["time/update"] = t_update  # seconds: the --update-epochs passes over the rollout
         if iteration % args.eval_every == 0 or iteration == num_iterations:
+            t_eval = time.time()
             eval_history.append((iteration, evaluate(iteration)))
             metrics.update(eval_history[-1][1])
+            metrics["time/eval"] = time.time() - t_eval
+        metrics["time/iteration"] = time.time() - t0  # seconds: the whole iteration, its evaluation included
         metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
         log(iteration, metrics)
         if run.rank == 0:
@@ -1034,7 +1042,7 @@ if __name__ == "__main__":
                 f"kl {metrics['rollout/kl_to_ref']:.2f} β {kl_coef_used:.4f} len "
                 f"{metrics['rollout/response_length']:.1f} tokens/s {metrics['time/rollout_tokens_per_s']:.0f} "
                 f"(rollout) {metrics['time/update_tokens_per_s']:.0f} (update) "
-                f"episodes/s {metrics['time/episodes_per_s']:.1f}",
+                f"episodes/s {metrics['time/episodes_per_s']:.3g}, {metrics['time/iteration']:.2f} s/iter",
                 flush=True,
             )
         state = dict(

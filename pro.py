@@ -677,6 +677,7 @@ if __name__ == "__main__":
             samples += common.sample_rows(
                 args.log_samples - len(samples),
                 prompt=prompts,
+                rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
                 response=kept,
                 score=scores,
                 gold_score=gold if gold_score else None,
@@ -737,14 +738,18 @@ if __name__ == "__main__":
         metrics = {"policy/loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
         window.append([time.time() - t_step, batch.response_mask.sum().item() * world_size])
         metrics = common.mean_across_ranks(metrics)
+        metrics["time/update"] = window[-1][0]  # seconds: this step's passes, backward and optimiser step
         common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
         if step % args.eval_every == 0 or step == args.total_steps:
             seconds, tokens = torch.tensor(window).sum(0).tolist()
+            t_eval = time.time()
             eval_history.append((step, evaluate(step)))
             metrics.update(eval_history[-1][1])
+            metrics["time/eval"] = time.time() - t_eval
             metrics["time/steps_per_s"] = len(window) / seconds
             metrics["time/tokens_per_s"] = tokens / seconds
             window = []
+        metrics["time/iteration"] = time.time() - t_step  # seconds: the whole step, an evaluation included
         metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
         log(step, metrics)
         if rank == 0 and "eval/reward" in metrics:
@@ -753,7 +758,8 @@ if __name__ == "__main__":
                 f"step {step:5d}/{args.total_steps} loss {metrics['policy/loss']:.4f} ranking "
                 f"{metrics['policy/ranking_loss']:.4f} accuracy {metrics['policy/ranking_accuracy']:.2f} eval reward "
                 f"{metrics['eval/reward']:.3f}{gold} distinct-2 {metrics['eval/distinct_2']:.3f} steps/s "
-                f"{metrics['time/steps_per_s']:.1f} tokens/s {metrics['time/tokens_per_s']:.0f}",
+                f"{metrics['time/steps_per_s']:.3g} ({1 / metrics['time/steps_per_s']:.2f} s/step) tokens/s "
+                f"{metrics['time/tokens_per_s']:.0f}",
                 flush=True,
             )
         common.checkpoint_if_due(

@@ -6,7 +6,7 @@ import math
 import os
 
 import pytest
-from conftest import assert_resume_reproduces, read_run, run_pairs, run_script
+from conftest import assert_resume_reproduces, read_run, run_pairs, run_script, timed
 
 ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 TINY = (
@@ -28,6 +28,8 @@ def _check(proc, output_dir, algorithm):
     first, last = records[0], records[-1]
     n_steps = last["step"]
     assert [r["step"] for r in records] == list(range(n_steps + 1))
+    assert timed(records, "update", "iteration") == records[1:]  # seconds at every step, and of every evaluation:
+    assert timed(records, "eval") == [r for r in records[1:] if "eval/reward" in r]
     for key in EVAL_KEYS + ["data/rows", "data/dropped_rows", "data/advantage_mean", "value/heldout_mse"]:
         assert key in first, key
     for key in EVAL_KEYS + ["policy/loss", "policy/log_ratio_to_ref", "policy/clipfrac"]:

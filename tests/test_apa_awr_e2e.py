@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import TINY_ONLINE, assert_resume_reproduces, read_run, run_script
+from conftest import TINY_ONLINE, assert_resume_reproduces, read_run, run_script, timed
 
 OFFLINE = (
     "--offline-dataset builtin --offline-epochs 2 --mini-batch-size 32 --max-new-tokens 24 --eval-prompts 16".split()
@@ -12,6 +12,9 @@ OFFLINE = (
 
 def _check(records, steps, keys):
     assert [r["step"] for r in records] == list(range(steps + 1))
+    assert (
+        timed(records, "update", "eval", "iteration") == records[1:]
+    )  # the phases' seconds at every iteration (each evaluates)
     for key in keys:
         assert key in records[-1], key
     assert all(math.isfinite(v) for r in records for v in r.values())

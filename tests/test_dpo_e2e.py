@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script
+from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script, timed
 
 import common
 
@@ -36,6 +36,8 @@ def _check(proc, output_dir, steps=6, reference_free=False, first_loss=LOG_2):
     first = records[0]
     last = records[-1]
     assert [r["step"] for r in records] == list(range(steps + 1))
+    assert timed(records, "update", "iteration") == records[1:]  # seconds at every step, and of every evaluation:
+    assert timed(records, "eval") == [r for r in records[1:] if "eval/reward" in r]
     for key in [*EVAL_KEYS, *PAIR_KEYS, "data/pairs", "data/heldout_pairs"]:
         assert key in first, key
     assert first["data/heldout_pairs"] == 8

@@ -106,6 +106,47 @@ def test_eval_of_a_run_against_sft_and_against_itself(runs, tmp_path):
     assert again["policy/reward"] == pytest.approx(summary["policy/reward"], abs=1e-5)
 
 
+class OnAnotherDevice(torch.Tensor):
+    """A CPU tensor that acts as one on another device (a GPU's beside the CPU's): an op that mixes it with an ordinary
+    tensor of one or more dimensions raises as torch does there, and .cpu() returns an ordinary tensor."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cpu:
+            with torch._C.DisableTorchFunctionSubclass():
+                return args[0].as_subclass(torch.Tensor)
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if any(isinstance(t, cls) for t in tensors) and any(not isinstance(t, cls) and t.dim() for t in tensors):
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_eval_keeps_no_graph_and_brings_the_devices_together(runs, tmp_path, monkeypatch):
+    """evaluate_run with every module call checked (tests/no_graph/graph_guard.py: a pass in eval mode that builds an
+    autograd graph raises, as π_init's passes outside torch.no_grad() did), and with the responses' log-probs on
+    "another device" than π_init's (OnAnotherDevice: the policy samples on a GPU, π_init runs on `init_device`, here
+    the CPU): the KL to π_init must bring both to one device before subtracting them, as on CUDA."""
+    with pytest.raises(RuntimeError, match="same device"):  # the stand-in does fail where devices differ
+        torch.ones(2).as_subclass(OnAnotherDevice) - torch.ones(2)
+    sys.path.insert(0, str(ROOT / "tests" / "no_graph"))
+    import graph_guard
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", graph_guard.checked_call)
+    sample_for_eval = common.sample_for_eval
+
+    def sampled_elsewhere(*args, **kwargs):
+        parts = sample_for_eval(*args, **kwargs)
+        return [part._replace(logprobs=part.logprobs.as_subclass(OnAnotherDevice)) for part in parts]
+
+    monkeypatch.setattr(common, "sample_for_eval", sampled_elsewhere)
+    summary = common.evaluate_run(
+        str(runs["dpo"]), prompts=4, batch_size=2, init_device="cpu", out=str(tmp_path / "e.jsonl"), show_progress=False
+    )
+    assert summary["prompts"] == 4 and abs(summary["baseline/kl_to_init"]) < 1e-3
+    assert torch.isfinite(torch.tensor(summary["policy/kl_to_init"]))
+
+
 def test_an_ilql_folder_decodes_with_its_heads(runs, tmp_path):
     """β = 0 is the LM's own distribution; β > 0 shifts it by the heads' advantages, which moves it away from π_init."""
     at = {

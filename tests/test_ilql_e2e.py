@@ -4,7 +4,7 @@ checkpoint (an HF folder plus the heads) reloaded for decoding, two ranks under 
 import math
 
 import pytest
-from conftest import assert_resume_reproduces, read_run, run_script
+from conftest import assert_resume_reproduces, read_run, run_script, timed
 from safetensors.torch import load_file
 
 TINY = (
@@ -22,6 +22,8 @@ def _check_run(records):
         steps[-1]
     )
     assert all(math.isfinite(v) for r in records for v in r.values())
+    assert timed(records, "update") == steps  # the seconds of each logged step, and of the evaluation after training
+    assert timed(records, "eval") == evals[1:]
 
 
 @pytest.fixture(scope="module")

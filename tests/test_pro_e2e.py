@@ -6,7 +6,7 @@ import math
 import os
 
 import pytest
-from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script
+from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script, timed
 
 TINY = "--total-steps 4 --mini-batch-size 4 --eval-every 2 --eval-prompts 8 --max-new-tokens 12".split()
 EVAL_KEYS = ["eval/reward", "eval/gold_score", "eval/distinct_1", "eval/distinct_2", "eval/response_length"]
@@ -17,6 +17,8 @@ def _check(proc, output_dir, steps=4):
     assert "done in" in proc.stdout, proc.stdout
     run, records = read_run(output_dir)
     assert [r["step"] for r in records] == list(range(steps + 1))
+    assert timed(records, "update", "iteration") == records[1:]  # seconds at every step, and of every evaluation:
+    assert timed(records, "eval") == [r for r in records[1:] if "eval/reward" in r]
     for key in EVAL_KEYS + ["data/rankings", "data/candidates_mean", "data/tied_rankings"]:
         assert key in records[0], key
     for key in EVAL_KEYS + POLICY_KEYS:

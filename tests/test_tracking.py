@@ -8,8 +8,8 @@ import struct
 import pytest
 from conftest import TINY_ONLINE, assert_resume_reproduces, error_line, read_run, run_script
 
-ONLINE_COLUMNS = ["step", "prompt", "response", "score", "gold_score", "kl_to_ref"]
-OFFLINE_COLUMNS = ["step", "prompt", "response", "score", "gold_score"]
+ONLINE_COLUMNS = ["step", "prompt", "rendered_prompt", "response", "score", "gold_score", "kl_to_ref"]
+OFFLINE_COLUMNS = ["step", "prompt", "rendered_prompt", "response", "score", "gold_score"]
 
 
 def wandb_records(path):
@@ -52,6 +52,8 @@ def check_samples(run_dir, steps, rows_per_step, columns):
     assert [row["step"] for row in rows] == [step for step in steps for _ in range(rows_per_step)]
     assert all(list(row) == columns for row in rows), rows[0]
     assert all(row["prompt"] and isinstance(row["score"], float) for row in rows)
+    # the built-in prompts have no template: the policy saw the prompt's last --max-prompt-length tokens
+    assert all(row["rendered_prompt"] and row["prompt"].endswith(row["rendered_prompt"]) for row in rows)
     tables = tensorboard_samples(run_dir)
     assert sorted(tables) == steps
     for table in tables.values():
@@ -117,6 +119,32 @@ def test_resumed_run_has_the_samples_of_an_uninterrupted_one(tracked_ppo, tmp_pa
     resumed, _ = read_run(tmp_path / "resumed")
     assert (resumed / "samples.jsonl").read_text() == (run_dir / "samples.jsonl").read_text()
     assert sorted(tensorboard_samples(resumed)) == [0, 1, 2]
+
+
+def test_samples_hold_the_prompt_the_policy_saw_with_its_chat_template():
+    """samples.jsonl's rendered_prompt (common.rendered_prompts): the query ids decoded without their left padding,
+    special tokens kept, so a template (here ChatML on GPT-2's BPE) can be checked from the outputs."""
+    from test_chat_templates import HH, HH_MESSAGES, qwen_tokenizer
+
+    import common
+
+    tok = qwen_tokenizer()
+    prompts = [HH, "\n\nHuman: Hi?\n\nAssistant:"]
+    rows, _ = common.encode_prompts(tok, prompts, 512, 16, 1024, chat_template=True)
+    query_ids, query_mask = common.pad_left(rows, tok.pad_token_id)
+    assert query_mask[1, 0] == 0  # the shorter prompt is padded
+    rendered = common.rendered_prompts(tok, query_ids, query_mask)
+    expected = [
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        for messages in (HH_MESSAGES, [{"role": "user", "content": "Hi?"}])
+    ]
+    assert rendered == expected
+    rows = common.sample_rows(2, prompt=prompts, rendered_prompt=rendered, response=["a", "b"])
+    assert len(rows) == 2 and rows[0] == {
+        "prompt": common.prompt_text(HH),
+        "rendered_prompt": expected[0],
+        "response": "a",
+    }
 
 
 def test_track_without_wandb_fails_in_one_line_before_loading(builtin_path, tmp_path):
