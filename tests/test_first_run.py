@@ -116,3 +116,45 @@ def test_stale_build_lock_is_one_error_line(builtin_path, tmp_path, monkeypatch)
     )
     line = error_line(proc, nproc=2)
     assert lock in line and f"rm {lock}" in line
+
+
+def test_load_report_of_a_new_value_head_is_one_note_and_other_reports_pass(tmp_path, capsys):
+    """A score model made from a causal LM's checkpoint (its LM head left unused, its score head new): one note, said
+    once however often it is loaded. A checkpoint that lacks a weight of the trunk: transformers' report, as it is
+    (without colour codes), for the user to act on."""
+    import logging
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import common
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,  # the checkpoint has an lm_head.weight that a score model leaves unused
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "causal")
+    state = {k: v for k, v in model.state_dict().items() if "up_proj" not in k}
+    model.save_pretrained(tmp_path / "broken", state_dict=state)
+    reports = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())  # what passes LoadReport
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        for _ in range(2):
+            common.load_model(str(tmp_path / "causal"), kind="score", flag="--value-model")
+        notes = [line for line in capsys.readouterr().out.splitlines() if "has no score head" in line]
+        assert reports == [] and len(notes) == 1, (reports, notes)
+        assert notes[0].startswith(f"note: {tmp_path / 'causal'} has no score head: LlamaForSequenceClassification")
+        common.load_model(str(tmp_path / "broken"), kind="causal", flag="--model-name-or-path")
+    finally:
+        logger.removeHandler(handler)
+    assert len(reports) == 1 and "model.layers.0.mlp.up_proj.weight | MISSING" in reports[0], reports
+    assert "\x1b[" not in reports[0] and reports[0].startswith("LlamaForCausalLM LOAD REPORT from: ")
