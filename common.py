@@ -4,7 +4,7 @@ response tokens (their EOS included).
 
 Sections, in file order (each starts with a `# ---- Name ----` line):
 
-     1. Start-up                       fail, parse_args (--preset), Run / start_run, checkpoint_if_due
+     1. Start-up                       fail, note, LoadReport, parse_args (--preset), start_run, checkpoint_if_due
      2. The built-in task              a tiny movie-review world, the code that built builtin/, resolve()
      3. Datasets                       load_prompts, load_offline_rows, load_preference_pairs, load_rankings
      4. Dataset and prompt formats     HH dialogues, chat messages and templates, PRO rows, canonical_rows
@@ -39,6 +39,7 @@ import http.client
 import importlib
 import inspect
 import json
+import logging
 import math
 import os
 import platform
@@ -52,6 +53,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -66,6 +68,8 @@ from transformers import (
     LogitsProcessor,
 )
 
+if not torch.cuda.is_available():  # the scripts run on CUDA or on the CPU: DeepSpeed is told so, instead of
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # guessing and warning at every start that it found no GPU
 try:
     import deepspeed
 except ImportError:  # ZeRO-0 runs without it: plain torch.distributed and TorchEngine
@@ -76,6 +80,58 @@ except ImportError:  # ZeRO-0 runs without it: plain torch.distributed and Torch
 def fail(message: str):
     """Stop with a one-line error that names the fix, and no traceback: the input was wrong, not the code."""
     raise SystemExit(f"error: {message}")
+
+
+def note(message: str):
+    """Print `note: message` on rank 0, once per process however often it is reached (one file read as two splits
+    notes its dropped rows once)."""
+    if message in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTED.add(message)
+    print(f"note: {message}")
+
+
+_NOTED = set()
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+# What a score model made from a causal LM's checkpoint (a value model, as the scripts start one) reports: its new
+# head missing from the checkpoint, and the checkpoint's LM head unused
+NEW_HEAD = re.compile(r"score\.(weight|bias)")
+UNUSED_LM_HEAD = re.compile(r"(lm_head|embed_out)\.(weight|bias)")
+
+
+class LoadReport(logging.Filter):
+    """transformers' report on a from_pretrained load (a table of the weights it did not load as saved), as the user
+    needs it. A score model whose only new weights are its head, from a causal LM's checkpoint, is said in one note:
+    a value model starts so on purpose, while a reward model or judge without a trained head must be replaced. Any
+    other report is passed on, without the terminal's colour codes when stderr is not a terminal (a log file)."""
+
+    def filter(self, record) -> bool:
+        text = ANSI_ESCAPE.sub("", record.getMessage())
+        title = re.match(r"(\S+) LOAD REPORT from: (.*)", text)
+        if title is None:
+            return True
+        rows = [[cell.strip() for cell in line.split("|")] for line in text.splitlines()[2:] if "|" in line]
+        expected = [
+            (status == "MISSING" and NEW_HEAD.fullmatch(key))
+            or (status == "UNEXPECTED" and UNUSED_LM_HEAD.fullmatch(key))
+            for key, status, *_ in rows
+        ]
+        if rows and all(expected) and any(row[1] == "MISSING" for row in rows):
+            note(
+                f"{title[2]} has no score head: {title[1]} starts one from random weights, as a value model made "
+                f"from a causal LM does; a --reward-model or --judge needs a checkpoint with a trained head"
+            )
+            return False
+        if not sys.stderr.isatty():
+            record.msg = text
+            record.args = ()
+        return True
+
+
+# Quiet by default, on these messages only: peft reads a property that transformers deprecates (nothing for the user
+# to change), and transformers' load report goes through LoadReport
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+logging.getLogger("transformers.modeling_utils").addFilter(LoadReport())
 
 
 def parse_args(args_class, presets: dict, argv=None):
@@ -115,10 +171,13 @@ class Run(NamedTuple):
 
 
 def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Run:
-    """What every script checks before it loads anything (one --reward-weights value per --reward-model, unless the
-    script weighs something else and checks that itself; the LoRA flags; wandb for --track; a --resume folder this
-    script with this many ranks can continue), then the process group. `script` names the script and its mode: a
+    """What every script checks before it loads anything (each --reward-model entry, check_reward_entry; one
+    --reward-weights value per --reward-model, unless the script weighs something else and checks that itself; the
+    LoRA flags; wandb for --track; a --resume folder this script with this many ranks can continue), then the process
+    group. `script` names the script and its mode: a
     checkpoint is continued only by the same."""
+    for entry in getattr(args, "reward_model", None) or []:
+        check_reward_entry(entry)
     weights = getattr(args, "reward_weights", None)
     if one_weight_per_reward_model and weights and len(weights) != len(args.reward_model):
         fail(
@@ -842,8 +901,8 @@ def canonical_rows(data, name: str) -> dict:
             kept += [row for row in rows if row[1].strip()]
             blank += sum(not row[1].strip() for row in rows)
         if (ragged or blank) and report:
-            print(
-                f"note: {ragged} of {len(data)} PRO rows of '{name}' dropped: their prefix, suffix and reward "
+            note(
+                f"{ragged} of {len(data)} PRO rows of '{name}' dropped: their prefix, suffix and reward "
                 f"lists differ in length; {blank} blank suffixes dropped"
             )
         return _columns(kept, ("prompt", "response", "reward"))
@@ -852,8 +911,8 @@ def canonical_rows(data, name: str) -> dict:
         pairs = [(split(c), split(r)) for c, r in zip(data["chosen"], data["rejected"])]
         kept = [(p, c, r) for (p, c), (q, r) in pairs if p and p == q and c and c.strip() and r and r.strip()]
         if len(kept) < len(data) and report:
-            print(
-                f"note: {len(data) - len(kept)} of {len(data)} HH rows of '{name}' dropped: no shared prompt before "
+            note(
+                f"{len(data) - len(kept)} of {len(data)} HH rows of '{name}' dropped: no shared prompt before "
                 f"the last assistant reply, or an empty reply"
             )
         return _columns(kept, ("prompt", "chosen", "rejected"))
@@ -1090,6 +1149,9 @@ def load_tokenizer(name: str, flag: str = "--model-name-or-path", padding_side="
     tok = _from_pretrained(AutoTokenizer, resolve(name, "sft"), flag=flag, trust_remote_code=trust_remote_code)
     tok.pad_token = tok.pad_token or tok.eos_token  # GPT-2 family: pad with EOS; masks decide what is padding
     tok.padding_side = padding_side
+    # the scripts cut what they encode to fit (prompts left-truncated with a note, texts for a reward model to its
+    # length): transformers' warning that a whole text is longer than the model reads is not for this tokenizer
+    tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tok
 
 
@@ -1318,6 +1380,29 @@ def merged_state_dict(state: dict, model) -> dict:
 
 
 # ---- Rewards: a Python function, a URL, a sequence-classification model, or a reward model as released ---------------
+def check_reward_entry(entry: str, flag: str = "--reward-model"):
+    """What can be known of a --reward-model (or --judge) entry before anything is loaded or sampled, so that a wrong
+    one stops a run in seconds: a `module:function` imports and is callable, a URL names a host, a local path (one
+    that starts with / . or ~) exists. Another name is a hub name or a folder, for loading to find."""
+    if entry == BUILTIN:
+        return
+    if is_remote_reward(entry):
+        check_url(entry, flag)
+    elif is_function_entry(entry):
+        import_reward_function(entry, flag)
+    elif entry.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(entry)):
+        fail(
+            f"{flag} {entry} does not exist (seen from {os.getcwd()}); pass a model folder, a hub name, "
+            f"module:function or a URL"
+        )
+
+
+def is_function_entry(name: str) -> bool:
+    """Whether a --reward-model entry is `module:function` (and not a path that has a colon)."""
+    module, _, function = name.partition(":")
+    return bool(function) and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name)
+
+
 def load_reward(
     name: str,
     tokenizer,
@@ -1333,7 +1418,7 @@ def load_reward(
     decoded query ids stand in). An entry is:
     - `module:function`, a Python f(prompts, responses) -> list of floats: the prompts as given (texts, or lists of
       messages), the responses decoded after their prompts (reward_texts; the module is looked up in the working
-      directory and on PYTHONPATH);
+      directory and on PYTHONPATH, import_reward_function);
     - `http://HOST:PORT/PATH` or `https://...`, a server that scores the same texts: POSTed JSON {"prompts": [...],
       "responses": [...]}, REMOTE_BATCH rows a request, it answers {"scores": [one number per response]}
       (_remote_reward: retried with back-off while it is down or answers 5xx, one error line when it stays down or
@@ -1347,8 +1432,7 @@ def load_reward(
     `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
     if is_remote_reward(name):  # before module:function, which a URL's colon would also match
         return _remote_reward(name, tokenizer)
-    module, _, function = name.partition(":")
-    if function and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name):
+    if is_function_entry(name):
         return _reward_function(name, tokenizer)
     if dtype == "auto":
         dtype = "bfloat16" if bf16 else "float32"
@@ -1443,17 +1527,31 @@ def _text_reward(tokenizer, score_texts):
     return score_with_texts
 
 
-def _reward_function(name: str, tokenizer):
-    """A `module:function` --reward-model entry as load_reward's score(...): f(prompts, responses) -> floats."""
+def import_reward_function(name: str, flag: str = "--reward-model"):
+    """The function of a `module:function` entry. The module is looked up in the working directory first, then on
+    PYTHONPATH, whether the script was started from that folder or not (`python /path/to/ppo.py` puts the script's
+    folder on sys.path, not the working directory; launch.sh runs the scripts so)."""
     module, _, function = name.partition(":")
-    sys.path.insert(0, os.getcwd())
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError) as e:
+        missing = e.name if isinstance(e, ModuleNotFoundError) else None
+        if missing and module != missing and not module.startswith(f"{missing}."):  # found; what it imports is not
+            fail(f"{flag} {name}: {module} imports {missing}, which is not installed; install it for {sys.executable}")
         fail(
-            f"cannot import the reward function '{name}' ({e}); put {module}.py in the working directory or on "
-            f"PYTHONPATH, and give --reward-model as module:function"
+            f"cannot import the reward function '{name}' ({e}); put {module}.py in the working directory "
+            f"({os.getcwd()}) or on PYTHONPATH, and give {flag} as module:function"
         )
+    if not callable(fn):
+        fail(f"{flag} {name}: {function} in {module} is not a function; name a function f(prompts, responses)")
+    return fn
+
+
+def _reward_function(name: str, tokenizer):
+    """A `module:function` --reward-model entry as load_reward's score(...): f(prompts, responses) -> floats."""
+    fn = import_reward_function(name)
 
     def call(prompts, responses):
         scores = [float(s) for s in fn(prompts, responses)]
@@ -1481,17 +1579,22 @@ def is_remote_reward(name: str) -> bool:
     return name.lower().startswith(("http://", "https://"))
 
 
-def _remote_reward(url: str, tokenizer):
-    """A URL --reward-model entry as load_reward's score(...): the texts a module:function gets, POSTed as JSON
-    {"prompts": [...], "responses": [...]}, REMOTE_BATCH rows at a time; the server answers {"scores": [...]}, one
-    finite number per response. Each rank posts its own rows."""
+def check_url(url: str, flag: str = "--reward-model"):
+    """A URL entry names a host (and a port, if any, that is a number)."""
     try:
         parts = urllib.parse.urlsplit(url)
         valid = bool(parts.hostname) and (parts.port is None or parts.port > 0)  # .port: ValueError if not a number
     except ValueError:
         valid = False
     if not valid:
-        fail(f"--reward-model {url} is not a server's URL; give it as http://HOST:PORT/PATH or https://HOST/PATH")
+        fail(f"{flag} {url} is not a server's URL; give it as http://HOST:PORT/PATH or https://HOST/PATH")
+
+
+def _remote_reward(url: str, tokenizer):
+    """A URL --reward-model entry as load_reward's score(...): the texts a module:function gets, POSTed as JSON
+    {"prompts": [...], "responses": [...]}, REMOTE_BATCH rows at a time; the server answers {"scores": [...]}, one
+    finite number per response. Each rank posts its own rows."""
+    check_url(url)
 
     def score_remotely(prompts, responses):
         scores = []
@@ -2783,6 +2886,9 @@ def evaluate_run(
     judge = judge or ("gold" if builtin else None)
     if judge is None:
         fail(f"{run_dir} was not trained on the built-in task: pass --judge (a reward model, module:function or URL)")
+    for entry, flag in [(judge, "--judge"), *((entry, "the run's --reward-model") for entry in run.reward_model)]:
+        if entry != "gold":
+            check_reward_entry(entry, flag)  # before anything is sampled: a wrong entry stops it in seconds
     device = torch.device(device)
     init_device = device if init_device is None else torch.device(init_device)
     torch.manual_seed(seed)

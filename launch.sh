@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # launch.sh - start one of the single-file RLHF scripts (ppo apa awr ilql alol dpo pro) on CPU, one or more GPUs, or
 # several nodes, with torchrun (default) or the deepspeed launcher. Everything after `--` goes to the script.
-# Uses the python/torchrun/deepspeed on PATH (activate the venv first). Run ./launch.sh --help for examples.
+# It runs in the caller's working directory, as `python SCRIPT.py` from there would: relative paths (run folders,
+# data, --output-dir) and `module:function` rewards and judges resolve from there; the scripts are found beside this
+# file. Python, torchrun and deepspeed: the active virtual environment's, else the project's .venv beside this file.
+# Run ./launch.sh --help for examples.
 set -euo pipefail
-cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")"
+REPO=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 SCRIPTS="ppo apa awr ilql alol dpo pro"
 # No virtual environment active but the README's .venv is here: use it (python, torchrun, deepspeed).
-[[ -z ${VIRTUAL_ENV:-} && -x .venv/bin/python ]] && export PATH="$PWD/.venv/bin:$PATH"
+[[ -z ${VIRTUAL_ENV:-} && -x $REPO/.venv/bin/python ]] && export PATH="$REPO/.venv/bin:$PATH"
 
 usage() {
   cat <<'EOF'
@@ -39,6 +42,23 @@ EOF
 }
 die() { echo "launch.sh: $*" >&2; exit 2; }
 int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a non-negative integer, got '$2'"; }
+# A python on PATH with the packages every script imports, else the project's .venv, else one line on how to install.
+has_packages() {
+  "$1" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))' \
+    torch transformers tyro 2>/dev/null
+}
+need_python() {
+  local py venv="no $REPO/.venv"
+  py=$(command -v python || true)
+  [[ -n $py ]] && has_packages "$py" && return
+  if [[ -x $REPO/.venv/bin/python ]] && has_packages "$REPO/.venv/bin/python"; then
+    export PATH="$REPO/.venv/bin:$PATH"
+    return
+  fi
+  [[ -x $REPO/.venv/bin/python ]] && venv="$REPO/.venv lacks them too"
+  die "no python with torch, transformers and tyro (python on PATH: ${py:-none}; $venv); install them:" \
+    "python3 -m venv $REPO/.venv && $REPO/.venv/bin/pip install -r $REPO/requirements.txt"
+}
 
 # ---- compare: PPO, APA and AWR on the built-in task, same budget, several seeds, one table -------------------------
 compare() {
@@ -60,11 +80,11 @@ compare() {
     for seed in $seeds; do
       echo "compare: $algo seed $seed ($episodes sampled responses) -> $out/$algo-$seed.log"
       start=$EPOCHREALTIME
-      python "$algo.py" --seed "$seed" --total-episodes "$episodes" --exp-name "$algo" --output-dir "$out/$algo" "$@" \
-        > "$out/$algo-$seed.log" 2>&1 || die "compare: $algo seed $seed failed; see $out/$algo-$seed.log"
+      python "$REPO/$algo.py" --seed "$seed" --total-episodes "$episodes" --exp-name "$algo" \
+        --output-dir "$out/$algo" "$@" > "$out/$algo-$seed.log" 2>&1 || die "compare: $algo seed $seed failed; see $out/$algo-$seed.log"
       echo "$algo $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
-      python common.py eval "$(ls -d "$out/$algo/${algo}__${seed}__"*/ | tail -1)" --out "$out/eval/$algo-$seed.jsonl" \
-        >> "$out/$algo-$seed.log" 2>&1 || die "compare: evaluating $algo seed $seed failed; see $out/$algo-$seed.log"
+      python "$REPO/common.py" eval "$(ls -d "$out/$algo/${algo}__${seed}__"*/ | tail -1)" \
+        --out "$out/eval/$algo-$seed.jsonl" >> "$out/$algo-$seed.log" 2>&1 || die "compare: evaluating $algo seed $seed failed; see $out/$algo-$seed.log"
     done
   done
   python - "$out" <<'PY'
@@ -160,14 +180,15 @@ compare_offline() {
       echo "compare --offline: $name seed $seed ($steps steps) -> $out/$name-$seed.log"
       start=$EPOCHREALTIME
       # shellcheck disable=SC2086  # $own: the method's own arguments, split on purpose
-      python "$script.py" $own "${steps_args[@]}" --mini-batch-size 16 --seed "$seed" --exp-name "$name" \
+      python "$REPO/$script.py" $own "${steps_args[@]}" --mini-batch-size 16 --seed "$seed" --exp-name "$name" \
         --output-dir "$out/$name-$seed" "$@" > "$out/$name-$seed.log" 2>&1 \
         || die "compare --offline: $name seed $seed failed; see $out/$name-$seed.log"
       echo "$name $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
       run_dir=$(ls -d "$out/$name-$seed"/*/)
       for beta in $([[ $script == ilql ]] && echo "$betas" || echo 1); do
         local label=$name; [[ $script == ilql ]] && label="ilql_beta_$beta"
-        python common.py eval "$run_dir" --beta "$beta" --out "$out/eval/$label-$seed.jsonl" >> "$out/$name-$seed.log" 2>&1 \
+        python "$REPO/common.py" eval "$run_dir" --beta "$beta" --out "$out/eval/$label-$seed.jsonl" \
+          >> "$out/$name-$seed.log" 2>&1 \
           || die "compare --offline: evaluating $name seed $seed failed; see $out/$name-$seed.log"
       done
     done
@@ -281,23 +302,25 @@ paper() {
   [[ -n $name ]] || die "paper: name a preset (./launch.sh paper --list)"
   if [[ -z $size && $name == *tldr ]]; then size=6b; fi  # TL;DR has one size
   preset "$name" "${size:-1b}"
-  exec bash "$PWD/launch.sh" "$p_script" --gpus "$p_gpus" "${dry[@]}" -- --preset "$p_preset" "${p_args[@]}" "$@"
+  exec bash "$REPO/launch.sh" "$p_script" --gpus "$p_gpus" "${dry[@]}" -- --preset "$p_preset" "${p_args[@]}" "$@"
 }
 
 # ---- subcommands ---------------------------------------------------------------------------------------------------
 case "${1:-}" in
   ""|-h|--help) usage; exit 0 ;;
-  compare) shift; compare "$@"; exit 0 ;;
-  eval) shift; exec python common.py eval "$@" ;;
+  compare) shift; need_python; compare "$@"; exit 0 ;;
+  eval) shift; need_python; exec python "$REPO/common.py" eval "$@" ;;
   paper) shift; paper "$@" ;;
-  bench) shift; [[ -n ${OMP_NUM_THREADS:-} ]] || export OMP_NUM_THREADS=$(nproc); exec python tests/benchmark.py "$@" ;;
+  bench) shift; need_python; [[ -n ${OMP_NUM_THREADS:-} ]] || export OMP_NUM_THREADS=$(nproc)
+         exec python "$REPO/tests/benchmark.py" "$@" ;;
 esac
 
 # ---- parse -----------------------------------------------------------------------------------------------------------
 name=${1%.py}; shift
 [[ " $SCRIPTS " == *" $name "* ]] || die "unknown script '$name'; use one of: $SCRIPTS"
-have=$(for s in $SCRIPTS; do if [[ -f $s.py ]]; then printf '%s ' "$s"; fi; done)
-[[ -f $name.py ]] || die "$name.py does not exist in $PWD yet; write it first, or launch an existing one: ${have% }"
+have=$(for s in $SCRIPTS; do if [[ -f $REPO/$s.py ]]; then printf '%s ' "$s"; fi; done)
+[[ -f $REPO/$name.py ]] || die "$name.py does not exist in $REPO yet; write it first, or launch an existing one:" \
+  "${have% }"
 gpus="" gpus_given="" procs="" ds=0 zero="" nnodes="" rank="" master="" hostfile="" dry=0
 while (($#)); do
   case $1 in
@@ -353,7 +376,7 @@ else
   [[ -n $rank ]] && cmd+=(--node_rank "$rank")
   [[ -n $addr ]] && cmd+=(--master_addr "$addr" --master_port "$port")
 fi
-cmd+=("$name.py" "${zero_args[@]}" "$@")
+cmd+=("$REPO/$name.py" "${zero_args[@]}" "$@")
 [[ -n ${OMP_NUM_THREADS:-} ]] || ((nproc_node < 0)) || export OMP_NUM_THREADS=$(( $(nproc) / nproc_node > 1 ? $(nproc) / nproc_node : 1 ))
 
 if ((dry)); then
@@ -361,5 +384,7 @@ if ((dry)); then
   printf '%q ' "${cmd[@]}" | sed 's/ $//'; echo
   exit 0
 fi
-command -v "${cmd[0]}" >/dev/null || die "'${cmd[0]}' not on PATH; activate the venv (source .venv/bin/activate) or pip install -r requirements.txt"
+need_python
+command -v "${cmd[0]}" >/dev/null \
+  || die "'${cmd[0]}' is not on PATH beside $(command -v python); pip install -r $REPO/requirements.txt"
 exec "${cmd[@]}"

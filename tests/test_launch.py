@@ -1,23 +1,135 @@
-"""launch.sh builds the right launcher command (checked with --dry-run; no process is started)."""
+"""launch.sh builds the right launcher command (checked with --dry-run; no process is started), runs a script from
+the caller's folder, finds the project's python or says how to install it, and checks a judge before sampling."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import ROOT
 
+import common
 
-def launch(*args):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # launch.sh prints it when set
+
+def launch(*args, cwd=None, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "VIRTUAL_ENV")}  # printed when set
     env["PATH"] = f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"  # this test's python
-    return subprocess.run(["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        ["bash", str(ROOT / "launch.sh"), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
 
 
 def test_cpu_single_process_is_plain_python():
     out = launch("ppo", "--gpus", "0", "--dry-run", "--", "--seed", "3").stdout
     assert "python" in out and "ppo.py --seed 3" in out and "torchrun" not in out
+    assert f" {ROOT / 'ppo.py'} --seed 3" in out  # the script by its path: the caller's folder stays the working one
+
+
+USER_MODULES = {
+    "my_reward.py": "def score(prompts, responses):\n    return [float(len(r.split())) for r in responses]\n",
+    "my_judge.py": "def score(prompts, responses):\n    return [-float(len(r)) for r in responses]\n",
+}
+
+
+def test_train_and_eval_from_a_folder_outside_the_repository(builtin_path, tmp_path):
+    """From the user's own folder: a relative --output-dir and run folder, a module:function reward and judge that live
+    in that folder (neither is importable from the repository)."""
+    for name, code in USER_MODULES.items():
+        (tmp_path / name).write_text(code)
+    tiny = "--total-episodes 16 --rollout-batch-size 16 --mini-batch-size 8 --update-epochs 1 --max-new-tokens 8"
+    proc = launch(
+        "apa",
+        "--gpus",
+        "0",
+        "--",
+        *tiny.split(),
+        *"--eval-prompts 8 --reward-model my_reward:score --output-dir runs".split(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (run,) = os.listdir(tmp_path / "runs")
+    proc = launch("eval", f"runs/{run}", "--judge", "my_judge:score", "--prompts", "8", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs" / run / "eval-vs-sft.json").read_text())
+    assert summary["judge"] == "my_judge:score" and summary["prompts"] == 8 and summary["run"] == f"runs/{run}"
+    assert f"runs/{run}: win rate against sft under my_judge:score" in proc.stdout
+
+
+def test_a_bad_judge_stops_in_one_line_before_sampling(tmp_path):
+    """A judge that cannot work stops `launch.sh eval` before any model is loaded: one error line that names the
+    folder the module was looked for in."""
+    run = tmp_path / "runs" / "run"
+    (run / "policy").mkdir(parents=True)  # no weights: anything loaded or sampled would fail otherwise
+    (run / "args.json").write_text(json.dumps({"dataset": "builtin", "reward_model": ["builtin"]}))
+    proc = launch("eval", "runs/run", "--judge", "vader_reward:score", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: cannot import the reward function 'vader_reward:score'"), proc.stderr
+    assert f"put vader_reward.py in the working directory ({tmp_path})" in proc.stderr
+
+
+def test_entries_are_checked_before_anything_is_loaded(tmp_path, monkeypatch):
+    """check_reward_entry on evaluate_run's judge and the run's own reward entries, and on a script's --reward-model
+    in start_run: each wrong kind is one line before a model is loaded or a process group started."""
+    import ppo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the working directory that the check puts on it goes after
+    (tmp_path / "entry_judge.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
+    (tmp_path / "entry_needs.py").write_text("import no_such_package_here\n")
+    for step in ("load_tokenizer", "load_model", "init_distributed"):
+        monkeypatch.setattr(common, step, lambda *a, **k: pytest.fail("loaded before the entry was checked"))
+    run = tmp_path / "run"
+    (run / "policy").mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"dataset": "builtin", "reward_model": ["builtin"]}))
+    bad = {
+        "entry_judge:nothing": "cannot import the reward function 'entry_judge:nothing'",
+        "entry_needs:score": "--judge entry_needs:score: entry_needs imports no_such_package_here, which is not",
+        "./no_such_model": f"--judge ./no_such_model does not exist (seen from {tmp_path})",
+        "http://host:port/score": "--judge http://host:port/score is not a server's URL",
+    }
+    for judge, message in bad.items():
+        with pytest.raises(SystemExit, match=r"^error: ") as stop:
+            common.evaluate_run(str(run), judge=judge)
+        assert message in str(stop.value) and "\n" not in str(stop.value), str(stop.value)
+    (run / "args.json").write_text(json.dumps({"dataset": "builtin", "reward_model": ["gone_reward:score"]}))
+    with pytest.raises(SystemExit, match="cannot import the reward function 'gone_reward:score'"):
+        common.evaluate_run(str(run), judge="entry_judge:score")
+    args = common.parse_args(ppo.Args, ppo.PRESETS, argv=["--reward-model", "builtin", "./no_such_rm"])
+    with pytest.raises(SystemExit, match=r"--reward-model ./no_such_rm does not exist"):
+        common.start_run(args, "ppo.py")
+
+
+def test_without_the_packages_launch_sh_says_how_to_install(tmp_path):
+    """No python with the packages on PATH and no .venv beside launch.sh: one line naming the install. With a .venv
+    beside it, launch.sh uses that one."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "launch.sh", repo / "launch.sh")
+    (repo / "common.py").symlink_to(ROOT / "common.py")
+    bin_dir = tmp_path / "bin"  # the tools launch.sh needs, and a python without the packages
+    bin_dir.mkdir()
+    for tool in ("dirname", "readlink"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "python").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": str(bin_dir)}
+
+    def run(*args):
+        command = [shutil.which("bash"), str(repo / "launch.sh"), *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+    proc = run("eval", "runs/x")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"python on PATH: {bin_dir / 'python'}" in proc.stderr
+    assert f"python3 -m venv {repo}/.venv && {repo}/.venv/bin/pip install -r {repo}/requirements.txt" in proc.stderr
+    venv_python = repo / ".venv" / "bin" / "python"  # the project's venv: this test's python behind a wrapper
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    venv_python.chmod(0o755)
+    proc = run("eval", "--help")
+    assert proc.returncode == 0 and "RUN_DIR" in proc.stdout, proc.stderr
 
 
 def test_cpu_two_processes_use_torchrun_with_one_thread_each():
@@ -104,7 +216,7 @@ def test_every_paper_preset_parses_with_its_script_args(name):
         assert proc.returncode == 0, proc.stderr
         words = shlex.split(proc.stdout.strip().splitlines()[-1])
         script = next(w for w in words if w.endswith(".py"))
-        module = importlib.import_module(script[:-3])
+        module = importlib.import_module(os.path.basename(script)[:-3])
         args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
         assert args.preset in module.PRESETS
         assert args.seed == 7 and args.bf16  # extra arguments pass through; every preset trains in bf16
@@ -170,7 +282,7 @@ def test_readme_launch_commands_parse_with_their_script_args():
         assert proc.returncode == 0, (command, proc.stderr)
         words = shlex.split(proc.stdout.strip().splitlines()[-1])
         script = next(w for w in words if w.endswith(".py"))
-        module = importlib.import_module(script[:-3])
+        module = importlib.import_module(os.path.basename(script)[:-3])
         args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
         if "--chat-template" in command:
             assert args.chat_template and "/" in args.model_name_or_path, args  # a hub name

@@ -294,7 +294,7 @@ def test_every_paper_preset_reward_model_maps_to_its_released_layout():
         assert proc.returncode == 0, proc.stderr
         words = shlex.split(proc.stdout.strip().splitlines()[-1])
         script = next(word for word in words if word.endswith(".py"))
-        module = importlib.import_module(script[:-3])
+        module = importlib.import_module(script.rsplit("/", 1)[-1][:-3])  # launch.sh gives the script by its path
         args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
         name = args.reward_model[0]
         files, config = HUB_REPOS[name]
