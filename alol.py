@@ -34,7 +34,8 @@ Where this file differs from the released HH script (lolrl_qlora_llama_hh.py at 
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L193
 - V_πref keeps the epoch with the lowest MSE on held-out prompts; released, the lowest training loss:
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L237-L241
-- V_πref and A_πref are cached under a key of everything they depend on; released, a pickle is reused whatever changed:
+- V_πref and A_πref (of every row: priority sampling draws from all) are cached under a key of everything they depend
+  on, π_ref's log-probs per row and of the rows drawn only; released, a pickle is reused whatever changed:
   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py#L520-L528
 As in the released code (same commit):
 - the learning rate constant from step 1: the released script sets 300 warm-up steps, but transformers'
@@ -74,7 +75,7 @@ from transformers import GenerationConfig
 import common
 from common import Batch
 
-CACHE_VERSION = 2  # raise when what the cache holds, or how it is computed, changes
+CACHE_VERSION = 3  # raise when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -159,9 +160,10 @@ class Args:
     forward_batch_size: int = 64
     """rows per forward pass / generate call outside training (V_ref, advantages, evaluation)"""
     cache_dir: str | None = None
-    """where V_ref and advantages are cached (default $ONEFILE_RLHF_CACHE/alol or ~/.cache/onefile-rlhf/alol)"""
+    """where V_ref and the advantages (of every row: priority sampling weighs them all) are cached, and π_ref's
+    log-probs of the rows drawn, per row (default $ONEFILE_RLHF_CACHE/alol or ~/.cache/onefile-rlhf/alol)"""
     no_cache: bool = False
-    """recompute V_ref and the advantages even when a cache entry with the same key exists (and overwrite it)"""
+    """recompute V_ref, the advantages and π_ref's log-probs of the rows drawn even when cached (and overwrite them)"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
 
@@ -416,6 +418,53 @@ def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
             f.write(json.dumps({"key": key, "info": info}, indent=1))
         os.replace(path + ".json" + tmp, path + ".json")
     return tensors, info, False
+
+
+def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
+    """A cache entry per `key` that holds rows: <sha256 of key>.safetensors (one row of each tensor per row cached)
+    and .json (the key, and each cached row's digest: what the row is, e.g. the SHA-256 of its tokens). Returns
+    ({name: tensor [len(digests), ...]}, number of rows computed): a row whose digest the entry holds is read back;
+    compute(positions) -> {name: tensor [len(positions), ...]} computes the others (`positions` index `digests`),
+    which rank 0 adds to the entry. A row is only ever read back under its own digest, so an entry written for some
+    rows serves a later run that needs more and is never read for rows it lacks. Every rank computes the same rows,
+    since compute() may hold collectives."""
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+    stored = {}
+    where = {}  # digest -> its row in `stored`
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
+        with open(path + ".json") as f:
+            entry = json.load(f)
+        if entry.get("key") == key:
+            stored = load_file(path + ".safetensors")
+            where = {digest: row for row, digest in enumerate(entry["rows"])}
+    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
+    missing = common.all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
+    positions = missing.nonzero().flatten()
+    computed = compute(positions) if len(positions) else {}
+    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
+    tensors = {}
+    for name, template in (computed or stored).items():
+        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
+        if len(hits):
+            tensors[name][~missing] = stored[name][hits]
+        if len(positions):
+            tensors[name][positions] = computed[name].to(template.dtype)
+    new = [position for position in positions.tolist() if digests[position] not in where]
+    if rank == 0 and new:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) last
+        rows = list(where) + [digests[position] for position in new]
+        new = torch.tensor(new, dtype=torch.long)
+        union = {
+            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
+        }
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f".{os.getpid()}.tmp"
+        save_file({k: v.contiguous().cpu() for k, v in union.items()}, path + ".safetensors" + tmp)
+        os.replace(path + ".safetensors" + tmp, path + ".safetensors")
+        with open(path + ".json" + tmp, "w") as f:
+            f.write(json.dumps({"key": key, "rows": rows}, indent=1))
+        os.replace(path + ".json" + tmp, path + ".json")
+    return tensors, len(positions)
 
 
 def fingerprint(name: str, role: str):
@@ -715,13 +764,13 @@ if __name__ == "__main__":
         )
         return Batch(query_ids, query_mask, response_ids, response_mask)
 
-    # ALGO LOGIC, steps 1-3 (once per run, before training): V_πref, then A_πref of every training row
-    @torch.no_grad()
-    def compute_advantages():
-        """V_ref fitted on π_ref's greedy responses; then R, V_ref(x), A and π_ref's per-token log-probs of all rows.
-        π_ref is loaded here only: a cache hit needs no π_ref, and it is freed afterwards."""
+    loaded_ref = {}  # π_ref, loaded at most once, when a cache misses
+
+    def load_ref():
+        if "policy" in loaded_ref:
+            return loaded_ref["policy"]
         if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
-            ref_policy = policy
+            loaded_ref["policy"] = policy
         else:
             ref_model = common.load_model(
                 args.model_name_or_path,
@@ -730,13 +779,23 @@ if __name__ == "__main__":
                 sharded=sharded(args.ref_device),
                 **load,
             )
-            ref_policy = common.prepare_frozen(
+            loaded_ref["policy"] = common.prepare_frozen(
                 ref_model,
                 placement=args.ref_device,
                 zero_stage=args.zero_stage,
                 micro_batch_size=args.mini_batch_size,
                 bf16=args.bf16,
             )
+        return loaded_ref["policy"]
+
+    # ALGO LOGIC, steps 1-3 (once per run, before training): V_πref, then A_πref of every training row
+    @torch.no_grad()
+    def compute_advantages():
+        """V_ref fitted on π_ref's greedy responses; then R, V_ref(x) and A of all rows: priority sampling weighs
+        every row. π_ref is loaded only when a cache misses, and freed once the caches are filled."""
+        if rank == 0:
+            print(f"V_ref, and the advantages of all {len(train_texts)} rows (sampling reads them all)", flush=True)
+        ref_policy = load_ref()
         ref_zero3 = zero3 and (ref_policy is policy or args.ref_device == "policy")
 
         def prompt_hidden(query_ids, query_mask):  # π_ref's last-layer hidden states of the (left-padded) prompt
@@ -778,19 +837,16 @@ if __name__ == "__main__":
             device=device,
             show_progress=args.progress,
         )
-        # 3. R, V_πref(x) and A_πref = R − V_πref(x) of every training row, and π_ref's per-token log-probs
+        # 3. R, V_πref(x) and A_πref = R − V_πref(x) of every training row
         scores = []
         values = []
-        ref_logprobs = []
         for *columns, raw, prompts in common.progress(
-            chunks(*rows, raw_data, train_texts), desc="advantages and π_ref log-probs", enabled=args.progress
+            chunks(*rows, raw_data, train_texts), desc="advantages", enabled=args.progress
         ):
             batch = to_device(trim(Batch(*columns)), device)
             response_mask = batch.response_mask.long()  # as the scorers read it
             scores.append(score(batch._replace(response_mask=response_mask), prompts, raw))
             values.append(head(prompt_hidden(batch.query_ids, batch.query_mask), batch.query_mask).cpu())
-            logprobs = common.forward_logprobs(ref_policy, *batch).cpu()
-            ref_logprobs.append(torch.nn.functional.pad(logprobs, (0, rows.response_ids.shape[1] - logprobs.shape[1])))
         scores = torch.cat(scores)
         values = torch.cat(values)
         info = {
@@ -803,7 +859,6 @@ if __name__ == "__main__":
             "scores": scores,
             "values": values,
             "advantages": scores - values,  # A-LoL: A_πref(x, y) = R(x, y) − V_πref(x)
-            "ref_logprobs": torch.cat(ref_logprobs),
         }
         return tensors, info
 
@@ -843,7 +898,6 @@ if __name__ == "__main__":
         cache, info, hit = cached(key, compute_advantages, cache_dir, use_cache=not args.no_cache, rank=rank)
     scores = cache["scores"]
     advantages = cache["advantages"]
-    ref_logprobs = cache["ref_logprobs"]
 
     # A-LoL's priority sampling: good_priority draws rows i.i.d. ∝ max(A, 0) (∝ R for wbc, r_gold, r_lol) and
     # scales the number of steps by the fraction of rows with positive weight (--no-scale-steps: it does not);
@@ -858,10 +912,49 @@ if __name__ == "__main__":
     if positive == 0:
         common.fail("no row has a positive advantage (or reward): nothing to train on with --sampling good_priority")
     num_steps = max(1, round(args.total_steps * positive)) if args.scale_steps else args.total_steps
-    torch.manual_seed(args.seed + rank)
-    draws = priority_sampler(
-        priority, num_steps * args.mini_batch_size, torch.Generator().manual_seed(args.seed + rank)
+    draws = [  # rank r's draws, from seed + r: every rank knows all of them
+        priority_sampler(priority, num_steps * args.mini_batch_size, torch.Generator().manual_seed(args.seed + r))
+        for r in range(world_size)
+    ]
+    drawn = torch.cat(draws).unique()  # the rows this run trains on, on any rank
+    draws = draws[rank]
+
+    # π_ref's per-token log-probs of the rows drawn only, cached per row (a longer run computes the rows it adds)
+    @torch.no_grad()
+    def compute_ref_logprobs(positions):
+        ref_policy = load_ref()
+        width = rows.response_ids.shape[1]
+        ref_logprobs = []
+        for (idx,) in common.progress(chunks(drawn[positions]), desc="π_ref log-probs", enabled=args.progress):
+            logprobs = common.forward_logprobs(ref_policy, *to_device(trim(rows.rows(idx)), device)).cpu()
+            ref_logprobs.append(torch.nn.functional.pad(logprobs, (0, width - logprobs.shape[1])))
+        return {"ref_logprobs": torch.cat(ref_logprobs)}
+
+    queries = token_lists(rows.query_ids, rows.query_mask)
+    responses = token_lists(rows.response_ids, rows.response_mask)
+    ref_key = dict(
+        version=CACHE_VERSION,
+        model=key["model"],
+        dtype=dtype,
+        width=rows.response_ids.shape[1],  # each row's log-probs are stored padded to it
+        chat_template=key["chat_template"],
+        load_in_4bit=args.load_in_4bit,
     )
+    with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
+        cache, n_scored = cached_rows(
+            ref_key,
+            [sha([queries[i], responses[i]]) for i in drawn.tolist()],
+            compute_ref_logprobs,
+            os.path.join(cache_dir, "ref_logprobs"),
+            use_cache=not args.no_cache,
+            rank=rank,
+        )
+    loaded_ref.clear()  # π_ref freed
+    ref_logprobs = torch.full(  # NaN: a row never drawn
+        (len(scores), rows.response_ids.shape[1]), float("nan"), dtype=cache["ref_logprobs"].dtype
+    )
+    ref_logprobs[drawn] = cache["ref_logprobs"]
+    torch.manual_seed(args.seed + rank)
     data_stats = {
         "data/rows": len(scores),
         "data/dropped_rows": int((priority <= 0).sum()),
@@ -877,7 +970,8 @@ if __name__ == "__main__":
             f"({time.time() - t0:.0f} s): epoch {info['value_epoch']}/{args.value_epochs}, held-out MSE "
             f"{data_stats['value/heldout_mse']:.3g} (targets {info['value_target_mean']:.3g} ± "
             f"{info['value_target_std']:.2g}); {len(scores)} rows, {data_stats['data/dropped_rows']} dropped "
-            f"(weight ≤ 0) by {sampling} sampling; {num_steps} steps",
+            f"(weight ≤ 0) by {sampling} sampling; {num_steps} steps; π_ref's log-probs of the {len(drawn)} rows "
+            f"drawn: {n_scored} computed, {len(drawn) - n_scored} cached",
             flush=True,
         )
 

@@ -1284,6 +1284,25 @@ def check_lora(args):
             f"--unfrozen-layers {args.unfrozen_layers} trains the top blocks' own weights, --lora-r an adapter on all "
             f"of them: pass one of the two"
         )
+    note = lora_learning_rate_note(args.lora_r, args.learning_rate, getattr(type(args), "learning_rate", None))
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, flush=True)
+
+
+LORA_LR_FACTOR = 10  # the learning rate at which LoRA matched the full fine-tune's gain, ÷ the full fine-tune's: README
+
+
+def lora_learning_rate_note(lora_r: int, learning_rate: float, full_default: float | None) -> str | None:
+    """The note a --lora-r run gets when its learning rate is the script's full fine-tune default, else None: an
+    adapter (B starts at 0, α / r scales its update) moves the policy far less per step at the same learning rate."""
+    if not lora_r or full_default is None or learning_rate != full_default:
+        return None
+    return (
+        f"note: --lora-r {lora_r} at --learning-rate {learning_rate:g}, the full fine-tune's default: adapters usually "
+        f"need about {LORA_LR_FACTOR}× it, e.g. --learning-rate {LORA_LR_FACTOR * learning_rate:g} (on the built-in "
+        f"task, APA with --lora-r 16 got 8% of the full fine-tune's held-out reward gain at 1×, 68% at 10×, 107% at "
+        f"30×; README: LoRA learning rates)"
+    )
 
 
 def add_lora(model, kind: str, r: int, alpha: float, dropout: float, target_modules, quantized=False):

@@ -14,7 +14,8 @@ sampling: the policy is trained directly on the pairs.
   β (--beta) sets how far π_θ may move from π_ref.
 - Reference-free DPO (the A-LoL README's `--reference_free`): π_ref left out, −log σ(β (log π_θ(y_w|x) −
   log π_θ(y_l|x))); no π_ref is loaded.
-- log π_ref(y|x) of every pair is computed once, before training, and cached under a key of what it depends on.
+- log π_ref(y|x) of the pairs a run reads (those its --total-steps draw, and the held-out ones) is computed once,
+  before training, and cached per pair under a key of what it depends on: a longer run computes only the pairs added.
 - Variants (--loss-type, --label-smoothing): IPO (Azar et al., "A General Theoretical Paradigm to Understand
   Learning from Human Preferences", AISTATS 2024, arXiv 2310.12036) regresses the log-ratio difference onto
   1/(2β): (h̄ − 1/(2β))², with h̄ the difference of the two log-ratios each averaged over its response's tokens, as
@@ -65,7 +66,7 @@ from transformers import GenerationConfig
 import common
 from common import Batch
 
-CACHE_VERSION = 1  # raise when what the cache holds, or how it is computed, changes
+CACHE_VERSION = 2  # raise when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -142,9 +143,10 @@ class Args:
     forward_batch_size: int = 64
     """rows per forward pass / generate call outside training (π_ref's log-probs, evaluation)"""
     cache_dir: str | None = None
-    """where π_ref's log-probs are cached (default $ONEFILE_RLHF_CACHE/dpo or ~/.cache/onefile-rlhf/dpo)"""
+    """where π_ref's log-probs are cached, per pair: a run computes those of the pairs it reads (its --total-steps'
+    draws and the held-out pairs) that the cache lacks (default $ONEFILE_RLHF_CACHE/dpo or ~/.cache/onefile-rlhf/dpo)"""
     no_cache: bool = False
-    """recompute π_ref's log-probs even when a cache entry with the same key exists (and overwrite it)"""
+    """recompute π_ref's log-probs of the pairs this run reads even when cached (the entry is overwritten with them)"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
 
@@ -337,29 +339,51 @@ def pair_order(n_pairs: int, num_draws: int, generator: torch.Generator) -> torc
     return torch.cat([torch.randperm(n_pairs, generator=generator) for _ in range(passes)])[:num_draws]
 
 
-def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
-    """compute() -> (dict of tensors, dict of JSON info), stored as <sha256 of key>.safetensors + .json under
-    cache_dir and reused only when the stored key equals `key`. Returns (tensors, info, hit). Every rank takes the
-    same branch, since compute() may hold collectives."""
+def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
+    """A cache entry per `key` that holds rows: <sha256 of key>.safetensors (one row of each tensor per row cached)
+    and .json (the key, and each cached row's digest: what the row is, e.g. the SHA-256 of its tokens). Returns
+    ({name: tensor [len(digests), ...]}, number of rows computed): a row whose digest the entry holds is read back;
+    compute(positions) -> {name: tensor [len(positions), ...]} computes the others (`positions` index `digests`),
+    which rank 0 adds to the entry. A row is only ever read back under its own digest, so an entry written for some
+    rows serves a later run that needs more and is never read for rows it lacks. Every rank computes the same rows,
+    since compute() may hold collectives."""
     key = json.loads(json.dumps(key, sort_keys=True, default=str))
     path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
-    exists = use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors")
-    entry = {}
-    if exists:
+    stored = {}
+    where = {}  # digest -> its row in `stored`
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
         with open(path + ".json") as f:
             entry = json.load(f)
-    if common.mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
-        return load_file(path + ".safetensors"), entry["info"], True
-    tensors, info = compute()
-    if rank == 0:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last
+        if entry.get("key") == key:
+            stored = load_file(path + ".safetensors")
+            where = {digest: row for row, digest in enumerate(entry["rows"])}
+    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
+    missing = common.all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
+    positions = missing.nonzero().flatten()
+    computed = compute(positions) if len(positions) else {}
+    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
+    tensors = {}
+    for name, template in (computed or stored).items():
+        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
+        if len(hits):
+            tensors[name][~missing] = stored[name][hits]
+        if len(positions):
+            tensors[name][positions] = computed[name].to(template.dtype)
+    new = [position for position in positions.tolist() if digests[position] not in where]
+    if rank == 0 and new:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) last
+        rows = list(where) + [digests[position] for position in new]
+        new = torch.tensor(new, dtype=torch.long)
+        union = {
+            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
+        }
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f".{os.getpid()}.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+        save_file({k: v.contiguous().cpu() for k, v in union.items()}, path + ".safetensors" + tmp)
         os.replace(path + ".safetensors" + tmp, path + ".safetensors")
         with open(path + ".json" + tmp, "w") as f:
-            f.write(json.dumps({"key": key, "info": info}, indent=1))
+            f.write(json.dumps({"key": key, "rows": rows}, indent=1))
         os.replace(path + ".json" + tmp, path + ".json")
-    return tensors, info, False
+    return tensors, len(positions)
 
 
 def fingerprint(name: str, role: str):
@@ -617,11 +641,22 @@ if __name__ == "__main__":
         logps = sequence_logps(common.forward_logprobs(model, *batch), batch.response_mask)
         return logps[: len(idx)], logps[len(idx) :]
 
-    # ALGO LOGIC, step 1 (once per run, before training): log π_ref(y|x) of every chosen and rejected response
+    # The order of the pairs: passes over the training pairs, each shuffled; every step takes mini_batch_size ×
+    # world_size of them, rank r the r-th share (the same order on every rank, from the seed)
+    draws = pair_order(
+        n_train, args.total_steps * args.mini_batch_size * world_size, torch.Generator().manual_seed(args.seed)
+    )
+
+    # ALGO LOGIC, step 1 (once per run, before training): log π_ref(y|x) of the chosen and rejected responses of the
+    # pairs this run reads (those its --total-steps draw, and the held-out ones), not of the whole file
     @torch.no_grad()
-    def compute_ref_logps():
-        """π_ref's sequence log-probs of all pairs. π_ref is loaded here only: a cache hit needs no π_ref, and it is
-        freed afterwards."""
+    def compute_ref_logps(positions):
+        """π_ref's sequence log-probs of the pairs `used[positions]`. π_ref is loaded here only: a cache hit needs no
+        π_ref, and it is freed afterwards."""
+        if rank == 0:
+            print(
+                f"π_ref's log-probs of {len(positions)} pairs ({len(used) - len(positions)} from the cache)", flush=True
+            )
         if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
             ref_policy = policy
         else:
@@ -641,12 +676,11 @@ if __name__ == "__main__":
             )
         ref_chosen = []
         ref_rejected = []
-        for (idx,) in common.progress(chunks(torch.arange(n_pairs)), desc="π_ref log-probs", enabled=args.progress):
+        for (idx,) in common.progress(chunks(used[positions]), desc="π_ref log-probs", enabled=args.progress):
             chosen_logps, rejected_logps = pair_logps(ref_policy, idx)
             ref_chosen.append(chosen_logps.float().cpu())
             ref_rejected.append(rejected_logps.float().cpu())
-        tensors = {"ref_chosen_logps": torch.cat(ref_chosen), "ref_rejected_logps": torch.cat(ref_rejected)}
-        return tensors, {"pairs": n_pairs}
+        return {"ref_chosen_logps": torch.cat(ref_chosen), "ref_rejected_logps": torch.cat(ref_rejected)}
 
     def sha(obj):
         return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
@@ -656,30 +690,33 @@ if __name__ == "__main__":
         ref_chosen_logps = None
         ref_rejected_logps = None
         source = "no π_ref (reference-free)"
-    else:  # π_ref's log-probs, once per run, cached under a key of everything they depend on
+    else:  # π_ref's log-probs of each pair used, cached under a key of what they depend on and the pair's tokens
+        used = torch.cat([draws, torch.arange(n_train, n_train + n_heldout)]).unique()  # every rank's pairs
+        queries = token_lists(rows.query_ids, rows.query_mask)
+        responses = token_lists(rows.response_ids, rows.response_mask)
+        digests = [sha([queries[i], responses[i], queries[i + n_pairs], responses[i + n_pairs]]) for i in used.tolist()]
         key = dict(
             version=CACHE_VERSION,
             model=fingerprint(args.model_name_or_path, "sft"),
             dtype=dtype,
-            rows=sha(
-                [token_lists(rows.query_ids, rows.query_mask), token_lists(rows.response_ids, rows.response_mask)]
-            ),
             chat_template=tokenizer.chat_template if args.chat_template else None,
             load_in_4bit=args.load_in_4bit,
         )
         default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
         cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "dpo")
         with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
-            cache, _, hit = cached(key, compute_ref_logps, cache_dir, use_cache=not args.no_cache, rank=rank)
-        ref_chosen_logps = cache["ref_chosen_logps"]
-        ref_rejected_logps = cache["ref_rejected_logps"]
-        source = f"π_ref's log-probs {'from the cache' if hit else 'computed'} ({time.time() - t0:.0f} s)"
+            cache, n_scored = cached_rows(
+                key, digests, compute_ref_logps, cache_dir, use_cache=not args.no_cache, rank=rank
+            )
+        ref_chosen_logps = torch.full((n_pairs,), float("nan"))  # NaN: a pair this run never reads
+        ref_rejected_logps = torch.full((n_pairs,), float("nan"))
+        ref_chosen_logps[used] = cache["ref_chosen_logps"]
+        ref_rejected_logps[used] = cache["ref_rejected_logps"]
+        source = (
+            f"π_ref's log-probs of {len(used)} of {n_pairs} pairs: {n_scored} computed, {len(used) - n_scored} from "
+            f"the cache ({time.time() - t0:.0f} s)"
+        )
 
-    # The order of the pairs: passes over the training pairs, each shuffled; every step takes mini_batch_size ×
-    # world_size of them, rank r the r-th share (the same order on every rank, from the seed)
-    draws = pair_order(
-        n_train, args.total_steps * args.mini_batch_size * world_size, torch.Generator().manual_seed(args.seed)
-    )
     torch.manual_seed(args.seed + rank)
     data_stats = {"data/pairs": n_train, "data/heldout_pairs": n_heldout}
     if rank == 0:

@@ -13,9 +13,9 @@ log-likelihood r_θ(x, y) = (1/|y|) Σ_t log π_θ(y_t | x, y_<t), and learns to
 - Dynamic temperatures from the reward gaps: 1/Tᵏ_i = r_φ(x, yᵏ) − r_φ(x, yⁱ) for i > k (a candidate far below yᵏ
   is pushed down harder), and 1/Tᵏ_k = max_{i>k} 1/Tᵏ_i (Tᵏ_k = min_{i>k} Tᵏ_i).
 - The SFT term keeps the policy on the best candidate: L = L_PRO + β · L_SFT, L_SFT = −log π_θ(y¹ | x).
-Training is offline: the rankings are fixed (read from the dataset, or scored once by --reward-model and cached),
-never sampled from π_θ. The paper names these losses; this file names them too (their equation numbers were not
-checked).
+Training is offline: the rankings are fixed (read from the dataset, or scored once by --reward-model and cached:
+those of the rankings a run reads), never sampled from π_θ. The paper names these losses; this file names them too
+(their equation numbers were not checked).
 
 As in the released training loss (PRO/train/utils/process_manager.py at commit 483554e, "released" below):
 - r_θ: the sum of the response's token log-probs over its length:
@@ -72,7 +72,7 @@ from transformers import GenerationConfig
 import common
 from common import Batch
 
-CACHE_VERSION = 1  # raise when what the cache holds, or how it is computed, changes
+CACHE_VERSION = 2  # raise when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -143,9 +143,10 @@ class Args:
     forward_batch_size: int = 64
     """rows per forward pass / generate call outside training (scoring candidates, evaluation)"""
     cache_dir: str | None = None
-    """where --score-candidates' scores are cached (default $ONEFILE_RLHF_CACHE/pro or ~/.cache/onefile-rlhf/pro)"""
+    """where --score-candidates' scores are cached, per candidate: a run scores those of the rankings its
+    --total-steps read that the cache lacks (default $ONEFILE_RLHF_CACHE/pro or ~/.cache/onefile-rlhf/pro)"""
     no_cache: bool = False
-    """rescore the candidates even when a cache entry with the same key exists (and overwrite it)"""
+    """rescore the candidates this run reads even when cached (the entry is overwritten with them)"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
 
@@ -325,29 +326,51 @@ def rank_and_cut(candidates, rewards, ranking_len):
     return ranked_candidates, ranked_rewards
 
 
-def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
-    """compute() -> (dict of tensors, dict of JSON info), stored as <sha256 of key>.safetensors + .json under
-    cache_dir and reused only when the stored key equals `key`. Returns (tensors, info, hit). Every rank takes the
-    same branch, since compute() may hold collectives."""
+def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
+    """A cache entry per `key` that holds rows: <sha256 of key>.safetensors (one row of each tensor per row cached)
+    and .json (the key, and each cached row's digest: what the row is, e.g. the SHA-256 of its tokens). Returns
+    ({name: tensor [len(digests), ...]}, number of rows computed): a row whose digest the entry holds is read back;
+    compute(positions) -> {name: tensor [len(positions), ...]} computes the others (`positions` index `digests`),
+    which rank 0 adds to the entry. A row is only ever read back under its own digest, so an entry written for some
+    rows serves a later run that needs more and is never read for rows it lacks. Every rank computes the same rows,
+    since compute() may hold collectives."""
     key = json.loads(json.dumps(key, sort_keys=True, default=str))
     path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
-    exists = use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors")
-    entry = {}
-    if exists:
+    stored = {}
+    where = {}  # digest -> its row in `stored`
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
         with open(path + ".json") as f:
             entry = json.load(f)
-    if common.mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
-        return load_file(path + ".safetensors"), entry["info"], True
-    tensors, info = compute()
-    if rank == 0:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last
+        if entry.get("key") == key:
+            stored = load_file(path + ".safetensors")
+            where = {digest: row for row, digest in enumerate(entry["rows"])}
+    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
+    missing = common.all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
+    positions = missing.nonzero().flatten()
+    computed = compute(positions) if len(positions) else {}
+    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
+    tensors = {}
+    for name, template in (computed or stored).items():
+        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
+        if len(hits):
+            tensors[name][~missing] = stored[name][hits]
+        if len(positions):
+            tensors[name][positions] = computed[name].to(template.dtype)
+    new = [position for position in positions.tolist() if digests[position] not in where]
+    if rank == 0 and new:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) last
+        rows = list(where) + [digests[position] for position in new]
+        new = torch.tensor(new, dtype=torch.long)
+        union = {
+            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
+        }
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f".{os.getpid()}.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+        save_file({k: v.contiguous().cpu() for k, v in union.items()}, path + ".safetensors" + tmp)
         os.replace(path + ".safetensors" + tmp, path + ".safetensors")
         with open(path + ".json" + tmp, "w") as f:
-            f.write(json.dumps({"key": key, "info": info}, indent=1))
+            f.write(json.dumps({"key": key, "rows": rows}, indent=1))
         os.replace(path + ".json" + tmp, path + ".json")
-    return tensors, info, False
+    return tensors, len(positions)
 
 
 def fingerprint(name: str, role: str):
@@ -544,62 +567,6 @@ if __name__ == "__main__":
             total += weight * (torch.sigmoid(raw) if transform and args.reward_transform == "sigmoid" else raw)
         return total
 
-    t0 = time.time()
-    hit = False
-    if args.score_candidates:
-        pairs = [(i, j) for i, row in enumerate(candidates) for j in range(len(row))]  # (ranking, candidate)
-
-        @torch.no_grad()
-        def score_candidates():
-            """Each rank scores a share of the candidates (raw scores, weighted); every rank then gets them all."""
-            mine = []
-            shared = pairs[rank::world_size]
-            for start in common.progress(
-                range(0, len(shared), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
-            ):
-                chunk = shared[start : start + args.forward_batch_size]
-                batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
-                mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, mine)
-            position = {pair: k for k, pair in enumerate(pairs)}
-            scores = torch.zeros(len(pairs))
-            for part in gathered:
-                for pair, value in part:
-                    scores[position[pair]] = value
-            return {"scores": scores}, {}
-
-        # The scores depend on the reward models, their weights and precision, and the rows as encoded (the policy's
-        # tokenizer and prompt settings); cached under a key of all of them, since scoring is the slow part here
-        key = dict(
-            version=CACHE_VERSION,
-            reward_models=[fingerprint(name, "reward") for name in args.reward_model],
-            reward_weights=weights.tolist(),
-            reward_dtype=args.reward_dtype,
-            bf16=args.bf16,
-            policy=fingerprint(args.model_name_or_path, "sft"),
-            rows=hashlib.sha256(json.dumps([train_texts, candidates]).encode()).hexdigest(),
-            max_prompt_length=args.max_prompt_length,
-            max_new_tokens=args.max_new_tokens,
-            chat_template=tokenizer.chat_template if args.chat_template else None,
-        )
-        default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
-        cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "pro")
-        cache, _, hit = cached(key, score_candidates, cache_dir, use_cache=not args.no_cache, rank=rank)
-        for (i, j), value in zip(pairs, cache["scores"].tolist()):
-            rewards[i][j] = value
-    candidates, rewards = rank_and_cut(candidates, rewards, args.ranking_len)
-    tied = sum(row[0] == row[-1] for row in rewards)  # every candidate of the ranking has the same reward
-    if tied == len(rewards):
-        common.fail(
-            f"every ranking of '{args.offline_dataset}' ties (all its candidates have one reward): PRO has nothing to "
-            f"rank; give rewards that differ, or --score-candidates"
-        )
-    lengths = [len(row) for row in candidates]
-    gaps = [row[0] - row[-1] for row in rewards]  # best − worst reward of each ranking
-    n_max = max(lengths)
-    candidates = [row + [None] * (n_max - len(row)) for row in candidates]
-    rewards = torch.tensor([row + [0.0] * (n_max - len(row)) for row in rewards])
     per_step = args.mini_batch_size * world_size
     if len(candidates) < per_step:
         common.fail(
@@ -611,6 +578,73 @@ if __name__ == "__main__":
     epochs = -(-args.total_steps * per_step // len(candidates))
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(candidates), generator=generator) for _ in range(epochs)])
+    read = order[: args.total_steps * per_step].unique()  # the rankings this run trains on
+
+    t0 = time.time()
+    n_scored = 0
+    if args.score_candidates:  # the candidates of the rankings this run reads only, not of the whole file
+        pairs = [(i, j) for i in read.tolist() for j in range(len(candidates[i]))]  # (ranking, candidate)
+
+        @torch.no_grad()
+        def score_candidates(positions):
+            """Each rank scores a share of the candidates `pairs[positions]` (raw scores, weighted); every rank then
+            gets them all."""
+            if rank == 0:
+                print(f"scoring {len(positions)} candidates ({len(pairs) - len(positions)} cached)", flush=True)
+            wanted = [pairs[k] for k in positions.tolist()]
+            mine = []
+            shared = wanted[rank::world_size]
+            for start in common.progress(
+                range(0, len(shared), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
+            ):
+                chunk = shared[start : start + args.forward_batch_size]
+                batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
+                mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, mine)
+            position = {pair: k for k, pair in enumerate(wanted)}
+            scores = torch.zeros(len(wanted))
+            for part in gathered:
+                for pair, value in part:
+                    scores[position[pair]] = value
+            return {"scores": scores}
+
+        # The scores depend on the reward models, their weights and precision, and each row as encoded (the
+        # policy's tokenizer and prompt settings); cached per candidate under a key of all of them, since scoring is
+        # the slow part here
+        key = dict(
+            version=CACHE_VERSION,
+            reward_models=[fingerprint(name, "reward") for name in args.reward_model],
+            reward_weights=weights.tolist(),
+            reward_dtype=args.reward_dtype,
+            bf16=args.bf16,
+            policy=fingerprint(args.model_name_or_path, "sft"),
+            max_prompt_length=args.max_prompt_length,
+            max_new_tokens=args.max_new_tokens,
+            chat_template=tokenizer.chat_template if args.chat_template else None,
+        )
+        digests = [
+            hashlib.sha256(json.dumps([train_texts[i], candidates[i][j]]).encode()).hexdigest() for i, j in pairs
+        ]
+        default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
+        cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "pro")
+        cache, n_scored = cached_rows(key, digests, score_candidates, cache_dir, use_cache=not args.no_cache, rank=rank)
+        for (i, j), value in zip(pairs, cache["scores"].tolist()):
+            rewards[i][j] = value
+    candidates, rewards = rank_and_cut(candidates, rewards, args.ranking_len)
+    known = read.tolist() if args.score_candidates else range(len(candidates))  # the rankings whose rewards are known
+    tied = sum(rewards[i][0] == rewards[i][-1] for i in known)  # every candidate of the ranking has the same reward
+    if tied == len(known):
+        common.fail(
+            f"every ranking of '{args.offline_dataset}' ties (all its candidates have one reward): PRO has nothing to "
+            f"rank; give rewards that differ, or --score-candidates"
+        )
+    n_max = max(len(row) for row in candidates)
+    lengths = [len(candidates[i]) for i in known]
+    gaps = [rewards[i][0] - rewards[i][-1] for i in known]  # best − worst reward of each ranking
+    reward_sum = sum(sum(rewards[i]) for i in known)
+    candidates = [row + [None] * (n_max - len(row)) for row in candidates]
+    rewards = torch.tensor([row + [0.0] * (n_max - len(row)) for row in rewards])
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
     kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
     eval_texts = [eval_texts[i] for i in kept]
@@ -628,10 +662,15 @@ if __name__ == "__main__":
         "data/rankings": len(candidates),
         "data/candidates_mean": sum(lengths) / len(lengths),
         "data/tied_rankings": tied,
-        "data/reward_mean": rewards.sum().item() / sum(lengths),
+        "data/reward_mean": reward_sum / sum(lengths),
         "data/reward_gap_mean": sum(gaps) / len(gaps),
     }
-    scored = ("; scored from the cache" if hit else "; scored") if args.score_candidates else ""
+    scored = ""
+    if args.score_candidates:
+        scored = (
+            f"; scored the {len(pairs)} candidates of the {len(known)} rankings read ({n_scored} computed, "
+            f"{len(pairs) - n_scored} cached)"
+        )
     if rank == 0:
         print(
             f"{run.name}: {world_size} rank(s), PRO on {len(candidates)} rankings of {min(lengths)}-{max(lengths)} "

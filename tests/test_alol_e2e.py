@@ -4,6 +4,7 @@ under torchrun, the V_ref / advantage cache and its key, a bad dataset."""
 import json
 import math
 import os
+import re
 
 import pytest
 from conftest import assert_resume_reproduces, read_run, run_pairs, run_script, timed
@@ -22,7 +23,7 @@ def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("alol_cache")
 
 
-def _check(proc, output_dir, algorithm):
+def _check(proc, output_dir, algorithm, total_steps=8):
     assert "done in" in proc.stdout, proc.stdout
     run, records = read_run(output_dir)
     first, last = records[0], records[-1]
@@ -41,10 +42,10 @@ def _check(proc, output_dir, algorithm):
     assert f"{int(dropped)} dropped (weight ≤ 0)" in proc.stdout
     # nll: uniform, every row and every step; wbc, r_gold, r_lol: ∝ R = sigmoid(logit) > 0, no row dropped
     if algorithm in ("nll", "wbc", "r_gold", "r_lol"):
-        assert dropped == 0 and n_steps == 8
+        assert dropped == 0 and n_steps == total_steps
     else:  # ∝ max(A, 0): rows with A ≤ 0 dropped, steps scaled by the positive fraction
         assert 0 < dropped < rows
-        assert n_steps == max(1, round(8 * (rows - dropped) / rows))
+        assert n_steps == max(1, round(total_steps * (rows - dropped) / rows))
     return first, last
 
 
@@ -72,6 +73,37 @@ def test_each_variant(variants, shared_cache, tmp_path, algorithm):
     if algorithm == "nll":  # (uniform sampling: all 8 steps) stopped at step 1, resumed: the same numbers
         args = ["--algorithm", algorithm, *TINY, "--cache-dir", str(shared_cache)]
         assert_resume_reproduces("alol.py", args, read_run(out)[1], tmp_path, env={"OMP_NUM_THREADS": "1"})
+
+
+def _ref_rows(proc):
+    """(rows drawn, rows whose π_ref log-probs were computed rather than read from the cache), from the start line."""
+    drawn, computed = re.search(r"π_ref's log-probs of the (\d+) rows drawn: (\d+) computed", proc.stdout).groups()
+    return int(drawn), int(computed)
+
+
+def test_pi_ref_log_probs_of_the_rows_drawn_only(variants, tmp_path):
+    """π_ref's log-probs are computed for the rows a run draws only (not the file's), cached per row: a longer run
+    computes only the rows it adds, and logs the numbers of the same run computed afresh (the a_lol variant)."""
+    cache = tmp_path / "cache"
+    short = run_script(
+        "alol.py", *TINY, "--total-steps", "4", "--cache-dir", str(cache), "--output-dir", str(tmp_path / "short")
+    )
+    first, _ = _check(short, tmp_path / "short", "a_lol", total_steps=4)
+    drawn, computed = _ref_rows(short)
+    assert computed == drawn < first["data/rows"]
+    (entry,) = (cache / "ref_logprobs").glob("*.json")
+    assert len(json.loads(entry.read_text())["rows"]) == drawn
+    longer = run_script("alol.py", *TINY, "--cache-dir", str(cache), "--output-dir", str(tmp_path / "longer"))
+    _check(longer, tmp_path / "longer", "a_lol")
+    drawn_longer, computed_longer = _ref_rows(longer)
+    assert computed_longer < drawn_longer  # the short run's rows are read back
+    assert len(json.loads(entry.read_text())["rows"]) == drawn + computed_longer
+    fresh_proc, fresh_out = variants["a_lol"]
+    assert _ref_rows(fresh_proc)[1] == drawn_longer
+    for mixed, fresh in zip(read_run(tmp_path / "longer")[1], read_run(fresh_out)[1]):
+        for name, value in fresh.items():
+            if not name.startswith("time/"):  # the same numbers (to the last bits: π_ref's batches padded otherwise)
+                assert mixed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
 
 
 def test_no_cache_recomputes_and_overwrites(builtin_path, tmp_path, shared_cache):

@@ -3,11 +3,14 @@ reference-free and IPO, two processes under torchrun with ZeRO-3, bad input, and
 
 import json
 import math
+import re
 
 import pytest
+import torch
 from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script, timed
 
 import common
+import dpo
 
 # Tiny settings; the default --max-new-tokens (32) keeps π_ref's cache entry the one the learning test reads
 TINY = "--total-steps 6 --mini-batch-size 4 --eval-every 3 --eval-prompts 8 --heldout-pairs 8".split()
@@ -56,14 +59,51 @@ def _check(proc, output_dir, steps=6, reference_free=False, first_loss=LOG_2):
 def test_one_process_cache_and_resume(builtin_path, shared_cache, tmp_path):
     args = [*TINY, "--cache-dir", str(shared_cache)]
     proc = run_script("dpo.py", *args, "--output-dir", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "1"})
-    assert "π_ref's log-probs computed" in proc.stdout or "from the cache" in proc.stdout
+    assert "π_ref's log-probs of" in proc.stdout
     records = _check(proc, tmp_path / "run")
     n_pairs = len(common.load_preference_pairs("builtin")[0])
     assert records[0]["data/pairs"] + 8 == n_pairs  # every built-in pair, 8 held out
     (entry,) = shared_cache.glob("*.json")
-    assert json.loads(entry.read_text())["info"] == {"pairs": n_pairs}
+    assert len(json.loads(entry.read_text())["rows"]) >= _pairs_read(n_pairs, steps=6)
     # stopped at step 1 and resumed (π_ref from the cache): the same numbers
     assert_resume_reproduces("dpo.py", args, records, tmp_path, env={"OMP_NUM_THREADS": "1"})
+
+
+def _pairs_read(n_pairs, steps, batch=4, heldout=8, seed=1):
+    """The pairs a run of `steps` steps reads: its draws (the script's order, from the seed) and the held-out ones."""
+    draws = dpo.pair_order(n_pairs - heldout, steps * batch, torch.Generator().manual_seed(seed))
+    return len(draws.unique()) + heldout
+
+
+def _computed(proc):
+    """How many pairs' π_ref log-probs a run computed (not read from the cache), from its start line."""
+    return int(re.search(r"π_ref's log-probs of \d+ of \d+ pairs: (\d+) computed", proc.stdout).group(1))
+
+
+def test_pi_ref_scores_only_the_pairs_a_run_reads(builtin_path, tmp_path):
+    """A 3-step run computes π_ref's log-probs of its own pairs only (not the file's); a 6-step run on the same cache
+    computes only the pairs it adds, and logs the numbers of a 6-step run that computes all of its pairs afresh."""
+    n_pairs = len(common.load_preference_pairs("builtin")[0])
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    env = {"OMP_NUM_THREADS": "1"}
+    short = run_script("dpo.py", *TINY, "--total-steps", "3", *cache, "--output-dir", str(tmp_path / "3"), env=env)
+    _check(short, tmp_path / "3", steps=3)
+    assert _computed(short) == _pairs_read(n_pairs, steps=3) < n_pairs
+    (entry,) = (tmp_path / "cache").glob("*.json")
+    assert len(json.loads(entry.read_text())["rows"]) == _pairs_read(n_pairs, steps=3)
+    longer = run_script("dpo.py", *TINY, *cache, "--output-dir", str(tmp_path / "6"), env=env)
+    cached = _check(longer, tmp_path / "6")
+    added = _pairs_read(n_pairs, steps=6) - _pairs_read(n_pairs, steps=3)
+    assert 0 < _computed(longer) == added
+    assert len(json.loads(entry.read_text())["rows"]) == _pairs_read(n_pairs, steps=6)
+    fresh_cache = ["--cache-dir", str(tmp_path / "fresh"), "--no-cache"]
+    whole_run = run_script("dpo.py", *TINY, *fresh_cache, "--output-dir", str(tmp_path / "f"), env=env)
+    fresh = _check(whole_run, tmp_path / "f")
+    assert _computed(whole_run) == _pairs_read(n_pairs, steps=6)
+    for mixed, whole in zip(cached, fresh):  # the same numbers (to the last bits: π_ref's batches padded otherwise)
+        for name, value in whole.items():
+            if not name.startswith("time/"):
+                assert mixed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
 
 
 def test_reference_free_and_ipo(builtin_path, shared_cache, tmp_path):
@@ -93,7 +133,7 @@ def test_torchrun_two_ranks_zero3(builtin_path, tmp_path):
         str(tmp_path / "run"),
         nproc=2,
     )
-    assert "2 rank(s)" in proc.stdout and "π_ref's log-probs computed" in proc.stdout
+    assert "2 rank(s)" in proc.stdout and "π_ref's log-probs of" in proc.stdout
     _check(proc, tmp_path / "run")
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     from transformers import AutoModelForCausalLM

@@ -3,6 +3,7 @@ plain Python loops over sequence log-probs on ragged right-padded masks, its gra
 the pairs, the keyed cache, the presets and their parsing. CPU, offline, fast."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -217,21 +218,29 @@ def test_pair_order_passes_over_every_pair_once_per_pass():
     assert torch.equal(order, again)
 
 
-def test_cache_recomputes_when_its_key_changes(tmp_path):
+def test_cache_holds_rows_and_computes_only_those_it_lacks(tmp_path):
+    """cached_rows: each row read back under its own digest; a longer list computes only the rows added; another
+    key (or --no-cache) computes every row."""
     calls = []
 
-    def compute():
-        calls.append(1)
-        return {"ref_chosen_logps": torch.tensor([float(len(calls))])}, {"pairs": 1}
+    def compute(positions):
+        calls.append(positions.tolist())
+        return {"ref_chosen_logps": torch.tensor([float(ord(digests[i])) for i in positions.tolist()])}
 
-    first, _, hit = dpo.cached({"model": "a"}, compute, str(tmp_path))
-    assert not hit and first["ref_chosen_logps"].item() == 1
-    again, _, hit = dpo.cached({"model": "a"}, compute, str(tmp_path))
-    assert hit and again["ref_chosen_logps"].item() == 1
-    other, _, hit = dpo.cached({"model": "b"}, compute, str(tmp_path))
-    assert not hit and other["ref_chosen_logps"].item() == 2
-    forced, _, hit = dpo.cached({"model": "a"}, compute, str(tmp_path), use_cache=False)
-    assert not hit and forced["ref_chosen_logps"].item() == 3
+    digests = ["a", "b"]
+    first, computed = dpo.cached_rows({"model": "a"}, digests, compute, str(tmp_path))
+    assert computed == 2 and first["ref_chosen_logps"].tolist() == [97, 98]
+    digests = ["c", "b", "a"]  # a later run with one row more, in another order
+    again, computed = dpo.cached_rows({"model": "a"}, digests, compute, str(tmp_path))
+    assert computed == 1 and calls[-1] == [0] and again["ref_chosen_logps"].tolist() == [99, 98, 97]
+    (entry,) = tmp_path.glob("*.json")
+    assert json.loads(entry.read_text())["rows"] == ["a", "b", "c"]
+    _, computed = dpo.cached_rows({"model": "a"}, ["b"], compute, str(tmp_path))
+    assert computed == 0 and len(calls) == 2
+    _, computed = dpo.cached_rows({"model": "b"}, ["b"], compute, str(tmp_path))
+    assert computed == 1
+    _, computed = dpo.cached_rows({"model": "a"}, ["b"], compute, str(tmp_path), use_cache=False)
+    assert computed == 1
 
 
 # ------------------------------------------------------------------------------------------------------------

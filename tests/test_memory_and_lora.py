@@ -223,6 +223,7 @@ def lora_runs(builtin_path, tmp_path_factory):
     procs = run_pairs(jobs)
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        (tmp / f"{name}.stdout").write_text(proc.stdout)
     return tmp
 
 
@@ -236,6 +237,9 @@ def test_lora_end_to_end_in_every_script(lora_runs, builtin_path, name):
 
     run, records = read_run(lora_runs / name)
     assert all(math.isfinite(v) for r in records for v in r.values())
+    # --learning-rate 1e-3 is ILQL's full fine-tune default (only): its run alone gets the note, once
+    notes = (lora_runs / f"{name}.stdout").read_text().count("adapters usually need about")
+    assert notes == (1 if name == "ilql" else 0)
     sft_dir = os.path.join(builtin_path, "sft")
     sft = load_file(os.path.join(sft_dir, "model.safetensors"))
     merged = load_file(run / "policy" / "model.safetensors")
@@ -341,6 +345,16 @@ def test_zero3_loads_each_rank_its_own_shards(tmp_path):
     for r in ranks:
         assert r["empty"] and r["same"], r
         assert abs(r["local"] - r["total"] / 2) <= 0.01 * r["total"], r
+
+
+def test_lora_learning_rate_note():
+    """A --lora-r run at the script's full fine-tune default learning rate gets a note with the factor to try; another
+    learning rate, or no adapter, gets none."""
+    note = common.lora_learning_rate_note(16, 3e-5, 3e-5)
+    assert f"about {common.LORA_LR_FACTOR}×" in note and f"--learning-rate {common.LORA_LR_FACTOR * 3e-5:g}" in note
+    assert common.lora_learning_rate_note(16, 3e-4, 3e-5) is None
+    assert common.lora_learning_rate_note(0, 3e-5, 3e-5) is None
+    assert common.lora_learning_rate_note(16, 3e-5, None) is None
 
 
 def test_lora_settings_that_cannot_work_fail_in_one_line(builtin_path, tmp_path):

@@ -4,6 +4,7 @@ ZeRO-3 on preference rows (rankings of 2), resume, bad rankings with one-line er
 import json
 import math
 import os
+import re
 
 import pytest
 from conftest import assert_resume_reproduces, error_line, read_run, run_pairs, run_script, timed
@@ -60,22 +61,50 @@ def test_torchrun_two_ranks_zero3_preference_rows(builtin_path, tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "policy")
 
 
+def _scored(proc):
+    """(candidates, rankings, candidates scored rather than read from the cache) of a --score-candidates run."""
+    found = re.search(r"scored the (\d+) candidates of the (\d+) rankings read \((\d+) computed", proc.stdout)
+    assert found, proc.stdout[-3000:]
+    return tuple(int(n) for n in found.groups())
+
+
 def test_scored_candidates_are_cached(builtin_path, tmp_path):
-    """--score-candidates on the built-in preference rows: scored once, read back from the cache by a second run
-    (the same numbers), scored anew when the key changes (twice the reward weight: twice the rewards)."""
+    """--score-candidates on the built-in preference rows: the candidates of the rankings a run reads are scored
+    (not the file's), read back from the cache by a second run (the same numbers); a longer run scores only the
+    rankings it adds and logs the numbers of the same run scored afresh; scored anew when the key changes (twice the
+    reward weight: twice the rewards)."""
     rows = os.path.join(builtin_path, "data", "preference")
-    args = [*TINY, "--offline-dataset", rows, "--score-candidates", "--cache-dir", str(tmp_path / "cache")]
-    first = run_script("pro.py", *args, "--output-dir", str(tmp_path / "first"), env={"OMP_NUM_THREADS": "1"})
-    assert "; scored (" in first.stdout, first.stdout
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    args = [*TINY, "--offline-dataset", rows, "--score-candidates"]
+    first = run_script("pro.py", *args, *cache, "--output-dir", str(tmp_path / "first"), env={"OMP_NUM_THREADS": "1"})
+    candidates, rankings, computed = _scored(first)
+    assert computed == candidates == 2 * rankings and rankings <= 16  # 4 steps × 4 rankings of 2
+    longer = [*args, "--total-steps", "8", "--eval-every", "8"]
     jobs = {
-        "again": ("pro.py", [*args, "--output-dir", str(tmp_path / "again")], {}),
-        "doubled": ("pro.py", [*args, "--reward-weights", "2", "--output-dir", str(tmp_path / "doubled")], {}),
+        "again": ("pro.py", [*args, *cache, "--output-dir", str(tmp_path / "again")], {}),
+        "longer": ("pro.py", [*longer, *cache, "--output-dir", str(tmp_path / "longer")], {}),
+        "fresh": (
+            "pro.py",
+            [*longer, "--no-cache", "--cache-dir", str(tmp_path / "f"), "--output-dir", str(tmp_path / "fresh")],
+            {},
+        ),
+        "doubled": ("pro.py", [*args, *cache, "--reward-weights", "2", "--output-dir", str(tmp_path / "doubled")], {}),
     }
     runs = run_pairs(jobs)
-    assert "; scored from the cache" in runs["again"].stdout, runs["again"].stdout
-    assert "; scored (" in runs["doubled"].stdout, runs["doubled"].stdout
-    records = {name: _check(proc, tmp_path / name) for name, proc in [("first", first), *runs.items()]}
+    assert _scored(runs["again"]) == (candidates, rankings, 0)
+    longer_candidates, _, longer_computed = _scored(runs["longer"])
+    assert longer_computed == longer_candidates - candidates > 0  # the first run's rankings are read back
+    assert _scored(runs["fresh"])[2] == longer_candidates
+    assert _scored(runs["doubled"])[2] == candidates
+    records = {
+        name: _check(proc, tmp_path / name, steps=8 if name in ("longer", "fresh") else 4)
+        for name, proc in [("first", first), *runs.items()]
+    }
     assert records["again"] == records["first"]
+    for mixed, whole in zip(records["longer"], records["fresh"]):
+        for name, value in whole.items():
+            if not name.startswith("time/"):  # the same numbers (to the last bits: batches padded otherwise)
+                assert mixed[name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     assert records["first"][0]["data/reward_gap_mean"] > 0  # the reward model re-ranks: best above worst
     doubled = records["doubled"][0]["data/reward_mean"]
     assert doubled == pytest.approx(2 * records["first"][0]["data/reward_mean"], rel=1e-5)

@@ -49,7 +49,9 @@ def save_chat_model(path):
 
 
 def test_the_readme_walkthrough_runs_as_written_from_a_folder_of_ones_own(tmp_path):
-    assert (GPT2_DIR / "tokenizer.json").exists(), f"{GPT2_DIR} is missing: this test needs ../shared beside the project"
+    assert (GPT2_DIR / "tokenizer.json").exists(), (
+        f"{GPT2_DIR} is missing: this test needs ../shared beside the project"
+    )
     assert HH_FILE.exists(), f"{HH_FILE} is missing: this test needs ../shared/data/hh-rlhf beside the project"
     name, python, bash = walkthrough()
     (tmp_path / name).write_text(python)
