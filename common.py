@@ -191,7 +191,9 @@ def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Ru
     library_bars(args.progress and rank == 0)
     if args.resume:
         check_resume(args.resume, script)
-    name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    # One start time for every rank (rank 0's): ranks that cross a second apart would name two run folders
+    started = all_reduce_cpu(torch.tensor([time.time() if rank == 0 else 0.0], dtype=torch.float64))
+    name = f"{args.exp_name}__{args.seed}__{int(started.item())}"
     return Run(
         rank=rank,
         world_size=world_size,

@@ -6,7 +6,17 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, TINY_ONLINE, assert_resume_reproduces, error_line, free_port, read_run, run_script, timed
+from conftest import (
+    ROOT,
+    TINY_ONLINE,
+    assert_resume_reproduces,
+    error_line,
+    free_port,
+    read_run,
+    run_script,
+    timed,
+    without_timings,
+)
 
 
 def _check_metrics(records, iterations):
@@ -87,8 +97,8 @@ def test_torchrun_value_model_on_cpu_trains_as_the_default_placement(builtin_pat
     args = [*TINY_ONLINE, "--total-episodes", "64"]
     run_script("ppo.py", *args, "--output-dir", str(tmp_path / "default"), nproc=2)
     run_script("ppo.py", *args, "--value-device", "cpu", "--output-dir", str(tmp_path / "cpu"), nproc=2)
-    _, default = read_run(tmp_path / "default")
-    _, on_cpu = read_run(tmp_path / "cpu")
+    default = without_timings(read_run(tmp_path / "default")[1])
+    on_cpu = without_timings(read_run(tmp_path / "cpu")[1])
     assert [r.keys() for r in on_cpu] == [r.keys() for r in default]
     for a, b in zip(default, on_cpu):
         assert b == {k: pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in a.items()}
