@@ -4,45 +4,44 @@ response tokens (their EOS included).
 
 Sections, in file order (each starts with a `# ---- Name ----` line):
 
-     1. Start-up                       fail, note, LoadReport, parse_args (--preset), start_run, checkpoint_if_due
-     2. The built-in task              a tiny movie-review world, the code that built builtin/, resolve()
+     1. Start-up                       fail, note, optional_part, LoadReport, parse_args (--preset), start_run, ...
+     2. The built-in task              builtin/ beside this file: resolve(), builtin_gold_score
      3. Datasets                       load_prompts, load_offline_rows, load_preference_pairs, load_rankings
      4. Dataset and prompt formats     HH dialogues, chat messages and templates, PRO rows, canonical_rows
      5. Token ids                      fitting_prompts, encode_prompts, pad_left, Batch, encode_offline_rows, ...
      6. Tokenizers and models          load_tokenizer, load_model, 4-bit weights, ZeRO-3 loading, no dropout
      7. Which weights train            LoRA adapters (add_lora, adapter_off, merged_state_dict), freeze_lower_layers
-     8. Rewards                        load_reward: a Python function, a URL, a 1-output classifier, a released one
-     9. Reward models as released      the trlX / Dahoas, trlX TL;DR and OpenAssistant layouts
-    10. Distributed set-up             the process group, all-reduce of CPU tensors, generate under ZeRO-3
-    11. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
-    12. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
-    13. Masked statistics              means and whitening where padding never counts, optionally over all ranks
-    14. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, W&B, HF folders
-    15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
-    16. Evaluation of a saved run      evaluate_run: win rate under a judge, KL to π_init (`./launch.sh eval`)
-    17. `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`
+     8. Rewards                        load_reward: a Python function or a 1-output classifier (URLs and released
+                                       layouts through released.py)
+     9. Distributed set-up             the process group, all-reduce of CPU tensors, generate under ZeRO-3
+    10. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
+    11. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
+    12. Masked statistics              means and whitening where padding never counts, optionally over all ranks
+    13. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, W&B, HF folders
+    14. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
 
-Copying one algorithm script into a project: copy common.py beside it. The script calls into sections 1, 3, 5-8 and
-10-15; sections 16-17 are tools run after training. Sections 2, 4 and 9 serve only the built-in task (`builtin` as a
-model or dataset name) and data in other formats (HH dialogues, chat templates, PRO rows, released reward-model
-layouts); each is reached through a few calls from the sections a script needs (resolve; canonical_rows,
-render_prompts, prompt_messages, prompt_text; reward_layout), so a project that feeds its own models and plain
-{prompt, response, reward} columns may cut them together with those calls."""
+Copying one algorithm script into a project: copy the script and common.py; nothing else is needed. released.py,
+evaluate.py and builtin/ are optional parts beside common.py, each imported only where it is used (optional_part): a
+missing one is a one-line error that names it.
+- released.py: reward models in their released layouts (trlX / Dahoas, trlX TL;DR, OpenAssistant) and scoring
+  servers (a URL --reward-model entry). Without it a model entry is read as a 1-output sequence-classification model.
+- evaluate.py: the judged evaluation of a saved run (`./launch.sh eval`, `python evaluate.py RUN_DIR`).
+- builtin/: the built-in task (`builtin` as a model, reward or dataset name, the default of every script) and
+  builtin/build.py, the code that built it (`python builtin/build.py`) and its gold score. Without it, pass your own
+  model, reward and dataset.
+Section 4 serves data in other formats (HH dialogues, chat templates, PRO rows), reached through a few calls
+(canonical_rows, render_prompts, prompt_messages, prompt_text)."""
 
-import ast
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import html
-import http.client
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import math
 import os
-import platform
 import random
 import re
 import shutil
@@ -50,11 +49,7 @@ import signal
 import socket
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -92,6 +87,32 @@ def note(message: str):
 
 
 _NOTED = set()
+HERE = os.path.dirname(os.path.abspath(__file__))  # this file's folder, where the optional parts sit beside it
+
+
+def optional_part(file: str, needed_for: str = ""):
+    """An optional part of the project beside this file (released.py, evaluate.py, builtin/build.py), imported only
+    where it is used, once, by its path. Where the file is absent: None when `needed_for` is empty (the caller goes
+    on without it), else a one-line error that names the file."""
+    name = os.path.splitext(file)[0].replace("/", "_")  # builtin/build.py: the module builtin_build
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(HERE, file)
+    if not os.path.isfile(path):
+        if not needed_for:
+            return None
+        fail(f"{needed_for} needs {file}, an optional part of this project; put {file} beside common.py ({HERE})")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 # What a score model made from a causal LM's checkpoint (a value model, as the scripts start one) reports: its new
 # head missing from the checkpoint, and the checkpoint's LM head unused
@@ -222,372 +243,40 @@ def checkpoint_if_due(run: Run, args, *, step: int, engines: dict, state: dict, 
         exit_after_signal(signum, path=run.resume_path, script=run.script, rank=run.rank)
 
 
-# ---- The built-in task: a tiny movie-review world that needs no download (README, "The built-in task") ---------------
-# A stochastic grammar writes reviews from these words; the gold score is the mean polarity of a response's words.
-# builtin/ holds an SFT policy and a reward model trained on it, and prompt, offline and preference datasets.
-WORDS = {
-    kind: words.split()
-    for kind, words in dict(
-        pos_adj=(
-            "great wonderful brilliant superb delightful charming moving beautiful gripping stunning clever excellent "
-            "fantastic lovely touching thrilling masterful fresh witty warm joyful elegant powerful memorable "
-            "inventive vivid engaging heartfelt gorgeous splendid riveting dazzling uplifting hilarious tender "
-            "sublime poignant captivating exquisite rich sharp smart stylish refreshing triumphant"
-        ),
-        neg_adj=(
-            "awful terrible boring dull bland clumsy tedious weak messy lifeless shallow forgettable painful annoying "
-            "confusing awkward stale silly flat lazy dreary hollow sloppy predictable pointless tiresome cheap grim "
-            "muddled ugly dreadful clunky bloated incoherent tired wooden soulless overlong sluggish shoddy "
-            "derivative unwatchable drab insipid"
-        ),
-        neu_adj=(
-            "long short quiet loud slow fast simple dark bright old new familiar strange modest unusual serious "
-            "light busy plain late early gentle quick small big ordinary subtle steady moody gritty lengthy"
-        ),
-        pos_adv="beautifully brilliantly wonderfully superbly gracefully cleverly skillfully lovingly",
-        neg_adv="painfully horribly badly poorly awkwardly clumsily lazily terribly",
-        pos_verb="loved enjoyed adored admired liked cherished praised treasured",
-        neg_verb="hated disliked regretted resented loathed despised dreaded",
-        neu_verb="watched saw noticed remember expected rewatched discussed recall",
-        intensifier="really very quite rather truly fairly so",
-        noun=(
-            "movie film story plot script acting cast music score soundtrack dialogue ending opening pacing direction "
-            "camera editing humor romance villain hero scene finale sequel premise setting costumes effects "
-            "characters cinematography visuals twist climax monologue lighting makeup animation choreography casting "
-            "chemistry atmosphere tone narrative subplot montage trailer runtime sets stunts"
-        ),
-        person=(
-            "lead actor actress director writer composer villain hero newcomer star producer narrator ensemble "
-            "protagonist antagonist cinematographer editor"
-        ),
-        function="the this a an and but i it was felt is seemed gave made performance overall , .",
-    ).items()
-}
-POLARITY = {
-    word: (1 if kind.startswith("pos") else -1)
-    for kind, words in WORDS.items()
-    if kind[:3] in ("pos", "neg")
-    for word in words
-}
-PAD = "<pad>"
-BOS = "<bos>"
-EOS = "<eos>"
-UNK = "<unk>"
-VOCABULARY = [PAD, BOS, EOS, UNK] + sorted({word for words in WORDS.values() for word in words})
-
-
-# sample_review, builtin_gold_score and _build_builtin are hashed into builtin_key by their syntax trees: a change to
-# what they do (or to their docstrings) asks for `python common.py --rebuild-builtin`. Their lambdas stay for that.
-def sample_review(rng: random.Random) -> str:
-    """One review from a stochastic grammar; `p_pos` makes some reviews mostly positive, some mostly negative."""
-    p_pos = rng.choice([0.1, 0.25, 0.5, 0.75, 0.9])
-    polar = lambda kind: rng.choice(WORDS[("pos_" if rng.random() < p_pos else "neg_") + kind])  # noqa: E731
-    pick = lambda kind: rng.choice(WORDS[kind])  # noqa: E731
-
-    def adj():
-        r = rng.random()
-        return pick("neu_adj") if r < 0.25 else f"{pick('intensifier')} {polar('adj')}" if r > 0.8 else polar("adj")
-
-    verb = lambda: pick("neu_verb") if rng.random() < 0.3 else polar("verb")  # noqa: E731
-    templates = [
-        lambda: f"the {pick('noun')} was {adj()} .",
-        lambda: f"the {pick('noun')} felt {adj()} .",
-        lambda: f"i {verb()} the {pick('noun')} .",
-        lambda: f"the {pick('noun')} was {adj()} and {adj()} .",
-        lambda: f"the {pick('noun')} was {adj()} but the {pick('noun')} was {adj()} .",
-        lambda: f"the {pick('person')} gave a {adj()} performance .",
-        lambda: f"it was {polar('adv')} made .",
-        lambda: f"overall , a {adj()} {rng.choice(['movie', 'film', 'story'])} .",
-    ]
-    return " ".join(rng.choice(templates)() for _ in range(rng.randint(2, 4)))
-
-
-def builtin_gold_score(texts) -> list:
-    """The task's true objective, for responses decoded WITH special tokens: mean word polarity in [-1, 1]
-    (positive words +1, negative -1, punctuation not counted), minus 1 if the response never emitted <eos>."""
-    words = [[w for w in text.replace(EOS, " ").split() if w not in (",", ".", PAD, BOS)] for text in texts]
-    return [
-        sum(POLARITY.get(w, 0) for w in ws) / max(len(ws), 1) - (0.0 if EOS in text else 1.0)
-        for ws, text in zip(words, texts)
-    ]
-
-
+# ---- The built-in task: builtin/ beside this file, the task a run uses by default (README, "The built-in task") ------
+# builtin/ holds an SFT policy and a reward model trained on a tiny movie-review world, and prompt, offline and
+# preference datasets; builtin/build.py built them and holds the task's gold score. A run only reads the folder.
 BUILTIN = "builtin"  # the model / dataset name that stands for the built-in task
-BUILTIN_SETTINGS = dict(
-    seed=1234,
-    n_layer=2,
-    n_embd=128,
-    n_positions=64,
-    sft_steps=700,
-    rm_steps=300,
-    n_train_prompts=4096,
-    n_eval_prompts=256,
-    n_offline_prompts=1024,
-    n_rm_prompts=2048,
-    n_pretrain_texts=2048,
-    n_ranking_prompts=1024,
-)
-# The task ships with the project, built once by `python common.py --rebuild-builtin`: training is not bit-exact
+# The task ships with the project, built once by `python builtin/build.py`: training is not bit-exact
 # across CPUs (Intel / AMD, AVX2 / AVX-512), so a task built on each machine would differ from machine to machine.
-BUILTIN_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "builtin")
+BUILTIN_SHIPPED = os.path.join(HERE, "builtin")
 BUILTIN_MANIFEST = "MANIFEST.json"
-
-
-def builtin_key(settings: dict = BUILTIN_SETTINGS) -> str:
-    """A hash of everything the task is built from: its settings, the vocabulary and the builder's code. The code
-    counts by its syntax tree, so that formatting and comments never change the key; what it does does."""
-    code = [
-        ast.dump(ast.parse(inspect.getsource(f)))
-        for f in (sample_review, builtin_gold_score, _build_builtin, _build_builtin_rankings)
-    ]
-    return hashlib.sha256(json.dumps([settings, VOCABULARY, code]).encode()).hexdigest()[:12]
-
-
-def builtin_dir() -> str:
-    """The built-in task's folder: `builtin/` beside this file, the same on every machine. Where it is missing
-    (common.py copied alone), the task is built on first use into ~/.cache/onefile-rlhf (or $ONEFILE_RLHF_CACHE),
-    under a file lock so that ranks wait for one builder."""
-    if os.path.exists(os.path.join(BUILTIN_SHIPPED, BUILTIN_MANIFEST)):
-        return BUILTIN_SHIPPED
-    root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
-    path = os.path.join(root, f"builtin-{builtin_key()}")
-    os.makedirs(root, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(path, BUILTIN_MANIFEST)):
-            build_builtin(path, BUILTIN_SETTINGS)
-    return path
+# What to pass instead of `builtin` where builtin/ is missing, by the role resolve() looks it up for
+BUILTIN_INSTEAD = {
+    "sft": "model (--model-name-or-path: a local folder or a hub name)",
+    "reward": "reward (--reward-model: a model folder, a hub name, module:function or a URL)",
+}
 
 
 def resolve(name: str, role: str) -> str:
-    """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged."""
-    return os.path.join(builtin_dir(), role) if name == BUILTIN else name
-
-
-def build_builtin(path: str, settings: dict):
-    """Build the task into `path`: built aside and renamed when complete, so a killed build never leaves half a
-    task. MANIFEST.json records the key, the settings, the machine it was built on and each file's SHA-256."""
-    t0 = time.time()
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _build_builtin(tmp, settings)
-    _build_builtin_rankings(tmp, settings)
-    files = sorted(
-        os.path.relpath(os.path.join(folder, name), tmp) for folder, _, names in os.walk(tmp) for name in names
-    )
-    manifest = dict(
-        key=builtin_key(settings),
-        settings=settings,
-        built_with=dict(
-            torch=torch.__version__,
-            cpu=cpu_name(),
-            cpu_capability=torch.backends.cpu.get_cpu_capability(),
-            threads=torch.get_num_threads(),
-        ),
-        build_seconds=round(time.time() - t0, 1),
-        sha256={name: file_sha256(os.path.join(tmp, name)) for name in files},
-    )
-    with open(os.path.join(tmp, BUILTIN_MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-    shutil.rmtree(path, ignore_errors=True)
-    os.rename(tmp, path)
-    print(f"built-in task ready in {path} ({manifest['build_seconds']:.0f} s)", file=sys.stderr)
-
-
-def _build_builtin(path: str, settings: dict):
-    from datasets import Dataset, DatasetDict
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tqdm import tqdm
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    print(f"building the built-in task in {path}", file=sys.stderr)
-    s = SimpleNamespace(**settings)
-    rng = random.Random(s.seed)
-    torch.manual_seed(s.seed)
-
-    # A word-level tokenizer over the task's vocabulary.
-    vocab = {word: i for i, word in enumerate(VOCABULARY)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece("##", cleanup=False)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        model_max_length=s.n_positions,
-        clean_up_tokenization_spaces=False,
-    )
-    config = GPT2Config(
-        vocab_size=len(vocab),
-        n_positions=s.n_positions,
-        n_embd=s.n_embd,
-        n_layer=s.n_layer,
-        n_head=4,
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[PAD],
-    )
-
-    def encode(texts, side="right"):
-        tok.padding_side = side
-        return tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=s.n_positions)
-
-    def train(model, steps, desc, lr, loss_fn):
-        # AdamW, linear warm-up over 100 steps, then linear decay to 0.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        schedule = lambda step: min(1.0, (step + 1) / 100) * (1 - step / steps)  # noqa: E731
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        for _ in tqdm(range(steps), desc=desc, mininterval=2):
-            optimizer.zero_grad()
-            loss_fn().backward()
-            optimizer.step()
-            scheduler.step()
-        model.eval().requires_grad_(False)  # trained: no autograd graphs from here on
-
-    # 1. The SFT policy: next-token NLL on grammar reviews ending in <eos>.
-    def sft_loss():
-        batch = encode([sample_review(rng) + f" {EOS}" for _ in range(64)])
-        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-        return sft(**batch, labels=labels).loss
-
-    sft = GPT2LMHeadModel(config)
-    train(sft, s.sft_steps, "builtin: SFT policy", 3e-3, sft_loss)
-
-    def prompts(n):  # the first 2-5 words of a review
-        return [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(n)]
-
-    @torch.no_grad()
-    def sample(prompt_list, temperature=1.0):  # responses of the SFT policy, cut after <eos> (kept in the text)
-        enc = encode(prompt_list, side="left")
-        generated = sft.generate(
-            **enc,
-            do_sample=True,
-            top_k=0,
-            temperature=temperature,
-            max_new_tokens=32,
-            pad_token_id=vocab[PAD],
-            eos_token_id=vocab[EOS],
+    """Map `builtin` to the built-in artefact for `role` (sft, reward, data/prompts, ...); other names unchanged.
+    Without the built task beside this file (common.py copied with one script), `builtin` is a one-line error."""
+    if name != BUILTIN:
+        return name
+    if not os.path.exists(os.path.join(BUILTIN_SHIPPED, BUILTIN_MANIFEST)):
+        instead = BUILTIN_INSTEAD.get(role, "dataset (a local folder, a .jsonl / .json / .parquet file or a hub name)")
+        fail(
+            f"'{BUILTIN}' names the built-in task, which is not beside common.py (no {BUILTIN_SHIPPED}/"
+            f"{BUILTIN_MANIFEST}); pass your own {instead} instead, and likewise for every other option left at "
+            f"'{BUILTIN}' (a script's model, reward and dataset by default)"
         )
-        ids, mask, _ = truncate_after_eos(generated[:, enc.input_ids.shape[1] :], vocab[EOS], vocab[PAD])
-        return [tok.decode(row[:n]) for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
-
-    train_prompts = prompts(s.n_train_prompts)
-    eval_prompts = prompts(s.n_eval_prompts)
-    offline_prompts = prompts(s.n_offline_prompts)
-    rm_prompts = prompts(s.n_rm_prompts)
-
-    # 2. The reward model: Bradley-Terry on pairs of SFT responses ranked by the gold score (a learned proxy reward).
-    first = sample(rm_prompts)
-    second = sample(rm_prompts, temperature=1.3)
-    pairs = []
-    for prompt, a, b, gold_a, gold_b in zip(
-        rm_prompts, first, second, builtin_gold_score(first), builtin_gold_score(second)
-    ):
-        if gold_a != gold_b:
-            pairs.append((prompt, a, b) if gold_a > gold_b else (prompt, b, a))
-
-    def rm_loss():
-        batch = rng.sample(pairs, 64)
-        chosen = [f"{prompt} {c}" for prompt, c, _ in batch]
-        rejected = [f"{prompt} {r}" for prompt, _, r in batch]
-        scores = rm(**encode(chosen + rejected)).logits[:, 0]
-        return -torch.nn.functional.logsigmoid(scores[:64] - scores[64:]).mean()
-
-    rm = GPT2ForSequenceClassification(GPT2Config(**{**config.to_dict(), "num_labels": 1}))
-    train(rm, s.rm_steps, "builtin: reward model", 1e-3, rm_loss)
-
-    # 3. Save the models, each with the tokenizer, and the datasets.
-    for model, name in ((sft, "sft"), (rm, "reward")):
-        model.save_pretrained(f"{path}/{name}")
-        tok.save_pretrained(f"{path}/{name}")
-    offline = sample(offline_prompts)
-    offline_rewards = rm(**encode([f"{p} {r}" for p, r in zip(offline_prompts, offline)])).logits[:, 0].tolist()
-    prompt_splits = DatasetDict(
-        train=Dataset.from_dict({"prompt": train_prompts}),
-        test=Dataset.from_dict({"prompt": eval_prompts}),
-    )
-    prompt_splits.save_to_disk(f"{path}/data/prompts")
-    offline_rows = {
-        "prompt": offline_prompts,
-        "response": offline,
-        "reward": offline_rewards,
-        "gold": builtin_gold_score(offline),
-    }
-    Dataset.from_dict(offline_rows).save_to_disk(f"{path}/data/offline")
-    preference_rows = {
-        "prompt": [prompt for prompt, _, _ in pairs],
-        "chosen": [chosen for _, chosen, _ in pairs],
-        "rejected": [rejected for _, _, rejected in pairs],
-    }
-    Dataset.from_dict(preference_rows).save_to_disk(f"{path}/data/preference")
-    pretrain_texts = [sample_review(rng) for _ in range(s.n_pretrain_texts)]
-    Dataset.from_dict({"text": pretrain_texts}).save_to_disk(f"{path}/data/pretrain")
+    return os.path.join(BUILTIN_SHIPPED, role)
 
 
-def _build_builtin_rankings(path: str, settings: dict):
-    """Rankings for PRO: for each of `n_ranking_prompts` prompts (the first 2-5 words of a review), 4 samples of the
-    SFT policy in path/sft (temperature 1, at most 32 new tokens, cut after <eos>), each scored by the reward model
-    in path/reward. Saved to path/data/rankings as {prompt, responses, rewards, gold}."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    s = SimpleNamespace(**settings)
-    rng = random.Random(s.seed + 1)
-    torch.manual_seed(s.seed + 1)
-    tok = AutoTokenizer.from_pretrained(f"{path}/sft")
-    sft = AutoModelForCausalLM.from_pretrained(f"{path}/sft").eval()
-    rm = AutoModelForSequenceClassification.from_pretrained(f"{path}/reward").eval()
-    n_candidates = 4
-    prompts = [" ".join(sample_review(rng).split()[: rng.randint(2, 5)]) for _ in range(s.n_ranking_prompts)]
-    repeated = [prompt for prompt in prompts for _ in range(n_candidates)]
-    responses = []
-    rewards = []
-    with torch.no_grad():
-        for start in range(0, len(repeated), 256):
-            chunk = repeated[start : start + 256]
-            tok.padding_side = "left"
-            enc = tok(chunk, return_tensors="pt", padding=True)
-            generated = sft.generate(
-                **enc,
-                do_sample=True,
-                top_k=0,
-                temperature=1.0,
-                max_new_tokens=32,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-            ids, mask, _ = truncate_after_eos(
-                generated[:, enc.input_ids.shape[1] :], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id
-            )
-            texts = [tok.decode(row[:n]) for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
-            tok.padding_side = "right"
-            scored = tok([f"{p} {r}" for p, r in zip(chunk, texts)], return_tensors="pt", padding=True)
-            responses += texts
-            rewards += rm(**scored).logits[:, 0].tolist()
-    rows = {
-        "prompt": prompts,
-        "responses": [responses[i : i + n_candidates] for i in range(0, len(responses), n_candidates)],
-        "rewards": [rewards[i : i + n_candidates] for i in range(0, len(rewards), n_candidates)],
-        "gold": [builtin_gold_score(responses[i : i + n_candidates]) for i in range(0, len(responses), n_candidates)],
-    }
-    Dataset.from_dict(rows).save_to_disk(f"{path}/data/rankings")
-
-
-def cpu_name() -> str:
-    """The processor's model name, as /proc/cpuinfo gives it (the machine type where it gives none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    except OSError:
-        names = []
-    return names[0] if names else platform.machine()
-
-
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def builtin_gold_score(texts) -> list:
+    """The built-in task's true objective (builtin/build.py's builtin_gold_score), for responses decoded WITH special
+    tokens: mean word polarity in [-1, 1], minus 1 if the response never emitted <eos>."""
+    return optional_part("builtin/build.py", "the built-in task's gold score").builtin_gold_score(texts)
 
 
 # ---- Datasets: a builtin folder, a save_to_disk folder, a .jsonl / .json / .parquet file or a hub name ---------------
@@ -1406,9 +1095,10 @@ def check_reward_entry(entry: str, flag: str = "--reward-model"):
     one stops a run in seconds: a `module:function` imports and is callable, a URL names a host, a local path (one
     that starts with / . or ~) exists. Another name is a hub name or a folder, for loading to find."""
     if entry == BUILTIN:
+        resolve(entry, "reward")  # without builtin/: one line before anything is loaded
         return
     if is_remote_reward(entry):
-        check_url(entry, flag)
+        optional_part("released.py", f"{flag} {entry} (a scoring server)").check_url(entry, flag)
     elif is_function_entry(entry):
         import_reward_function(entry, flag)
     elif entry.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(entry)):
@@ -1449,18 +1139,21 @@ def load_reward(
       vocabulary reads its head at the last real token of the policy's ids; else it reads the prompt text and the
       response re-encoded with its own tokenizer (left-truncated);
     - a released layout (trlX / Dahoas hf_ckpt.pt, trlX TL;DR, OpenAssistant), scored on its own text format
-      (load_released_reward).
+      (released.load_released_reward).
+    URLs and released layouts are read by released.py, an optional part beside this file: without it a URL entry is
+    a one-line error naming it, and a model entry is read as a 1-output sequence-classification model.
     `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
     if is_remote_reward(name):  # before module:function, which a URL's colon would also match
-        return _remote_reward(name, tokenizer)
+        return optional_part("released.py", f"--reward-model {name} (a scoring server)")._remote_reward(name, tokenizer)
     if is_function_entry(name):
         return _reward_function(name, tokenizer)
     if dtype == "auto":
         dtype = "bfloat16" if bf16 else "float32"
     path = resolve(name, "reward")
-    layout = reward_layout(path)
-    if layout != "score":  # a released layout: see "Reward models as released"
-        return load_released_reward(
+    released = optional_part("released.py")
+    layout = released.reward_layout(path) if released is not None else "score"
+    if layout != "score":  # a released layout: see released.py, "Reward models as released"
+        return released.load_released_reward(
             layout,
             path,
             tokenizer,
@@ -1469,19 +1162,27 @@ def load_reward(
             micro_batch_size=micro_batch_size,
             dtype=dtype,
         )
-    reward_tokenizer = load_tokenizer(
-        name, flag="--reward-model", padding_side="right", trust_remote_code=trust_remote_code
-    )
     frozen = _frozen_settings(placement, zero_stage=zero_stage, micro_batch_size=micro_batch_size, dtype=dtype)
-    model = load_model(
-        name,
-        kind="score",
-        flag="--reward-model",
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        pad_token_id=reward_tokenizer.pad_token_id,
-        sharded=zero3_config(**frozen),
-    )
+    try:
+        reward_tokenizer = load_tokenizer(
+            name, flag="--reward-model", padding_side="right", trust_remote_code=trust_remote_code
+        )
+        model = load_model(
+            name,
+            kind="score",
+            flag="--reward-model",
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            pad_token_id=reward_tokenizer.pad_token_id,
+            sharded=zero3_config(**frozen),
+        )
+    except SystemExit as error:  # a one-line error of loading; without released.py, it may be a released layout
+        if released is not None:
+            raise
+        fail(
+            f"{str(error).removeprefix('error: ')}; if it is a reward model in a released layout (hf_ckpt.pt, a "
+            f"trlX TL;DR pytorch_model.bin, OpenAssistant's gpt_neox_reward_model), put released.py beside common.py"
+        )
     model = prepare_frozen(model, **frozen)
     same_vocabulary = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
     own_template = bool(reward_tokenizer.chat_template)
@@ -1586,100 +1287,9 @@ def _reward_function(name: str, tokenizer):
     return _text_reward(tokenizer, call)
 
 
-# A URL entry: rows per request, seconds a request may take, tries before giving up, and the wait before the second
-# try (doubled before each next: 1, 2, 4 s)
-REMOTE_BATCH = 32
-REMOTE_TIMEOUT = 60.0
-REMOTE_TRIES = 4
-REMOTE_BACKOFF = 1.0
-REMOTE_CONTRACT = 'it must take a POST of JSON {"prompts": [...], "responses": [...]} and answer {"scores": [...]}'
-
-
 def is_remote_reward(name: str) -> bool:
     """Whether a --reward-model entry is a scoring server's URL (http:// or https://)."""
     return name.lower().startswith(("http://", "https://"))
-
-
-def check_url(url: str, flag: str = "--reward-model"):
-    """A URL entry names a host (and a port, if any, that is a number)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        valid = bool(parts.hostname) and (parts.port is None or parts.port > 0)  # .port: ValueError if not a number
-    except ValueError:
-        valid = False
-    if not valid:
-        fail(f"{flag} {url} is not a server's URL; give it as http://HOST:PORT/PATH or https://HOST/PATH")
-
-
-def _remote_reward(url: str, tokenizer):
-    """A URL --reward-model entry as load_reward's score(...): the texts a module:function gets, POSTed as JSON
-    {"prompts": [...], "responses": [...]}, REMOTE_BATCH rows at a time; the server answers {"scores": [...]}, one
-    finite number per response. Each rank posts its own rows."""
-    check_url(url)
-
-    def score_remotely(prompts, responses):
-        scores = []
-        for start in range(0, len(responses), REMOTE_BATCH):
-            rows = slice(start, start + REMOTE_BATCH)
-            scores += _remote_scores(url, prompts=prompts[rows], responses=responses[rows])
-        return scores
-
-    return _text_reward(tokenizer, score_remotely)
-
-
-def _remote_scores(url: str, prompts: list, responses: list) -> list:
-    """One request: the scores the server at `url` answers for (prompts, responses), checked."""
-    body = _post_json(url, {"prompts": prompts, "responses": responses})
-    try:
-        answer = json.loads(body, parse_int=float)  # every number a float (a huge integer: inf)
-    except ValueError:  # not JSON, or not UTF-8
-        fail(f"the reward server at {url} answered {_excerpt(body)}, which is not JSON; {REMOTE_CONTRACT}")
-    scores = answer.get("scores") if isinstance(answer, dict) else None
-    if not isinstance(scores, list):
-        fail(f'the reward server at {url} answered {_excerpt(body)}, without a "scores" list; {REMOTE_CONTRACT}')
-    if len(scores) != len(responses):
-        fail(
-            f"the reward server at {url} answered {len(scores)} scores for {len(responses)} responses; it must answer "
-            f"one per response"
-        )
-    for score in scores:
-        if not isinstance(score, float):
-            fail(f"the reward server at {url} answered the score {json.dumps(score)[:80]}; each score must be a number")
-        if not math.isfinite(score):
-            fail(f"the reward server at {url} answered the score {score}; each score must be a finite number")
-    return scores
-
-
-def _post_json(url: str, payload) -> bytes:
-    """POST `payload` as JSON to `url` and return the answer's body. A refused or reset connection, a timeout, a cut
-    answer, 429 or 5xx is retried (REMOTE_TRIES tries, REMOTE_BACKOFF s apart, doubled each time); another 4xx, or
-    a server still down after the tries, stops the run with one line."""
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
-    problem = None
-    for attempt in range(REMOTE_TRIES):
-        if attempt:
-            time.sleep(REMOTE_BACKOFF * 2 ** (attempt - 1))
-        try:
-            with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT) as answer:
-                return answer.read()
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code != 429:  # the request is wrong: the same one will not do better
-                fail(f"the reward server at {url} answered HTTP {e.code} {_excerpt(e.read())}; {REMOTE_CONTRACT}")
-            problem = f"HTTP {e.code} {e.reason}"
-        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
-            problem = str(getattr(e, "reason", e)) or type(e).__name__
-    fail(
-        f"the reward server at {url} did not answer after {REMOTE_TRIES} tries ({problem}); start it, or give "
-        f"--reward-model the URL of one that runs"
-    )
-
-
-def _excerpt(body: bytes, limit=80) -> str:
-    """The start of a server's answer, on one line, quoted: for an error message."""
-    text = " ".join(body.decode(errors="replace").split())
-    return f"'{text[:limit]}{'...' if len(text) > limit else ''}'"
 
 
 def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dtype: str) -> dict:
@@ -1691,253 +1301,6 @@ def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dty
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
     )
-
-
-# ---- Reward models as released: trlX / Dahoas GPT-J, CarperAI TL;DR, OpenAssistant -----------------------------------
-# A released reward model is a trunk (a transformers base model) and a 1-output linear head, stored in its own layout
-# and trained on its own text; each layout below as the released code reads it (file / line of the upstream repo):
-# - trlx-hh: Dahoas/gptj-rm-static holds `hf_ckpt.pt`, the state dict of Dahoas' RewardModel (Dahoas/reward-modeling
-#   reward-modeling/reward_model.py:17-18: `transformer.*` a GPT-J trunk, `v_head` Linear(n_embd, 1, bias=False)) and
-#   no config or tokenizer. trlX (CarperAI/trlx examples/hh/ppo_hh.py) builds the trunk from EleutherAI/gpt-j-6B
-#   (l.158), pins the repo at revision 676bfd4d (l.159), scores with the gpt2 tokenizer (l.116-118) the text
-#   prompt + response + EOS (l.192), left-truncated to 1024 tokens (l.178), and reads the head at the first EOS
-#   (l.154-155). Dahoas trained it on the same text (reward-modeling/rm_datasets.py, PairwiseDataset).
-# - trlx-tldr: CarperAI/openai_summarize_tldr_rm_checkpoint holds only `pytorch_model.bin`, the state dict of trlX's
-#   GPTRewardModel (examples/summarize_rlhf/reward_model/reward_model.py:13-14, the same keys as above), trunk from
-#   CarperAI/openai_summarize_tldr_sft (trlx_gptj_text_summarization.py:28, 93), tokenizer EleutherAI/gpt-j-6B
-#   (l.91); text "<|startoftext|>" + prompt + response + "<|endoftext|>" (l.105), right-truncated to 550 tokens
-#   (l.32, 109; the training cut, train_reward_model_gptj.py:133); the head read at the token BEFORE the first EOS
-#   (reward_model.py:63-65).
-# - oasst: OpenAssistant's GPTNeoXRewardModel (LAION-AI/Open-Assistant model/model_training/models/reward_model.py:
-#   config model_type gpt_neox_reward_model with `pooling` (l.11-22), keys `gpt_neox.*` and `out_proj`, a
-#   Linear(hidden_size, 1) WITH bias (l.50-51), pooled at the last real token or the mean (l.73-85)); its repo has the
-#   config and the tokenizer. A-LoL (abaheti95/LoL-RL metrics_hh.py:44-78) scores the turns
-#   "<|prompter|>…EOS<|assistant|>…EOS" (l.60-63; model_training/custom_datasets/formatting.py:10-16 names the
-#   tokens), left-truncated to 1024 tokens (l.48, 68); it split the HH dialogues as PRO did, which drops or joins a
-#   few paragraphs: oasst_dialogue says where and why the texts here keep them.
-# A hub id is read from the local hub cache where the hub cannot be asked (HF_HUB_OFFLINE=1, no connection).
-# A local folder overrides the trunk: a config.json (and tokenizer files) beside the state dict replace the base's.
-RELEASED_TRUNKS = {
-    "trlx-hh": ("EleutherAI/gpt-j-6B", "gpt2"),
-    "trlx-tldr": ("CarperAI/openai_summarize_tldr_sft", "EleutherAI/gpt-j-6B"),
-}
-RELEASED_REVISIONS = {"Dahoas/gptj-rm-static": "676bfd4d"}  # trlX's pin (ppo_hh.py:159); later uploads differ
-REWARD_LAYOUTS = (
-    "hf_ckpt.pt (trlX / Dahoas GPT-J), pytorch_model.bin without config.json or with a v_head.weight "
-    "(trlX TL;DR), config.json of model_type gpt_neox_reward_model (OpenAssistant), config.json with "
-    "*.safetensors or *.bin weights (a sequence-classification model)"
-)
-
-
-def reward_layout_of(files, config=None, keys=None):
-    """A reward model's layout from its top-level file names, its config.json (a dict; None without one) and, where
-    known, the keys of its pytorch_model.bin: trlx-hh, trlx-tldr, oasst, score (sequence classification), or None."""
-    files = set(files)
-    if "hf_ckpt.pt" in files:
-        return "trlx-hh"
-    if (config or {}).get("model_type") == "gpt_neox_reward_model":
-        return "oasst"
-    if "pytorch_model.bin" in files and (config is None or "v_head.weight" in (keys or ())):
-        return "trlx-tldr"
-    if config is not None and any(f.endswith((".safetensors", ".bin")) for f in files):
-        return "score"
-    return None
-
-
-def _state_dict(file: str) -> dict:
-    if file.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # mmap: tensors are read only when used
-
-
-def _hub_snapshot(repo: str):
-    """The folder of a hub repo's snapshot in the local hub cache (HF_HUB_CACHE) at its pinned revision (main without
-    one), as huggingface_hub lays the cache out: models--ORG--NAME/refs/<branch, tag or short hash> holds a commit,
-    snapshots/<commit>/ its files. A short commit hash that no ref names (the snapshot fetched by its full hash) is
-    the one cached commit it begins. None when the cache does not hold it."""
-    from huggingface_hub import constants, snapshot_download
-
-    revision = RELEASED_REVISIONS.get(repo)
-    try:
-        return snapshot_download(repo, revision=revision, local_files_only=True)
-    except (OSError, ValueError):  # not cached under that revision name, or not a repo name
-        pass
-    snapshots = os.path.join(constants.HF_HUB_CACHE, "models--" + repo.replace("/", "--"), "snapshots")
-    cached = os.listdir(snapshots) if revision and os.path.isdir(snapshots) else []
-    commits = [commit for commit in cached if commit.startswith(revision)]
-    return os.path.join(snapshots, commits[0]) if len(commits) == 1 else None
-
-
-def _hub_files(repo: str):
-    """A hub repo's file names at its pinned revision: the hub's list, or, when the hub cannot be asked
-    (HF_HUB_OFFLINE=1, no connection), those of its snapshot in the local hub cache. None when neither knows it."""
-    from huggingface_hub import list_repo_files
-
-    try:
-        return sorted(list_repo_files(repo, revision=RELEASED_REVISIONS.get(repo)))
-    except Exception:  # offline mode, no connection (an error of the HTTP library), no such repo: the cache's files
-        snapshot = _hub_snapshot(repo)
-        return None if snapshot is None else sorted(os.listdir(snapshot))
-
-
-def _reward_file(path: str, filename: str) -> str:
-    """A file of a local folder, or of a hub repo at its pinned revision where there is one: downloaded, or read from
-    the local hub cache when the hub cannot be asked (HF_HUB_OFFLINE=1, no connection)."""
-    if os.path.isdir(path):
-        return os.path.join(path, filename)
-    from huggingface_hub import hf_hub_download
-
-    revision = RELEASED_REVISIONS.get(path)
-    try:
-        return hf_hub_download(path, filename, revision=revision)
-    except OSError as error:  # not downloadable now and not cached under the revision's name: the snapshot's file
-        snapshot = _hub_snapshot(path)
-        if snapshot is not None and os.path.isfile(os.path.join(snapshot, filename)):
-            return os.path.join(snapshot, filename)
-        at = f" --revision {revision}" if revision else ""
-        fail(
-            f"cannot read {filename} of '{path}'{at} ({_first_line(error)}); without the hub (HF_HUB_OFFLINE=1, no "
-            f"connection) download it first into the hub cache: hf download {path}{at}"
-        )
-
-
-def reward_layout(path: str) -> str:
-    """The layout of a --reward-model folder or hub repo, decided from its file list (the hub's, or its cached
-    snapshot's when the hub cannot be asked) and config.json (no weights downloaded); `score` for a hub name that
-    neither the hub nor the cache knows, whose loading then says why."""
-    files = sorted(os.listdir(path)) if os.path.isdir(path) else _hub_files(path)
-    if files is None:  # neither the hub nor its cache knows it (or not a repo name): load_model then says which
-        return "score"
-    config = None
-    if "config.json" in files:
-        with open(_reward_file(path, "config.json")) as f:
-            config = json.load(f)
-    keys = None
-    if os.path.isdir(path) and config is not None and "pytorch_model.bin" in files:
-        keys = set(_state_dict(os.path.join(path, "pytorch_model.bin")))  # a v_head.weight marks trlX's TL;DR layout
-    layout = reward_layout_of(files, config, keys)
-    if layout is None:
-        fail(
-            f"'{path}' holds no reward model in a known layout (it has: {', '.join(files)[:160] or 'nothing'}); "
-            f"looked for {REWARD_LAYOUTS}"
-        )
-    return layout
-
-
-def oasst_dialogue(prompt, response: str, eos: str) -> str:
-    """A prompt (an HH prompt, text or messages) and a reply as OpenAssistant's turns
-    "<|prompter|>…EOS<|assistant|>…EOS", each turn's text stripped, as A-LoL scores them (LoL-RL metrics_hh.py:60-63),
-    from the whole dialogue: every paragraph kept, each turn its own (hh_turns). Text without HH markers is one
-    prompter turn."""
-    tags = {"user": "<|prompter|>", "assistant": "<|assistant|>"}
-    # Here the text differs from A-LoL's: it scored PRO's preprocessed HH data (LoL-RL README.md:15-20), split by
-    # PRO's _split_dialogue (after OpenAssistant's rank_datasets.py), which drops a "\n\n" paragraph that starts with
-    # neither "Human:" nor "Assistant:" (l.43-44) and joins consecutive turns of one speaker with "\n" (l.45-50):
-    #   https://github.com/AlibabaResearch/DAMO-ConvAI/blob/64f4da714a5e301bbcac876e9651dd2a082d3036/PRO/train/hh_preprocess_data/step_1_process.py#L29-L55
-    #   https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/metrics_hh.py#L60-L63
-    # 309 of the 4,666 HH test prompts (harmless-base and helpful-base) read differently. The reward model reads
-    # here the dialogue the policy answered, the paragraphs A-LoL's text drops included.
-    turns = [(m["role"], m["content"].strip()) for m in prompt_messages(prompt) if m["role"] in tags]
-    turns.append(("assistant", response.strip()))
-    return "".join(f"{tags[role]}{text}{eos}" for role, text in turns)
-
-
-def released_text(layout: str, prompt, response: str, eos: str) -> str:
-    """The text a released reward model was trained on and is scored on (see the section comment); `messages`
-    prompts as their HH transcript (prompt_text)."""
-    if layout == "trlx-hh":
-        return prompt_text(prompt) + response + eos
-    if layout == "trlx-tldr":
-        return "<|startoftext|>" + prompt_text(prompt) + response + eos
-    return oasst_dialogue(prompt, response, eos)
-
-
-def load_released_reward(
-    layout: str, path: str, tokenizer, placement="policy", zero_stage=0, micro_batch_size=8, dtype="float32"
-):
-    """A reward model in a released layout as load_reward's score(query_ids, query_mask, response_ids,
-    response_mask) -> [batch] float32 (CPU): the policy's prompt and response decoded, put in the layout's text,
-    re-encoded with the model's own tokenizer, the head read where its released code reads it."""
-    from transformers import MODEL_MAPPING, AutoConfig, GPTNeoXConfig
-
-    local_files = os.listdir(path) if os.path.isdir(path) else []  # a hub repo: the released files only
-    if layout == "oasst":
-        with open(_reward_file(path, "config.json")) as f:
-            fields = json.load(f)
-        config = GPTNeoXConfig.from_dict({k: v for k, v in fields.items() if k != "model_type"})
-        pooling = fields.get("pooling") or "last"
-        weights = "model.safetensors" if "model.safetensors" in local_files else "pytorch_model.bin"
-        prefix = "gpt_neox."
-        head_keys = ("out_proj.weight", "out_proj.bias")
-        tokenizer_source = path
-    else:
-        base_config, base_tokenizer = RELEASED_TRUNKS[layout]
-        config = AutoConfig.from_pretrained(path if "config.json" in local_files else base_config)
-        pooling = "eos"
-        weights = "hf_ckpt.pt" if layout == "trlx-hh" else "pytorch_model.bin"
-        prefix = "transformer."
-        head_keys = ("v_head.weight",)
-        has_tokenizer = any(f in local_files for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-        tokenizer_source = path if has_tokenizer else base_tokenizer
-    if pooling not in ("last", "mean", "eos"):
-        fail(f"'{path}' has pooling '{pooling}'; OpenAssistant's reward model knows last and mean")
-    state = _state_dict(_reward_file(path, weights))
-    missing = [k for k in head_keys if k not in state]
-    if missing:
-        fail(f"'{path}' ({layout} layout) has no {', '.join(missing)} in {weights}; not a released reward checkpoint")
-
-    # The trunk: a transformers base model built from its config and the state dict's trunk keys.
-    trunk_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    trunk, info = MODEL_MAPPING[type(config)].from_pretrained(
-        None, config=config, state_dict=trunk_state, dtype=getattr(torch, dtype), output_loading_info=True
-    )
-    if info["missing_keys"]:
-        fail(
-            f"'{path}' ({layout} layout) lacks {len(info['missing_keys'])} weights of its {config.model_type} trunk "
-            f"(e.g. {min(info['missing_keys'])}); the trunk config must be the one it was trained from"
-        )
-    frozen = _frozen_settings(placement, zero_stage=zero_stage, micro_batch_size=micro_batch_size, dtype=dtype)
-    trunk = prepare_frozen(trunk, **frozen)
-
-    # The head: a 1-output linear layer, kept in float32.
-    with_bias = len(head_keys) == 2
-    head_state = {"weight": state[head_keys[0]].float().reshape(1, -1)}
-    if with_bias:
-        head_state["bias"] = state[head_keys[1]].float().reshape(1)
-    head = torch.nn.Linear(head_state["weight"].shape[1], 1, bias=with_bias)
-    head.load_state_dict(head_state)
-    head = head.requires_grad_(False).to(trunk.device)
-
-    reward_tokenizer = load_tokenizer(tokenizer_source, flag="--reward-model", padding_side="right")
-    reward_tokenizer.truncation_side = "right" if layout == "trlx-tldr" else "left"
-    max_length = 550 if layout == "trlx-tldr" else 1024
-
-    @torch.no_grad()
-    def score_released(query_ids, query_mask, response_ids, response_mask, prompts=None):
-        prompts = _decoded_prompts(tokenizer, query_ids, query_mask, prompts=prompts)  # text or messages
-        # the policy's response as text (its EOS dropped: the layout adds the model's own)
-        responses = response_texts(tokenizer, query_ids, query_mask, response_ids, response_mask)
-        joined = [
-            released_text(layout, prompt=prompt, response=response, eos=reward_tokenizer.eos_token)
-            for prompt, response in zip(prompts, responses)
-        ]
-        enc = reward_tokenizer(joined, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        ids = enc.input_ids.to(trunk.device)
-        mask = enc.attention_mask.to(trunk.device)
-        hidden = trunk(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        last = mask.sum(1) - 1  # right padding: the last real token (OpenAssistant's pooling "last")
-        if pooling == "mean":
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            return head(pooled).squeeze(-1).cpu()
-        if pooling == "eos":  # trlX: the first EOS (HH), or the token before it (TL;DR); the last token without one
-            is_eos = (ids == reward_tokenizer.eos_token_id) & mask.bool()
-            last = torch.where(is_eos.any(1), is_eos.int().argmax(1) - int(layout == "trlx-tldr"), last)
-        return head(hidden[torch.arange(len(ids)), last]).squeeze(-1).cpu()
-
-    score_released.same_vocabulary = False  # its own tokenizer and text: never read on the policy's ids
-    return score_released
 
 
 # ---- Distributed set-up: the process group (also for one process), all-reduce, generate under ZeRO-3 -----------------
@@ -2763,329 +2126,7 @@ def exit_cleanly():
         os._exit(0)
 
 
-# ---- Evaluation of a saved run: its policy against a baseline, under a judge -----------------------------------------
-class Samples(NamedTuple):
-    """Responses sampled for evaluation: the token ids (`batch`), the log-probs of the sampled tokens under the
-    distribution they were drawn from, [n, response_len] (0 on padding), and the texts with special tokens kept."""
-
-    batch: Batch
-    logprobs: torch.Tensor
-    texts: list
-
-
-class EvalPolicy(NamedTuple):
-    """A policy to sample from: the causal LM and, for an ILQL folder, the logits processor of ILQL's decoding."""
-
-    lm: torch.nn.Module
-    processor: object  # a LogitsProcessor (entered as a context manager), or None
-
-
-def eval_policy(path: str, flag: str, device, beta: float) -> EvalPolicy:
-    """The policy saved in `path`. A folder written by ilql.py (with ilql_heads.safetensors) is ILQL's policy: the
-    LM and its heads together, decoding with log_softmax(logits) + β·(min Q̂ − V) as ilql.py does."""
-    lm = load_model(name=path, kind="causal", flag=flag).to(device).eval()
-    if not os.path.exists(os.path.join(resolve(path, "sft"), "ilql_heads.safetensors")):
-        return EvalPolicy(lm, None)
-    import copy
-
-    import ilql  # the ILQL decoding rule lives with its algorithm
-
-    model = ilql.ILQLModel(lm)
-    target_q_heads = copy.deepcopy(model.q_heads)
-    ilql.load_heads(model, target_q_heads, resolve(path, "sft"))
-    model.to(device).eval()
-    return EvalPolicy(lm, ilql.ILQLLogitsProcessor(model, target_q_heads.to(device), beta))
-
-
-@torch.no_grad()
-def sample_for_eval(
-    policy: EvalPolicy,
-    tokenizer,
-    prompt_rows,
-    *,
-    settings,
-    stop_strings,
-    batch_size,
-    device,
-    desc="sampling",
-    show_progress=True,
-):
-    """Responses to the (token-id) prompts, sampled with `settings` (a GenerationConfig), cut after EOS and at the
-    stop strings, with the log-probs of the sampled tokens under the sampling distribution itself: read from the
-    processed scores of `generate` (temperature, top-k and ILQL's shift all applied), so KL estimates need no second
-    pass through the policy. `desc`: the name of its progress bar."""
-    parts = []
-    for start in progress(range(0, len(prompt_rows), batch_size), desc=desc, enabled=show_progress):
-        query_ids, query_mask = pad_left(prompt_rows[start : start + batch_size], tokenizer.pad_token_id, device)
-        processors = [policy.processor] if policy.processor is not None else []
-        with policy.processor or contextlib.nullcontext():
-            out = policy.lm.generate(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                generation_config=settings,
-                logits_processor=processors,
-            )
-        response_ids = out.sequences[:, query_ids.shape[1] :]
-        # one decoding step at a time: a [batch, vocab] log-softmax, never a [batch, steps, vocab] copy of the scores
-        logprobs = torch.stack(
-            [
-                s.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
-                for s, token in zip(out.scores, response_ids.T)
-            ],
-            1,
-        )
-        response_ids, response_mask, _ = truncate_after_eos(
-            response_ids,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            tokenizer=tokenizer,
-            stop_strings=stop_strings,
-        )
-        texts = [
-            tokenizer.decode(row[: int(n)], skip_special_tokens=False)
-            for row, n in zip(response_ids.tolist(), response_mask.sum(1).tolist())
-        ]
-        parts.append(
-            Samples(Batch(query_ids, query_mask, response_ids, response_mask), logprobs * response_mask, texts)
-        )
-    return parts
-
-
-def win_rate(scores, baseline_scores, resamples: int = 1000, seed: int = 0):
-    """The fraction of prompts where the policy's response beats the baseline's under the judge (a tie counts ½),
-    with a 95% bootstrap interval over prompts (percentiles of `resamples` resampled means): (rate, low, high)."""
-    scores = torch.as_tensor(scores, dtype=torch.float64)
-    baseline_scores = torch.as_tensor(baseline_scores, dtype=torch.float64)
-    wins = (scores > baseline_scores).double() + 0.5 * (scores == baseline_scores).double()
-    draws = torch.randint(len(wins), (resamples, len(wins)), generator=torch.Generator().manual_seed(seed))
-    means = wins[draws].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return wins.mean().item(), low, high
-
-
 def distinct_n(texts, n: int) -> float:
     """Distinct-n: unique word n-grams / all word n-grams over all texts."""
     grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
-
-
-@torch.no_grad()  # every pass here only scores: no autograd graph is kept (it would grow with every batch)
-def evaluate_run(
-    run_dir: str,
-    *,
-    baseline="sft",
-    judge=None,
-    prompts=None,
-    temperature=1.0,
-    beta=1.0,
-    batch_size=16,
-    seed=1,
-    device="cpu",
-    init_device=None,
-    out=None,
-    show_progress=True,
-) -> dict:
-    """The policy of a finished run (`run_dir`/policy) against a baseline (`sft`: the run's starting policy, π_init;
-    or another run's folder) on the run's held-out prompts (the first `prompts` of its --eval-split; default its
-    --eval-prompts). Both are sampled at `temperature` over the full vocabulary with one seed, and decoded greedily.
-    On the samples: the win rate of the policy under `judge` (a --reward-model entry, or `gold`: the built-in task's
-    gold score, the default there) with its 95% bootstrap interval, and the policy's KL to π_init,
-    Σ_t log p(y_t) − log π_init(y_t) per sampled response (mean, nats, with its standard error). On both decodings:
-    the run's proxy reward (its --reward-model entries, raw scores weighted by its --reward-weights), the gold score
-    on the built-in task, distinct-2 and the response length. The pairs go to `out` (default
-    `run_dir`/eval-vs-BASELINE.jsonl), the summary (returned) to the same name with .json. `show_progress`: tqdm
-    bars while sampling, in a terminal (`progress`). `device`: where the policy, the baseline and the judge run;
-    `init_device`: where π_init runs (default `device`; e.g. `cpu` or a second GPU when one holds two models but not
-    three; the baseline π_init then samples there, from another device's random numbers than the policy's). Every
-    score and log-prob is brought to the CPU before they are combined."""
-    with open(os.path.join(run_dir, "args.json")) as f:
-        run = SimpleNamespace(**json.load(f))
-    policy_path = os.path.join(run_dir, "policy")
-    if not os.path.isdir(policy_path):
-        fail(f"{run_dir} has no policy/ folder: pass the folder of a run that finished (runs/NAME)")
-    builtin = run.dataset == BUILTIN
-    judge = judge or ("gold" if builtin else None)
-    if judge is None:
-        fail(f"{run_dir} was not trained on the built-in task: pass --judge (a reward model, module:function or URL)")
-    for entry, flag in [(judge, "--judge"), *((entry, "the run's --reward-model") for entry in run.reward_model)]:
-        if entry != "gold":
-            check_reward_entry(entry, flag)  # before anything is sampled: a wrong entry stops it in seconds
-    device = torch.device(device)
-    init_device = device if init_device is None else torch.device(init_device)
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(policy_path, flag="RUN_DIR")
-    policy = eval_policy(policy_path, flag="RUN_DIR", device=device, beta=beta)
-    init = EvalPolicy(load_model(name=run.model_name_or_path, kind="causal", flag="--model-name-or-path"), None)
-    init = init._replace(lm=init.lm.to(init_device).eval())
-    if baseline == "sft":
-        other = init
-    else:
-        other = eval_policy(os.path.join(baseline, "policy"), flag="--baseline", device=device, beta=beta)
-
-    # The held-out prompts, as the run evaluated them
-    encode = dict(
-        max_prompt_length=run.max_prompt_length,
-        max_new_tokens=run.max_new_tokens,
-        context=policy.lm.config.max_position_embeddings,
-        chat_template=getattr(run, "chat_template", False),
-    )
-    texts = load_prompts(run.dataset, run.eval_split, run.prompt_field)
-    texts = [texts[i] for i in fitting_prompts(tokenizer, texts, what="evaluation prompts", **encode)]
-    texts = texts[: prompts or run.eval_prompts]  # the prompts the run evaluated: the first that fit
-    prompt_rows, _ = encode_prompts(tokenizer, texts, **encode)
-    decoding = dict(
-        max_new_tokens=run.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    sampling = dict(
-        stop_strings=getattr(run, "stop_strings", []),
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    sampled = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, **decoding)
-    greedy = GenerationConfig(do_sample=False, **decoding)
-    samples = {}
-    for name, model in (("policy", policy), ("baseline", other)):
-        torch.manual_seed(seed)  # the same draws for both: differences come from the models
-        on = model.lm.device  # π_init as the baseline samples on init_device
-        samples[name] = sample_for_eval(
-            model, tokenizer, prompt_rows, settings=sampled, desc=name, device=on, **sampling
-        )
-        samples[f"{name}_greedy"] = sample_for_eval(
-            model, tokenizer, prompt_rows, settings=greedy, desc=f"{name}, greedy", device=on, **sampling
-        )
-
-    # Scores: the judge, the run's proxy reward, the gold score; the policy's KL to π_init
-    def scorer(entry):
-        if entry == "gold":
-            return lambda *batch, texts, prompts: torch.tensor(builtin_gold_score(texts))
-        score = load_reward(entry, tokenizer, placement=str(device))
-        return lambda *batch, texts, prompts: score(*batch, prompts=prompts)
-
-    weights = run.reward_weights or [1.0] * len(run.reward_model)
-    proxies = [scorer(entry) for entry in run.reward_model]
-    judged = scorer(judge)
-    columns = {}
-    for name, parts in samples.items():
-        rows = {"judge": [], "reward": [], "kl_to_init": [], "length": []} | ({"gold": []} if builtin else {})
-        for start, part in zip(range(0, len(texts), batch_size), parts):
-            chunk = dict(texts=part.texts, prompts=texts[start : start + batch_size])
-            rows["judge"].append(judged(*part.batch, **chunk))
-            rows["reward"].append(sum(w * proxy(*part.batch, **chunk) for w, proxy in zip(weights, proxies)))
-            if builtin:
-                rows["gold"].append(torch.tensor(builtin_gold_score(part.texts)))
-            if not name.endswith("_greedy"):  # a KL estimate needs responses sampled from the policy
-                init_logprobs = forward_logprobs(init.lm, *part.batch, temperature=temperature)  # on init_device
-                rows["kl_to_init"].append((part.logprobs.cpu() - init_logprobs.cpu()).sum(1))
-            rows["length"].append(part.batch.response_mask.sum(1).float())
-        columns[name] = {key: torch.cat([v.cpu() for v in values]).float() for key, values in rows.items() if values}
-        columns[name]["texts"] = [t for part in parts for t in part.texts]
-    rate, low, high = win_rate(columns["policy"]["judge"], columns["baseline"]["judge"], seed=seed)
-
-    summary = {
-        "run": run_dir,
-        "baseline": baseline,
-        "judge": judge,
-        "prompts": len(texts),
-        "win_rate": rate,
-        "win_rate_low": low,
-        "win_rate_high": high,
-    }
-    for name in samples:
-        c = columns[name]
-        summary[f"{name}/reward"] = c["reward"].mean().item()
-        if builtin:
-            summary[f"{name}/gold_score"] = c["gold"].mean().item()
-        summary[f"{name}/distinct_2"] = distinct_n(c["texts"], 2)
-        summary[f"{name}/response_length"] = c["length"].mean().item()
-        if "kl_to_init" in c:
-            summary[f"{name}/kl_to_init"] = c["kl_to_init"].mean().item()
-            summary[f"{name}/kl_to_init_stderr"] = (c["kl_to_init"].std() / len(texts) ** 0.5).item()
-    out = out or os.path.join(run_dir, f"eval-vs-{os.path.basename(baseline.rstrip('/'))}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        for i, prompt in enumerate(texts):
-            row = {"prompt": prompt}
-            for name in samples:
-                c = columns[name]
-                scores = {k: c[k][i].item() for k in ("judge", "reward", "gold", "kl_to_init") if k in c}
-                row[name] = {"response": c["texts"][i], **scores}
-            f.write(json.dumps(row) + "\n")
-    with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
-
-
-def eval_table(summary: dict) -> str:
-    """evaluate_run's summary for a terminal: the win rate, then one markdown row for each side."""
-    lines = [
-        f"{summary['run']}: win rate against {summary['baseline']} under {summary['judge']} "
-        f"{summary['win_rate']:.3f} (95% bootstrap interval {summary['win_rate_low']:.3f}–"
-        f"{summary['win_rate_high']:.3f}) on {summary['prompts']} held-out prompts",
-        "| | proxy reward | gold score | KL to π_init (nats) | distinct-2 | response length |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in ("policy", "baseline", "policy_greedy", "baseline_greedy"):
-        gold = summary.get(f"{name}/gold_score")
-        gold = "–" if gold is None else f"{gold:+.3f}"
-        kl = "–"
-        if f"{name}/kl_to_init" in summary:
-            kl = f"{summary[f'{name}/kl_to_init']:.2f} ± {summary[f'{name}/kl_to_init_stderr']:.2f}"
-        lines.append(
-            f"| {name.replace('_', ', ')} | {summary[f'{name}/reward']:+.3f} | {gold} | {kl} | "
-            f"{summary[f'{name}/distinct_2']:.3f} | {summary[f'{name}/response_length']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
-# ---- `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`: tools outside a training run ---------
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Tools of common.py that are not part of a training run.")
-    parser.add_argument(
-        "--rebuild-builtin",
-        metavar="FOLDER",
-        nargs="?",
-        const=BUILTIN_SHIPPED,
-        help="build the built-in task anew into FOLDER (default: the shipped builtin/ beside common.py)",
-    )
-    tools = parser.add_subparsers(dest="tool")
-    evaluation = tools.add_parser("eval", help="a run's policy against a baseline under a judge (evaluate_run)")
-    evaluation.add_argument("run_dir", help="a finished run: runs/NAME, with args.json and policy/")
-    evaluation.add_argument("--baseline", default="sft", help="sft (the run's starting policy) or another RUN_DIR")
-    evaluation.add_argument("--judge", help="a --reward-model entry, or gold (the built-in default)")
-    evaluation.add_argument("--prompts", type=int, help="held-out prompts (default: the run's --eval-prompts)")
-    evaluation.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (full vocabulary)")
-    evaluation.add_argument("--beta", type=float, default=1.0, help="ILQL runs: the decoding β")
-    evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    evaluation.add_argument("--seed", type=int, default=1, help="the sampling seed (the same for both policies)")
-    evaluation.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    evaluation.add_argument("--init-device", help="where π_init runs (default: --device), e.g. cpu or cuda:1")
-    evaluation.add_argument("--out", help="the pairs' jsonl (default RUN_DIR/eval-vs-BASELINE.jsonl)")
-    evaluation.add_argument("--no-progress", action="store_true", help="no tqdm bars (shown only in a terminal)")
-    cli = parser.parse_args()
-    if cli.tool == "eval":
-        library_bars(not cli.no_progress)
-        s = evaluate_run(
-            cli.run_dir,
-            baseline=cli.baseline,
-            judge=cli.judge,
-            prompts=cli.prompts,
-            temperature=cli.temperature,
-            beta=cli.beta,
-            batch_size=cli.batch_size,
-            seed=cli.seed,
-            device=cli.device,
-            init_device=cli.init_device,
-            out=cli.out,
-            show_progress=not cli.no_progress,
-        )
-        print(eval_table(s))
-    elif cli.rebuild_builtin is not None:
-        build_builtin(cli.rebuild_builtin, BUILTIN_SETTINGS)
-    else:
-        parser.error("nothing to do; pass eval RUN_DIR or --rebuild-builtin")

@@ -83,7 +83,7 @@ compare() {
       python "$REPO/$algo.py" --seed "$seed" --total-episodes "$episodes" --exp-name "$algo" \
         --output-dir "$out/$algo" "$@" > "$out/$algo-$seed.log" 2>&1 || die "compare: $algo seed $seed failed; see $out/$algo-$seed.log"
       echo "$algo $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
-      python "$REPO/common.py" eval "$(ls -d "$out/$algo/${algo}__${seed}__"*/ | tail -1)" \
+      python "$REPO/evaluate.py" "$(ls -d "$out/$algo/${algo}__${seed}__"*/ | tail -1)" \
         --out "$out/eval/$algo-$seed.jsonl" >> "$out/$algo-$seed.log" 2>&1 || die "compare: evaluating $algo seed $seed failed; see $out/$algo-$seed.log"
     done
   done
@@ -187,7 +187,7 @@ compare_offline() {
       run_dir=$(ls -d "$out/$name-$seed"/*/)
       for beta in $([[ $script == ilql ]] && echo "$betas" || echo 1); do
         local label=$name; [[ $script == ilql ]] && label="ilql_beta_$beta"
-        python "$REPO/common.py" eval "$run_dir" --beta "$beta" --out "$out/eval/$label-$seed.jsonl" \
+        python "$REPO/evaluate.py" "$run_dir" --beta "$beta" --out "$out/eval/$label-$seed.jsonl" \
           >> "$out/$name-$seed.log" 2>&1 \
           || die "compare --offline: evaluating $name seed $seed failed; see $out/$name-$seed.log"
       done
@@ -309,7 +309,7 @@ paper() {
 case "${1:-}" in
   ""|-h|--help) usage; exit 0 ;;
   compare) shift; need_python; compare "$@"; exit 0 ;;
-  eval) shift; need_python; exec python "$REPO/common.py" eval "$@" ;;
+  eval) shift; need_python; exec python "$REPO/evaluate.py" "$@" ;;
   paper) shift; paper "$@" ;;
   bench) shift; need_python; [[ -n ${OMP_NUM_THREADS:-} ]] || export OMP_NUM_THREADS=$(nproc)
          exec python "$REPO/tests/benchmark.py" "$@" ;;

@@ -30,10 +30,10 @@ TINY_ONLINE = (
 
 @pytest.fixture(scope="session")
 def builtin_path():
-    """The built-in task, built once (minutes the first time; cached after)."""
+    """The shipped built-in task: builtin/ beside common.py."""
     import common
 
-    return common.builtin_dir()
+    return os.path.dirname(common.resolve(common.BUILTIN, "sft"))
 
 
 def train_bpe(texts, vocab_size):

@@ -249,7 +249,7 @@ def test_rankings_from_preference_rows_and_the_builtin_task(tmp_path):
     assert common.load_rankings(_write(tmp_path, rows)) == (["the film"], [["was great", "was dull"]], [[1.0, 0.0]])
     assert common.load_preference_pairs(_write(tmp_path, rows)) == (["the film"], ["was great"], ["was dull"])
     prompts, candidates, rewards = common.load_rankings("builtin")
-    assert len(prompts) == common.BUILTIN_SETTINGS["n_ranking_prompts"]
+    assert len(prompts) == common.optional_part("builtin/build.py").BUILTIN_SETTINGS["n_ranking_prompts"]
     assert {len(c) for c in candidates} == {len(r) for r in rewards} == {4}
     assert len(common.load_preference_pairs("builtin")[0]) > 1000
 

@@ -1,4 +1,4 @@
-"""Judged evaluation of a saved run (common.evaluate_run, `./launch.sh eval`) and `./launch.sh compare --offline`:
+"""Judged evaluation of a saved run (evaluate.evaluate_run, `./launch.sh eval`) and `./launch.sh compare --offline`:
 the win rate and its bootstrap interval, the log-probs of the sampling distribution, the KL to π_init, ILQL's
 decoding, bad input."""
 
@@ -13,6 +13,7 @@ from conftest import ROOT, error_line, run_pairs
 from transformers import GenerationConfig
 
 import common
+import evaluate
 
 DPO_TINY = "--total-steps 4 --mini-batch-size 4 --eval-every 4 --eval-prompts 8 --heldout-pairs 8".split()
 ILQL_TINY = "--offline-epochs 1 --mini-batch-size 64 --eval-prompts 8 --max-new-tokens 16 --eval-betas 0".split()
@@ -28,13 +29,13 @@ def launch(*args, timeout=900):
 def test_win_rate_counts_ties_as_half_and_brackets_the_rate():
     scores = [3.0, 1.0, 2.0, 5.0, 0.0]
     baseline = [1.0, 1.0, 4.0, 2.0, 0.0]  # win, tie, loss, win, tie
-    rate, low, high = common.win_rate(scores, baseline, resamples=2000, seed=0)
+    rate, low, high = evaluate.win_rate(scores, baseline, resamples=2000, seed=0)
     assert rate == pytest.approx((1 + 0.5 + 0 + 1 + 0.5) / 5)
     assert 0 <= low < rate < high <= 1
     # Every prompt won: no resample can say otherwise
-    assert common.win_rate([2.0] * 8, [1.0] * 8) == (1.0, 1.0, 1.0)
+    assert evaluate.win_rate([2.0] * 8, [1.0] * 8) == (1.0, 1.0, 1.0)
     # More prompts, the same win fraction: a narrower interval
-    _, low_many, high_many = common.win_rate(scores * 40, baseline * 40, resamples=2000, seed=0)
+    _, low_many, high_many = evaluate.win_rate(scores * 40, baseline * 40, resamples=2000, seed=0)
     assert high_many - low_many < high - low
 
 
@@ -42,7 +43,7 @@ def test_win_rate_counts_ties_as_half_and_brackets_the_rate():
 def test_sampled_log_probs_are_those_of_the_sampling_distribution(builtin_path, temperature):
     """The log-probs read from generate's processed scores equal a teacher-forced pass at the same temperature."""
     tokenizer = common.load_tokenizer("builtin")
-    policy = common.EvalPolicy(common.load_model("builtin", kind="causal", flag="--model-name-or-path"), None)
+    policy = evaluate.EvalPolicy(common.load_model("builtin", kind="causal", flag="--model-name-or-path"), None)
     prompts, _ = common.encode_prompts(
         tokenizer, common.load_prompts("builtin", "test")[:6], max_prompt_length=16, max_new_tokens=12, context=64
     )
@@ -57,7 +58,7 @@ def test_sampled_log_probs_are_those_of_the_sampling_distribution(builtin_path, 
         return_dict_in_generate=True,
     )
     torch.manual_seed(0)
-    parts = common.sample_for_eval(
+    parts = evaluate.sample_for_eval(
         policy, tokenizer, prompts, settings=settings, stop_strings=[], batch_size=4, device="cpu"
     )
     assert [len(p.texts) for p in parts] == [4, 2]  # ragged: the second batch is short, its responses of any length
@@ -99,7 +100,7 @@ def test_eval_of_a_run_against_sft_and_against_itself(runs, tmp_path):
     assert summary["policy/kl_to_init"] == pytest.approx(sum(kl) / 8, abs=1e-6)
     # The run against itself: the same seed (and batches) draw the same responses, every prompt a tie; judged by the
     # reward model
-    again = common.evaluate_run(
+    again = evaluate.evaluate_run(
         str(runs["dpo"]), baseline=str(runs["dpo"]), judge="builtin", batch_size=3, out=str(tmp_path / "e.jsonl")
     )
     assert (again["win_rate"], again["win_rate_low"], again["win_rate_high"]) == (0.5, 0.5, 0.5)
@@ -133,14 +134,14 @@ def test_eval_keeps_no_graph_and_brings_the_devices_together(runs, tmp_path, mon
     import graph_guard
 
     monkeypatch.setattr(torch.nn.Module, "__call__", graph_guard.checked_call)
-    sample_for_eval = common.sample_for_eval
+    sample_for_eval = evaluate.sample_for_eval
 
     def sampled_elsewhere(*args, **kwargs):
         parts = sample_for_eval(*args, **kwargs)
         return [part._replace(logprobs=part.logprobs.as_subclass(OnAnotherDevice)) for part in parts]
 
-    monkeypatch.setattr(common, "sample_for_eval", sampled_elsewhere)
-    summary = common.evaluate_run(
+    monkeypatch.setattr(evaluate, "sample_for_eval", sampled_elsewhere)
+    summary = evaluate.evaluate_run(
         str(runs["dpo"]), prompts=4, batch_size=2, init_device="cpu", out=str(tmp_path / "e.jsonl"), show_progress=False
     )
     assert summary["prompts"] == 4 and abs(summary["baseline/kl_to_init"]) < 1e-3
@@ -150,7 +151,8 @@ def test_eval_keeps_no_graph_and_brings_the_devices_together(runs, tmp_path, mon
 def test_an_ilql_folder_decodes_with_its_heads(runs, tmp_path):
     """β = 0 is the LM's own distribution; β > 0 shifts it by the heads' advantages, which moves it away from π_init."""
     at = {
-        beta: common.evaluate_run(str(runs["ilql"]), beta=beta, out=str(tmp_path / f"{beta}.jsonl")) for beta in (0, 8)
+        beta: evaluate.evaluate_run(str(runs["ilql"]), beta=beta, out=str(tmp_path / f"{beta}.jsonl"))
+        for beta in (0, 8)
     }
     assert at[0]["policy/kl_to_init"] != at[8]["policy/kl_to_init"]
     rows = {
@@ -164,7 +166,7 @@ def test_an_ilql_folder_decodes_with_its_heads(runs, tmp_path):
         if f.name != "ilql_heads.safetensors":
             (lm_only / "policy" / f.name).symlink_to(f)
     (lm_only / "args.json").symlink_to(runs["ilql"] / "args.json")
-    plain = common.evaluate_run(str(lm_only), out=str(tmp_path / "plain.jsonl"))
+    plain = evaluate.evaluate_run(str(lm_only), out=str(tmp_path / "plain.jsonl"))
     assert plain["policy/gold_score"] == pytest.approx(at[0]["policy/gold_score"], abs=1e-6)
 
 

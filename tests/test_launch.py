@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 import common
+import evaluate
 
 
 def launch(*args, cwd=None, timeout=600):
@@ -79,7 +80,9 @@ def test_entries_are_checked_before_anything_is_loaded(tmp_path, monkeypatch):
     (tmp_path / "entry_judge.py").write_text("def score(prompts, responses):\n    return [0.0] * len(responses)\n")
     (tmp_path / "entry_needs.py").write_text("import no_such_package_here\n")
     for step in ("load_tokenizer", "load_model", "init_distributed"):
-        monkeypatch.setattr(common, step, lambda *a, **k: pytest.fail("loaded before the entry was checked"))
+        for module in (common, evaluate):
+            if hasattr(module, step):
+                monkeypatch.setattr(module, step, lambda *a, **k: pytest.fail("loaded before the entry was checked"))
     run = tmp_path / "run"
     (run / "policy").mkdir(parents=True)
     (run / "args.json").write_text(json.dumps({"dataset": "builtin", "reward_model": ["builtin"]}))
@@ -91,11 +94,11 @@ def test_entries_are_checked_before_anything_is_loaded(tmp_path, monkeypatch):
     }
     for judge, message in bad.items():
         with pytest.raises(SystemExit, match=r"^error: ") as stop:
-            common.evaluate_run(str(run), judge=judge)
+            evaluate.evaluate_run(str(run), judge=judge)
         assert message in str(stop.value) and "\n" not in str(stop.value), str(stop.value)
     (run / "args.json").write_text(json.dumps({"dataset": "builtin", "reward_model": ["gone_reward:score"]}))
     with pytest.raises(SystemExit, match="cannot import the reward function 'gone_reward:score'"):
-        common.evaluate_run(str(run), judge="entry_judge:score")
+        evaluate.evaluate_run(str(run), judge="entry_judge:score")
     args = common.parse_args(ppo.Args, ppo.PRESETS, argv=["--reward-model", "builtin", "./no_such_rm"])
     with pytest.raises(SystemExit, match=r"--reward-model ./no_such_rm does not exist"):
         common.start_run(args, "ppo.py")
@@ -108,6 +111,7 @@ def test_without_the_packages_launch_sh_says_how_to_install(tmp_path):
     repo.mkdir()
     shutil.copy(ROOT / "launch.sh", repo / "launch.sh")
     (repo / "common.py").symlink_to(ROOT / "common.py")
+    (repo / "evaluate.py").symlink_to(ROOT / "evaluate.py")
     bin_dir = tmp_path / "bin"  # the tools launch.sh needs, and a python without the packages
     bin_dir.mkdir()
     for tool in ("dirname", "readlink"):

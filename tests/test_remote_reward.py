@@ -14,6 +14,7 @@ import torch
 from conftest import TINY_ONLINE, error_line, free_port, read_run, run_pairs
 
 import common
+import released
 
 
 def chars(payload) -> list:
@@ -79,8 +80,8 @@ def serve():
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(common, "REMOTE_BACKOFF", 0.01)
-    monkeypatch.setattr(common, "REMOTE_TIMEOUT", 0.5)
+    monkeypatch.setattr(released, "REMOTE_BACKOFF", 0.01)
+    monkeypatch.setattr(released, "REMOTE_TIMEOUT", 0.5)
 
 
 PROMPTS = ["the film", "a plot", "the actor", "the ending", "the music"]
@@ -106,7 +107,7 @@ def test_the_server_gets_what_a_reward_function_gets_in_batches(batch, serve, mo
         "    return [len(r) for r in responses]\n"
     )
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(common, "REMOTE_BATCH", 2)
+    monkeypatch.setattr(released, "REMOTE_BATCH", 2)
     server = serve(lambda n, payload: answer_json({"scores": chars(payload)}))
     remote = common.load_reward(server.url, tokenizer)(*rows, prompts)
     local = common.load_reward("text_rewards:spy", tokenizer)(*rows, prompts)
@@ -149,7 +150,7 @@ def test_a_server_that_stays_down_is_one_line_naming_it(batch, fast_retries):
     with pytest.raises(SystemExit) as stop:
         score(*rows, prompts)
     message = str(stop.value)
-    assert message.startswith(f"error: the reward server at {url} did not answer after {common.REMOTE_TRIES} tries")
+    assert message.startswith(f"error: the reward server at {url} did not answer after {released.REMOTE_TRIES} tries")
     assert "refused" in message and "start it" in message and "\n" not in message
     assert time.time() - t0 < 5
 

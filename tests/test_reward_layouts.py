@@ -1,4 +1,4 @@
-"""Reward models as released (common.py, "Reward models as released"): each layout is written tiny and random to a
+"""Reward models as released (released.py, "Reward models as released"): each layout is written tiny and random to a
 folder exactly as its authors stored it, loaded through common.load_reward, and its score checked against a hand
 computation with plain transformers modules on the text its released code scores (so a wrong text format, a wrong
 read position or a random head fails). The same three under their hub ids with HF_HUB_OFFLINE=1, from a hub cache laid
@@ -20,6 +20,7 @@ import torch
 from conftest import ROOT, TINY_ONLINE, read_run, run_script
 
 import common
+import released
 
 GPT2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
 EOS = "<|endoftext|>"
@@ -113,7 +114,7 @@ def test_trlx_hh_hf_ckpt_appends_eos_and_reads_the_first_eos(tmp_path, gpt2):
     torch.save(trlx_state_dict(trunk, weight), folder / "hf_ckpt.pt")
     trunk.config.save_pretrained(folder)
     gpt2.save_pretrained(folder)
-    assert common.reward_layout(str(folder)) == "trlx-hh"
+    assert released.reward_layout(str(folder)) == "trlx-hh"
     score = common.load_reward(str(folder), gpt2)
     got = score(*policy_batch(gpt2))
     texts = [p + r + EOS for p, r in zip(PROMPTS, RESPONSES)]
@@ -134,8 +135,8 @@ def test_trlx_hh_bare_state_dict_takes_its_trunk_from_the_base(tmp_path, gpt2, m
     torch.save(trlx_state_dict(trunk, weight), bare / "hf_ckpt.pt")
     trunk.config.save_pretrained(base)
     gpt2.save_pretrained(base)
-    assert common.RELEASED_TRUNKS["trlx-hh"] == ("EleutherAI/gpt-j-6B", "gpt2")
-    monkeypatch.setitem(common.RELEASED_TRUNKS, "trlx-hh", (str(base), str(base)))
+    assert released.RELEASED_TRUNKS["trlx-hh"] == ("EleutherAI/gpt-j-6B", "gpt2")
+    monkeypatch.setitem(released.RELEASED_TRUNKS, "trlx-hh", (str(base), str(base)))
     got = common.load_reward(str(bare), gpt2)(*policy_batch(gpt2))
     texts = [p + r + EOS for p, r in zip(PROMPTS, RESPONSES)]
     want = hand_scores(trunk, gpt2, texts, lambda ids: ids.index(gpt2.eos_token_id), weight)
@@ -152,14 +153,14 @@ def test_trlx_tldr_wraps_the_text_and_reads_the_token_before_eos(tmp_path, gpt2,
     (base := tmp_path / "sft").mkdir()
     trunk.config.save_pretrained(base)
     gpt2.save_pretrained(base)
-    monkeypatch.setitem(common.RELEASED_TRUNKS, "trlx-tldr", (str(base), str(base)))
-    assert common.reward_layout(str(bare)) == "trlx-tldr"
+    monkeypatch.setitem(released.RELEASED_TRUNKS, "trlx-tldr", (str(base), str(base)))
+    assert released.reward_layout(str(bare)) == "trlx-tldr"
     torch.testing.assert_close(common.load_reward(str(bare), gpt2)(*policy_batch(gpt2)), want, atol=1e-4, rtol=1e-4)
     # the same state dict with its config.json and tokenizer beside it: still trlX's layout (its v_head says so)
     trunk.config.save_pretrained(bare)
     gpt2.save_pretrained(bare)
-    monkeypatch.setitem(common.RELEASED_TRUNKS, "trlx-tldr", ("no/such-trunk", "no/such-tokenizer"))
-    assert common.reward_layout(str(bare)) == "trlx-tldr"
+    monkeypatch.setitem(released.RELEASED_TRUNKS, "trlx-tldr", ("no/such-trunk", "no/such-tokenizer"))
+    assert released.reward_layout(str(bare)) == "trlx-tldr"
     got = common.load_reward(str(bare), gpt2)(*policy_batch(gpt2))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     plain = hand_scores(trunk, gpt2, [p + r for p, r in zip(PROMPTS, RESPONSES)], lambda ids: -1, weight)
@@ -211,8 +212,8 @@ def oasst_folder(folder, gpt2) -> Oasst:
 def test_oasst_gpt_neox_reward_model_scores_prompter_assistant_turns(tmp_path, gpt2):
     folder = tmp_path / "oasst-rm"
     trunk, tok, weight, bias = oasst_folder(folder, gpt2)
-    assert common.reward_layout(str(folder)) == "oasst"
-    assert [common.oasst_dialogue(p, r, EOS) for p, r in zip(PROMPTS, RESPONSES)] == OASST_TEXTS
+    assert released.reward_layout(str(folder)) == "oasst"
+    assert [released.oasst_dialogue(p, r, EOS) for p, r in zip(PROMPTS, RESPONSES)] == OASST_TEXTS
     assert tok("<|prompter|>Hi").input_ids[0] == tok.convert_tokens_to_ids("<|prompter|>")  # one token, as in OA's
     score = common.load_reward(str(folder), gpt2)
     got = score(*policy_batch(gpt2))
@@ -235,7 +236,7 @@ def test_a_folder_in_no_known_layout_is_one_error_line(tmp_path):
 
 
 def test_the_standard_layout_still_loads_as_sequence_classification(builtin_path):
-    assert common.reward_layout(common.resolve("builtin", "reward")) == "score"
+    assert released.reward_layout(common.resolve("builtin", "reward")) == "score"
 
 
 # Top-level files of the released repos (their hub "Files" pages and commit histories, as stored by the search
@@ -298,16 +299,16 @@ def test_every_paper_preset_reward_model_maps_to_its_released_layout():
         args = common.parse_args(module.Args, module.PRESETS, argv=words[words.index(script) + 1 :])
         name = args.reward_model[0]
         files, config = HUB_REPOS[name]
-        assert common.reward_layout_of(files, config) == layout, (preset, name)
-    assert common.RELEASED_REVISIONS == {"Dahoas/gptj-rm-static": "676bfd4d"}
+        assert released.reward_layout_of(files, config) == layout, (preset, name)
+    assert released.RELEASED_REVISIONS == {"Dahoas/gptj-rm-static": "676bfd4d"}
 
 
 def test_layout_rules_on_file_lists():
     hf_folder = ["config.json", "model.safetensors", "tokenizer.json"]
-    assert common.reward_layout_of(hf_folder, {"model_type": "gpt2"}) == "score"
-    assert common.reward_layout_of(["config.json", "pytorch_model.bin"], {"model_type": "gptj"}) == "score"
+    assert released.reward_layout_of(hf_folder, {"model_type": "gpt2"}) == "score"
+    assert released.reward_layout_of(["config.json", "pytorch_model.bin"], {"model_type": "gptj"}) == "score"
     assert (
-        common.reward_layout_of(
+        released.reward_layout_of(
             ["config.json", "pytorch_model.bin"],
             {"model_type": "gptj"},
             keys={"transformer.wte.weight", "v_head.weight"},
@@ -315,12 +316,13 @@ def test_layout_rules_on_file_lists():
         == "trlx-tldr"
     )
     assert (
-        common.reward_layout_of([".gitattributes", "hf_ckpt.pt", "config.json"], {"model_type": "gptj"}) == "trlx-hh"
+        released.reward_layout_of([".gitattributes", "hf_ckpt.pt", "config.json"], {"model_type": "gptj"}) == "trlx-hh"
     )  # the config.json of the repo's open PR #1 changes nothing
-    assert common.reward_layout_of(["config.json"], {"model_type": "gpt2"}) is None
-    assert common.reward_layout_of(["README.md"]) is None
+    assert released.reward_layout_of(["config.json"], {"model_type": "gpt2"}) is None
+    assert released.reward_layout_of(["README.md"]) is None
     assert (
-        common.oasst_dialogue("Summarize this.", " ok ", EOS) == f"<|prompter|>Summarize this.{EOS}<|assistant|>ok{EOS}"
+        released.oasst_dialogue("Summarize this.", " ok ", EOS)
+        == f"<|prompter|>Summarize this.{EOS}<|assistant|>ok{EOS}"
     )
 
 
@@ -328,7 +330,7 @@ def test_oasst_dialogue_keeps_every_paragraph_and_each_turn():
     """The dialogue as the policy read it: a paragraph that starts no turn stays in its turn, and two turns of one
     speaker stay two. A-LoL's text (PRO's _split_dialogue, see oasst_dialogue) drops the one and joins the other."""
     prompt = "\n\nHuman: Sort this list:\n\n1. milk\n2. eggs\n\nHuman: Alphabetically.\n\nAssistant:"
-    ours = common.oasst_dialogue(prompt, " 1. eggs 2. milk", EOS)
+    ours = released.oasst_dialogue(prompt, " 1. eggs 2. milk", EOS)
     assert ours == (
         f"<|prompter|>Sort this list:\n\n1. milk\n2. eggs{EOS}<|prompter|>Alphabetically.{EOS}"
         f"<|assistant|>1. eggs 2. milk{EOS}"
@@ -428,10 +430,11 @@ import json
 import sys
 import test_reward_layouts as t  # first: its conftest puts the project on sys.path
 import common
+import released
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(str(t.GPT2_TOKENIZER))
 rows = t.policy_batch(tok)
-print(json.dumps({n: [common.reward_layout(n), common.load_reward(n, tok)(*rows).tolist()] for n in sys.argv[1:]}))
+print(json.dumps({n: [released.reward_layout(n), common.load_reward(n, tok)(*rows).tolist()] for n in sys.argv[1:]}))
 """
 
 
@@ -452,7 +455,7 @@ def test_released_reward_models_by_hub_id_offline_score_as_released(hub_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, want in hub_cache.scores.items():
-        assert got[name][0] == common.reward_layout_of(*HUB_REPOS[name]), name
+        assert got[name][0] == released.reward_layout_of(*HUB_REPOS[name]), name
         torch.testing.assert_close(torch.tensor(got[name][1]), want, atol=1e-4, rtol=1e-4)
     # the pinned commit was read, not main's later upload
     assert (torch.tensor(got["Dahoas/gptj-rm-static"][1]) - hub_cache.later_scores).abs().max() > 1e-2
@@ -484,11 +487,11 @@ def test_a_short_pinned_revision_without_its_ref_is_the_cached_commit_it_begins(
         cache_repo(tmp_path / "cache", "Dahoas/gptj-rm-static", folder, commit, refs)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     assert constants.HF_HUB_OFFLINE
-    assert common.reward_layout("Dahoas/gptj-rm-static") == "trlx-hh"
-    with open(common._reward_file("Dahoas/gptj-rm-static", "hf_ckpt.pt")) as f:
+    assert released.reward_layout("Dahoas/gptj-rm-static") == "trlx-hh"
+    with open(released._reward_file("Dahoas/gptj-rm-static", "hf_ckpt.pt")) as f:
         assert f.read() == "pinned"
-    assert common.reward_layout(TLDR_RM) == "score"  # not cached: loading it as a classifier then says why
+    assert released.reward_layout(TLDR_RM) == "score"  # not cached: loading it as a classifier then says why
     with pytest.raises(SystemExit) as info:
-        common._reward_file(TLDR_RM, "pytorch_model.bin")
+        released._reward_file(TLDR_RM, "pytorch_model.bin")
     message = str(info.value)
     assert message.startswith("error:") and "\n" not in message and f"hf download {TLDR_RM}" in message
