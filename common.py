@@ -19,11 +19,12 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
     13. Masked statistics              means and whitening where padding never counts, optionally over all ranks
     14. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, W&B, HF folders
     15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
-    16. Evaluation of a saved run      evaluate_run: win rate under a judge, KL to π_init (`./launch.sh eval`)
-    17. `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`
+    16. Caches                         content keys (fingerprint, file_digest, hub_commit), cached(_rows), distinct_n
+    17. Evaluation of a saved run      evaluate_run: win rate under a judge, KL to π_init (`./launch.sh eval`)
+    18. `python common.py eval RUN_DIR` and `python common.py --rebuild-builtin`
 
 Copying one algorithm script into a project: copy common.py beside it. The script calls into sections 1, 3, 5-8 and
-10-15; sections 16-17 are tools run after training. Sections 2, 4 and 9 serve only the built-in task (`builtin` as a
+10-16; sections 17-18 are tools run after training. Sections 2, 4 and 9 serve only the built-in task (`builtin` as a
 model or dataset name) and data in other formats (HH dialogues, chat templates, PRO rows, released reward-model
 layouts); each is reached through a few calls from the sections a script needs (resolve; canonical_rows,
 render_prompts, prompt_messages, prompt_text; reward_layout), so a project that feeds its own models and plain
@@ -2761,6 +2762,171 @@ def exit_cleanly():
         os._exit(0)
 
 
+# ---- Caches: content keys and cached results -------------------------------------------------------------------------
+# A result that is slow to compute (π_ref's log-probs, rewards, A-LoL's advantages) is stored under a key that names
+# everything it depends on: each model by its content (fingerprint), each row by its content (json_digest), every
+# setting by its value. An entry is <SHA-256 of the key>.safetensors (the tensors) + .json (the key itself, checked on
+# every read, so a hash collision or a hand-edited file is recomputed, never read). Each script's key starts with its
+# CACHE_VERSION, raised when what the script caches or how it computes it changes.
+def cache_folder(cache_dir, script: str) -> str:
+    """Where `script`'s entries live: `cache_dir` (--cache-dir) when given, else $ONEFILE_RLHF_CACHE/<script>, else
+    ~/.cache/onefile-rlhf/<script>."""
+    if cache_dir:
+        return cache_dir
+    root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
+    return os.path.join(root, script)
+
+
+def json_digest(obj) -> str:
+    """The SHA-256 (hex) of `obj` written as JSON: the content key of a row (its token ids, its texts)."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
+def file_digest(path: str, whole_below=64 << 20, samples=1024, chunk=16 << 10) -> str:
+    """The SHA-256 (hex) of a file's size and bytes: all of them up to `whole_below` bytes (64 MiB: configs,
+    tokenizers, small weights); above it, `samples` chunks of `chunk` bytes at evenly spaced offsets, the first and
+    last bytes included (16 MiB read whatever the size, where reading a 13 GB file whole takes seconds at every
+    start). Any change wider than the spacing (size / 1023: about 13 MB in a 13 GB file, where one attention
+    projection of a 7B model is 32 MiB) changes the digest, so a model trained in its top blocks only, or LoRA-merged
+    into a few projections, keys apart from its base; a change confined to tensors smaller than the spacing (a norm's
+    weights alone) may not."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            digest.update(f.read())
+        else:
+            for i in range(samples):
+                f.seek((size - chunk) * i // (samples - 1))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def hub_commit(name: str, revision=None):
+    """The commit of hub repo `name` at `revision` (None: main). A revision that is a commit hash (7 to 40 hex
+    digits) is returned as it is: it names fixed content, online or not. Else the commit the hub resolves it to, else
+    that of the snapshot in the local hub cache, else None (neither knows it: the name alone keys the cache)."""
+    if revision and re.fullmatch(r"[0-9a-f]{7,40}", revision):
+        return revision
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.model_info(name, revision=revision).sha
+    except Exception:  # offline, no connection, unknown name: try the local hub cache
+        pass
+    try:
+        return os.path.basename(huggingface_hub.snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # not cached either
+        return None
+
+
+def fingerprint(name: str, role: str) -> list:
+    """The content key of a model or reward given as `name` (`builtin` resolved for `role`: sft, reward, ...):
+    - a local folder: [[file name, file_digest], ...] over its top-level files in name order (a copy keys alike, one
+      changed byte apart; file times are not read);
+    - module:function or a URL: [name] (the code and the server are taken as fixed: give another name when they
+      change);
+    - a hub name: [name, commit], the commit (hub_commit) of the revision a run loads: the one RELEASED_REVISIONS
+      pins for a released reward model (not main's, whose later uploads differ), else main's."""
+    path = resolve(name, role)
+    if ":" in path and not os.path.exists(path):
+        return [path]
+    if not os.path.isdir(path):
+        return [path, hub_commit(path, RELEASED_REVISIONS.get(path))]
+    contents = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            contents.append((entry.name, file_digest(entry.path)))
+    return contents
+
+
+def _entry_path(key: dict, cache_dir: str) -> str:
+    return os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+
+
+def _write_entry(path: str, tensors: dict, record: dict):
+    """Written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f".{os.getpid()}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+    os.replace(path + ".safetensors" + tmp, path + ".safetensors")
+    with open(path + ".json" + tmp, "w") as f:
+        f.write(json.dumps(record, indent=1))
+    os.replace(path + ".json" + tmp, path + ".json")
+
+
+def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
+    """compute() -> (dict of tensors, dict of JSON info), stored under `key` in `cache_dir` and read back only when
+    the stored key equals `key` (use_cache False, --no-cache: computed and stored anew). Returns (tensors, info, hit).
+    Every rank takes the same branch (a hit on all ranks or on none), since compute() may hold collectives; rank 0
+    writes."""
+    from safetensors.torch import load_file
+
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = _entry_path(key, cache_dir)
+    entry = {}
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
+        with open(path + ".json") as f:
+            entry = json.load(f)
+    if mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
+        return load_file(path + ".safetensors"), entry["info"], True
+    tensors, info = compute()
+    if rank == 0:
+        _write_entry(path, tensors, {"key": key, "info": info})
+    return tensors, info, False
+
+
+def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
+    """An entry under `key` that holds rows: one row of each tensor per row cached, and in the JSON each cached row's
+    digest (what the row is, e.g. json_digest of its tokens). Returns ({name: tensor [len(digests), ...]}, number of
+    rows computed): a row whose digest the entry holds is read back; compute(positions) -> {name: tensor
+    [len(positions), ...]} computes the others (`positions` index `digests`), which rank 0 adds to the entry. A row
+    is only ever read back under its own digest, so an entry written for some rows serves a later run that needs
+    more and is never read for rows it lacks. Every rank computes the same rows, since compute() may hold
+    collectives."""
+    from safetensors.torch import load_file
+
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = _entry_path(key, cache_dir)
+    stored = {}
+    where = {}  # digest -> its row in `stored`
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
+        with open(path + ".json") as f:
+            entry = json.load(f)
+        if entry.get("key") == key:
+            stored = load_file(path + ".safetensors")
+            where = {digest: row for row, digest in enumerate(entry["rows"])}
+    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
+    missing = all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
+    positions = missing.nonzero().flatten()
+    computed = compute(positions) if len(positions) else {}
+    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
+    tensors = {}
+    for name, template in (computed or stored).items():
+        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
+        if len(hits):
+            tensors[name][~missing] = stored[name][hits]
+        if len(positions):
+            tensors[name][positions] = computed[name].to(template.dtype)
+    new = [position for position in positions.tolist() if digests[position] not in where]
+    if rank == 0 and new:
+        rows = list(where) + [digests[position] for position in new]
+        new = torch.tensor(new, dtype=torch.long)
+        union = {
+            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
+        }
+        _write_entry(path, union, {"key": key, "rows": rows})
+    return tensors, len(positions)
+
+
+def distinct_n(texts, n: int) -> float:
+    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
+    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 # ---- Evaluation of a saved run: its policy against a baseline, under a judge -----------------------------------------
 class Samples(NamedTuple):
     """Responses sampled for evaluation: the token ids (`batch`), the log-probs of the sampled tokens under the
@@ -2859,12 +3025,6 @@ def win_rate(scores, baseline_scores, resamples: int = 1000, seed: int = 0):
     means = wins[draws].mean(1)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return wins.mean().item(), low, high
-
-
-def distinct_n(texts, n: int) -> float:
-    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
-    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
 
 
 @torch.no_grad()  # every pass here only scores: no autograd graph is kept (it would grow with every batch)
