@@ -1940,7 +1940,9 @@ def load_released_reward(
 
 
 # ---- Distributed set-up: the process group (also for one process), all-reduce, generate under ZeRO-3 -----------------
-SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU comm op (deepspeed/ops/op_builder/cpu/comm.py)
+# DeepSpeed's CPU comm op, by its internal name (ShareMemCommBuilder.NAME in deepspeed/ops/op_builder/cpu/comm.py);
+# written against deepspeed 0.19.8, the version requirements.txt pins
+SHM_COMM_OP = "deepspeed_shm_comm"
 
 
 def init_distributed(zero_stage: int):
@@ -1965,7 +1967,8 @@ def init_distributed(zero_stage: int):
     else:
         if not cuda and os.environ["WORLD_SIZE"] == "1":
             # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks when it starts; one process reduces
-            # nothing, so it is marked unavailable and nothing is compiled.
+            # nothing, so it is marked unavailable and nothing is compiled. DeepSpeed's private API
+            # (deepspeed/ops/__init__.py's lazily probed table), written against deepspeed 0.19.8 (requirements.txt).
             deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         elif not cuda:
             check_build_lock(SHM_COMM_OP)
@@ -2016,6 +2019,9 @@ def gathered_for_generation(engine, zero3: bool):
         yield
         return
     model = engine.module
+    # DeepSpeed's private API from here to the end (the optimizer's parameter_offload, its forward / backward hook
+    # lists and _register_deepspeed_module in deepspeed/runtime/zero/parameter_offload.py, each parameter's
+    # ds_active_sub_modules in partition_parameters.py): written against deepspeed 0.19.8 (requirements.txt)
     offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # frozen engines: the offload itself
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         for param in model.parameters():
@@ -2578,7 +2584,9 @@ def save_hf(engine, tokenizer, path: str, rank: int):
     any checkpoint) and as the adapter alone under `path`/adapter (peft's PeftModel.from_pretrained on the base)."""
     state_dict = None
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+        # DeepSpeed's private API (DeepSpeedEngine in deepspeed/runtime/engine.py), written against deepspeed 0.19.8
+        # (requirements.txt); a collective: every rank calls it
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank == 0:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)

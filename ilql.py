@@ -462,7 +462,9 @@ def save_checkpoint(engine, target_q_heads, tokenizer, *, path: str, rank: int):
     aside and renamed: never half a checkpoint under `path`."""
     model = getattr(engine, "module", engine)
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+        # DeepSpeed's private API (DeepSpeedEngine in deepspeed/runtime/engine.py), written against deepspeed 0.19.8
+        # (requirements.txt); a collective: every rank calls it
+        state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = model.state_dict()
     if rank == 0:
