@@ -19,6 +19,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
     12. Masked statistics              means and whitening where padding never counts, optionally over all ranks
     13. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, W&B, HF folders
     14. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
+    15. Caches                         content keys (fingerprint, file_digest, hub_commit), cached(_rows), distinct_n
 
 Copying one algorithm script into a project: copy the script and common.py; nothing else is needed. released.py,
 evaluate.py and builtin/ are optional parts beside common.py, each imported only where it is used (optional_part): a
@@ -34,6 +35,7 @@ Section 4 serves data in other formats (HH dialogues, chat templates, PRO rows),
 
 import contextlib
 import dataclasses
+import hashlib
 import html
 import importlib
 import importlib.util
@@ -1090,6 +1092,11 @@ def merged_state_dict(state: dict, model) -> dict:
 
 
 # ---- Rewards: a Python function, a URL, a sequence-classification model, or a reward model as released ---------------
+# The hub revision a run loads of a released reward model (released.py), where its paper's code pinned one: trlX's pin
+# (ppo_hh.py:159); later uploads differ. Cache keys (fingerprint) name the same revision.
+RELEASED_REVISIONS = {"Dahoas/gptj-rm-static": "676bfd4d"}
+
+
 def check_reward_entry(entry: str, flag: str = "--reward-model"):
     """What can be known of a --reward-model (or --judge) entry before anything is loaded or sampled, so that a wrong
     one stops a run in seconds: a `module:function` imports and is callable, a URL names a host, a local path (one
@@ -1304,7 +1311,9 @@ def _frozen_settings(placement: str, zero_stage: int, micro_batch_size: int, dty
 
 
 # ---- Distributed set-up: the process group (also for one process), all-reduce, generate under ZeRO-3 -----------------
-SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU comm op (deepspeed/ops/op_builder/cpu/comm.py)
+# DeepSpeed's CPU comm op, by its internal name (ShareMemCommBuilder.NAME in deepspeed/ops/op_builder/cpu/comm.py);
+# written against deepspeed 0.19.8, the version requirements.txt pins
+SHM_COMM_OP = "deepspeed_shm_comm"
 
 
 def init_distributed(zero_stage: int):
@@ -1329,7 +1338,8 @@ def init_distributed(zero_stage: int):
     else:
         if not cuda and os.environ["WORLD_SIZE"] == "1":
             # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks when it starts; one process reduces
-            # nothing, so it is marked unavailable and nothing is compiled.
+            # nothing, so it is marked unavailable and nothing is compiled. DeepSpeed's private API
+            # (deepspeed/ops/__init__.py's lazily probed table), written against deepspeed 0.19.8 (requirements.txt).
             deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
         elif not cuda:
             check_build_lock(SHM_COMM_OP)
@@ -1380,6 +1390,9 @@ def gathered_for_generation(engine, zero3: bool):
         yield
         return
     model = engine.module
+    # DeepSpeed's private API from here to the end (the optimizer's parameter_offload, its forward / backward hook
+    # lists and _register_deepspeed_module in deepspeed/runtime/zero/parameter_offload.py, each parameter's
+    # ds_active_sub_modules in partition_parameters.py): written against deepspeed 0.19.8 (requirements.txt)
     offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)  # frozen engines: the offload itself
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         for param in model.parameters():
@@ -1942,7 +1955,9 @@ def save_hf(engine, tokenizer, path: str, rank: int):
     any checkpoint) and as the adapter alone under `path`/adapter (peft's PeftModel.from_pretrained on the base)."""
     state_dict = None
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+        # DeepSpeed's private API (DeepSpeedEngine in deepspeed/runtime/engine.py), written against deepspeed 0.19.8
+        # (requirements.txt); a collective: every rank calls it
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank == 0:
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -2124,6 +2139,165 @@ def exit_cleanly():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+# ---- Caches: content keys and cached results -------------------------------------------------------------------------
+# A result that is slow to compute (π_ref's log-probs, rewards, A-LoL's advantages) is stored under a key that names
+# everything it depends on: each model by its content (fingerprint), each row by its content (json_digest), every
+# setting by its value. An entry is <SHA-256 of the key>.safetensors (the tensors) + .json (the key itself, checked on
+# every read, so a hash collision or a hand-edited file is recomputed, never read). Each script's key starts with its
+# CACHE_VERSION, raised when what the script caches or how it computes it changes.
+def cache_folder(cache_dir, script: str) -> str:
+    """Where `script`'s entries live: `cache_dir` (--cache-dir) when given, else $ONEFILE_RLHF_CACHE/<script>, else
+    ~/.cache/onefile-rlhf/<script>."""
+    if cache_dir:
+        return cache_dir
+    root = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
+    return os.path.join(root, script)
+
+
+def json_digest(obj) -> str:
+    """The SHA-256 (hex) of `obj` written as JSON: the content key of a row (its token ids, its texts)."""
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
+
+
+def file_digest(path: str, whole_below=64 << 20, samples=1024, chunk=16 << 10) -> str:
+    """The SHA-256 (hex) of a file's size and bytes: all of them up to `whole_below` bytes (64 MiB: configs,
+    tokenizers, small weights); above it, `samples` chunks of `chunk` bytes at evenly spaced offsets, the first and
+    last bytes included (16 MiB read whatever the size, where reading a 13 GB file whole takes seconds at every
+    start). Any change wider than the spacing (size / 1023: about 13 MB in a 13 GB file, where one attention
+    projection of a 7B model is 32 MiB) changes the digest, so a model trained in its top blocks only, or LoRA-merged
+    into a few projections, keys apart from its base; a change confined to tensors smaller than the spacing (a norm's
+    weights alone) may not."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= whole_below:
+            digest.update(f.read())
+        else:
+            for i in range(samples):
+                f.seek((size - chunk) * i // (samples - 1))
+                digest.update(f.read(chunk))
+    return digest.hexdigest()
+
+
+def hub_commit(name: str, revision=None):
+    """The commit of hub repo `name` at `revision` (None: main). A revision that is a commit hash (7 to 40 hex
+    digits) is returned as it is: it names fixed content, online or not. Else the commit the hub resolves it to, else
+    that of the snapshot in the local hub cache, else None (neither knows it: the name alone keys the cache)."""
+    if revision and re.fullmatch(r"[0-9a-f]{7,40}", revision):
+        return revision
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.model_info(name, revision=revision).sha
+    except Exception:  # offline, no connection, unknown name: try the local hub cache
+        pass
+    try:
+        return os.path.basename(huggingface_hub.snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # not cached either
+        return None
+
+
+def fingerprint(name: str, role: str) -> list:
+    """The content key of a model or reward given as `name` (`builtin` resolved for `role`: sft, reward, ...):
+    - a local folder: [[file name, file_digest], ...] over its top-level files in name order (a copy keys alike, one
+      changed byte apart; file times are not read);
+    - module:function or a URL: [name] (the code and the server are taken as fixed: give another name when they
+      change);
+    - a hub name: [name, commit], the commit (hub_commit) of the revision a run loads: the one RELEASED_REVISIONS
+      pins for a released reward model (not main's, whose later uploads differ), else main's."""
+    path = resolve(name, role)
+    if ":" in path and not os.path.exists(path):
+        return [path]
+    if not os.path.isdir(path):
+        return [path, hub_commit(path, RELEASED_REVISIONS.get(path))]
+    contents = []
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        if entry.is_file():
+            contents.append((entry.name, file_digest(entry.path)))
+    return contents
+
+
+def _entry_path(key: dict, cache_dir: str) -> str:
+    return os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
+
+
+def _write_entry(path: str, tensors: dict, record: dict):
+    """Written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f".{os.getpid()}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+    os.replace(path + ".safetensors" + tmp, path + ".safetensors")
+    with open(path + ".json" + tmp, "w") as f:
+        f.write(json.dumps(record, indent=1))
+    os.replace(path + ".json" + tmp, path + ".json")
+
+
+def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
+    """compute() -> (dict of tensors, dict of JSON info), stored under `key` in `cache_dir` and read back only when
+    the stored key equals `key` (use_cache False, --no-cache: computed and stored anew). Returns (tensors, info, hit).
+    Every rank takes the same branch (a hit on all ranks or on none), since compute() may hold collectives; rank 0
+    writes."""
+    from safetensors.torch import load_file
+
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = _entry_path(key, cache_dir)
+    entry = {}
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
+        with open(path + ".json") as f:
+            entry = json.load(f)
+    if mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
+        return load_file(path + ".safetensors"), entry["info"], True
+    tensors, info = compute()
+    if rank == 0:
+        _write_entry(path, tensors, {"key": key, "info": info})
+    return tensors, info, False
+
+
+def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
+    """An entry under `key` that holds rows: one row of each tensor per row cached, and in the JSON each cached row's
+    digest (what the row is, e.g. json_digest of its tokens). Returns ({name: tensor [len(digests), ...]}, number of
+    rows computed): a row whose digest the entry holds is read back; compute(positions) -> {name: tensor
+    [len(positions), ...]} computes the others (`positions` index `digests`), which rank 0 adds to the entry. A row
+    is only ever read back under its own digest, so an entry written for some rows serves a later run that needs
+    more and is never read for rows it lacks. Every rank computes the same rows, since compute() may hold
+    collectives."""
+    from safetensors.torch import load_file
+
+    key = json.loads(json.dumps(key, sort_keys=True, default=str))
+    path = _entry_path(key, cache_dir)
+    stored = {}
+    where = {}  # digest -> its row in `stored`
+    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
+        with open(path + ".json") as f:
+            entry = json.load(f)
+        if entry.get("key") == key:
+            stored = load_file(path + ".safetensors")
+            where = {digest: row for row, digest in enumerate(entry["rows"])}
+    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
+    missing = all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
+    positions = missing.nonzero().flatten()
+    computed = compute(positions) if len(positions) else {}
+    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
+    tensors = {}
+    for name, template in (computed or stored).items():
+        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
+        if len(hits):
+            tensors[name][~missing] = stored[name][hits]
+        if len(positions):
+            tensors[name][positions] = computed[name].to(template.dtype)
+    new = [position for position in positions.tolist() if digests[position] not in where]
+    if rank == 0 and new:
+        rows = list(where) + [digests[position] for position in new]
+        new = torch.tensor(new, dtype=torch.long)
+        union = {
+            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
+        }
+        _write_entry(path, union, {"key": key, "rows": rows})
+    return tensors, len(positions)
 
 
 def distinct_n(texts, n: int) -> float:

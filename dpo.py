@@ -50,8 +50,6 @@ As in the released code (same commit):
     python dpo.py --preset hh-1b                               # the A-LoL paper's DPO HH setting on Pythia 1B (GPUs)
 """
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,13 +58,12 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 import common
 from common import Batch
 
-CACHE_VERSION = 2  # raise when what the cache holds, or how it is computed, changes
+CACHE_VERSION = 3  # raise when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -339,100 +336,6 @@ def pair_order(n_pairs: int, num_draws: int, generator: torch.Generator) -> torc
     return torch.cat([torch.randperm(n_pairs, generator=generator) for _ in range(passes)])[:num_draws]
 
 
-def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
-    """A cache entry per `key` that holds rows: <sha256 of key>.safetensors (one row of each tensor per row cached)
-    and .json (the key, and each cached row's digest: what the row is, e.g. the SHA-256 of its tokens). Returns
-    ({name: tensor [len(digests), ...]}, number of rows computed): a row whose digest the entry holds is read back;
-    compute(positions) -> {name: tensor [len(positions), ...]} computes the others (`positions` index `digests`),
-    which rank 0 adds to the entry. A row is only ever read back under its own digest, so an entry written for some
-    rows serves a later run that needs more and is never read for rows it lacks. Every rank computes the same rows,
-    since compute() may hold collectives."""
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))
-    path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
-    stored = {}
-    where = {}  # digest -> its row in `stored`
-    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
-        with open(path + ".json") as f:
-            entry = json.load(f)
-        if entry.get("key") == key:
-            stored = load_file(path + ".safetensors")
-            where = {digest: row for row, digest in enumerate(entry["rows"])}
-    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
-    missing = common.all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
-    positions = missing.nonzero().flatten()
-    computed = compute(positions) if len(positions) else {}
-    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
-    tensors = {}
-    for name, template in (computed or stored).items():
-        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
-        if len(hits):
-            tensors[name][~missing] = stored[name][hits]
-        if len(positions):
-            tensors[name][positions] = computed[name].to(template.dtype)
-    new = [position for position in positions.tolist() if digests[position] not in where]
-    if rank == 0 and new:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) last
-        rows = list(where) + [digests[position] for position in new]
-        new = torch.tensor(new, dtype=torch.long)
-        union = {
-            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
-        }
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f".{os.getpid()}.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in union.items()}, path + ".safetensors" + tmp)
-        os.replace(path + ".safetensors" + tmp, path + ".safetensors")
-        with open(path + ".json" + tmp, "w") as f:
-            f.write(json.dumps({"key": key, "rows": rows}, indent=1))
-        os.replace(path + ".json" + tmp, path + ".json")
-    return tensors, len(positions)
-
-
-def fingerprint(name: str, role: str):
-    """A model for the cache key. A local folder: its files' contents (SHA-256 of each; of its size and first and
-    last 16 MiB above 64 MiB, as weights change everywhere when trained). A hub name: the commit it resolves to,
-    asked of the hub, else that of the copy in the local hub cache, else the name alone."""
-    path = common.resolve(name, role)
-    if not os.path.isdir(path):
-        return [path, hub_commit(path)]
-    contents = []
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        if entry.is_file():
-            contents.append((entry.name, file_digest(entry.path)))
-    return contents
-
-
-def file_digest(path: str, whole_below=64 << 20, chunk=16 << 20) -> str:
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= whole_below:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(chunk))
-            f.seek(size - chunk)
-            digest.update(f.read(chunk))
-    return digest.hexdigest()
-
-
-def hub_commit(name: str):
-    """The commit a hub model name resolves to now (None when neither the hub nor its local cache knows it)."""
-    import huggingface_hub
-
-    try:
-        return huggingface_hub.model_info(name).sha
-    except Exception:  # offline, unknown name: try the local hub cache
-        pass
-    try:
-        return os.path.basename(huggingface_hub.snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached either: the name alone keys the cache
-        return None
-
-
-def distinct_n(texts, n):
-    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
-    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
 @torch.no_grad()
 def generate(policy, *, query_ids, query_mask, generation_config, zero3):
     """Decode responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole call,
@@ -682,9 +585,6 @@ if __name__ == "__main__":
             ref_rejected.append(rejected_logps.float().cpu())
         return {"ref_chosen_logps": torch.cat(ref_chosen), "ref_rejected_logps": torch.cat(ref_rejected)}
 
-    def sha(obj):
-        return hashlib.sha256(json.dumps(obj).encode()).hexdigest()
-
     t0 = time.time()
     if args.reference_free:  # no π_ref at all
         ref_chosen_logps = None
@@ -694,18 +594,20 @@ if __name__ == "__main__":
         used = torch.cat([draws, torch.arange(n_train, n_train + n_heldout)]).unique()  # every rank's pairs
         queries = token_lists(rows.query_ids, rows.query_mask)
         responses = token_lists(rows.response_ids, rows.response_mask)
-        digests = [sha([queries[i], responses[i], queries[i + n_pairs], responses[i + n_pairs]]) for i in used.tolist()]
+        digests = [
+            common.json_digest([queries[i], responses[i], queries[i + n_pairs], responses[i + n_pairs]])
+            for i in used.tolist()
+        ]
         key = dict(
             version=CACHE_VERSION,
-            model=fingerprint(args.model_name_or_path, "sft"),
+            model=common.fingerprint(args.model_name_or_path, "sft"),
             dtype=dtype,
             chat_template=tokenizer.chat_template if args.chat_template else None,
             load_in_4bit=args.load_in_4bit,
         )
-        default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
-        cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "dpo")
+        cache_dir = common.cache_folder(args.cache_dir, "dpo")
         with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
-            cache, n_scored = cached_rows(
+            cache, n_scored = common.cached_rows(
                 key, digests, compute_ref_logps, cache_dir, use_cache=not args.no_cache, rank=rank
             )
         ref_chosen_logps = torch.full((n_pairs,), float("nan"))  # NaN: a pair this run never reads
@@ -788,8 +690,8 @@ if __name__ == "__main__":
         log.samples(step, samples)
         return {
             **common.mean_across_ranks(metrics),
-            "eval/distinct_1": distinct_n(texts, 1),
-            "eval/distinct_2": distinct_n(texts, 2),
+            "eval/distinct_1": common.distinct_n(texts, 1),
+            "eval/distinct_2": common.distinct_n(texts, 2),
         }
 
     # Resume: `resume/` holds all a run needs to go on as if never stopped: the policy engine with its optimizer,

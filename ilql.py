@@ -462,7 +462,9 @@ def save_checkpoint(engine, target_q_heads, tokenizer, *, path: str, rank: int):
     aside and renamed: never half a checkpoint under `path`."""
     model = getattr(engine, "module", engine)
     if hasattr(engine, "zero_optimization_stage") and engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+        # DeepSpeed's private API (DeepSpeedEngine in deepspeed/runtime/engine.py), written against deepspeed 0.19.8
+        # (requirements.txt); a collective: every rank calls it
+        state = engine._zero3_consolidated_16bit_state_dict()
     else:
         state = model.state_dict()
     if rank == 0:
@@ -568,7 +570,7 @@ if __name__ == "__main__":
     if args.checkpoint:
         load_heads(model, target_q_heads, args.checkpoint)
     context = model.lm.config.max_position_embeddings
-    encoding = dict(
+    encode = dict(
         max_prompt_length=args.max_prompt_length,
         max_new_tokens=args.max_new_tokens,
         context=context,
@@ -576,7 +578,7 @@ if __name__ == "__main__":
     )
     if not args.eval_only:  # rows whose chat prompt cannot fit go before the schedule counts rows
         need = args.mini_batch_size * world_size
-        kept = common.fitting_prompts(tokenizer, prompts, what="offline rows", need=need, **encoding)
+        kept = common.fitting_prompts(tokenizer, prompts, what="offline rows", need=need, **encode)
         prompts, responses, dataset_scores = common.rows_at(kept, prompts, responses, dataset_scores)
         rows_per_rank = len(prompts) // world_size
     log = common.make_logger(args, run.name, rank)
@@ -631,9 +633,9 @@ if __name__ == "__main__":
 
     # Evaluation data: held-out prompts, the same number on every rank (ranks decode in lockstep)
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
-    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encoding)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
     eval_texts = [eval_texts[i] for i in kept]
-    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encoding)
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
     n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size
     if n_eval == 0:
         common.fail(
@@ -731,7 +733,7 @@ if __name__ == "__main__":
         tokenizer,
         [prompts[i] for i in mine],
         [responses[i] for i in mine],
-        **encoding,
+        **encode,
         device=device,
     )
     rewards = torch.zeros_like(data.response_mask)

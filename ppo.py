@@ -654,7 +654,7 @@ if __name__ == "__main__":
     steps_per_iteration = args.update_epochs * (args.rollout_batch_size // args.mini_batch_size)
     total_steps = args.total_episodes // per_iteration * steps_per_iteration
     schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
-    optimiser = dict(
+    optimizer = dict(
         zero_stage=args.zero_stage,
         micro_batch_size=args.mini_batch_size,
         bf16=args.bf16,
@@ -665,12 +665,12 @@ if __name__ == "__main__":
         weight_decay=args.weight_decay,
         schedule=schedule,
     )
-    policy = common.prepare_trainable(policy, placement="policy", lr=args.learning_rate, **optimiser)
+    policy = common.prepare_trainable(policy, placement="policy", lr=args.learning_rate, **optimizer)
     value_model = common.prepare_trainable(
         value_model,
         placement=args.value_device,
         lr=args.value_learning_rate,
-        **optimiser,
+        **optimizer,
     )
     if args.lora_r:
         ref_policy = policy  # read through common.adapter_off: the base weights

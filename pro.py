@@ -57,8 +57,6 @@ Where this file differs from the released code:
     python pro.py --preset hh-1b --reward-device cuda:1     # the A-LoL work's PRO setting on Pythia 1B (GPUs)
 """
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -66,13 +64,12 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
 
 import common
 from common import Batch
 
-CACHE_VERSION = 2  # raise when what the cache holds, or how it is computed, changes
+CACHE_VERSION = 3  # raise when what the cache holds, or how it is computed, changes
 
 
 @dataclass
@@ -326,102 +323,6 @@ def rank_and_cut(candidates, rewards, ranking_len):
     return ranked_candidates, ranked_rewards
 
 
-def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
-    """A cache entry per `key` that holds rows: <sha256 of key>.safetensors (one row of each tensor per row cached)
-    and .json (the key, and each cached row's digest: what the row is, e.g. the SHA-256 of its tokens). Returns
-    ({name: tensor [len(digests), ...]}, number of rows computed): a row whose digest the entry holds is read back;
-    compute(positions) -> {name: tensor [len(positions), ...]} computes the others (`positions` index `digests`),
-    which rank 0 adds to the entry. A row is only ever read back under its own digest, so an entry written for some
-    rows serves a later run that needs more and is never read for rows it lacks. Every rank computes the same rows,
-    since compute() may hold collectives."""
-    key = json.loads(json.dumps(key, sort_keys=True, default=str))
-    path = os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
-    stored = {}
-    where = {}  # digest -> its row in `stored`
-    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
-        with open(path + ".json") as f:
-            entry = json.load(f)
-        if entry.get("key") == key:
-            stored = load_file(path + ".safetensors")
-            where = {digest: row for row, digest in enumerate(entry["rows"])}
-    missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
-    missing = common.all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
-    positions = missing.nonzero().flatten()
-    computed = compute(positions) if len(positions) else {}
-    hits = torch.tensor([where.get(digest, 0) for digest in digests], dtype=torch.long)[~missing]
-    tensors = {}
-    for name, template in (computed or stored).items():
-        tensors[name] = torch.zeros(len(digests), *template.shape[1:], dtype=template.dtype)
-        if len(hits):
-            tensors[name][~missing] = stored[name][hits]
-        if len(positions):
-            tensors[name][positions] = computed[name].to(template.dtype)
-    new = [position for position in positions.tolist() if digests[position] not in where]
-    if rank == 0 and new:  # written aside and renamed: a reader never sees half an entry; the JSON (checked first) last
-        rows = list(where) + [digests[position] for position in new]
-        new = torch.tensor(new, dtype=torch.long)
-        union = {
-            name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
-        }
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f".{os.getpid()}.tmp"
-        save_file({k: v.contiguous().cpu() for k, v in union.items()}, path + ".safetensors" + tmp)
-        os.replace(path + ".safetensors" + tmp, path + ".safetensors")
-        with open(path + ".json" + tmp, "w") as f:
-            f.write(json.dumps({"key": key, "rows": rows}, indent=1))
-        os.replace(path + ".json" + tmp, path + ".json")
-    return tensors, len(positions)
-
-
-def fingerprint(name: str, role: str):
-    """A model for the cache key. A local folder: its files' contents (SHA-256 of each; of its size and first and
-    last 16 MiB above 64 MiB, as weights change everywhere when trained). A hub name: the commit it resolves to,
-    asked of the hub, else that of the copy in the local hub cache, else the name alone."""
-    path = common.resolve(name, role)
-    if ":" in path and not os.path.exists(path):  # module:function or URL: its name (code and server assumed fixed)
-        return [path]
-    if not os.path.isdir(path):
-        return [path, hub_commit(path)]
-    contents = []
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        if entry.is_file():
-            contents.append((entry.name, file_digest(entry.path)))
-    return contents
-
-
-def file_digest(path: str, whole_below=64 << 20, chunk=16 << 20) -> str:
-    size = os.path.getsize(path)
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= whole_below:
-            digest.update(f.read())
-        else:
-            digest.update(f.read(chunk))
-            f.seek(size - chunk)
-            digest.update(f.read(chunk))
-    return digest.hexdigest()
-
-
-def hub_commit(name: str):
-    """The commit a hub model name resolves to now (None when neither the hub nor its local cache knows it)."""
-    import huggingface_hub
-
-    try:
-        return huggingface_hub.model_info(name).sha
-    except Exception:  # offline, unknown name: try the local hub cache
-        pass
-    try:
-        return os.path.basename(huggingface_hub.snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached either: the name alone keys the cache
-        return None
-
-
-def distinct_n(texts, n):
-    """Distinct-n: unique word n-grams / all word n-grams over all texts."""
-    grams = [tuple(ws[i : i + n]) for ws in (t.split() for t in texts) for i in range(len(ws) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
 @torch.no_grad()
 def generate(policy, *, query_ids, query_mask, generation_config, zero3):
     """Decode responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole call,
@@ -614,21 +515,20 @@ if __name__ == "__main__":
         # the slow part here
         key = dict(
             version=CACHE_VERSION,
-            reward_models=[fingerprint(name, "reward") for name in args.reward_model],
+            reward_models=[common.fingerprint(name, "reward") for name in args.reward_model],
             reward_weights=weights.tolist(),
             reward_dtype=args.reward_dtype,
             bf16=args.bf16,
-            policy=fingerprint(args.model_name_or_path, "sft"),
+            policy=common.fingerprint(args.model_name_or_path, "sft"),
             max_prompt_length=args.max_prompt_length,
             max_new_tokens=args.max_new_tokens,
             chat_template=tokenizer.chat_template if args.chat_template else None,
         )
-        digests = [
-            hashlib.sha256(json.dumps([train_texts[i], candidates[i][j]]).encode()).hexdigest() for i, j in pairs
-        ]
-        default_cache = os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf")
-        cache_dir = args.cache_dir or os.path.join(os.environ.get("ONEFILE_RLHF_CACHE", default_cache), "pro")
-        cache, n_scored = cached_rows(key, digests, score_candidates, cache_dir, use_cache=not args.no_cache, rank=rank)
+        digests = [common.json_digest([train_texts[i], candidates[i][j]]) for i, j in pairs]
+        cache_dir = common.cache_folder(args.cache_dir, "pro")
+        cache, n_scored = common.cached_rows(
+            key, digests, score_candidates, cache_dir, use_cache=not args.no_cache, rank=rank
+        )
         for (i, j), value in zip(pairs, cache["scores"].tolist()):
             rewards[i][j] = value
     candidates, rewards = rank_and_cut(candidates, rewards, args.ranking_len)
@@ -733,8 +633,8 @@ if __name__ == "__main__":
         log.samples(step, samples)
         return {
             **common.mean_across_ranks(metrics),
-            "eval/distinct_1": distinct_n(texts, 1),
-            "eval/distinct_2": distinct_n(texts, 2),
+            "eval/distinct_1": common.distinct_n(texts, 1),
+            "eval/distinct_2": common.distinct_n(texts, 2),
         }
 
     # Resume: `resume/` holds the policy engine with its optimizer, the step (the order above is fixed by the seed)

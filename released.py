@@ -24,6 +24,7 @@ import urllib.request
 import torch
 
 from common import (
+    RELEASED_REVISIONS,
     _decoded_prompts,
     _first_line,
     _frozen_settings,
@@ -156,7 +157,6 @@ RELEASED_TRUNKS = {
     "trlx-hh": ("EleutherAI/gpt-j-6B", "gpt2"),
     "trlx-tldr": ("CarperAI/openai_summarize_tldr_sft", "EleutherAI/gpt-j-6B"),
 }
-RELEASED_REVISIONS = {"Dahoas/gptj-rm-static": "676bfd4d"}  # trlX's pin (ppo_hh.py:159); later uploads differ
 REWARD_LAYOUTS = (
     "hf_ckpt.pt (trlX / Dahoas GPT-J), pytorch_model.bin without config.json or with a v_head.weight "
     "(trlX TL;DR), config.json of model_type gpt_neox_reward_model (OpenAssistant), config.json with "

@@ -203,22 +203,3 @@ def test_cache_key_covers_stop_strings_and_reward_dtype(builtin_path, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "V_ref fitted" in proc.stdout, name  # computed, not read from the base run's entry
     assert len(list(cache.glob("*.json"))) == 3
-
-
-def test_fingerprint_is_the_content_of_a_local_model(tmp_path):
-    import shutil
-
-    import alol
-
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)  # new modification times, same bytes
-    assert alol.fingerprint(str(folder), "sft") == alol.fingerprint(str(copy), "sft")
-    data = bytearray((copy / "model.safetensors").read_bytes())
-    data[1234] ^= 1  # one bit of the weights
-    (copy / "model.safetensors").write_bytes(bytes(data))
-    assert alol.fingerprint(str(folder), "sft") != alol.fingerprint(str(copy), "sft")
-    assert alol.fingerprint("gold", "reward") == ["gold"]

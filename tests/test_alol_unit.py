@@ -1,9 +1,9 @@
 """Unit tests of alol.py: the eight losses against plain Python loops and hand-computed values on
-ragged right-padded masks, the clamps, gradients with the ratios held constant, the good_priority sampler, the keyed
-cache, the attention-pooled value head and its fit, distinct-n, the presets. CPU, offline, fast."""
+ragged right-padded masks, the clamps, gradients with the ratios held constant, the good_priority sampler, the
+attention-pooled value head and its fit, the presets (the keyed cache and distinct-n: test_common.py). CPU, offline,
+fast."""
 
 import dataclasses
-import json
 import math
 
 import pytest
@@ -220,50 +220,6 @@ def test_priority_sampler_is_seeded_and_rejects_no_positive_row():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the keyed cache
-# ------------------------------------------------------------------------------------------------------------
-def test_cache_recomputes_when_its_key_changes(tmp_path):
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"advantages": torch.arange(4.0) * len(calls), "ref_logprobs": torch.ones(2, 3)}, {"epoch": len(calls)}
-
-    key = {"model": "m", "data": "d1", "seed": 1}
-    tensors, info, hit = alol.cached(key, compute, str(tmp_path))
-    assert (len(calls), hit, info) == (1, False, {"epoch": 1})
-    tensors2, info2, hit2 = alol.cached(dict(key), compute, str(tmp_path))  # same key: reused, not recomputed
-    assert (len(calls), hit2, info2) == (1, True, {"epoch": 1})
-    assert torch.equal(tensors2["advantages"], tensors["advantages"])
-    assert torch.equal(tensors2["ref_logprobs"], torch.ones(2, 3))
-    _, info3, hit3 = alol.cached({**key, "data": "d2"}, compute, str(tmp_path))  # data changed: recomputed
-    assert (len(calls), hit3, info3) == (2, False, {"epoch": 2})
-    _, _, hit4 = alol.cached({**key, "seed": 2}, compute, str(tmp_path))  # any setting changed: recomputed
-    assert (len(calls), hit4) == (3, False)
-    _, _, hit5 = alol.cached(key, compute, str(tmp_path), use_cache=False)  # --no-cache: recomputed, overwritten
-    assert (len(calls), hit5) == (4, False)
-    tensors6, _, hit6 = alol.cached(key, compute, str(tmp_path))
-    assert (len(calls), hit6) == (4, True) and torch.equal(tensors6["advantages"], torch.arange(4.0) * 4)
-    assert len(list(tmp_path.glob("*.json"))) == 3 and not list(tmp_path.glob("*.tmp"))
-
-
-def test_cache_checks_the_stored_key(tmp_path):
-    """An entry whose stored key differs from the one asked for (a hash collision, a hand-edited file) is not used."""
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"x": torch.zeros(1)}, {}
-
-    alol.cached({"a": 1}, compute, str(tmp_path))
-    (entry,) = tmp_path.glob("*.json")
-    stored = json.loads(entry.read_text())
-    entry.write_text(json.dumps({**stored, "key": {"a": 2}}))
-    _, _, hit = alol.cached({"a": 1}, compute, str(tmp_path))
-    assert not hit and len(calls) == 2
-
-
-# ------------------------------------------------------------------------------------------------------------
 # V_ref: the attention-pooled value head and its fit
 # ------------------------------------------------------------------------------------------------------------
 def test_value_head_ignores_padding():
@@ -308,13 +264,6 @@ def test_fit_value_head_keeps_the_best_held_out_epoch_in_eval_mode():
     assert min(history) < ((targets[180:] - targets[:180].mean()) ** 2).mean().item()  # better than the mean
     again, history_again = alol.fit_value_head(hidden, mask, targets, **fit)
     assert history_again == history and torch.equal(again(hidden, mask), first)  # seeded: ranks agree
-
-
-def test_distinct_n():
-    assert alol.distinct_n(["a b a b"], 1) == 0.5
-    assert alol.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
-    assert alol.distinct_n(["a b", "a b"], 2) == 0.5  # over all texts together, not per text
-    assert alol.distinct_n([""], 2) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Unit tests of common.py: log-prob / value gathering against per-row loops, EOS truncation, masked statistics,
-the built-in gold score, prompt encoding and the loaders' one-line errors. CPU, offline, fast."""
+the built-in gold score, prompt encoding, the loaders' one-line errors, the caches and their content keys, distinct-n.
+CPU, offline, fast."""
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -782,3 +784,135 @@ def test_builtin_reward_scores_offline_rows_with_a_float_mask():
     with_float = reward(*batch, ["the film", "a plot"])
     with_long = reward(*batch[:3], batch.response_mask.long(), ["the film", "a plot"])
     assert with_float.tolist() == with_long.tolist()
+
+
+# ---- Caches: content keys and cached results ----------------------------------------------------------------------
+def test_cached_computes_once_and_recomputes_when_its_key_changes(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"advantages": torch.arange(4.0) * len(calls), "ref_logprobs": torch.ones(2, 3)}, {"epoch": len(calls)}
+
+    key = {"model": "m", "data": "d1", "seed": 1}
+    tensors, info, hit = common.cached(key, compute, str(tmp_path))
+    assert (len(calls), hit, info) == (1, False, {"epoch": 1})
+    tensors2, info2, hit2 = common.cached(dict(key), compute, str(tmp_path))  # same key: read back, not recomputed
+    assert (len(calls), hit2, info2) == (1, True, {"epoch": 1})
+    assert torch.equal(tensors2["advantages"], tensors["advantages"])
+    assert torch.equal(tensors2["ref_logprobs"], torch.ones(2, 3))
+    _, info3, hit3 = common.cached({**key, "data": "d2"}, compute, str(tmp_path))  # data changed: recomputed
+    assert (len(calls), hit3, info3) == (2, False, {"epoch": 2})
+    _, _, hit4 = common.cached({**key, "seed": 2}, compute, str(tmp_path))  # any setting changed: recomputed
+    assert (len(calls), hit4) == (3, False)
+    _, _, hit5 = common.cached(key, compute, str(tmp_path), use_cache=False)  # --no-cache: recomputed, overwritten
+    assert (len(calls), hit5) == (4, False)
+    tensors6, _, hit6 = common.cached(key, compute, str(tmp_path))
+    assert (len(calls), hit6) == (4, True) and torch.equal(tensors6["advantages"], torch.arange(4.0) * 4)
+    assert len(list(tmp_path.glob("*.json"))) == 3 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_cached_checks_the_stored_key(tmp_path):
+    """An entry whose stored key differs from the one asked for (a hash collision, a hand-edited file) is not used."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.zeros(1)}, {}
+
+    common.cached({"a": 1}, compute, str(tmp_path))
+    (entry,) = tmp_path.glob("*.json")
+    stored = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**stored, "key": {"a": 2}}))
+    _, _, hit = common.cached({"a": 1}, compute, str(tmp_path))
+    assert not hit and len(calls) == 2
+
+
+def test_cached_rows_computes_only_the_rows_it_lacks(tmp_path):
+    """Each row read back under its own digest; a longer list computes only the rows added; another key (or
+    --no-cache) computes every row."""
+    calls = []
+
+    def compute(positions):
+        calls.append(positions.tolist())
+        return {"ref_chosen_logps": torch.tensor([float(ord(digests[i])) for i in positions.tolist()])}
+
+    digests = ["a", "b"]
+    first, computed = common.cached_rows({"model": "a"}, digests, compute, str(tmp_path))
+    assert computed == 2 and first["ref_chosen_logps"].tolist() == [97, 98]
+    digests = ["c", "b", "a"]  # a later run with one row more, in another order
+    again, computed = common.cached_rows({"model": "a"}, digests, compute, str(tmp_path))
+    assert computed == 1 and calls[-1] == [0] and again["ref_chosen_logps"].tolist() == [99, 98, 97]
+    (entry,) = tmp_path.glob("*.json")
+    assert json.loads(entry.read_text())["rows"] == ["a", "b", "c"]
+    _, computed = common.cached_rows({"model": "a"}, ["b"], compute, str(tmp_path))
+    assert computed == 0 and len(calls) == 2
+    _, computed = common.cached_rows({"model": "b"}, ["b"], compute, str(tmp_path))
+    assert computed == 1
+    _, computed = common.cached_rows({"model": "a"}, ["b"], compute, str(tmp_path), use_cache=False)
+    assert computed == 1
+
+
+def test_fingerprint_keys_a_local_model_by_its_content(tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)  # new modification times, same bytes
+    assert common.fingerprint(str(folder), "sft") == common.fingerprint(str(copy), "sft")
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[1234] ^= 1  # one bit of the weights
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert common.fingerprint(str(folder), "sft") != common.fingerprint(str(copy), "sft")
+    assert common.fingerprint("my_rewards:score", "reward") == ["my_rewards:score"]  # code: its name
+
+
+def test_file_digest_of_a_large_file_sees_a_change_in_its_middle(tmp_path):
+    """Above `whole_below` the digest reads evenly spaced chunks: a change wider than their spacing anywhere (here a
+    block in the middle, as when only the top blocks of a model train) changes it; the first and last bytes alone
+    would not see it."""
+    sampled = dict(whole_below=1000, samples=9, chunk=10)  # 100,000 bytes: 9 chunks of 10 bytes, 12,498 apart
+    path = tmp_path / "weights.bin"
+    data = bytearray(torch.randint(256, (100_000,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    path.write_bytes(bytes(data))
+    before = common.file_digest(str(path), **sampled)
+    assert common.file_digest(str(path), **sampled) == before
+    original = bytes(data)
+    data[40_000:60_000] = bytes(20_000)  # a block of 20,000 bytes in the middle, wider than the spacing
+    path.write_bytes(bytes(data))
+    assert original[:1000] == data[:1000] and original[-1000:] == data[-1000:]  # first and last bytes as they were
+    assert common.file_digest(str(path), **sampled) != before
+
+
+def test_fingerprint_of_a_hub_model_is_the_commit_of_the_revision_a_run_loads(monkeypatch):
+    """A released reward model that RELEASED_REVISIONS pins is keyed by its pinned commit, not by main's; another
+    pin keys it apart; an unpinned name by the commit the hub resolves main to."""
+    import huggingface_hub
+
+    asked = []
+
+    def model_info(name, revision=None):
+        asked.append((name, revision))
+        return SimpleNamespace(sha=f"commit-of-{revision or 'main'}")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(common, "RELEASED_REVISIONS", {"org/rm": "676bfd4d"})
+    assert common.fingerprint("org/rm", "reward") == ["org/rm", "676bfd4d"]  # a commit hash: no hub asked
+    assert common.fingerprint("org/policy", "sft") == ["org/policy", "commit-of-main"]
+    assert asked == [("org/policy", None)]
+    monkeypatch.setattr(common, "RELEASED_REVISIONS", {"org/rm": "0123abcd"})
+    assert common.fingerprint("org/rm", "reward") == ["org/rm", "0123abcd"]
+    assert common.hub_commit("org/rm", "v1.0") == "commit-of-v1.0"  # a branch or tag: the hub resolves it
+
+
+def test_distinct_n_by_hand():
+    # "the cat saw the cat": unigrams the, cat, saw, the, cat (3 distinct of 5); bigrams "the cat", "cat saw",
+    # "saw the", "the cat" (3 of 4); with "a cat" too: bigrams + "a cat" (4 of 5), over all texts together
+    assert common.distinct_n(["the cat saw the cat"], 1) == pytest.approx(3 / 5)
+    assert common.distinct_n(["the cat saw the cat"], 2) == pytest.approx(3 / 4)
+    assert common.distinct_n(["the cat saw the cat", "a cat"], 2) == pytest.approx(4 / 5)
+    assert common.distinct_n(["a b", "a b"], 2) == 0.5  # not per text
+    assert common.distinct_n([""], 2) == 0.0

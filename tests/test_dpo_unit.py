@@ -1,9 +1,8 @@
 """Unit tests of dpo.py: the DPO loss (sigmoid, reference-free, conservative, IPO averaged and summed) against
 plain Python loops over sequence log-probs on ragged right-padded masks, its gradient and statistics, the order of
-the pairs, the keyed cache, the presets and their parsing. CPU, offline, fast."""
+the pairs, the presets and their parsing (the per-row cache: test_common.py). CPU, offline, fast."""
 
 import dataclasses
-import json
 import math
 
 import pytest
@@ -216,31 +215,6 @@ def test_pair_order_passes_over_every_pair_once_per_pass():
     assert sorted(order[:5].tolist()) == list(range(5)) and sorted(order[5:10].tolist()) == list(range(5))
     again = dpo.pair_order(5, 13, torch.Generator().manual_seed(0))
     assert torch.equal(order, again)
-
-
-def test_cache_holds_rows_and_computes_only_those_it_lacks(tmp_path):
-    """cached_rows: each row read back under its own digest; a longer list computes only the rows added; another
-    key (or --no-cache) computes every row."""
-    calls = []
-
-    def compute(positions):
-        calls.append(positions.tolist())
-        return {"ref_chosen_logps": torch.tensor([float(ord(digests[i])) for i in positions.tolist()])}
-
-    digests = ["a", "b"]
-    first, computed = dpo.cached_rows({"model": "a"}, digests, compute, str(tmp_path))
-    assert computed == 2 and first["ref_chosen_logps"].tolist() == [97, 98]
-    digests = ["c", "b", "a"]  # a later run with one row more, in another order
-    again, computed = dpo.cached_rows({"model": "a"}, digests, compute, str(tmp_path))
-    assert computed == 1 and calls[-1] == [0] and again["ref_chosen_logps"].tolist() == [99, 98, 97]
-    (entry,) = tmp_path.glob("*.json")
-    assert json.loads(entry.read_text())["rows"] == ["a", "b", "c"]
-    _, computed = dpo.cached_rows({"model": "a"}, ["b"], compute, str(tmp_path))
-    assert computed == 0 and len(calls) == 2
-    _, computed = dpo.cached_rows({"model": "b"}, ["b"], compute, str(tmp_path))
-    assert computed == 1
-    _, computed = dpo.cached_rows({"model": "a"}, ["b"], compute, str(tmp_path), use_cache=False)
-    assert computed == 1
 
 
 # ------------------------------------------------------------------------------------------------------------
