@@ -165,8 +165,8 @@ class RunArgs:
     first in each script's --help, in the same order in every script, and the script's own fields after them."""
 
     preset: str | None = None
-    """start from a paper's released settings (a name of the script's PRESETS); flags given on the command line win
-    over them"""
+    """start from a paper's released settings, a name of the script's PRESETS (a wrong name lists them); flags given
+    on the command line win over them"""
 
     # The optimiser
     mini_batch_size: int = 16
@@ -212,7 +212,7 @@ class RunArgs:
     stop_strings: list[str] = dataclasses.field(default_factory=list)
     """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     forward_batch_size: int | None = None
-    """rows per no-grad forward pass (scoring, π_ref's log-probs) or generate call outside training; default
+    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over the rows an update reads; default
     --mini-batch-size, so that scoring holds no more than an update step does"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
