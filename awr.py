@@ -70,7 +70,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -81,10 +81,8 @@ from common import masked_mean, whiten_masked
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     # Algorithm
-    preset: str | None = None
-    """start from a paper's released settings (a name of PRESETS); flags given on the command line win over them"""
     lam: float = 1.0
     """AWR's temperature λ: the weights are exp(A/λ) (released adv_coeff_log = 1/λ: 0.5 for HH, 1 for TL;DR and
     offline)"""
@@ -94,8 +92,6 @@ class Args:
     """passes over each rollout batch"""
     rollout_batch_size: int = 64
     """responses sampled per rank per iteration"""
-    mini_batch_size: int = 16
-    """rows per rank per optimiser step"""
     total_episodes: int = 8192
     """online: total number of sampled responses over all ranks"""
     learning_rate: float = 3.5e-5
@@ -103,19 +99,10 @@ class Args:
     further from it"""
     value_learning_rate: float = 1e-4
     """value-model learning rate (AdamW)"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip, policy and value model each"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW (β1, β2) (released HH: 0.9, 0.95; TL;DR: 0.9, 0.999)"""
-    adam_eps: float = 1e-8
-    """AdamW's ε, added to √v̂ in the update's denominator (released: 1e-8)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released: 1e-6)"""
-    lr_warmup_steps: int = 0
-    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
-    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
-    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
-    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
     unfrozen_layers: int = -1
     """train only the top N transformer blocks of the policy and value model, and what follows; -1 = all (HH: 2)"""
     gamma: float = 1.0
@@ -132,12 +119,6 @@ class Args:
     """clip the (scaled) score to ±this value (released: 100)"""
     missing_eos_penalty: float | None = None
     """if set, the score of a response that never emitted EOS is replaced by this value (e.g. -1)"""
-    max_prompt_length: int = 16
-    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
-    max_new_tokens: int = 32
-    """the longest response sampled (offline: responses are cut to this many tokens, EOS included)"""
-    stop_strings: list[str] = field(default_factory=list)
-    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     temperature: float = 1.0
     """sampling temperature (also applied to the log-probs, so they are those of the sampling distribution)"""
     top_k: int = 0
@@ -152,19 +133,10 @@ class Args:
     # Models and data
     model_name_or_path: str = "builtin"
     """the SFT policy, which is also the frozen π_ref = π_init: a hub name, a local folder, or `builtin`"""
-    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`), `module:function` callables, URLs"""
-    reward_weights: list[float] = field(default_factory=list)
-    """weight of each --reward-model in the sum (default 1 each)"""
     value_model: str = "reward"
     """initialise the value model from `reward` (the reward model), `policy`, or a hub name / folder"""
-    dataset: str = "builtin"
-    """prompts: a hub name, a folder saved with `save_to_disk`, a .jsonl/.json/.parquet file, or `builtin`"""
     prompt_field: str = "prompt"
     """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
-    chat_template: bool = False
-    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
-    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
     train_split: str = "train"
     """the split sampled for rollouts"""
     eval_split: str = "test"
@@ -175,74 +147,24 @@ class Args:
     """the column of --offline-dataset rows holding the response text"""
     reward_field: str = "reward"
     """the column of --offline-dataset rows holding the scalar score"""
-    trust_remote_code: bool = False
-    """allow model repositories to run their own code (off unless you trust them)"""
 
     # Devices and precision
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
-    bf16: bool = False
-    """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
-    offload: bool = False
-    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
-    gradient_checkpointing: bool = False
-    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
-    third more compute, in the update's forward passes only"""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
-    forward_batch_size: int | None = None
-    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over a rollout or the offline rows; default
-    --mini-batch-size, so that scoring holds no more than an update step does"""
     lora_r: int = 0
     """rank r of the LoRA adapters trained in place of the policy's and the value model's weights (0: no adapter,
     the weights train; the value head trains in full). π_ref is then the policy with its adapter switched off"""
-    lora_alpha: float = 16.0
-    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in the update's forward passes"""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
-    head (as QLoRA and the A-LoL paper did)"""
-    load_in_4bit: bool = False
-    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
     ref_device: str = "policy"
     """where π_ref lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
     value_device: str = "policy"
     """where the value model lives: `policy` (its own DeepSpeed engine) or `cpu` / `cuda:N` (plain AdamW)"""
-    reward_device: str = "policy"
-    """where the reward model lives: `policy`, `cpu`, or `cuda:N`"""
-    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
-    fp16 (GPU)"""
 
     # Logging and checkpoints
     exp_name: str = "awr"
     """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
-    seed: int = 1
-    """seed of the experiment (rank r samples with seed + r)"""
-    output_dir: str = "runs"
-    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
-    track: bool = False
-    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
-    wandb_project_name: str = "onefile-rlhf"
-    """the W&B project of --track"""
-    wandb_entity: str | None = None
-    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_every: int = 10
     """evaluate on held-out prompts every this many iterations (offline: every epoch), and before and after"""
-    eval_prompts: int = 128
-    """number of held-out prompts per evaluation, over all ranks"""
-    log_samples: int = 16
-    """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
-    progress: bool = True
-    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many iterations (offline: epochs); 0: only when
     stopped by SIGTERM / Ctrl-C. The final policy and value model are HF folders"""
-    resume: str | None = None
-    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
-    local_rank: int = 0
-    """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
 # The APA paper's AWR settings as released (microsoft/RLHF-APA examples/apa_hh.py and apa_off_hh.py with the loss

@@ -52,7 +52,7 @@ import socket
 import sys
 import time
 import warnings
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -157,7 +157,129 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 logging.getLogger("transformers.modeling_utils").addFilter(LoadReport())
 
 
-def parse_args(args_class, presets: dict, argv=None):
+@dataclasses.dataclass
+class RunArgs:
+    """The command-line fields every script has: the models and data it reads, where they go and in what precision,
+    LoRA, logging and checkpoints, the optimiser. Each script's `Args(common.RunArgs)` adds its algorithm's fields and
+    re-declares a field of these only where its default or its meaning differs, with its own docstring. These come
+    first in each script's --help, in the same order in every script, and the script's own fields after them."""
+
+    preset: str | None = None
+    """start from a paper's released settings, a name of the script's PRESETS (a wrong name lists them); flags given
+    on the command line win over them"""
+
+    # The optimiser
+    mini_batch_size: int = 16
+    """rows per rank per optimiser step"""
+    learning_rate: float = 3e-5
+    """policy learning rate (AdamW)"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip, of each trained model"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (β1, β2)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    lr_warmup_steps: int = 0
+    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
+    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
+    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
+    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all"""
+
+    # Models and data
+    model_name_or_path: str = "builtin"
+    """the starting (SFT) policy: a hub name, a local folder, or `builtin`"""
+    reward_model: list[str] = dataclasses.field(default_factory=lambda: ["builtin"])
+    """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`), `module:function` callables, URLs"""
+    reward_weights: list[float] = dataclasses.field(default_factory=list)
+    """weight of each --reward-model in the sum (default 1 each)"""
+    dataset: str = "builtin"
+    """prompts: a hub name, a folder saved with `save_to_disk`, a .jsonl/.json/.parquet file, or `builtin`"""
+    prompt_field: str = "prompt"
+    """the column of --dataset holding the prompt text"""
+    chat_template: bool = False
+    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
+    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
+    eval_split: str = "test"
+    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
+    max_prompt_length: int = 16
+    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
+    max_new_tokens: int = 32
+    """the longest response sampled; responses read from a dataset are cut to this many tokens, EOS included"""
+    stop_strings: list[str] = dataclasses.field(default_factory=list)
+    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
+    forward_batch_size: int | None = None
+    """rows per no-grad forward pass (reward models, π_old, π_ref, V) over the rows an update reads; default
+    --mini-batch-size, so that scoring holds no more than an update step does"""
+    trust_remote_code: bool = False
+    """allow model repositories to run their own code (off unless you trust them)"""
+
+    # Devices and precision
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
+    bf16: bool = False
+    """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
+    offload: bool = False
+    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
+    gradient_checkpointing: bool = False
+    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
+    third more compute, in the update's forward passes only"""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
+    reward_device: str = "policy"
+    """where the reward model(s) live: `policy`, `cpu`, or `cuda:N`"""
+    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
+    fp16 (GPU)"""
+
+    # LoRA
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train)"""
+    lora_alpha: float = 16.0
+    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the update's forward passes"""
+    lora_target_modules: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
+    head (as QLoRA and the A-LoL paper did)"""
+    load_in_4bit: bool = False
+    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
+
+    # Logging and checkpoints
+    exp_name: str = "run"
+    """the name of this experiment (each script's default: its own name); the run is written to
+    {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (rank r samples with seed + r)"""
+    output_dir: str = "runs"
+    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
+    track: bool = False
+    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
+    wandb_project_name: str = "onefile-rlhf"
+    """the W&B project of --track"""
+    wandb_entity: str | None = None
+    """the W&B entity (user or team) of --track; None: your default entity"""
+    eval_every: int = 10
+    """evaluate on held-out prompts every this many iterations (and before and after training)"""
+    eval_prompts: int = 128
+    """number of held-out prompts per evaluation, over all ranks"""
+    log_samples: int = 16
+    """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    progress: bool = True
+    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
+    save_every: int = 0
+    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
+    Ctrl-C); the final policy is an HF folder"""
+    resume: str | None = None
+    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
+    local_rank: int = 0
+    """set by the `deepspeed` launcher; the rank is read from the environment"""
+
+
+def parse_args(args_class: type[RunArgs], presets: dict, argv=None) -> RunArgs:
     """The script's `Args` from the command line. `--preset NAME` makes the values of presets[NAME] (a paper's
     released settings) the defaults, so that every flag given on the command line still wins over them:
     `--preset hh --learning-rate 1e-5` runs the preset with another learning rate."""
@@ -193,15 +315,15 @@ class Run(NamedTuple):
         return os.path.join(self.dir, "resume")
 
 
-def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Run:
+def start_run(args: RunArgs, script: str, one_weight_per_reward_model: bool = True) -> Run:
     """What every script checks before it loads anything (each --reward-model entry, check_reward_entry; one
     --reward-weights value per --reward-model, unless the script weighs something else and checks that itself; the
     LoRA flags; wandb for --track; a --resume folder this script with this many ranks can continue), then the process
     group. `script` names the script and its mode: a
     checkpoint is continued only by the same."""
-    for entry in getattr(args, "reward_model", None) or []:
+    for entry in args.reward_model:
         check_reward_entry(entry)
-    weights = getattr(args, "reward_weights", None)
+    weights = args.reward_weights
     if one_weight_per_reward_model and weights and len(weights) != len(args.reward_model):
         fail(
             f"--reward-weights has {len(weights)} values for {len(args.reward_model)} --reward-model entries; give "
@@ -227,7 +349,7 @@ def start_run(args, script: str, one_weight_per_reward_model: bool = True) -> Ru
     )
 
 
-def checkpoint_if_due(run: Run, args, *, step: int, engines: dict, state: dict, signum: int):
+def checkpoint_if_due(run: Run, args: RunArgs, *, step: int, engines: dict, state: dict, signum: int):
     """Write the resumable checkpoint every --save-every steps, or now when the run was signalled (`signum`, from
     stop_requested(); 0 if not); after a signal the run then exits with 128 + signum."""
     if signum or (args.save_every and step % args.save_every == 0):
@@ -959,7 +1081,7 @@ def gradient_checkpointing(model, enabled: bool):
 
 
 # ---- Which weights train: LoRA adapters (peft) beside frozen weights, or the top blocks only -------------------------
-def check_lora(args):
+def check_lora(args: RunArgs):
     """One-line errors for LoRA settings that cannot work together, before anything is loaded."""
     if args.lora_r < 0:
         fail(f"--lora-r must be 0 (no adapter: train the weights) or a positive rank, got {args.lora_r}")
@@ -1887,7 +2009,7 @@ def sample_rows(n: int, **columns) -> list:
     return [{k: v[i] for k, v in columns.items()} for i in range(min(max(n, 0), length))]
 
 
-def make_logger(args, run_name: str, rank: int) -> Logger:
+def make_logger(args: RunArgs, run_name: str, rank: int) -> Logger:
     """On rank 0: with --track, a W&B run first (cleanRL's wandb.init: sync_tensorboard patches TensorBoard's writer,
     so it comes before the SummaryWriter is made), then TensorBoard (cleanRL's hyper-parameter table), args.json,
     metrics.jsonl and samples.jsonl. metrics.jsonl gets all but wall-clock keys (`time/...`), so two runs with one
@@ -1915,7 +2037,7 @@ def make_logger(args, run_name: str, rank: int) -> Logger:
     metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 (written until the run ends)
     samples_file = open(os.path.join(run_dir, "samples.jsonl"), "a")  # noqa: SIM115 (written until the run ends)
     log = Logger(writer=writer, metrics_file=metrics_file, samples_file=samples_file, wandb_run=wandb_run)
-    resume = getattr(args, "resume", None)
+    resume = args.resume
     previous = os.path.join(resume, "metrics.jsonl") if resume else None
     if previous and os.path.exists(previous):  # a resumed run's logs start with everything logged up to its checkpoint
         with open(previous) as f:
@@ -1998,7 +2120,7 @@ def check_resume(path: str, script: str):
     return meta
 
 
-def save_resume(path: str, script: str, step: int, engines: dict, state: dict, args, run_dir: str, rank: int):
+def save_resume(path: str, script: str, step: int, engines: dict, state: dict, args: RunArgs, run_dir: str, rank: int):
     """A checkpoint that continues the run bit for bit: each trained engine with its optimizer (DeepSpeed's own,
     ZeRO-sharded, save; torch.save for a TorchEngine), and per rank the script's `state` (step, KL coefficient, data
     position, eval history, generator states, ...) with this rank's RNG states; the metrics logged so far. Written

@@ -55,7 +55,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -69,10 +69,8 @@ from common import masked_mean
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     # Algorithm
-    preset: str | None = None
-    """a paper setting from PRESETS (hh-125m, hh-1b, hh-6b) as the defaults; flags given on the command line win"""
     gamma: float = 0.99
     """discount γ of the Q target r_t + γ V(s_{t+1}) (released HH: 0.99)"""
     tau: float = 0.7
@@ -95,31 +93,16 @@ class Args:
     """decoding temperature, after the β shift"""
     offline_epochs: int = 10
     """passes over the offline dataset"""
-    mini_batch_size: int = 16
-    """rows per rank per optimiser step"""
     forward_batch_size: int = 64
     """prompts per rank per decoding call of an evaluation (no gradients)"""
     learning_rate: float = 1e-3
     """learning rate of the LM and heads together (released HH 1e-6 for the 125M-6B models)"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip"""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW (β1, β2) (released HH: 0.9, 0.95)"""
-    adam_eps: float = 1e-8
-    """AdamW's ε, added to √v̂ in the update's denominator (released HH: 1e-8)"""
     weight_decay: float = 0.0
     """AdamW weight decay (released HH: 1e-6)"""
-    lr_warmup_steps: int = 0
-    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
-    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
-    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
-    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
     unfrozen_layers: int = -1
     """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
 
     # Models and data
-    model_name_or_path: str = "builtin"
-    """the starting (SFT) language model: a hub name, a local folder, or `builtin`"""
     checkpoint: str | None = None
     """an ilql.py checkpoint folder (policy + ilql_heads.safetensors) to start from instead of fresh heads"""
     eval_only: bool = False
@@ -131,79 +114,31 @@ class Args:
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
     """reward(s) of the evaluation, summed: 1-output classifiers (hub name, folder, `builtin`), `module:function`
     callables and/or URLs of scoring servers"""
-    reward_weights: list[float] = field(default_factory=list)
-    """weight of each --reward-model in the sum (default 1 each)"""
     dataset: str = "builtin"
     """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
-    eval_split: str = "test"
-    """the split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
     prompt_field: str = "prompt"
     """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
     response_field: str = "response"
     """the column of --offline-dataset rows holding the response text"""
     reward_field: str = "reward"
     """the column of --offline-dataset rows holding the scalar reward"""
-    chat_template: bool = False
-    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
-    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
-    max_prompt_length: int = 16
-    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
-    max_new_tokens: int = 32
-    """dataset responses are cut to this many tokens (EOS included); the longest decoded response"""
-    stop_strings: list[str] = field(default_factory=list)
-    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
-    trust_remote_code: bool = False
-    """allow model repositories to run their own code (off unless you trust them)"""
 
     # Devices and precision
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
     bf16: bool = False
     """train in bfloat16 (DeepSpeed) and hold the reward model in bfloat16; the target Q heads stay float32"""
-    offload: bool = False
-    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
-    gradient_checkpointing: bool = False
-    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
-    third more compute, in the update's forward passes only"""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
     lora_r: int = 0
     """rank r of a LoRA adapter trained in place of the LM's weights (0: no adapter, the weights train); the V and
     Q heads always train in full"""
-    lora_alpha: float = 16.0
-    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in the update's forward passes"""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
-    head (as QLoRA and the A-LoL paper did)"""
-    load_in_4bit: bool = False
-    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
     reward_device: str = "policy"
     """where the reward model lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
-    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
-    fp16 (GPU)"""
 
     # Logging and checkpoints
     exp_name: str = "ilql"
     """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
     seed: int = 1
     """seed of the experiment (rank r shuffles and samples with seed + r)"""
-    output_dir: str = "runs"
-    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
-    track: bool = False
-    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
-    wandb_project_name: str = "onefile-rlhf"
-    """the W&B project of --track"""
-    wandb_entity: str | None = None
-    """the W&B entity (user or team) of --track; None: your default entity"""
-    eval_prompts: int = 128
-    """number of held-out prompts per evaluation, over all ranks"""
     log_samples: int = 16
     """responses shown per β at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
-    progress: bool = True
-    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
     eval_every: int = 5
     """evaluate every this many epochs, and before and after training"""
     log_every: int = 10
@@ -211,10 +146,6 @@ class Args:
     save_every: int = 0
     """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
     Ctrl-C); the final model and heads are written to {run dir}/policy"""
-    resume: str | None = None
-    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
-    local_rank: int = 0
-    """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
 # The HH setting of the APA paper's experiments, as trlX ran them: Dahoas' Pythia SFT policies, the rm-static rows

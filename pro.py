@@ -73,10 +73,8 @@ CACHE_VERSION = 3  # raise when what the cache holds, or how it is computed, cha
 
 
 @dataclass
-class Args:
+class Args(common.RunArgs):
     # Algorithm
-    preset: str | None = None
-    """a paper setting (PRESETS: hh-125m, hh-1b, hh-6b) whose values become the defaults; flags given still win"""
     sft_weight: float = 0.05
     """β / (n − 1)²: the SFT term is sft_weight · (n − 1)² · (−log π_θ(y¹|x)), n the ranking's length (released 0.05)"""
     ranking_len: int = 0
@@ -90,33 +88,16 @@ class Args:
     """rankings (prompts, each with all its candidates) per rank per optimiser step"""
     learning_rate: float = 2e-5
     """policy learning rate (AdamW)"""
-    max_grad_norm: float = 1.0
-    """global gradient-norm clip (released: 1.0)"""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW (β1, β2)"""
     adam_eps: float = 1e-8
     """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL PRO HH: 1e-6)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    lr_warmup_steps: int = 0
-    """optimiser steps of linear learning-rate warm-up from lr/N to lr"""
-    lr_schedule: Literal["constant", "linear", "cosine", "inverse_sqrt"] = "constant"
-    """the learning rate after warm-up: constant, linear or cosine decay to 0 at the last step, or inverse_sqrt
-    (sqrt(warm-up / step)); each trained model counts its own optimiser steps"""
-    unfrozen_layers: int = -1
-    """train only the top N transformer blocks of the policy (and what follows them); -1 = all"""
     reward_transform: Literal["sigmoid", "none"] = "sigmoid"
     """applied to each reward model's raw score in evaluation: sigmoid(logit), as PRO's and A-LoL's HH evaluations;
     the rankings' rewards stay raw (the temperatures are their differences)"""
 
     # Models and data
-    model_name_or_path: str = "builtin"
-    """the starting (SFT) policy: a hub name, a local folder, or `builtin`"""
     reward_model: list[str] = field(default_factory=lambda: ["builtin"])
     """reward(s), summed: 1-output classifiers (hub name, folder, `builtin`), `module:function` callables and/or URLs;
     they score the evaluation's responses (and the candidates with --score-candidates)"""
-    reward_weights: list[float] = field(default_factory=list)
-    """weight of each --reward-model in the sum (default 1 each)"""
     offline_dataset: str = "builtin"
     """rankings: {prompt, responses, rewards}, PRO's {prefix, suffix, reward}, or preference rows (rankings of 2);
     hub, path, builtin"""
@@ -124,19 +105,6 @@ class Args:
     """the split of --offline-dataset trained on"""
     dataset: str = "builtin"
     """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
-    prompt_field: str = "prompt"
-    """the column of --dataset holding the prompt text"""
-    chat_template: bool = False
-    """render each prompt with the policy tokenizer's chat template, the assistant turn opened: HH dialogues become
-    user / assistant messages, a `messages` column is read as it is; without it prompts stay raw text"""
-    eval_split: str = "test"
-    """the held-out split of --dataset evaluated; 'train[-5%:]' holds that slice of the same file out of training"""
-    max_prompt_length: int = 16
-    """prompts are left-truncated to this many tokens (and to what the context leaves after the response)"""
-    max_new_tokens: int = 32
-    """responses are cut to this many tokens, EOS included; also the longest greedy response"""
-    stop_strings: list[str] = field(default_factory=list)
-    """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     forward_batch_size: int = 64
     """rows per forward pass / generate call outside training (scoring candidates, evaluation)"""
     cache_dir: str | None = None
@@ -144,66 +112,14 @@ class Args:
     --total-steps read that the cache lacks (default $ONEFILE_RLHF_CACHE/pro or ~/.cache/onefile-rlhf/pro)"""
     no_cache: bool = False
     """rescore the candidates this run reads even when cached (the entry is overwritten with them)"""
-    trust_remote_code: bool = False
-    """allow model repositories to run their own code (off unless you trust them)"""
-
-    # Devices and precision
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (0 also runs without DeepSpeed installed)"""
-    bf16: bool = False
-    """train in bfloat16 (DeepSpeed) and hold frozen models in bfloat16"""
-    offload: bool = False
-    """offload optimizer states (and ZeRO-3 parameters) to CPU"""
-    gradient_checkpointing: bool = False
-    """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
-    third more compute, in the update's forward passes only"""
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
-    """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
-    lora_r: int = 0
-    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train)"""
-    lora_alpha: float = 16.0
-    """LoRA's scale α: an adapted layer computes W x + (α / r) · B A x"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in the update's forward passes"""
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """the layers that get an adapter, by name (e.g. q_proj v_proj); all-linear: every linear layer but the output
-    head (as QLoRA and the A-LoL paper did)"""
-    load_in_4bit: bool = False
-    """hold the frozen base weights in 4-bit NF4 (QLoRA): needs --lora-r, a CUDA GPU, bitsandbytes, --zero-stage 0"""
-    reward_device: str = "policy"
-    """where the reward model(s) live: `policy`, `cpu`, or `cuda:N`"""
-    reward_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """the reward model's weights: auto = bfloat16 with --bf16, else float32; float16 for a reward model trained in
-    fp16 (GPU)"""
 
     # Logging and checkpoints
     exp_name: str = "pro"
     """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
     seed: int = 1
     """seed of the experiment (the order in which the rankings are visited)"""
-    output_dir: str = "runs"
-    """folder for TensorBoard logs, metrics.jsonl and checkpoints"""
-    track: bool = False
-    """log the run to Weights & Biases too (`pip install wandb`): args, code, TensorBoard scalars, sample tables"""
-    wandb_project_name: str = "onefile-rlhf"
-    """the W&B project of --track"""
-    wandb_entity: str | None = None
-    """the W&B entity (user or team) of --track; None: your default entity"""
     eval_every: int = 10
     """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
-    eval_prompts: int = 128
-    """number of held-out prompts per evaluation, over all ranks"""
-    log_samples: int = 16
-    """responses shown at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
-    progress: bool = True
-    """tqdm bars on rank 0 for long phases; off when stdout is not a terminal"""
-    save_every: int = 0
-    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
-    Ctrl-C); the final policy is an HF folder"""
-    resume: str | None = None
-    """continue a stopped run from its checkpoint folder (runs/RUN_NAME/resume), with the same arguments"""
-    local_rank: int = 0
-    """set by the `deepspeed` launcher; the rank is read from the environment"""
 
 
 # The A-LoL work's PRO setting on HH (released pro_qlora_llama_hh.py, lines linked above and below): PRO's HH data

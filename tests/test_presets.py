@@ -333,3 +333,42 @@ def test_adam_eps_reaches_adamw_in_every_script():
         passed = [k for call in engines for k in call.keywords if k.arg == "eps"]
         assert [ast.unparse(k.value) for k in passed] == ["args.adam_eps"], script
         assert any(f.name == "adam_eps" for f in dataclasses.fields(importlib.import_module(script).Args)), script
+
+
+def _declared(tree, class_name: str) -> dict:
+    """{field: docstring} of the fields a class body declares itself, read from its source."""
+    import ast
+
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == class_name).body
+    return {
+        node.target.id: (body[i + 1].value.value if i + 1 < len(body) and isinstance(body[i + 1], ast.Expr) else None)
+        for i, node in enumerate(body)
+        if isinstance(node, ast.AnnAssign)
+    }
+
+
+def test_the_shared_fields_are_declared_once_in_common_run_args():
+    """Every script's Args extends common.RunArgs; a script re-declares a shared field only with another default,
+    type or docstring than RunArgs gives it, and no field the seven scripts all declare is left out of RunArgs."""
+    import ast
+
+    shared = {field.name: field for field in dataclasses.fields(common.RunArgs)}
+    shared_docs = _declared(ast.parse((ROOT / "common.py").read_text()), "RunArgs")
+    own = []
+    for script in EXPECTED:
+        module = importlib.import_module(script)
+        assert issubclass(module.Args, common.RunArgs), script
+        fields = {field.name: field for field in dataclasses.fields(module.Args)}
+        declared = _declared(ast.parse((ROOT / f"{script}.py").read_text()), "Args")
+        for name in set(declared) & set(shared):
+            ours = fields[name]
+            base = shared[name]
+            same_default = (ours.default, ours.default_factory) == (base.default, base.default_factory) or (
+                ours.default_factory is not dataclasses.MISSING
+                and base.default_factory is not dataclasses.MISSING
+                and ours.default_factory() == base.default_factory()
+            )
+            same = same_default and ours.type == base.type and declared[name] == shared_docs[name]
+            assert not same, f"{script}.Args re-declares {name} as common.RunArgs has it"
+        own.append(set(declared) - set(shared))
+    assert not set.intersection(*own), f"declared in every script, not in common.RunArgs: {set.intersection(*own)}"
