@@ -2266,9 +2266,10 @@ def exit_cleanly():
 # ---- Caches: content keys and cached results -------------------------------------------------------------------------
 # A result that is slow to compute (π_ref's log-probs, rewards, A-LoL's advantages) is stored under a key that names
 # everything it depends on: each model by its content (fingerprint), each row by its content (json_digest), every
-# setting by its value. An entry is <SHA-256 of the key>.safetensors (the tensors) + .json (the key itself, checked on
-# every read, so a hash collision or a hand-edited file is recomputed, never read). Each script's key starts with its
-# CACHE_VERSION, raised when what the script caches or how it computes it changes.
+# setting by its value. An entry is <SHA-256 of the key>.safetensors: the tensors, and in its metadata the key itself,
+# checked on every read (a hash collision or a hand-edited file is recomputed, never read); a .json copy of the key
+# beside it is for people to read. Each script's key starts with its CACHE_VERSION, raised when what the script caches
+# or how it computes it changes.
 def cache_folder(cache_dir, script: str) -> str:
     """Where `script`'s entries live: `cache_dir` (--cache-dir) when given, else $ONEFILE_RLHF_CACHE/<script>, else
     ~/.cache/onefile-rlhf/<script>."""
@@ -2345,17 +2346,44 @@ def _entry_path(key: dict, cache_dir: str) -> str:
     return os.path.join(cache_dir, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20])
 
 
+def _read_entry(path: str):
+    """(record, tensors) of the entry at `path`, or ({}, {}) where there is none. Both come from the one
+    .safetensors file (the record in its metadata), so a reader never pairs one writer's record with another's
+    tensors, whatever runs beside it."""
+    from safetensors import safe_open
+
+    if not os.path.exists(path + ".safetensors"):
+        return {}, {}
+    with safe_open(path + ".safetensors", framework="pt") as f:
+        record = json.loads((f.metadata() or {}).get("entry", "{}"))
+        return record, {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
 def _write_entry(path: str, tensors: dict, record: dict):
-    """Written aside and renamed: a reader never sees half an entry; the JSON (checked first) goes last."""
+    """Written aside and renamed: a reader never sees half an entry. The record goes into the .safetensors file's
+    metadata (what is read back) and, for people to read, into the .json beside it."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f".{os.getpid()}.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp)
+    metadata = {"entry": json.dumps(record)}
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, path + ".safetensors" + tmp, metadata=metadata)
     os.replace(path + ".safetensors" + tmp, path + ".safetensors")
     with open(path + ".json" + tmp, "w") as f:
         f.write(json.dumps(record, indent=1))
     os.replace(path + ".json" + tmp, path + ".json")
+
+
+@contextlib.contextmanager
+def _entry_lock(path: str):
+    """Holds an exclusive lock on `path`.lock: two runs that add rows to one entry at once each add theirs to what
+    the other wrote, instead of the later one dropping the earlier one's rows."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
@@ -2363,16 +2391,11 @@ def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
     the stored key equals `key` (use_cache False, --no-cache: computed and stored anew). Returns (tensors, info, hit).
     Every rank takes the same branch (a hit on all ranks or on none), since compute() may hold collectives; rank 0
     writes."""
-    from safetensors.torch import load_file
-
     key = json.loads(json.dumps(key, sort_keys=True, default=str))
     path = _entry_path(key, cache_dir)
-    entry = {}
-    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
-        with open(path + ".json") as f:
-            entry = json.load(f)
+    entry, stored = _read_entry(path) if use_cache else ({}, {})
     if mean_across_ranks({"hit": float(entry.get("key") == key)})["hit"] == 1.0:
-        return load_file(path + ".safetensors"), entry["info"], True
+        return stored, entry["info"], True
     tensors, info = compute()
     if rank == 0:
         _write_entry(path, tensors, {"key": key, "info": info})
@@ -2380,25 +2403,19 @@ def cached(key: dict, compute, cache_dir: str, use_cache=True, rank=0):
 
 
 def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=True, rank=0):
-    """An entry under `key` that holds rows: one row of each tensor per row cached, and in the JSON each cached row's
-    digest (what the row is, e.g. json_digest of its tokens). Returns ({name: tensor [len(digests), ...]}, number of
-    rows computed): a row whose digest the entry holds is read back; compute(positions) -> {name: tensor
+    """An entry under `key` that holds rows: one row of each tensor per row cached, and in the record each cached
+    row's digest (what the row is, e.g. json_digest of its tokens). Returns ({name: tensor [len(digests), ...]},
+    number of rows computed): a row whose digest the entry holds is read back; compute(positions) -> {name: tensor
     [len(positions), ...]} computes the others (`positions` index `digests`), which rank 0 adds to the entry. A row
     is only ever read back under its own digest, so an entry written for some rows serves a later run that needs
     more and is never read for rows it lacks. Every rank computes the same rows, since compute() may hold
     collectives."""
-    from safetensors.torch import load_file
-
     key = json.loads(json.dumps(key, sort_keys=True, default=str))
     path = _entry_path(key, cache_dir)
-    stored = {}
-    where = {}  # digest -> its row in `stored`
-    if use_cache and os.path.exists(path + ".json") and os.path.exists(path + ".safetensors"):
-        with open(path + ".json") as f:
-            entry = json.load(f)
-        if entry.get("key") == key:
-            stored = load_file(path + ".safetensors")
-            where = {digest: row for row, digest in enumerate(entry["rows"])}
+    entry, stored = _read_entry(path) if use_cache else ({}, {})
+    if entry.get("key") != key:
+        stored = {}
+    where = {digest: row for row, digest in enumerate(entry["rows"])} if stored else {}  # digest -> its stored row
     missing = torch.tensor([float(digest not in where) for digest in digests], dtype=torch.float64)
     missing = all_reduce_cpu(missing) > 0  # a row missing on any rank is computed on every rank
     positions = missing.nonzero().flatten()
@@ -2411,15 +2428,33 @@ def cached_rows(key: dict, digests: list, compute, cache_dir: str, use_cache=Tru
             tensors[name][~missing] = stored[name][hits]
         if len(positions):
             tensors[name][positions] = computed[name].to(template.dtype)
-    new = [position for position in positions.tolist() if digests[position] not in where]
-    if rank == 0 and new:
-        rows = list(where) + [digests[position] for position in new]
+    if rank == 0 and len(positions):
+        _add_rows(path, key, digests, positions, tensors, use_cache)
+    return tensors, len(positions)
+
+
+def _add_rows(path: str, key: dict, digests: list, positions, tensors: dict, use_cache: bool):
+    """Adds the rows at `positions` to the entry as it is now on disk (another run may have added rows since it was
+    read), under the entry's lock; with use_cache False (--no-cache) the entry is replaced by these rows."""
+    with _entry_lock(path):
+        entry, stored = _read_entry(path) if use_cache else ({}, {})
+        if entry.get("key") != key:
+            entry, stored = {}, {}
+        rows = list(entry.get("rows", []))
+        held = set(rows)
+        new = []
+        for position in positions.tolist():
+            if digests[position] not in held:
+                held.add(digests[position])
+                rows.append(digests[position])
+                new.append(position)
+        if not new:
+            return
         new = torch.tensor(new, dtype=torch.long)
         union = {
             name: torch.cat([stored[name], tensors[name][new]]) if stored else tensors[name][new] for name in tensors
         }
         _write_entry(path, union, {"key": key, "rows": rows})
-    return tensors, len(positions)
 
 
 def distinct_n(texts, n: int) -> float:

@@ -821,11 +821,34 @@ def test_cached_checks_the_stored_key(tmp_path):
         return {"x": torch.zeros(1)}, {}
 
     common.cached({"a": 1}, compute, str(tmp_path))
-    (entry,) = tmp_path.glob("*.json")
-    stored = json.loads(entry.read_text())
-    entry.write_text(json.dumps({**stored, "key": {"a": 2}}))
+    (entry,) = tmp_path.glob("*.safetensors")
+    record, tensors = common._read_entry(str(entry.with_suffix("")))
+    assert record["key"] == {"a": 1}
+    common._write_entry(str(entry.with_suffix("")), tensors, {**record, "key": {"a": 2}})  # the file edited by hand
     _, _, hit = common.cached({"a": 1}, compute, str(tmp_path))
     assert not hit and len(calls) == 2
+
+
+def test_cached_rows_beside_another_run_adding_rows(tmp_path):
+    """Two runs adding rows to one entry at once (alol.py's variants sharing a cache): while this run computes its
+    rows, another adds other rows; the entry then holds both runs' rows, each under its own digest, and each run
+    reads back the values that row was stored with."""
+
+    def values(digests):
+        return lambda positions: {"logps": torch.tensor([float(ord(digests[i])) for i in positions.tolist()])}
+
+    common.cached_rows({"m": 1}, ["a"], values(["a"]), str(tmp_path))
+
+    def compute_while_another_run_writes(positions):
+        common.cached_rows({"m": 1}, ["a", "x", "y"], values(["a", "x", "y"]), str(tmp_path))
+        return values(["a", "b", "c"])(positions)
+
+    tensors, computed = common.cached_rows({"m": 1}, ["a", "b", "c"], compute_while_another_run_writes, str(tmp_path))
+    assert computed == 2 and tensors["logps"].tolist() == [97, 98, 99]
+    (entry,) = tmp_path.glob("*.json")
+    assert sorted(json.loads(entry.read_text())["rows"]) == ["a", "b", "c", "x", "y"]
+    every, computed = common.cached_rows({"m": 1}, ["y", "c", "x", "b", "a"], values([]), str(tmp_path))
+    assert computed == 0 and every["logps"].tolist() == [121, 99, 120, 98, 97]
 
 
 def test_cached_rows_computes_only_the_rows_it_lacks(tmp_path):
