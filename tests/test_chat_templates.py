@@ -64,6 +64,7 @@ def llama3_tokenizer():
 
 def test_prompts_become_chat_messages():
     import common
+    import formats
 
     assert common.prompt_messages(HH) == HH_MESSAGES
     assert common.prompt_messages("Summarize: the cat sat.\nTL;DR:") == [
@@ -75,11 +76,11 @@ def test_prompts_become_chat_messages():
     assert common.prompt_text(HH_MESSAGES) == HH
     assert common.prompt_messages(common.prompt_text(HH_MESSAGES)) == HH_MESSAGES
     assert common.prompt_text(system).startswith("Be brief.\n\nHuman: ")
-    assert common.split_messages([*HH_MESSAGES, {"role": "assistant", "content": "It is tense."}]) == (
+    assert formats.split_messages([*HH_MESSAGES, {"role": "assistant", "content": "It is tense."}]) == (
         HH_MESSAGES,
         "It is tense.",
     )
-    assert common.split_messages(HH_MESSAGES) == (HH_MESSAGES, None)
+    assert formats.split_messages(HH_MESSAGES) == (HH_MESSAGES, None)
 
 
 @pytest.mark.parametrize("kind", ["qwen", "llama3"])

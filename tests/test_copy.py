@@ -143,7 +143,7 @@ def trained(yours, tmp_path_factory):
 
 
 def test_import_common_imports_no_algorithm_script_and_no_optional_part():
-    parts = ["ppo", "apa", "awr", "ilql", "alol", "dpo", "pro", "released", "evaluate", "builtin_build"]
+    parts = ["ppo", "apa", "awr", "ilql", "alol", "dpo", "pro", "released", "evaluate", "builtin_build", "formats"]
     check = f"import sys, common; print([name for name in {parts} if name in sys.modules])"
     proc = run_in(ROOT, "-c", check)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 
 import common
+import formats
 
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf"
 FILES = ["harmless-base-test.jsonl.gz", "helpful-base-test.jsonl.gz"]
@@ -48,11 +49,11 @@ def test_hh_rows_split_exactly_at_the_last_assistant_turn(name):
 
 def test_split_hh_by_hand():
     dialogue = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"
-    assert common.split_hh(dialogue) == (
+    assert formats.split_hh(dialogue) == (
         "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:",
         " fine, thanks",
     )
-    assert common.split_hh("no turns here") == (None, "no turns here")
+    assert formats.split_hh("no turns here") == (None, "no turns here")
 
 
 def _write(tmp_path, rows):
@@ -205,7 +206,7 @@ def test_real_hh_rows_in_pro_shape_give_back_the_hh_split(tmp_path):
     role = {"Human": "<|prompter|>", "Assistant": "<|assistant|>"}
     pro, expected = [], []
     for row in raw:
-        (prompt, chosen), (other, rejected) = common.split_hh(row["chosen"]), common.split_hh(row["rejected"])
+        (prompt, chosen), (other, rejected) = formats.split_hh(row["chosen"]), formats.split_hh(row["rejected"])
         if prompt is None or prompt != other or not chosen.strip() or not rejected.strip():
             continue
         turns = []  # PRO's turns: the role token, then the text after "Human: " / "Assistant: "

@@ -149,13 +149,14 @@ def build_zoo(root):
         "".join(json.dumps({"chosen": r["chosen"], "rejected": r["rejected"]}) + "\n" for r in heldout_rows)
     )
     import common
+    import formats
 
     chat_data, chat_heldout = root / "hh_messages.jsonl", root / "heldout_messages.jsonl"  # TRL's conversational rows
 
     def conversation(dialogue):
         return [
-            *common.prompt_messages(common.split_hh(dialogue)[0]),
-            {"role": "assistant", "content": common.split_hh(dialogue)[1].strip()},
+            *common.prompt_messages(formats.split_hh(dialogue)[0]),
+            {"role": "assistant", "content": formats.split_hh(dialogue)[1].strip()},
         ]
 
     chat_data.write_text(
