@@ -941,55 +941,21 @@ def check_lora(args: RunArgs):
             f"--unfrozen-layers {args.unfrozen_layers} trains the top blocks' own weights, --lora-r an adapter on all "
             f"of them: pass one of the two"
         )
-    note = lora_learning_rate_note(args.lora_r, args.learning_rate, getattr(type(args), "learning_rate", None))
-    if note and int(os.environ.get("RANK", "0")) == 0:
-        print(note, flush=True)
-
-
-LORA_LR_FACTOR = 10  # the learning rate at which LoRA matched the full fine-tune's gain, ÷ the full fine-tune's: README
-
-
-def lora_learning_rate_note(lora_r: int, learning_rate: float, full_default: float | None) -> str | None:
-    """The note a --lora-r run gets when its learning rate is the script's full fine-tune default, else None: an
-    adapter (B starts at 0, α / r scales its update) moves the policy far less per step at the same learning rate."""
-    if not lora_r or full_default is None or learning_rate != full_default:
-        return None
-    return (
-        f"note: --lora-r {lora_r} at --learning-rate {learning_rate:g}, the full fine-tune's default: adapters usually "
-        f"need about {LORA_LR_FACTOR}× it, e.g. --learning-rate {LORA_LR_FACTOR * learning_rate:g} (on the built-in "
-        f"task, APA with --lora-r 16 got 8% of the full fine-tune's held-out reward gain at 1×, 68% at 10×, 107% at "
-        f"30×; README: LoRA learning rates)"
-    )
+    if args.lora_r:  # the adapter's code: lora.py, beside this file
+        lora = optional_part("lora.py", f"--lora-r {args.lora_r}")
+        note = lora.lora_learning_rate_note(args.lora_r, args.learning_rate, getattr(type(args), "learning_rate", None))
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(note, flush=True)
 
 
 def add_lora(model, kind: str, r: int, alpha: float, dropout: float, target_modules, quantized=False):
-    """The model with a LoRA adapter (Hu et al. 2021) of rank `r` on `target_modules` (`all-linear`: every linear
-    layer but the output head), scaled by alpha / r: only the adapter trains, and a `score` model's 1-output head
-    (a value model's) trains in full beside it. r = 0: the model as it is. Quantised weights are first readied for
-    training (norms in float32) as QLoRA does."""
+    """The model with a LoRA adapter of rank `r` on `target_modules`, scaled by alpha / r (lora.py's add_lora: only
+    the adapter trains, and a `score` model's head beside it). r = 0: the model as it is, without lora.py."""
     if not r:
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers.pytorch_utils import Conv1D
-
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules="all-linear" if list(target_modules) == ["all-linear"] else list(target_modules),
-        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2's layers store weight.T
-        task_type="CAUSAL_LM" if kind == "causal" else "SEQ_CLS",
-        bias="none",
+    return optional_part("lora.py", f"--lora-r {r}").add_lora(
+        model, kind, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, quantized=quantized
     )
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # a target that this architecture does not have
-        fail(
-            f"--lora-target-modules {' '.join(target_modules)}: {str(e).splitlines()[0][:200]}; name this model's "
-            f"linear layers (e.g. q_proj v_proj) or pass all-linear"
-        )
 
 
 def freeze_lower_layers(model, unfrozen_layers: int):
@@ -1035,24 +1001,9 @@ def adapter_off(model):
 
 
 def merged_state_dict(state: dict, model) -> dict:
-    """A PeftModel's state dict (`state`, possibly gathered from ZeRO-3 shards) as the plain transformers model's:
-    each adapted weight W + (α / r) · B A (transposed for fan-in-fan-out layers), the keys without peft's prefixes,
-    a fully trained head (modules_to_save) in place of its original. `from_pretrained` loads the result as it is."""
-    config = peft_model(model).peft_config["default"]
-    scaling = config.lora_alpha / config.r
-    merged = {}
-    for key, value in state.items():
-        name = key.removeprefix("base_model.model.")
-        if ".lora_" in name or ".original_module." in name:
-            continue
-        name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
-        lora_a = key.replace(".base_layer.weight", ".lora_A.default.weight")
-        lora_b = key.replace(".base_layer.weight", ".lora_B.default.weight")
-        if key.endswith(".base_layer.weight") and lora_a in state:
-            delta = state[lora_b].float() @ state[lora_a].float()
-            value = (value.float() + scaling * (delta.T if config.fan_in_fan_out else delta)).to(value.dtype)
-        merged[name] = value.contiguous()
-    return merged
+    """A PeftModel's state dict (`state`) as the plain transformers model's, each adapter merged into the weight it
+    adapts (lora.py's merged_state_dict): `from_pretrained` loads the result as it is."""
+    return optional_part("lora.py", "a LoRA adapter's merged checkpoint").merged_state_dict(state, model)
 
 
 # ---- Rewards: a Python function, a URL, a sequence-classification model, or a reward model as released ---------------

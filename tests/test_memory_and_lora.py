@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(ROOT))
 import common
+import lora
 
 LORA = "--lora-r 4 --lora-alpha 8 --learning-rate 1e-3".split()
 RUNS = {
@@ -350,11 +351,11 @@ def test_zero3_loads_each_rank_its_own_shards(tmp_path):
 def test_lora_learning_rate_note():
     """A --lora-r run at the script's full fine-tune default learning rate gets a note with the factor to try; another
     learning rate, or no adapter, gets none."""
-    note = common.lora_learning_rate_note(16, 3e-5, 3e-5)
-    assert f"about {common.LORA_LR_FACTOR}×" in note and f"--learning-rate {common.LORA_LR_FACTOR * 3e-5:g}" in note
-    assert common.lora_learning_rate_note(16, 3e-4, 3e-5) is None
-    assert common.lora_learning_rate_note(0, 3e-5, 3e-5) is None
-    assert common.lora_learning_rate_note(16, 3e-5, None) is None
+    note = lora.lora_learning_rate_note(16, 3e-5, 3e-5)
+    assert f"about {lora.LORA_LR_FACTOR}×" in note and f"--learning-rate {lora.LORA_LR_FACTOR * 3e-5:g}" in note
+    assert lora.lora_learning_rate_note(16, 3e-4, 3e-5) is None
+    assert lora.lora_learning_rate_note(0, 3e-5, 3e-5) is None
+    assert lora.lora_learning_rate_note(16, 3e-5, None) is None
 
 
 def test_lora_settings_that_cannot_work_fail_in_one_line(builtin_path, tmp_path):
