@@ -7,31 +7,34 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
      1. Start-up                       fail, note, optional_part, LoadReport, parse_args (--preset), start_run, ...
      2. The built-in task              builtin/ beside this file: resolve(), builtin_gold_score
      3. Datasets                       load_prompts, load_offline_rows, load_preference_pairs, load_rankings
-     4. Dataset and prompt formats     HH dialogues, chat messages and templates, PRO rows, canonical_rows
+     4. Dataset and prompt formats     plain columns and text (canonical_rows, render_prompts); the rest: formats.py
      5. Token ids                      fitting_prompts, encode_prompts, pad_left, Batch, encode_offline_rows, ...
      6. Tokenizers and models          load_tokenizer, load_model, 4-bit weights, ZeRO-3 loading, no dropout
-     7. Which weights train            LoRA adapters (add_lora, adapter_off, merged_state_dict), freeze_lower_layers
+     7. Which weights train            LoRA adapters (add_lora, adapter_off; lora.py's code), freeze_lower_layers
      8. Rewards                        load_reward: a Python function or a 1-output classifier (URLs and released
                                        layouts through released.py)
      9. Distributed set-up             the process group, all-reduce of CPU tensors, generate under ZeRO-3
     10. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
     11. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
     12. Masked statistics              means and whitening where padding never counts, optionally over all ranks
-    13. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, W&B, HF folders
+    13. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, HF folders, W&B
     14. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
     15. Caches                         content keys (fingerprint, file_digest, hub_commit), cached(_rows), distinct_n
 
-Copying one algorithm script into a project: copy the script and common.py; nothing else is needed. released.py,
-evaluate.py and builtin/ are optional parts beside common.py, each imported only where it is used (optional_part): a
-missing one is a one-line error that names it.
+Copying one algorithm script into a project: copy the script and common.py; nothing else is needed. formats.py,
+lora.py, tracking.py, released.py, evaluate.py and builtin/ are optional parts beside common.py, each imported only
+where it is used (optional_part): a missing one is a one-line error that names it.
+- formats.py: data in other formats than plain columns and text (HH dialogues, chat messages and templates, PRO and
+  TL;DR rows), reached through a few calls here (canonical_rows, fitting_prompts, encode_prompts, load_rankings,
+  prompt_messages, prompt_text) only where a row's shape or --chat-template needs it.
+- lora.py: the LoRA adapter's code (add_lora's peft set-up, merged_state_dict), for a run with --lora-r.
+- tracking.py: Weights & Biases, for a run with --track.
 - released.py: reward models in their released layouts (trlX / Dahoas, trlX TL;DR, OpenAssistant) and scoring
   servers (a URL --reward-model entry). Without it a model entry is read as a 1-output sequence-classification model.
 - evaluate.py: the judged evaluation of a saved run (`./launch.sh eval`, `python evaluate.py RUN_DIR`).
 - builtin/: the built-in task (`builtin` as a model, reward or dataset name, the default of every script) and
   builtin/build.py, the code that built it (`python builtin/build.py`) and its gold score. Without it, pass your own
-  model, reward and dataset.
-Section 4 serves data in other formats (HH dialogues, chat templates, PRO rows), reached through a few calls
-(canonical_rows, render_prompts, prompt_messages, prompt_text)."""
+  model, reward and dataset."""
 
 import contextlib
 import dataclasses
@@ -331,7 +334,7 @@ def start_run(args: RunArgs, script: str, one_weight_per_reward_model: bool = Tr
         )
     check_lora(args)
     if args.track:
-        import_wandb()  # missing: fail now, not after the models are loaded
+        optional_part("tracking.py", "--track").import_wandb()  # missing: fail now, not after the models are loaded
     rank, world_size, device = init_distributed(args.zero_stage)
     library_bars(args.progress and rank == 0)
     if args.resume:
@@ -534,20 +537,10 @@ def load_rankings(name: str, split: str = "train", flag="--offline-dataset", hel
         prompts = list(data["prompt"])
         candidates = [[str(response) for response in row] for row in data["responses"]]
         rewards = list(data["rewards"])
-    elif {"prefix", "suffix", "reward"} <= cols:
-        prompts = []
-        candidates = []
-        rewards = []
-        for i, (prefix, suffixes, row_rewards) in enumerate(zip(data["prefix"], data["suffix"], data["reward"])):
-            pairs = optional_part("formats.py", f"dataset '{name}' (PRO rows)").pro_pairs(prefix, suffixes)
-            if pairs is None:
-                fail(
-                    f"dataset '{name}' row {i}: its prefix does not fit its {len(suffixes)} suffixes; give one prefix, "
-                    f"or one per suffix"
-                )
-            prompts.append(pairs[0][0])
-            candidates.append([response for _, response in pairs])
-            rewards.append(row_rewards)
+    elif {"prefix", "suffix", "reward"} <= cols:  # PRO's rows, read by formats.py
+        prompts, candidates, rewards = optional_part("formats.py", f"dataset '{name}' (PRO rows)").pro_rankings(
+            data, name
+        )
     else:
         prompts, chosen, rejected = load_preference_pairs(name, split, flag, held_out=held_out)
         candidates = [[good, bad] for good, bad in zip(chosen, rejected)]
@@ -1726,15 +1719,6 @@ class PrintAboveBars:
         return getattr(self.stdout, name)
 
 
-def import_wandb():
-    """Weights & Biases for --track, or a one-line error that names the install (the scripts run without it)."""
-    try:
-        import wandb
-    except ImportError:
-        fail("--track logs to Weights & Biases, which is not installed; pip install wandb, or run without --track")
-    return wandb
-
-
 class Logger:
     """What make_logger returns. On rank 0: log(step, metrics) writes scalars to TensorBoard and metrics.jsonl;
     log.samples(step, rows) a table of sample responses to TensorBoard (text, tag `samples`), samples.jsonl and, with
@@ -1779,10 +1763,7 @@ class Logger:
         self.writer.add_text("samples", "\n".join(lines), step)
         self.writer.flush()
         if self.wandb_run is not None:  # logged at the TensorBoard step: sync_tensorboard's x-axis is global_step
-            import wandb
-
-            table = wandb.Table(columns=["step", *columns], data=[[step, *row.values()] for row in rows])
-            self.wandb_run.log({"samples": table, "global_step": step})
+            optional_part("tracking.py", "--track").log_samples_table(self.wandb_run, step, rows)
 
 
 def rendered_prompts(tokenizer, query_ids, query_mask) -> list:
@@ -1814,14 +1795,7 @@ def make_logger(args: RunArgs, run_name: str, rank: int) -> Logger:
     run_dir = os.path.join(args.output_dir, run_name)
     wandb_run = None
     if args.track:
-        wandb_run = import_wandb().init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
+        wandb_run = optional_part("tracking.py", "--track").start_wandb(args, run_name)
     writer = SummaryWriter(run_dir)
     table = "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items()))
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)

@@ -9,7 +9,7 @@ names it.
 
 Sections, in file order:
 
-    1. Dataset shapes              canonical_rows: HH transcripts, `messages`, PRO rows (pro_pairs), TL;DR
+    1. Dataset shapes              canonical_rows: HH transcripts, `messages`, PRO rows (pro_pairs, pro_rankings), TL;DR
     2. Chat messages               split_hh, hh_turns, prompt_messages, prompt_text, split_messages
     3. Chat prompts in a budget    fitting_prompts, fit_chat_prompt: whole turns dropped from the start"""
 
@@ -44,6 +44,26 @@ def pro_pairs(prefix, suffixes):
             suffix = suffix if suffix[:1].isspace() else " " + suffix
         pairs.append((text, suffix))
     return pairs
+
+
+def pro_rankings(data, name: str):
+    """(prompts, candidates, rewards) of PRO's rows {prefix, suffix, reward}, one ranking per row, its prompt and
+    responses as pro_pairs joins them (common.load_rankings); a row whose prefix does not fit its suffixes fails
+    with one line."""
+    prompts = []
+    candidates = []
+    rewards = []
+    for i, (prefix, suffixes, row_rewards) in enumerate(zip(data["prefix"], data["suffix"], data["reward"])):
+        pairs = pro_pairs(prefix, suffixes)
+        if pairs is None:
+            fail(
+                f"dataset '{name}' row {i}: its prefix does not fit its {len(suffixes)} suffixes; give one prefix, "
+                f"or one per suffix"
+            )
+        prompts.append(pairs[0][0])
+        candidates.append([response for _, response in pairs])
+        rewards.append(row_rewards)
+    return prompts, candidates, rewards
 
 
 def _columns(rows: list, names: tuple) -> dict:
