@@ -1,6 +1,7 @@
 """Each algorithm script and common.py, copied alone into an empty folder, run there: it trains on your own model,
-reward and data; released.py, evaluate.py and builtin/ are optional parts, each a one-line error naming it where a
-run needs it. Also: `import common` imports no algorithm script and no optional part."""
+reward and data; formats.py, lora.py, tracking.py, released.py, evaluate.py and builtin/ are optional parts, each a
+one-line error naming it where a run needs it. Also: `import common` imports no algorithm script and no optional
+part."""
 
 import json
 import os
@@ -143,7 +144,8 @@ def trained(yours, tmp_path_factory):
 
 
 def test_import_common_imports_no_algorithm_script_and_no_optional_part():
-    parts = ["ppo", "apa", "awr", "ilql", "alol", "dpo", "pro", "released", "evaluate", "builtin_build", "formats"]
+    scripts = ["ppo", "apa", "awr", "ilql", "alol", "dpo", "pro"]
+    parts = [*scripts, "released", "evaluate", "builtin_build", "formats", "lora", "tracking"]
     check = f"import sys, common; print([name for name in {parts} if name in sys.modules])"
     proc = run_in(ROOT, "-c", check)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -194,6 +196,24 @@ def test_a_released_layout_without_released_py_names_it(copied):
     line = error_line(run_in(copied, "-c", "import common; common.load_reward('./rm', None)"))
     assert line.startswith("error: cannot load './rm'"), line
     assert "if it is a reward model in a released layout (hf_ckpt.pt" in line and "put released.py beside" in line
+
+
+def test_hh_rows_and_lora_without_their_optional_part_name_it(copied):
+    """HH transcripts are read by formats.py and a LoRA adapter is made by lora.py: without them beside common.py,
+    one line names the file; plain columns and r = 0 need neither."""
+    hh = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go."}
+    write_jsonl(copied / "hh.jsonl", [hh])
+    write_jsonl(copied / "plain.jsonl", [{"prompt": "Hi"}])
+    line = error_line(run_in(copied, "-c", "import common; common.load_prompts('hh.jsonl', 'train')"))
+    assert "dataset 'hh.jsonl' (HH, chat, PRO or TL;DR rows) needs formats.py" in line, line
+    assert "put formats.py beside common.py" in line, line
+    line = error_line(run_in(copied, "-c", "import common; common.add_lora(None, 'causal', 4, 8.0, 0.0, ['q_proj'])"))
+    assert "--lora-r 4 needs lora.py" in line and "put lora.py beside common.py" in line, line
+    check = (
+        "import common; print(common.load_prompts('plain.jsonl', 'train'), common.add_lora('m', 'causal', 0, 1, 0, []))"
+    )
+    proc = run_in(copied, "-c", check)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("['Hi'] m"), proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
