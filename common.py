@@ -100,9 +100,14 @@ def optional_part(file: str, needed_for: str = ""):
     where it is used, once, by its path. Where the file is absent: None when `needed_for` is empty (the caller goes
     on without it), else a one-line error that names the file."""
     name = os.path.splitext(file)[0].replace("/", "_")  # builtin/build.py: the module builtin_build
-    if name in sys.modules:
-        return sys.modules[name]
     path = os.path.join(HERE, file)
+    loaded = sys.modules.get(name)
+    if loaded is not None and os.path.abspath(getattr(loaded, "__file__", None) or "") == os.path.abspath(path):
+        return loaded
+    if loaded is not None:  # a module of the same name from elsewhere (the user's own `formats`): kept apart
+        name = f"onefile_rlhf_{name}"
+        if name in sys.modules:
+            return sys.modules[name]
     if not os.path.isfile(path):
         if not needed_for:
             return None

@@ -939,3 +939,19 @@ def test_distinct_n_by_hand():
     assert common.distinct_n(["the cat saw the cat", "a cat"], 2) == pytest.approx(4 / 5)
     assert common.distinct_n(["a b", "a b"], 2) == 0.5  # not per text
     assert common.distinct_n([""], 2) == 0.0
+
+
+def test_optional_part_is_not_mistaken_for_a_module_of_the_same_name(tmp_path, monkeypatch):
+    """A project that copies a script may have its own `formats` module imported already: optional_part loads the
+    project's formats.py beside common.py under another key, and leaves the user's module where it was."""
+    import sys
+    import types
+
+    theirs = types.ModuleType("formats")
+    theirs.__file__ = str(tmp_path / "formats.py")
+    monkeypatch.delitem(sys.modules, "onefile_rlhf_formats", raising=False)
+    monkeypatch.setitem(sys.modules, "formats", theirs)
+    ours = common.optional_part("formats.py", needed_for="HH rows")
+    assert ours is not theirs and hasattr(ours, "split_hh")
+    assert sys.modules["formats"] is theirs
+    assert common.optional_part("formats.py") is ours
