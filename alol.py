@@ -25,6 +25,8 @@ fixed dataset D_tr, never from π_θ.
 - Priority sampling: rows are drawn i.i.d. with probability ∝ A_πref⁺ (∝ R for wBC, R-GOLD, R-LoL), and the number
   of steps is scaled by the fraction of rows with a positive weight.
 The paper numbers these equations; this file names them instead (the numbers were not checked against the paper).
+The main block numbers the run's steps: 1-3 once, before training (compute_advantages: V_πref's targets, its fit,
+A_πref of every row), then 4-6 at each training step (the priority-sampled rows, the loss, the optimiser step).
 
 Where this file differs from the released HH script (lolrl_qlora_llama_hh.py at commit 9f8d816, "released" below):
 - A-LoL KL is its own --algorithm: the released dispatch has no a_lol_kl branch; its KL term lives inside a_lol
@@ -59,6 +61,7 @@ As in the released code (same commit):
 """
 
 import copy
+import functools
 import json
 import os
 import time
@@ -315,6 +318,131 @@ def fit_value_head(
     return head.eval().requires_grad_(False), history
 
 
+class Prompts(NamedTuple):
+    """Prompts to answer: V_πref's held-out prompts, or those evaluated."""
+
+    ids: list  # each prompt's token ids, unpadded (common.encode_prompts)
+    texts: list  # the prompts as the dataset gave them (text or chat messages): the reward models read them
+
+
+class Reward(NamedTuple):
+    """A-LoL's sequence-level reward R(x, y) = Σ_i w_i · transform(r_i) over the --reward-fields."""
+
+    scorer_names: list  # the scorer of each field: a --reward-model entry, or `gold` (the built-in task's gold score)
+    scorers: dict  # a model or module:function per distinct --reward-model entry but `gold`
+    weights: torch.Tensor  # w_i, [fields]
+    transform: str  # --reward-transform, applied to each raw score r_i: "sigmoid" or "none"
+    tokenizer: object  # decodes the responses that the gold score reads
+
+
+class Decoding(NamedTuple):
+    """Greedy decoding, as π_ref answers V_πref's prompts and as the policy is evaluated."""
+
+    tokenizer: object
+    generation_config: GenerationConfig
+    stop_strings: list  # --stop-strings: a response is cut at the first
+
+
+@torch.no_grad()
+def prompt_hidden(ref_policy, query_ids, query_mask, device):
+    """π_ref's last-layer hidden states of left-padded prompts, in float on `device`: what V_πref reads."""
+    query_ids = query_ids.to(ref_policy.device)
+    query_mask = query_mask.to(ref_policy.device)
+    position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = common.last_hidden(ref_policy, ids=query_ids, mask=query_mask, position_ids=position_ids)
+    return hidden.float().to(device)
+
+
+@torch.no_grad()
+def value_targets(ref_policy, prompts: Prompts, *, reward: Reward, decoding: Decoding, zero3, args, device):
+    """Step 1: V_πref's targets, the reward of π_ref's own greedy responses to the held-out `prompts`, and π_ref's
+    hidden states of those prompts. Returns (targets [n], hidden [n, prompt_len, width], query_mask [n, prompt_len]),
+    every prompt left-padded to one width."""
+    value_ids, value_mask = common.pad_left(prompts.ids, decoding.tokenizer.pad_token_id, device)
+    targets = []
+    hidden = []
+    for query_ids, query_mask, texts in common.progress(
+        chunks(value_ids, value_mask, prompts.texts, size=args.forward_batch_size),
+        desc="π_ref greedy responses",
+        enabled=args.progress,
+    ):
+        batch = respond_greedily(ref_policy, query_ids, query_mask, decoding=decoding, zero3=zero3)
+        targets.append(score(reward, batch, texts))
+        hidden.append(prompt_hidden(ref_policy, query_ids, query_mask, device))
+    return torch.cat(targets), torch.cat(hidden), value_mask
+
+
+@torch.no_grad()
+def row_advantages(ref_policy, head, rows: Batch, raw_data, prompts, *, reward: Reward, args, device):
+    """Step 3: R(x, y), V_πref(x) and A_πref(x, y) = R(x, y) − V_πref(x) of every training row (priority sampling
+    weighs them all), [rows] each. `raw_data` [rows, fields] holds the rows' reward columns (NaN: scored by the
+    field's scorer); `prompts`, the rows' prompts as the dataset gave them."""
+    scores = []
+    values = []
+    for *columns, raw, texts in common.progress(
+        chunks(*rows, raw_data, prompts, size=args.forward_batch_size), desc="advantages", enabled=args.progress
+    ):
+        batch = to_device(trim(Batch(*columns)), device)
+        response_mask = batch.response_mask.long()  # as the scorers read it
+        scores.append(score(reward, batch._replace(response_mask=response_mask), texts, raw))
+        values.append(
+            head(prompt_hidden(ref_policy, batch.query_ids, batch.query_mask, device), batch.query_mask).cpu()
+        )
+    scores = torch.cat(scores)
+    values = torch.cat(values)
+    return {
+        "scores": scores,
+        "values": values,
+        "advantages": scores - values,  # A-LoL: A_πref(x, y) = R(x, y) − V_πref(x)
+    }
+
+
+def compute_advantages(
+    load_ref, *, value_prompts: Prompts, rows: Batch, raw_data, prompts, reward, decoding, zero3, args, device, rank=0
+):
+    """Steps 1-3, once per run, before training: V_πref fitted (MSE) to the reward of π_ref's greedy responses to
+    held-out prompts, then A_πref = R − V_πref(x) of every training row. `load_ref()` gives π_ref (called here only,
+    so that a cache hit never loads it); `zero3`: π_ref is sharded. Returns (tensors: scores, values, advantages
+    [rows]; info: the fit's held-out MSE per epoch, the epoch kept, the targets' mean and std), as common.cached
+    stores them."""
+    if rank == 0:
+        print(f"V_ref, and the advantages of all {len(prompts)} rows (sampling reads them all)", flush=True)
+    ref_policy = load_ref()
+    # 1. V_πref's targets: the reward of π_ref's own greedy responses to held-out prompts
+    targets, hidden, value_mask = value_targets(
+        ref_policy, value_prompts, reward=reward, decoding=decoding, zero3=zero3, args=args, device=device
+    )
+    if reward.transform == "sigmoid":  # each transformed score lies in (0, 1): R in (Σ w⁻, Σ w⁺)
+        lo = reward.weights.clamp(max=0).sum().item()
+        hi = reward.weights.clamp(min=0).sum().item()
+    else:
+        lo = targets.min().item()
+        hi = targets.max().item() + 1e-6
+    # 2. Fit V_πref on π_ref's frozen hidden states of the prompt (MSE; the held-out best epoch is kept)
+    head, history = fit_value_head(
+        hidden,
+        value_mask,
+        targets,
+        lo=lo,
+        hi=hi,
+        epochs=args.value_epochs,
+        lr=args.value_learning_rate,
+        batch_size=args.value_batch_size,
+        seed=args.seed,
+        device=device,
+        show_progress=args.progress,
+    )
+    # 3. R, V_πref(x) and A_πref = R − V_πref(x) of every training row
+    tensors = row_advantages(ref_policy, head, rows, raw_data, prompts, reward=reward, args=args, device=device)
+    info = {
+        "value_heldout_mse": history,
+        "value_epoch": history.index(min(history)) + 1,
+        "value_target_mean": targets.mean().item(),
+        "value_target_std": targets.std().item(),
+    }
+    return tensors, info
+
+
 @torch.no_grad()
 def generate(policy, *, query_ids, query_mask, generation_config, zero3):
     """Decode responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole call,
@@ -348,12 +476,129 @@ def trim(batch: Batch) -> Batch:
 
 
 def to_device(batch: Batch, device) -> Batch:
+    """The batch's tensors on `device`."""
     return Batch(*(tensor.to(device) for tensor in batch))
 
 
 def token_lists(ids, mask):
     """The rows' token ids without their padding, as lists."""
     return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+
+
+def chunks(*columns, size):
+    """`size` rows of each column at a time (--forward-batch-size), as a list: a progress bar reads its length."""
+    return [[column[i : i + size] for column in columns] for i in range(0, len(columns[0]), size)]
+
+
+def score(reward: Reward, batch: Batch, prompts, raw=None):
+    """R = Σ_i w_i · transform(r_i), [n]: r_i from `raw` [n, fields] where not NaN, else from field i's scorer,
+    which reads the token ids and the `prompts` as the dataset gave them."""
+    raw = torch.full((len(batch.query_ids), len(reward.scorer_names)), float("nan")) if raw is None else raw.clone()
+    for i, name in enumerate(reward.scorer_names):
+        if not raw[:, i].isnan().any():
+            continue
+        if name == "gold":
+            texts = decode_responses(reward.tokenizer, batch.response_ids, batch.response_mask)
+            raw[:, i] = torch.tensor(common.builtin_gold_score(texts))
+        else:
+            raw[:, i] = reward.scorers[name](*batch, prompts=prompts)
+    transformed = torch.sigmoid(raw) if reward.transform == "sigmoid" else raw
+    return (transformed * reward.weights).sum(1)
+
+
+def respond_greedily(model, query_ids, query_mask, *, decoding: Decoding, zero3):
+    """Greedy responses to left-padded prompts, cut after EOS and at the stop strings, as a Batch."""
+    response_ids = generate(
+        model, query_ids=query_ids, query_mask=query_mask, generation_config=decoding.generation_config, zero3=zero3
+    )
+    response_ids, response_mask, _ = common.truncate_after_eos(
+        response_ids,
+        eos_id=decoding.tokenizer.eos_token_id,
+        pad_id=decoding.tokenizer.pad_token_id,
+        tokenizer=decoding.tokenizer,
+        stop_strings=decoding.stop_strings,
+    )
+    return Batch(query_ids, query_mask, response_ids, response_mask)
+
+
+def load_reference_policy(args, *, policy, sharded, load):
+    """π_ref: with LoRA, the untrained policy itself, read with its adapter off (the caller's common.adapter_off);
+    else a frozen copy of --model-name-or-path placed on --ref-device."""
+    if args.lora_r:
+        return policy
+    ref_model = common.load_model(
+        args.model_name_or_path,
+        kind="causal",
+        flag="--model-name-or-path",
+        sharded=sharded(args.ref_device),
+        **load,
+    )
+    return common.prepare_frozen(
+        ref_model,
+        placement=args.ref_device,
+        zero_stage=args.zero_stage,
+        micro_batch_size=args.mini_batch_size,
+        bf16=args.bf16,
+    )
+
+
+@torch.no_grad()
+def compute_ref_logprobs(positions, *, load_ref, rows: Batch, drawn, args, device):
+    """π_ref's per-token log-probs of the rows drawn[positions], [n, response width of `rows`] (0 past each
+    response): the denominator of A-LoL's importance weight, fixed before training."""
+    ref_policy = load_ref()
+    width = rows.response_ids.shape[1]
+    ref_logprobs = []
+    for (idx,) in common.progress(
+        chunks(drawn[positions], size=args.forward_batch_size), desc="π_ref log-probs", enabled=args.progress
+    ):
+        logprobs = common.forward_logprobs(ref_policy, *to_device(trim(rows.rows(idx)), device)).cpu()
+        ref_logprobs.append(torch.nn.functional.pad(logprobs, (0, width - logprobs.shape[1])))
+    return {"ref_logprobs": torch.cat(ref_logprobs)}
+
+
+def evaluate(policy, step, *, prompts: Prompts, reward, decoding, gold_score, zero3, log, args, device):
+    """Greedy responses to this rank's held-out `prompts`: proxy reward (R's scale), gold score (`gold_score`: a
+    function of the response texts, or None), length, and distinct-1/2 over every rank's responses; rank 0's first
+    --log-samples responses go to log.samples."""
+    tokenizer = decoding.tokenizer
+    stats = []
+    texts = []
+    samples = []  # rank 0's first --log-samples responses, for log.samples
+    policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
+    for prompt_rows, prompt_texts in common.progress(
+        chunks(prompts.ids, prompts.texts, size=args.forward_batch_size), desc="evaluate", enabled=args.progress
+    ):
+        query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
+        batch = respond_greedily(policy, query_ids, query_mask, decoding=decoding, zero3=zero3)
+        kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+        gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
+        lengths = batch.response_mask.sum(1).float().cpu()
+        scores = score(reward, batch, prompt_texts)
+        stats.append(torch.stack([scores, lengths, gold], 1))
+        samples += common.sample_rows(
+            args.log_samples - len(samples),
+            prompt=prompt_texts,
+            rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
+            response=kept,
+            score=scores,
+            gold_score=gold if gold_score else None,
+        )
+        texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
+    names = ["eval/reward", "eval/response_length", "eval/gold_score"]
+    metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
+    if gold_score is None:
+        metrics.pop("eval/gold_score")
+    gathered = [None] * dist.get_world_size()  # distinct-n over every rank's responses, not a mean of per-rank ratios
+    dist.all_gather_object(gathered, texts)
+    texts = [text for part in gathered for text in part]
+    policy.train()
+    log.samples(step, samples)
+    return {
+        **common.mean_across_ranks(metrics),
+        "eval/distinct_1": common.distinct_n(texts, 1),
+        "eval/distinct_2": common.distinct_n(texts, 2),
+    }
 
 
 if __name__ == "__main__":
@@ -377,9 +622,6 @@ if __name__ == "__main__":
     zero3 = args.zero_stage == 3
     sampling = args.sampling or ("uniform" if args.algorithm == "nll" else "good_priority")
     weights = torch.tensor(args.reward_weights or [1.0] * n_fields)
-
-    def transform(raw_scores):  # each raw score as it enters R
-        return torch.sigmoid(raw_scores) if args.reward_transform == "sigmoid" else raw_scores
 
     # Read the rows and check them before any model is loaded
     data = common.load_split(
@@ -528,139 +770,17 @@ if __name__ == "__main__":
             f"--eval-split or raise --eval-prompts"
         )
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
-
-    def chunks(*tensors):  # --forward-batch-size rows of each, as a list: a progress bar reads its length
-        size = args.forward_batch_size
-        return [[t[i : i + size] for t in tensors] for i in range(0, len(tensors[0]), size)]
-
-    def score(batch, prompts, raw=None):
-        """R = Σ_i w_i · transform(r_i), [n]: r_i from `raw` [n, fields] where not NaN, else from field i's scorer,
-        which reads the token ids and the `prompts` as the dataset gave them."""
-        raw = torch.full((len(batch.query_ids), n_fields), float("nan")) if raw is None else raw.clone()
-        for i, name in enumerate(scorer_names):
-            if not raw[:, i].isnan().any():
-                continue
-            if name == "gold":
-                texts = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
-                raw[:, i] = torch.tensor(common.builtin_gold_score(texts))
-            else:
-                raw[:, i] = scorers[name](*batch, prompts=prompts)
-        return (transform(raw) * weights).sum(1)
-
-    def respond_greedily(model, query_ids, query_mask, zero3_model):
-        """Greedy responses to left-padded prompts, cut after EOS and at the stop strings."""
-        response_ids = generate(
-            model, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=zero3_model
-        )
-        response_ids, response_mask, _ = common.truncate_after_eos(
-            response_ids,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            tokenizer=tokenizer,
-            stop_strings=args.stop_strings,
-        )
-        return Batch(query_ids, query_mask, response_ids, response_mask)
-
-    loaded_ref = {}  # π_ref, loaded at most once, when a cache misses
-
-    def load_ref():
-        if "policy" in loaded_ref:
-            return loaded_ref["policy"]
-        if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
-            loaded_ref["policy"] = policy
-        else:
-            ref_model = common.load_model(
-                args.model_name_or_path,
-                kind="causal",
-                flag="--model-name-or-path",
-                sharded=sharded(args.ref_device),
-                **load,
-            )
-            loaded_ref["policy"] = common.prepare_frozen(
-                ref_model,
-                placement=args.ref_device,
-                zero_stage=args.zero_stage,
-                micro_batch_size=args.mini_batch_size,
-                bf16=args.bf16,
-            )
-        return loaded_ref["policy"]
+    reward = Reward(scorer_names, scorers, weights, args.reward_transform, tokenizer)
+    decoding = Decoding(tokenizer, greedy, args.stop_strings)
+    # π_ref, loaded at most once and only when a cache misses (load_ref.cache_clear() frees it)
+    load_ref = functools.cache(
+        functools.partial(load_reference_policy, args, policy=policy, sharded=sharded, load=load)
+    )
+    ref_zero3 = zero3 and (args.lora_r != 0 or args.ref_device == "policy")  # π_ref sharded: decoding gathers it
 
     # ALGO LOGIC, steps 1-3 (once per run, before training): V_πref, then A_πref of every training row
-    @torch.no_grad()
-    def compute_advantages():
-        """V_ref fitted on π_ref's greedy responses; then R, V_ref(x) and A of all rows: priority sampling weighs
-        every row. π_ref is loaded only when a cache misses, and freed once the caches are filled."""
-        if rank == 0:
-            print(f"V_ref, and the advantages of all {len(train_texts)} rows (sampling reads them all)", flush=True)
-        ref_policy = load_ref()
-        ref_zero3 = zero3 and (ref_policy is policy or args.ref_device == "policy")
-
-        def prompt_hidden(query_ids, query_mask):  # π_ref's last-layer hidden states of the (left-padded) prompt
-            query_ids = query_ids.to(ref_policy.device)
-            query_mask = query_mask.to(ref_policy.device)
-            position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
-            hidden = common.last_hidden(ref_policy, ids=query_ids, mask=query_mask, position_ids=position_ids)
-            return hidden.float().to(device)
-
-        # 1. V_πref's targets: the reward of π_ref's own greedy responses to held-out prompts
-        value_ids, value_mask = common.pad_left(value_prompts, tokenizer.pad_token_id, device)  # one prompt width
-        targets = []
-        hidden = []
-        for query_ids, query_mask, prompts in common.progress(
-            chunks(value_ids, value_mask, value_texts), desc="π_ref greedy responses", enabled=args.progress
-        ):
-            batch = respond_greedily(ref_policy, query_ids, query_mask, ref_zero3)
-            targets.append(score(batch, prompts))
-            hidden.append(prompt_hidden(query_ids, query_mask))
-        targets = torch.cat(targets)
-        hidden = torch.cat(hidden)
-        if args.reward_transform == "sigmoid":  # each transformed score lies in (0, 1): R in (Σ w⁻, Σ w⁺)
-            lo = weights.clamp(max=0).sum().item()
-            hi = weights.clamp(min=0).sum().item()
-        else:
-            lo = targets.min().item()
-            hi = targets.max().item() + 1e-6
-        # 2. Fit V_πref on π_ref's frozen hidden states of the prompt (MSE; the held-out best epoch is kept)
-        head, history = fit_value_head(
-            hidden,
-            value_mask,
-            targets,
-            lo=lo,
-            hi=hi,
-            epochs=args.value_epochs,
-            lr=args.value_learning_rate,
-            batch_size=args.value_batch_size,
-            seed=args.seed,
-            device=device,
-            show_progress=args.progress,
-        )
-        # 3. R, V_πref(x) and A_πref = R − V_πref(x) of every training row
-        scores = []
-        values = []
-        for *columns, raw, prompts in common.progress(
-            chunks(*rows, raw_data, train_texts), desc="advantages", enabled=args.progress
-        ):
-            batch = to_device(trim(Batch(*columns)), device)
-            response_mask = batch.response_mask.long()  # as the scorers read it
-            scores.append(score(batch._replace(response_mask=response_mask), prompts, raw))
-            values.append(head(prompt_hidden(batch.query_ids, batch.query_mask), batch.query_mask).cpu())
-        scores = torch.cat(scores)
-        values = torch.cat(values)
-        info = {
-            "value_heldout_mse": history,
-            "value_epoch": history.index(min(history)) + 1,
-            "value_target_mean": targets.mean().item(),
-            "value_target_std": targets.std().item(),
-        }
-        tensors = {
-            "scores": scores,
-            "values": values,
-            "advantages": scores - values,  # A-LoL: A_πref(x, y) = R(x, y) − V_πref(x)
-        }
-        return tensors, info
-
-    # A_πref and π_ref's log-probs, once per run, cached under a key of everything they depend on but the algorithm
-    # (so the eight variants share one entry)
+    # (compute_advantages). A_πref and π_ref's log-probs are cached under a key of everything they depend on but the
+    # algorithm (so the eight variants share one entry)
     key = dict(
         version=CACHE_VERSION,
         model=common.fingerprint(args.model_name_or_path, "sft"),
@@ -688,8 +808,22 @@ if __name__ == "__main__":
     )
     cache_dir = common.cache_folder(args.cache_dir, "alol")
     t0 = time.time()
+    compute = functools.partial(
+        compute_advantages,
+        load_ref,
+        value_prompts=Prompts(value_prompts, value_texts),
+        rows=rows,
+        raw_data=raw_data,
+        prompts=train_texts,
+        reward=reward,
+        decoding=decoding,
+        zero3=ref_zero3,
+        args=args,
+        device=device,
+        rank=rank,
+    )
     with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
-        cache, info, hit = common.cached(key, compute_advantages, cache_dir, use_cache=not args.no_cache, rank=rank)
+        cache, info, hit = common.cached(key, compute, cache_dir, use_cache=not args.no_cache, rank=rank)
     scores = cache["scores"]
     advantages = cache["advantages"]
 
@@ -714,16 +848,6 @@ if __name__ == "__main__":
     draws = draws[rank]
 
     # π_ref's per-token log-probs of the rows drawn only, cached per row (a longer run computes the rows it adds)
-    @torch.no_grad()
-    def compute_ref_logprobs(positions):
-        ref_policy = load_ref()
-        width = rows.response_ids.shape[1]
-        ref_logprobs = []
-        for (idx,) in common.progress(chunks(drawn[positions]), desc="π_ref log-probs", enabled=args.progress):
-            logprobs = common.forward_logprobs(ref_policy, *to_device(trim(rows.rows(idx)), device)).cpu()
-            ref_logprobs.append(torch.nn.functional.pad(logprobs, (0, width - logprobs.shape[1])))
-        return {"ref_logprobs": torch.cat(ref_logprobs)}
-
     queries = token_lists(rows.query_ids, rows.query_mask)
     responses = token_lists(rows.response_ids, rows.response_mask)
     ref_key = dict(
@@ -738,12 +862,14 @@ if __name__ == "__main__":
         cache, n_scored = common.cached_rows(
             ref_key,
             [common.json_digest([queries[i], responses[i]]) for i in drawn.tolist()],
-            compute_ref_logprobs,
+            functools.partial(
+                compute_ref_logprobs, load_ref=load_ref, rows=rows, drawn=drawn, args=args, device=device
+            ),
             os.path.join(cache_dir, "ref_logprobs"),
             use_cache=not args.no_cache,
             rank=rank,
         )
-    loaded_ref.clear()  # π_ref freed
+    load_ref.cache_clear()  # π_ref freed
     ref_logprobs = torch.full(  # NaN: a row never drawn
         (len(scores), rows.response_ids.shape[1]), float("nan"), dtype=cache["ref_logprobs"].dtype
     )
@@ -770,45 +896,16 @@ if __name__ == "__main__":
         )
 
     # Evaluate: greedy responses to held-out prompts
-    def evaluate(step):
-        """Greedy responses to held-out prompts: proxy reward (R's scale), gold score, distinct-1/2, length."""
-        stats = []
-        texts = []
-        samples = []  # rank 0's first --log-samples responses, for log.samples
-        policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        for prompt_rows, prompts in common.progress(
-            chunks(eval_prompts, eval_texts), desc="evaluate", enabled=args.progress
-        ):
-            query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
-            batch = respond_greedily(policy, query_ids, query_mask, zero3)
-            kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
-            gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
-            lengths = batch.response_mask.sum(1).float().cpu()
-            scores = score(batch, prompts)
-            stats.append(torch.stack([scores, lengths, gold], 1))
-            samples += common.sample_rows(
-                args.log_samples - len(samples),
-                prompt=prompts,
-                rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
-                response=kept,
-                score=scores,
-                gold_score=gold if gold_score else None,
-            )
-            texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
-        names = ["eval/reward", "eval/response_length", "eval/gold_score"]
-        metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
-        if gold_score is None:
-            metrics.pop("eval/gold_score")
-        gathered = [None] * world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
-        dist.all_gather_object(gathered, texts)
-        texts = [text for part in gathered for text in part]
-        policy.train()
-        log.samples(step, samples)
-        return {
-            **common.mean_across_ranks(metrics),
-            "eval/distinct_1": common.distinct_n(texts, 1),
-            "eval/distinct_2": common.distinct_n(texts, 2),
-        }
+    evaluation = dict(
+        prompts=Prompts(eval_prompts, eval_texts),
+        reward=reward,
+        decoding=decoding,
+        gold_score=gold_score,
+        zero3=zero3,
+        log=log,
+        args=args,
+        device=device,
+    )
 
     # Resume: `resume/` holds all a run needs to go on as if never stopped: the policy engine with its optimizer,
     # the step (the draws above are fixed by the seed) and each rank's RNG states. V_ref comes back from the cache.
@@ -818,7 +915,7 @@ if __name__ == "__main__":
     if args.resume:
         eval_history = state["eval_history"]
     else:
-        eval_history = [(0, evaluate(0))]
+        eval_history = [(0, evaluate(policy, 0, **evaluation))]
         log(0, {**data_stats, **eval_history[0][1]})
     if rank == 0:
         print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
@@ -861,7 +958,7 @@ if __name__ == "__main__":
         if step % args.eval_every == 0 or step == num_steps:
             seconds, tokens = torch.tensor(window).sum(0).tolist()
             t_eval = time.time()
-            eval_history.append((step, evaluate(step)))
+            eval_history.append((step, evaluate(policy, step, **evaluation)))
             metrics.update(eval_history[-1][1])
             metrics["time/eval"] = time.time() - t_eval
             metrics["time/steps_per_s"] = len(window) / seconds

@@ -1,7 +1,7 @@
 """Unit tests of alol.py: the eight losses against plain Python loops and hand-computed values on
 ragged right-padded masks, the clamps, gradients with the ratios held constant, the good_priority sampler, the
-attention-pooled value head and its fit, the presets (the keyed cache and distinct-n: test_common.py). CPU, offline,
-fast."""
+attention-pooled value head and its fit, the rows' advantages against a loop over single rows, the presets (the keyed
+cache and distinct-n: test_common.py). CPU, offline, fast."""
 
 import dataclasses
 import math
@@ -11,6 +11,7 @@ import torch
 from test_apa_awr_unit import GARBAGE, ragged  # ragged rows right-padded with garbage, and their 0/1 mask
 
 import alol
+import common
 
 ALGORITHMS = ["nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl"]
 
@@ -264,6 +265,51 @@ def test_fit_value_head_keeps_the_best_held_out_epoch_in_eval_mode():
     assert min(history) < ((targets[180:] - targets[:180].mean()) ** 2).mean().item()  # better than the mean
     again, history_again = alol.fit_value_head(hidden, mask, targets, **fit)
     assert history_again == history and torch.equal(again(hidden, mask), first)  # seeded: ranks agree
+
+
+# ------------------------------------------------------------------------------------------------------------
+# step 3: R, V_πref(x) and A_πref = R − V_πref(x) of every row
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_row_advantages_match_a_loop_over_single_unpadded_rows(batch_size):
+    """R = Σ w_i · sigmoid(r_i) with r_0 a data column and r_1 a scorer's (the response length), V_πref(x) of
+    each prompt alone and unpadded, A = R − V: the same in chunks of any size, padding never read."""
+    from test_common import ragged_batch, tiny_causal_lm
+
+    model = tiny_causal_lm(seed=2)
+    prompts, responses, *columns = ragged_batch(seed=4)
+    rows = common.Batch(*columns)
+    torch.manual_seed(0)
+    head = alol.ValueHead(model.config.n_embd, lo=-1.0, hi=2.0).eval()
+    torch.nn.init.normal_(head.query)  # a non-uniform attention over the prompt
+    data_column = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    raw_data = torch.stack([data_column, torch.full((4,), float("nan"))], 1)  # field 1: scored by its scorer
+    seen = []
+
+    def length(query_ids, query_mask, response_ids, response_mask, prompts):
+        seen.extend(prompts)
+        return response_mask.sum(1).float()
+
+    reward = alol.Reward(
+        scorer_names=["data", "length"],
+        scorers={"length": length},
+        weights=torch.tensor([1.0, -0.5]),
+        transform="sigmoid",
+        tokenizer=None,
+    )
+    texts = ["p0", "p1", "p2", "p3"]
+    args = alol.Args(forward_batch_size=batch_size, progress=False)
+    out = alol.row_advantages(model, head, rows, raw_data, texts, reward=reward, args=args, device="cpu")
+    assert seen == texts  # the scorer reads each row's prompt as the dataset gave it, in order
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            score = torch.sigmoid(data_column[i]) - 0.5 * torch.sigmoid(torch.tensor(float(len(r))))
+            hidden = model.transformer(input_ids=torch.tensor([p])).last_hidden_state
+            value = head(hidden, torch.ones(1, len(p)))[0]
+            assert out["scores"][i].item() == pytest.approx(score.item(), abs=1e-6)
+            assert out["values"][i].item() == pytest.approx(value.item(), abs=1e-5)
+    assert torch.equal(out["advantages"], out["scores"] - out["values"])
+    assert not torch.equal(out["values"], out["values"][:1].expand(4))  # the prompts' values differ
 
 
 # ------------------------------------------------------------------------------------------------------------
