@@ -521,25 +521,13 @@ def respond_greedily(model, query_ids, query_mask, *, decoding: Decoding, zero3)
     return Batch(query_ids, query_mask, response_ids, response_mask)
 
 
-def load_reference_policy(args, *, policy, sharded, load):
+def load_reference_policy(args, *, policy, place: common.Placement):
     """π_ref: with LoRA, the untrained policy itself, read with its adapter off (the caller's common.adapter_off);
     else a frozen copy of --model-name-or-path placed on --ref-device."""
     if args.lora_r:
         return policy
-    ref_model = common.load_model(
-        args.model_name_or_path,
-        kind="causal",
-        flag="--model-name-or-path",
-        sharded=sharded(args.ref_device),
-        **load,
-    )
-    return common.prepare_frozen(
-        ref_model,
-        placement=args.ref_device,
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        bf16=args.bf16,
-    )
+    ref_model = place.load(args.model_name_or_path, kind="causal", flag="--model-name-or-path", at=args.ref_device)
+    return place.frozen(ref_model, at=args.ref_device)
 
 
 @torch.no_grad()
@@ -651,38 +639,12 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # Load the policy (π_θ, and π_ref until it trains), the tokenizer and the reward models
-    dtype = "bfloat16" if args.bf16 else "float32"
-    load = dict(
-        dtype=dtype,
-        trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation,
-        load_in_4bit=args.load_in_4bit,
-    )
-
-    def sharded(placement):  # under ZeRO-3 a model on `policy` is loaded shard by shard: no rank holds a whole copy
-        return common.zero3_config(
-            placement,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            offload=args.offload,
-        )
-
+    place = common.Placement.of(args)  # the settings every model is loaded and placed with
+    dtype = place.dtype  # the policy's (cache keys name it)
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    policy = common.load_model(
-        args.model_name_or_path, kind="causal", flag="--model-name-or-path", sharded=sharded("policy"), **load
-    )
+    policy = place.load(args.model_name_or_path, kind="causal", flag="--model-name-or-path", at="policy")
     scorers = {  # a model or module:function per distinct --reward-model entry
-        name: common.load_reward(
-            name,
-            tokenizer,
-            placement=args.reward_device,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code,
-            dtype=args.reward_dtype,
-        )
+        name: place.reward(name, tokenizer, at=args.reward_device)
         for name in dict.fromkeys(name for name in scorer_names if name != "gold")
     }
     log = common.make_logger(args, run.name, rank)
@@ -703,20 +665,7 @@ if __name__ == "__main__":
     # The learning-rate schedule counts optimiser steps; the decay ends at --total-steps (priority sampling can end
     # the run sooner: it trains on the positive-weight share of the steps).
     schedule = common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule)
-    policy = common.prepare_trainable(
-        policy,
-        placement="policy",
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        lr=args.learning_rate,
-        bf16=args.bf16,
-        offload=args.offload,
-        max_grad_norm=args.max_grad_norm,
-        betas=args.adam_betas,
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-        schedule=schedule,
-    )
+    policy = place.trainable(policy, at="policy", lr=args.learning_rate, schedule=schedule)
     policy.eval()  # eval mode (π_ref's passes, decoding); the training loop switches to train mode
     greedy = GenerationConfig(
         do_sample=False,
@@ -773,9 +722,7 @@ if __name__ == "__main__":
     reward = Reward(scorer_names, scorers, weights, args.reward_transform, tokenizer)
     decoding = Decoding(tokenizer, greedy, args.stop_strings)
     # π_ref, loaded at most once and only when a cache misses (load_ref.cache_clear() frees it)
-    load_ref = functools.cache(
-        functools.partial(load_reference_policy, args, policy=policy, sharded=sharded, load=load)
-    )
+    load_ref = functools.cache(functools.partial(load_reference_policy, args, policy=policy, place=place))
     ref_zero3 = zero3 and (args.lora_r != 0 or args.ref_device == "policy")  # π_ref sharded: decoding gathers it
 
     # ALGO LOGIC, steps 1-3 (once per run, before training): V_πref, then A_πref of every training row

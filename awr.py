@@ -65,6 +65,7 @@ the truncated distribution and are scored as samples of the untruncated one, as 
 did; keep top-k 0 and top-p 1 (the defaults) for exactly on-policy samples.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -388,74 +389,31 @@ if __name__ == "__main__":
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Load π_θ, π_ref (= π_init), the reward model(s) and V; under ZeRO-3 a model on `policy` loads shard by shard
-    dtype = "bfloat16" if args.bf16 else "float32"
+    # Load: what each model starts from and where it goes (`policy`: this rank's device, as DeepSpeed engines and, under
+    # ZeRO-3, loaded shard by shard; `cpu`; `cuda:N`). One Placement holds the settings they share.
+    place = common.Placement.of(args)
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    load = dict(
-        trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation,
-        load_in_4bit=args.load_in_4bit,
-    )
-
-    def sharded(placement):
-        return common.zero3_config(
-            placement,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            offload=args.offload,
-        )
-
-    policy = common.load_model(  # APA Algorithm 1, line 2
-        args.model_name_or_path,
-        kind="causal",
-        flag="--model-name-or-path",
-        dtype=dtype,
-        **load,
-        sharded=sharded("policy"),
+    policy = place.load(  # APA Algorithm 1, line 2
+        args.model_name_or_path, kind="causal", flag="--model-name-or-path", at="policy"
     )
     if not args.lora_r:  # with LoRA, π_ref is the policy with its adapter switched off (common.adapter_off)
-        ref_policy = common.load_model(  # APA Algorithm 1, line 3
-            args.model_name_or_path,
-            kind="causal",
-            flag="--model-name-or-path",
-            dtype=dtype,
-            **load,
-            sharded=sharded(args.ref_device),
+        ref_policy = place.load(  # APA Algorithm 1, line 3
+            args.model_name_or_path, kind="causal", flag="--model-name-or-path", at=args.ref_device
         )
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
-    reward_fns = [
-        common.load_reward(
-            name,
-            tokenizer,
-            placement=args.reward_device,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code,
-            dtype=args.reward_dtype,
-        )
-        for name in args.reward_model
-    ]
-    if args.value_model == "reward" and not getattr(reward_fns[0], "same_vocabulary", False):
-        args.value_model = "policy"  # the value model reads the policy's token ids: it needs its vocabulary
-        if run.rank == 0:
-            print(
-                "note: the first --reward-model is not a model with the policy's tokenizer; the value model is "
-                "initialised from the policy (--value-model policy)"
-            )
+    reward_fns = [place.reward(name, tokenizer, at=args.reward_device) for name in args.reward_model]
+    value_start = common.value_model_start(args.value_model, reward_fns[0], rank=run.rank)
     value_sources = {
         "reward": common.resolve(args.reward_model[0], "reward"),
         "policy": common.resolve(args.model_name_or_path, "sft"),
     }
-    value_model = common.load_model(  # APA Algorithm 1, line 4 (from π_init with --value-model policy)
-        value_sources.get(args.value_model, args.value_model),
+    value_model = place.load(  # APA Algorithm 1, line 4 (from π_init with --value-model policy)
+        value_sources.get(value_start, value_start),
         kind="score",
         flag="--value-model",
-        dtype=dtype if args.value_device == "policy" else "float32",  # DeepSpeed: float32 master weights under bf16
-        **load,
+        at=args.value_device,
+        dtype=None if args.value_device == "policy" else "float32",  # DeepSpeed: float32 master weights under bf16
         pad_token_id=tokenizer.pad_token_id,
-        sharded=sharded(args.value_device),
     )
     context = policy.config.max_position_embeddings  # GPT-2's n_positions is mapped to it
     encode = dict(
@@ -469,7 +427,8 @@ if __name__ == "__main__":
         kept = common.fitting_prompts(tokenizer, prompts, what="offline rows", need=need, **encode)
         prompts, responses, dataset_scores = common.rows_at(kept, prompts, responses, dataset_scores)
         n_rows = len(prompts) // run.world_size * run.world_size
-    log = common.make_logger(args, run.name, run.rank)  # after loading: args.json records what was really used
+    # args.json records the value model really used
+    log = common.make_logger(dataclasses.replace(args, value_model=value_start), run.name, run.rank)
 
     # Place: π_θ and (by default) V are DeepSpeed engines on this rank's device; π_ref and the reward model are
     # frozen, on `policy` (sharded like the policy under ZeRO-3), `cpu` or `cuda:N`
@@ -493,29 +452,9 @@ if __name__ == "__main__":
         steps_per_rollout = args.update_epochs * (args.rollout_batch_size // args.mini_batch_size)
         total_steps = args.total_episodes // per_iteration * steps_per_rollout
     schedule = common.lr_schedule(args.lr_warmup_steps, total_steps, args.lr_schedule)
-    optimizer = dict(
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        bf16=args.bf16,
-        offload=args.offload,
-        max_grad_norm=args.max_grad_norm,
-        betas=args.adam_betas,
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-        schedule=schedule,
-    )
-    policy = common.prepare_trainable(policy, "policy", lr=args.learning_rate, **optimizer)
-    value_model = common.prepare_trainable(value_model, args.value_device, lr=args.value_learning_rate, **optimizer)
-    if args.lora_r:
-        ref_policy = policy  # read through common.adapter_off: the base weights
-    else:
-        ref_policy = common.prepare_frozen(
-            ref_policy,
-            args.ref_device,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-        )
+    policy = place.trainable(policy, at="policy", lr=args.learning_rate, schedule=schedule)
+    value_model = place.trainable(value_model, at=args.value_device, lr=args.value_learning_rate, schedule=schedule)
+    ref_policy = policy if args.lora_r else place.frozen(ref_policy, at=args.ref_device)  # LoRA: common.adapter_off
     policy.eval()  # eval mode (sampling, scoring); the update switches to train mode and back
     value_model.eval()
     generation_config = GenerationConfig(

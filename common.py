@@ -55,6 +55,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -1034,6 +1035,18 @@ def is_function_entry(name: str) -> bool:
     return bool(function) and module.replace(".", "").replace("_", "").isalnum() and not os.path.exists(name)
 
 
+class Reward(NamedTuple):
+    """A loaded --reward-model entry (load_reward). Called as score(query_ids, query_mask, response_ids, response_mask,
+    prompts=None) -> [batch] float (CPU). `same_vocabulary`: it is a model with the policy's vocabulary, so it reads
+    the policy's own token ids and a value model may start from it (value_model_start)."""
+
+    score: Callable
+    same_vocabulary: bool
+
+    def __call__(self, *batch, **kwargs):
+        return self.score(*batch, **kwargs)
+
+
 def load_reward(
     name: str,
     tokenizer,
@@ -1043,10 +1056,10 @@ def load_reward(
     bf16=False,
     trust_remote_code=False,
     dtype="auto",
-):
-    """One --reward-model entry as score(query_ids, query_mask, response_ids, response_mask, prompts=None) -> [batch]
-    float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without them, the
-    decoded query ids stand in). An entry is:
+) -> Reward:
+    """One --reward-model entry as a Reward, score(query_ids, query_mask, response_ids, response_mask, prompts=None)
+    -> [batch] float (CPU), where `prompts` are the rows' prompts as the dataset gave them (text or messages; without
+    them, the decoded query ids stand in). An entry is:
     - `module:function`, a Python f(prompts, responses) -> list of floats: the prompts as given (texts, or lists of
       messages), the responses decoded after their prompts (reward_texts; the module is looked up in the working
       directory and on PYTHONPATH, import_reward_function);
@@ -1064,16 +1077,17 @@ def load_reward(
     a one-line error naming it, and a model entry is read as a 1-output sequence-classification model.
     `dtype` float32 / bfloat16 / float16, or auto (bfloat16 under --bf16); scores are returned in float32."""
     if is_remote_reward(name):  # before module:function, which a URL's colon would also match
-        return optional_part("released.py", f"--reward-model {name} (a scoring server)")._remote_reward(name, tokenizer)
+        remote = optional_part("released.py", f"--reward-model {name} (a scoring server)")
+        return Reward(score=remote._remote_reward(name, tokenizer), same_vocabulary=False)
     if is_function_entry(name):
-        return _reward_function(name, tokenizer)
+        return Reward(score=_reward_function(name, tokenizer), same_vocabulary=False)
     if dtype == "auto":
         dtype = "bfloat16" if bf16 else "float32"
     path = resolve(name, "reward")
     released = optional_part("released.py")
     layout = released.reward_layout(path) if released is not None else "score"
-    if layout != "score":  # a released layout: see released.py, "Reward models as released"
-        return released.load_released_reward(
+    if layout != "score":  # a released layout (see released.py, "Reward models as released"): its own tokenizer
+        score = released.load_released_reward(
             layout,
             path,
             tokenizer,
@@ -1082,6 +1096,7 @@ def load_reward(
             micro_batch_size=micro_batch_size,
             dtype=dtype,
         )
+        return Reward(score=score, same_vocabulary=False)
     frozen = _frozen_settings(placement, zero_stage=zero_stage, micro_batch_size=micro_batch_size, dtype=dtype)
     try:
         reward_tokenizer = load_tokenizer(
@@ -1139,8 +1154,21 @@ def load_reward(
         ).to(model.device)
         return model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0].float().cpu()
 
-    score_with_model.same_vocabulary = same_vocabulary  # the value model may start from it: it reads the same ids
-    return score_with_model
+    return Reward(score=score_with_model, same_vocabulary=same_vocabulary)
+
+
+def value_model_start(value_model: str, reward: Reward, rank: int) -> str:
+    """The --value-model a run uses: `reward` (the first reward model) only where that reward is a model with the
+    policy's vocabulary (the value model reads the policy's token ids), else `policy` with a note; another entry (a
+    model name) as given. The run records the answer in args.json."""
+    if value_model != "reward" or reward.same_vocabulary:
+        return value_model
+    if rank == 0:
+        print(
+            "note: the first --reward-model is not a model with the policy's tokenizer; the value model is "
+            "initialised from the policy (--value-model policy)"
+        )
+    return "policy"
 
 
 class RewardTexts(NamedTuple):
@@ -1527,6 +1555,105 @@ def prepare_frozen(model, placement, zero_stage, micro_batch_size, bf16=False, f
     if config is not None:
         return deepspeed.initialize(model=model, config=config)[0]
     return model.to(_device(placement))
+
+
+class Placement(NamedTuple):
+    """The settings every model of a run is loaded and placed with (DeepSpeed's ZeRO stage and micro-batch, bf16,
+    offload; loading options; the optimiser's), made once from the parsed arguments: Placement.of(args). Each call
+    names where its model goes, `at`: `policy` (this rank's device: a DeepSpeed engine, and under ZeRO-3 sharded and
+    loaded shard by shard, no rank ever holding a whole copy), `cpu` or `cuda:N` (a whole copy there)."""
+
+    zero_stage: int
+    micro_batch_size: int
+    bf16: bool
+    offload: bool
+    trust_remote_code: bool
+    attn_implementation: str | None
+    load_in_4bit: bool
+    reward_dtype: str
+    max_grad_norm: float
+    betas: tuple
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, args: RunArgs) -> "Placement":
+        return cls(
+            zero_stage=args.zero_stage,
+            micro_batch_size=args.mini_batch_size,
+            bf16=args.bf16,
+            offload=args.offload,
+            trust_remote_code=args.trust_remote_code,
+            attn_implementation=args.attn_implementation,
+            load_in_4bit=args.load_in_4bit,
+            reward_dtype=args.reward_dtype,
+            max_grad_norm=args.max_grad_norm,
+            betas=args.adam_betas,
+            eps=args.adam_eps,
+            weight_decay=args.weight_decay,
+        )
+
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype: bfloat16 under --bf16 (DeepSpeed keeps float32 master weights of what trains)."""
+        return "bfloat16" if self.bf16 else "float32"
+
+    def load(self, name: str, kind: str, flag: str, at: str, dtype=None, pad_token_id=None):
+        """load_model for a model that goes `at`: kind `causal` or `score`, in `dtype` (default: self.dtype)."""
+        sharded = zero3_config(
+            at,
+            zero_stage=self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            bf16=self.bf16,
+            offload=self.offload,
+        )
+        return load_model(
+            name,
+            kind=kind,
+            flag=flag,
+            dtype=dtype or self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            pad_token_id=pad_token_id,
+            attn_implementation=self.attn_implementation,
+            sharded=sharded,
+            load_in_4bit=self.load_in_4bit,
+        )
+
+    def trainable(self, model, at: str, lr: float, schedule=None):
+        """prepare_trainable: the engine that trains `model` at `at` with learning rate `lr` (scaled by `schedule`)."""
+        return prepare_trainable(
+            model,
+            placement=at,
+            zero_stage=self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            lr=lr,
+            bf16=self.bf16,
+            offload=self.offload,
+            max_grad_norm=self.max_grad_norm,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            schedule=schedule,
+        )
+
+    def frozen(self, model, at: str):
+        """prepare_frozen: `model` frozen at `at` (sharded like the policy under ZeRO-3 at `policy`)."""
+        return prepare_frozen(
+            model, placement=at, zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size, bf16=self.bf16
+        )
+
+    def reward(self, name: str, tokenizer, at: str) -> Reward:
+        """load_reward: one --reward-model entry, a model among them frozen at `at` in --reward-dtype."""
+        return load_reward(
+            name,
+            tokenizer,
+            placement=at,
+            zero_stage=self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            bf16=self.bf16,
+            trust_remote_code=self.trust_remote_code,
+            dtype=self.reward_dtype,
+        )
 
 
 # ---- Forward passes over (left-padded prompt | right-padded response) ------------------------------------------------

@@ -343,38 +343,12 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # Load the policy (π_θ, and π_ref until it trains), the tokenizer and the reward models of the evaluation
-    dtype = "bfloat16" if args.bf16 else "float32"
-    load = dict(
-        dtype=dtype,
-        trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation,
-        load_in_4bit=args.load_in_4bit,
-    )
-
-    def sharded(placement):  # under ZeRO-3 a model on `policy` is loaded shard by shard: no rank holds a whole copy
-        return common.zero3_config(
-            placement,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            offload=args.offload,
-        )
-
+    place = common.Placement.of(args)  # the settings every model is loaded and placed with
+    dtype = place.dtype  # the policy's (cache keys name it)
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    policy = common.load_model(
-        args.model_name_or_path, kind="causal", flag="--model-name-or-path", sharded=sharded("policy"), **load
-    )
+    policy = place.load(args.model_name_or_path, kind="causal", flag="--model-name-or-path", at="policy")
     scorers = {  # a model or module:function per distinct --reward-model entry
-        name: common.load_reward(
-            name,
-            tokenizer,
-            placement=args.reward_device,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code,
-            dtype=args.reward_dtype,
-        )
+        name: place.reward(name, tokenizer, at=args.reward_device)
         for name in dict.fromkeys(name for name in args.reward_model if name != "gold")
     }
     log = common.make_logger(args, run.name, rank)
@@ -393,20 +367,7 @@ if __name__ == "__main__":
         quantized=args.load_in_4bit,
     )
     schedule = common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule)
-    policy = common.prepare_trainable(
-        policy,
-        placement="policy",
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        lr=args.learning_rate,
-        bf16=args.bf16,
-        offload=args.offload,
-        max_grad_norm=args.max_grad_norm,
-        betas=args.adam_betas,
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-        schedule=schedule,
-    )
+    policy = place.trainable(policy, at="policy", lr=args.learning_rate, schedule=schedule)
     policy.eval()  # eval mode (π_ref's passes, decoding); the training loop switches to train mode
     greedy = GenerationConfig(
         do_sample=False,
@@ -489,20 +450,10 @@ if __name__ == "__main__":
         if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
             ref_policy = policy
         else:
-            ref_model = common.load_model(
-                args.model_name_or_path,
-                kind="causal",
-                flag="--model-name-or-path",
-                sharded=sharded(args.ref_device),
-                **load,
+            ref_model = place.load(
+                args.model_name_or_path, kind="causal", flag="--model-name-or-path", at=args.ref_device
             )
-            ref_policy = common.prepare_frozen(
-                ref_model,
-                placement=args.ref_device,
-                zero_stage=args.zero_stage,
-                micro_batch_size=args.mini_batch_size,
-                bf16=args.bf16,
-            )
+            ref_policy = place.frozen(ref_model, at=args.ref_device)
         ref_chosen = []
         ref_rejected = []
         for (idx,) in common.progress(chunks(used[positions]), desc="π_ref log-probs", enabled=args.progress):

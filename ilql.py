@@ -464,27 +464,13 @@ if __name__ == "__main__":
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # Loading: the LM (from --checkpoint or the SFT model) with fresh or saved V, Q and target Q heads
+    # Loading: the LM (from --checkpoint or the SFT model) with fresh or saved V, Q and target Q heads; one Placement
+    # holds the settings every model is loaded and placed with (under ZeRO-3 the LM loads shard by shard)
+    place = common.Placement.of(args)
     source = args.checkpoint or args.model_name_or_path
     flag = "--checkpoint" if args.checkpoint else "--model-name-or-path"
     tokenizer = common.load_tokenizer(source, flag, trust_remote_code=args.trust_remote_code)
-    lm = common.load_model(
-        name=source,
-        kind="causal",
-        flag=flag,
-        dtype="bfloat16" if args.bf16 else "float32",  # DeepSpeed keeps float32 master weights under bf16
-        trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation,
-        # under ZeRO-3 the LM is loaded shard by shard: no rank ever holds a whole copy
-        sharded=common.zero3_config(
-            placement="policy",
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            offload=args.offload,
-        ),
-        load_in_4bit=args.load_in_4bit,
-    )
+    lm = place.load(source, kind="causal", flag=flag, at="policy")  # DeepSpeed keeps float32 master weights under bf16
     common.freeze_lower_layers(lm, args.unfrozen_layers)
     common.gradient_checkpointing(lm, args.gradient_checkpointing)
     lm = common.add_lora(
@@ -522,36 +508,11 @@ if __name__ == "__main__":
     # reads no rows).
     steps_per_epoch = 0 if args.eval_only else rows_per_rank // args.mini_batch_size
     schedule = common.lr_schedule(args.lr_warmup_steps, args.offline_epochs * steps_per_epoch, args.lr_schedule)
-    model = common.prepare_trainable(
-        model,
-        placement="policy",
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        lr=args.learning_rate,
-        bf16=args.bf16,
-        offload=args.offload,
-        max_grad_norm=args.max_grad_norm,
-        betas=args.adam_betas,
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-        schedule=schedule,
-    )
+    model = place.trainable(model, at="policy", lr=args.learning_rate, schedule=schedule)
     model.eval()  # eval mode (decoding); the training loop switches to train mode
     target_q_heads = target_q_heads.float().to(device)
     reward_weights = args.reward_weights or [1.0] * len(args.reward_model)
-    reward_fns = [
-        common.load_reward(
-            name,
-            tokenizer,
-            placement=args.reward_device,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code,
-            dtype=args.reward_dtype,
-        )
-        for name in args.reward_model
-    ]
+    reward_fns = [place.reward(name, tokenizer, at=args.reward_device) for name in args.reward_model]
     generation_config = GenerationConfig(
         do_sample=True,
         top_k=args.top_k,

@@ -283,37 +283,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
 
     # Load the policy, the tokenizer and the reward models
-    dtype = "bfloat16" if args.bf16 else "float32"
-    load = dict(
-        dtype=dtype,
-        trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation,
-        load_in_4bit=args.load_in_4bit,
-    )
-    sharded = common.zero3_config(
-        "policy",
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        bf16=args.bf16,
-        offload=args.offload,
-    )
+    place = common.Placement.of(args)  # the settings every model is loaded and placed with
     tokenizer = common.load_tokenizer(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    policy = common.load_model(
-        args.model_name_or_path, kind="causal", flag="--model-name-or-path", sharded=sharded, **load
-    )
-    reward_fns = [
-        common.load_reward(
-            name=name,
-            tokenizer=tokenizer,
-            placement=args.reward_device,
-            zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
-            bf16=args.bf16,
-            trust_remote_code=args.trust_remote_code,
-            dtype=args.reward_dtype,
-        )
-        for name in args.reward_model
-    ]
+    policy = place.load(args.model_name_or_path, kind="causal", flag="--model-name-or-path", at="policy")
+    reward_fns = [place.reward(name, tokenizer, at=args.reward_device) for name in args.reward_model]
     log = common.make_logger(args, run.name, rank)
 
     # Place the policy: frozen lower blocks, LoRA, the DeepSpeed engine with its optimizer and schedule
@@ -329,20 +302,8 @@ if __name__ == "__main__":
         target_modules=args.lora_target_modules,
         quantized=args.load_in_4bit,
     )
-    policy = common.prepare_trainable(
-        policy,
-        placement="policy",
-        zero_stage=args.zero_stage,
-        micro_batch_size=args.mini_batch_size,
-        lr=args.learning_rate,
-        bf16=args.bf16,
-        offload=args.offload,
-        max_grad_norm=args.max_grad_norm,
-        betas=args.adam_betas,
-        eps=args.adam_eps,
-        weight_decay=args.weight_decay,
-        schedule=common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule),
-    )
+    schedule = common.lr_schedule(args.lr_warmup_steps, args.total_steps, args.lr_schedule)
+    policy = place.trainable(policy, at="policy", lr=args.learning_rate, schedule=schedule)
     policy.eval()  # eval mode while decoding; the training loop switches to train mode
     greedy = GenerationConfig(
         do_sample=False,

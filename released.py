@@ -371,5 +371,4 @@ def load_released_reward(
             last = torch.where(is_eos.any(1), is_eos.int().argmax(1) - int(layout == "trlx-tldr"), last)
         return head(hidden[torch.arange(len(ids)), last]).squeeze(-1).cpu()
 
-    score_released.same_vocabulary = False  # its own tokenizer and text: never read on the policy's ids
     return score_released

@@ -286,7 +286,7 @@ def read_peak(torch, device):
 def reward_module(reward, torch):
     """The frozen model inside a `common.load_reward` scorer (a closure over it, under torch.no_grad's wrapper); None
     for a Python function."""
-    scorer = inspect.unwrap(reward)
+    scorer = inspect.unwrap(reward.score)
     for cell in scorer.__closure__ or ():
         if isinstance(cell.cell_contents, torch.nn.Module):
             return cell.cell_contents
@@ -512,7 +512,7 @@ def main(argv=None):
             dtype="auto",
         )
         # As the scripts do: the value model starts from the reward model when it reads the policy's token ids
-        if getattr(reward, "same_vocabulary", False):
+        if reward.same_vocabulary:
             value_source = common.resolve(reward_name, "reward")
         else:
             value_source = common.resolve(model_name, "sft")

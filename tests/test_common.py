@@ -786,6 +786,38 @@ def test_builtin_reward_scores_offline_rows_with_a_float_mask():
     assert with_float.tolist() == with_long.tolist()
 
 
+def test_value_model_starts_from_the_reward_only_where_it_reads_the_policys_ids(capsys):
+    """--value-model reward is kept only for a reward model with the policy's vocabulary; else the run uses (and
+    prints that it uses) the policy; a model name is kept as given. The answer is returned: args stay as parsed."""
+    shared = common.Reward(score=lambda *batch, prompts=None: None, same_vocabulary=True)
+    other = shared._replace(same_vocabulary=False)
+    assert common.value_model_start("reward", shared, rank=0) == "reward"
+    assert capsys.readouterr().out == ""
+    assert common.value_model_start("reward", other, rank=1) == "policy"
+    assert capsys.readouterr().out == ""  # the note is rank 0's
+    assert common.value_model_start("reward", other, rank=0) == "policy"
+    assert "initialised from the policy" in capsys.readouterr().out
+    assert common.value_model_start("some/critic", other, rank=0) == "some/critic"
+    assert common.load_reward("builtin", common.load_tokenizer("builtin")).same_vocabulary
+
+
+def test_placement_carries_the_parsed_settings_to_every_model():
+    """Placement.of(args) holds the shared settings once: a model it loads is in --bf16's dtype, the engine it makes
+    gets the optimiser's settings, and a frozen model is on its device without gradients."""
+    args = dataclasses.replace(common.RunArgs(), bf16=True, adam_eps=1e-6, adam_betas=(0.8, 0.9), weight_decay=0.1)
+    place = common.Placement.of(args)
+    assert (place.zero_stage, place.micro_batch_size, place.dtype) == (0, args.mini_batch_size, "bfloat16")
+    policy = place.load("builtin", kind="causal", flag="--model-name-or-path", at="cpu")
+    assert next(policy.parameters()).dtype == torch.bfloat16
+    value = place.load("builtin", kind="score", flag="--value-model", at="cpu", dtype="float32", pad_token_id=0)
+    assert next(value.parameters()).dtype == torch.float32
+    engine = place.trainable(value, at="cpu", lr=1e-3)
+    group = engine.optimizer.param_groups[0]
+    assert (group["eps"], group["betas"], group["weight_decay"], group["lr"]) == (1e-6, (0.8, 0.9), 0.1, 1e-3)
+    frozen = place.frozen(policy, at="cpu")
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
 # ---- Caches: content keys and cached results ----------------------------------------------------------------------
 def test_cached_computes_once_and_recomputes_when_its_key_changes(tmp_path):
     calls = []

@@ -319,20 +319,18 @@ class _Tiny(torch.nn.Module):
 
 
 def test_adam_eps_reaches_adamw_in_every_script():
-    """--adam-eps is AdamW's ε in DeepSpeed's config and in the plain-torch engine, and every script passes it."""
-    import ast
-
+    """--adam-eps is AdamW's ε in DeepSpeed's config and in the plain-torch engine, and every script's engines get it
+    (each makes them with the common.Placement of its parsed arguments, and no other way)."""
     assert common.deepspeed_config(0, micro_batch_size=1, lr=1e-3, eps=1e-6)["optimizer"]["params"]["eps"] == 1e-6
     assert common.deepspeed_config(0, micro_batch_size=1, lr=1e-3)["optimizer"]["params"]["eps"] == 1e-8
     engine = common.prepare_trainable(_Tiny(), "cpu", zero_stage=0, micro_batch_size=1, lr=1e-3, eps=1e-6)
     assert [group["eps"] for group in engine.optimizer.param_groups] == [1e-6]
     for script in EXPECTED:
-        tree = ast.parse((ROOT / f"{script}.py").read_text())
-        calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
-        engines = [c for c in calls if ast.unparse(c.func) in ("common.prepare_trainable", "dict")]  # or its kwargs
-        passed = [k for call in engines for k in call.keywords if k.arg == "eps"]
-        assert [ast.unparse(k.value) for k in passed] == ["args.adam_eps"], script
-        assert any(f.name == "adam_eps" for f in dataclasses.fields(importlib.import_module(script).Args)), script
+        source = (ROOT / f"{script}.py").read_text()
+        assert "place = common.Placement.of(args)" in source and "common.prepare_trainable(" not in source, script
+        args = dataclasses.replace(importlib.import_module(script).Args(), adam_eps=1e-6)
+        engine = common.Placement.of(args).trainable(_Tiny(), at="cpu", lr=1e-3)
+        assert [group["eps"] for group in engine.optimizer.param_groups] == [1e-6], script
 
 
 def _declared(tree, class_name: str) -> dict:
