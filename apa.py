@@ -309,14 +309,6 @@ def generate(policy, *, query_ids, query_mask, generation_config, zero3):
     return out[:, query_ids.shape[1] :]
 
 
-def decode_responses(tokenizer, response_ids, response_mask):
-    """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
-    lengths = response_mask.sum(1).tolist()
-    return [
-        tokenizer.decode(ids[: int(n)], skip_special_tokens=False) for ids, n in zip(response_ids.tolist(), lengths)
-    ]
-
-
 def last_token_rewards(scores, response_mask):
     """Per-token rewards [batch, response_len]: each sequence's score on its last response token, 0 elsewhere."""
     rewards = torch.zeros_like(response_mask)
@@ -329,12 +321,113 @@ def mean_of_dicts(dicts: list) -> dict:
     return {key: sum(d[key] for d in dicts) / len(dicts) for key in dicts[0]}
 
 
-class Rollout(NamedTuple):
-    batch: common.Batch  # the prompts and the sampled responses (response_mask float)
-    scores: torch.Tensor  # [batch], the reward models' weighted sum, before any scaling
-    ended: torch.Tensor  # [batch], bool: the response emitted EOS
-    old_logprobs: torch.Tensor  # [batch, response_len], π_old = the policy that sampled
-    ref_logprobs: torch.Tensor  # [batch, response_len], π_ref = π_init
+# ALGO LOGIC: the steps the loops call, as functions of what they read: the rollout, the values, an update pass
+class Models(NamedTuple):
+    """The models of a run: the policy π_θ and the value model V train; π_ref and the rewards are frozen."""
+
+    policy: object  # π_θ, a DeepSpeed engine (or common.TorchEngine); the rollout samples it as π_old
+    ref_policy: object  # π_ref = π_init; with LoRA the policy itself, read with its adapter off
+    value_model: object  # V, a value head on every token
+    rewards: list  # the reward functions (common.load_reward)
+    reward_weights: list  # the weight of each reward in the score
+
+
+class Sampling(NamedTuple):
+    """How a rollout samples and scores its responses, fixed for the run."""
+
+    tokenizer: object
+    generation_config: GenerationConfig  # temperature, top-k, top-p, max_new_tokens, EOS and padding
+    temperature: float  # the log-probs are those of softmax(logits / temperature)
+    stop_strings: list  # text that ends a response, besides EOS
+    zero3: bool  # under ZeRO-3 generation gathers the policy's shards
+    forward_batch_size: int  # rows per no-grad forward pass
+    device: torch.device
+
+
+def score_rows(models: Models, *rows):
+    """The weighted sum of the rewards of rows (query_ids, query_mask, response_ids, response_mask, prompts)."""
+    return sum(weight * reward(*rows) for weight, reward in zip(models.reward_weights, models.rewards))
+
+
+@torch.no_grad()
+def rollout(models: Models, sampling: Sampling, prompt_rows, prompts) -> common.Rollout:
+    """Roll out π_θ on a batch of prompts (APA Algorithm 1, line 6): sample, cut at EOS, score, and forward π_old and
+    π_ref over the result, --forward-batch-size rows at a time. `prompts`: the same prompts as the dataset gave
+    them, for reward models and functions that read text."""
+    tokenizer = sampling.tokenizer
+    device = sampling.device
+    query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
+    response_ids = generate(
+        models.policy,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        generation_config=sampling.generation_config,
+        zero3=sampling.zero3,
+    )
+    response_ids, response_mask, ended = common.truncate_after_eos(
+        response_ids,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+        stop_strings=sampling.stop_strings,
+    )
+    batch = common.Batch(query_ids, query_mask, response_ids, response_mask)
+    chunk = sampling.forward_batch_size
+    scores = common.in_chunks(functools.partial(score_rows, models), (*batch, prompts), chunk).to(device)
+    old_logprobs_of = functools.partial(common.forward_logprobs, models.policy, temperature=sampling.temperature)
+    ref_logprobs_of = functools.partial(common.forward_logprobs, models.ref_policy, temperature=sampling.temperature)
+    old_logprobs = common.in_chunks(old_logprobs_of, batch, chunk)
+    with common.adapter_off(models.ref_policy):
+        ref_logprobs = common.in_chunks(ref_logprobs_of, batch, chunk).to(device)
+    return common.Rollout(
+        batch=batch._replace(response_mask=response_mask.to(old_logprobs.dtype)),
+        scores=scores,
+        ended=ended,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+
+
+@torch.no_grad()
+def all_values(value_model, batch, *, forward_batch_size, device):
+    """V(s_t) over every row of `batch` (a common.Batch), no gradient, --forward-batch-size rows at a time."""
+    values_of = functools.partial(common.forward_values, value_model)
+    return common.in_chunks(values_of, batch, forward_batch_size).to(device)
+
+
+def update(models: Models, batch, *, advantages, returns, ref_logprobs, sampler, args: Args, device) -> dict:
+    """One pass over `batch` (a common.Batch) in mini-batches shuffled by `sampler`: for each, a step of the policy
+    on L^APA and a step of V on its value loss, loss = L^APA + vf_coef · value loss. Returns the mean of each logged
+    loss."""
+    policy = models.policy
+    value_model = models.value_model
+    step_stats = []
+    policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
+    value_model.train()
+    for idx in torch.randperm(len(advantages), generator=sampler).split(args.mini_batch_size):
+        minibatch = batch.rows(idx)
+        logprobs = common.forward_logprobs(policy, *minibatch, temperature=args.temperature)
+        values = common.forward_values(value_model, *minibatch).to(device)
+        policy_loss = apa_loss(
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs[idx],
+            advantages=advantages[idx],
+            response_mask=minibatch.response_mask,
+            lam=args.lam,
+        )
+        vf_loss = value_loss(values, returns[idx], minibatch.response_mask)
+        # loss = L^APA + vf_coef · value loss; each engine runs its own backward
+        policy.backward(policy_loss)
+        value_model.backward(args.vf_coef * vf_loss)
+        policy.step()
+        value_model.step()
+        log_ratio = (logprobs - ref_logprobs[idx]).detach()
+        step_stats.append([policy_loss.item(), vf_loss.item(), masked_mean(log_ratio, minibatch.response_mask).item()])
+    policy.eval()  # sampling and scoring in eval mode
+    value_model.eval()
+    means = torch.tensor(step_stats).mean(0).tolist()
+    keys = ["policy/loss", "value/loss", "policy/log_ratio_to_ref"]
+    return dict(zip(keys, means))
 
 
 if __name__ == "__main__":
@@ -459,137 +552,42 @@ if __name__ == "__main__":
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    policy_logprobs_of = functools.partial(common.forward_logprobs, policy, temperature=args.temperature)
-    ref_logprobs_of = functools.partial(common.forward_logprobs, ref_policy, temperature=args.temperature)
-    values_of = functools.partial(common.forward_values, value_model)
 
-    # Data: the held-out prompts split over the ranks; each rank then samples with seed + rank
-    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
-    eval_texts = [eval_texts[i] for i in kept]
-    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
-    n_eval = min(args.eval_prompts, len(eval_prompts)) // run.world_size * run.world_size  # equal per rank: lockstep
-    eval_prompts = eval_prompts[:n_eval][run.rank :: run.world_size]
-    eval_texts = eval_texts[:n_eval][run.rank :: run.world_size]  # the prompts as given: reward models read them
-    if n_eval == 0:
-        common.fail(
-            f"the '{args.eval_split}' split has fewer prompts than the {run.world_size} ranks; pass another "
-            f"--eval-split or raise --eval-prompts"
-        )
+    # Data: the held-out prompts dealt out over the ranks; each rank then samples with seed + rank
+    held_out = common.held_out_prompts(tokenizer, eval_texts, run=run, args=args, **encode)
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
     random.seed(args.seed + run.rank)
     torch.manual_seed(args.seed + run.rank)
     sampler = torch.Generator().manual_seed(args.seed + run.rank)
-
-    def score_rows(*rows):
-        """The weighted sum of the reward models' scores of rows (query_ids, ..., response_mask, prompts)."""
-        return sum(weight * reward(*rows) for weight, reward in zip(reward_weights, reward_fns))
-
-    @torch.no_grad()
-    def rollout(prompt_rows, prompts) -> Rollout:
-        """Sample, cut at EOS, score, and forward π_old and π_ref over the result, --forward-batch-size rows at a
-        time. `prompts`: the prompts as the dataset gave them, for reward models and functions that read text."""
-        query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
-        response_ids = generate(
-            policy,
-            query_ids=query_ids,
-            query_mask=query_mask,
-            generation_config=generation_config,
-            zero3=zero3,
-        )
-        response_ids, response_mask, ended = common.truncate_after_eos(
-            response_ids,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            tokenizer=tokenizer,
-            stop_strings=args.stop_strings,
-        )
-        batch = common.Batch(query_ids, query_mask, response_ids, response_mask)
-        scores = common.in_chunks(score_rows, (*batch, prompts), chunk).to(device)
-        old_logprobs = common.in_chunks(policy_logprobs_of, batch, chunk)
-        with common.adapter_off(ref_policy):
-            ref_logprobs = common.in_chunks(ref_logprobs_of, batch, chunk).to(device)
-        batch = batch._replace(response_mask=response_mask.to(old_logprobs.dtype))
-        return Rollout(batch, scores, ended, old_logprobs, ref_logprobs)
-
-    def all_values(batch):
-        """V over every row of `batch`, no gradient, --forward-batch-size rows at a time."""
-        with torch.no_grad():
-            return common.in_chunks(values_of, batch, chunk).to(device)
-
-    # Evaluate: held-out prompts, the training sampling setting, a fixed seed
-    def evaluate(step):
-        """Proxy reward, gold score, KL to π_ref, response length and the fraction without EOS, over all ranks; the
-        first --log-samples responses of rank 0 go to log.samples."""
-        rows = []
-        samples = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(10**6 + run.rank)
-            for i in common.progress(
-                range(0, len(eval_prompts), args.rollout_batch_size), desc="evaluate", enabled=args.progress
-            ):
-                part = slice(i, i + args.rollout_batch_size)
-                r = rollout(eval_prompts[part], eval_texts[part])
-                response_mask = r.batch.response_mask
-                texts = decode_responses(tokenizer, r.batch.response_ids, response_mask)
-                gold = gold_score(texts) if gold_score else [0.0] * len(texts)
-                columns = [
-                    r.scores.cpu(),
-                    ((r.old_logprobs - r.ref_logprobs) * response_mask).sum(1).cpu(),
-                    response_mask.sum(1).cpu(),
-                    (~r.ended).float().cpu(),
-                    torch.tensor(gold),
-                ]
-                rows.append(torch.stack(columns, 1))
-                samples += common.sample_rows(
-                    args.log_samples - len(samples),
-                    prompt=eval_texts[part],
-                    rendered_prompt=common.rendered_prompts(tokenizer, r.batch.query_ids, r.batch.query_mask),
-                    response=texts,
-                    score=r.scores,
-                    gold_score=gold if gold_score else None,
-                    kl_to_ref=columns[1],  # the eval/kl_to_ref column
-                )
-        means = torch.cat(rows).mean(0).tolist()
-        keys = ["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction", "eval/gold_score"]
-        metrics = dict(zip(keys, means))
-        if gold_score is None:
-            metrics.pop("eval/gold_score")
-        log.samples(step, samples)
-        return common.mean_across_ranks(metrics)
-
-    # ALGO LOGIC: one pass of APA and value updates over shuffled mini-batches
-    def update(batch, advantages, returns, ref_logprobs):
-        """One pass over `batch` (a common.Batch) in shuffled mini-batches: an APA step of the policy and a value
-        step of V each. Returns the mean of each logged loss."""
-        step_stats = []
-        policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
-        value_model.train()
-        for idx in torch.randperm(len(advantages), generator=sampler).split(args.mini_batch_size):
-            minibatch = batch.rows(idx)
-            logprobs = common.forward_logprobs(policy, *minibatch, temperature=args.temperature)
-            values = common.forward_values(value_model, *minibatch).to(device)
-            policy_loss = apa_loss(
-                logprobs=logprobs,
-                ref_logprobs=ref_logprobs[idx],
-                advantages=advantages[idx],
-                response_mask=minibatch.response_mask,
-                lam=args.lam,
-            )
-            vf_loss = value_loss(values, returns[idx], minibatch.response_mask)
-            # loss = L^APA + vf_coef · value loss; each engine runs its own backward
-            policy.backward(policy_loss)
-            value_model.backward(args.vf_coef * vf_loss)
-            policy.step()
-            value_model.step()
-            log_ratio = (logprobs - ref_logprobs[idx]).detach()
-            step_stats.append(
-                [policy_loss.item(), vf_loss.item(), masked_mean(log_ratio, minibatch.response_mask).item()]
-            )
-        policy.eval()  # sampling and scoring in eval mode
-        value_model.eval()
-        means = torch.tensor(step_stats).mean(0).tolist()
-        keys = ["policy/loss", "value/loss", "policy/log_ratio_to_ref"]
-        return dict(zip(keys, means))
+    models = Models(
+        policy=policy,
+        ref_policy=ref_policy,
+        value_model=value_model,
+        rewards=reward_fns,
+        reward_weights=reward_weights,
+    )
+    sampling = Sampling(
+        tokenizer=tokenizer,
+        generation_config=generation_config,
+        temperature=args.temperature,
+        stop_strings=args.stop_strings,
+        zero3=zero3,
+        forward_batch_size=chunk,
+        device=device,
+    )
+    # Evaluate: the held-out prompts, sampled as in training under a fixed seed (common.evaluate_held_out); offline
+    # too, where it shows what the policy samples
+    evaluate = functools.partial(
+        common.evaluate_held_out,
+        sample=functools.partial(rollout, models, sampling),
+        held_out=held_out,
+        tokenizer=tokenizer,
+        gold_score=gold_score,
+        batch_size=args.rollout_batch_size,
+        run=run,
+        args=args,
+        log=log,
+    )
 
     # Resume: the engines with their optimizers, the score moments, each rank's RNG and sampler states, the step
     engines = {"policy": policy, "value": value_model}
@@ -623,14 +621,19 @@ if __name__ == "__main__":
             t0 = time.time()
             # 1. Roll out π_θ on a batch of prompts: responses, their scores, π_old and π_ref log-probs
             index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
-            r = rollout([train_prompts[i] for i in index], [train_texts[i] for i in index])  # APA Algorithm 1, line 6
-            batch = r.batch
+            sampled = rollout(  # APA Algorithm 1, line 6
+                models,
+                sampling,
+                prompt_rows=[train_prompts[i] for i in index],
+                prompts=[train_texts[i] for i in index],
+            )
+            batch = sampled.batch
             response_mask = batch.response_mask
             t_rollout = time.time() - t0
             # 2. The score of each response: the EOS penalty, running scaling and clipping (options)
-            scores = r.scores
+            scores = sampled.scores
             if args.missing_eos_penalty is not None:
-                scores = torch.where(r.ended, scores, torch.full_like(scores, args.missing_eos_penalty))
+                scores = torch.where(sampled.ended, scores, torch.full_like(scores, args.missing_eos_penalty))
             if args.reward_scaling == "running":
                 score_moments.update(scores)
                 scores = scores / (score_moments.std + 1e-8)
@@ -641,7 +644,7 @@ if __name__ == "__main__":
             # 4. Advantages and returns: GAE on V, the advantages whitened over the whole rollout
             advantages, returns = compute_gae(
                 rewards=rewards,
-                values=all_values(batch),
+                values=all_values(value_model, batch, forward_batch_size=chunk, device=device),
                 response_mask=response_mask,
                 gamma=args.gamma,
                 gae_lambda=args.gae_lambda,
@@ -650,53 +653,49 @@ if __name__ == "__main__":
                 advantages = whiten_masked(advantages, response_mask, across_ranks=True)
             # 5. --update-epochs passes of L^APA + vf_coef · value loss over shuffled mini-batches
             t1 = time.time()
-            epoch_stats = [update(batch, advantages, returns, r.ref_logprobs) for _ in range(args.update_epochs)]
-            metrics = mean_of_dicts(epoch_stats)
+            epoch_stats = [
+                update(
+                    models,
+                    batch,
+                    advantages=advantages,
+                    returns=returns,
+                    ref_logprobs=sampled.ref_logprobs,
+                    sampler=sampler,
+                    args=args,
+                    device=device,
+                )
+                for _ in range(args.update_epochs)
+            ]
             t_update = time.time() - t1
-            # 6. Log: the rollout's statistics, timings, and an evaluation every --eval-every iterations
-            metrics["rollout/score"] = r.scores.mean().item()
-            metrics["rollout/kl_to_ref"] = ((r.old_logprobs - r.ref_logprobs) * response_mask).sum(1).mean().item()
-            for name in ("k1", "k2", "k3"):  # each estimate summed over a response (0 on padding), mean over responses
-                kl = kl_estimate(
-                    logprobs=r.old_logprobs,
-                    ref_logprobs=r.ref_logprobs,
+            # 6. Log: the losses, the rollout's statistics over all ranks (the KL to π_ref by three estimates), and
+            # an evaluation on the held-out prompts every --eval-every iterations
+            metrics = mean_of_dicts(epoch_stats)
+            kl = {
+                name: kl_estimate(
+                    logprobs=sampled.old_logprobs,
+                    ref_logprobs=sampled.ref_logprobs,
                     response_mask=response_mask,
                     estimator=name,
                 )
-                metrics[f"rollout/kl_{name}"] = kl.sum(1).mean().item()
-            metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
-            metrics["rollout/no_eos_fraction"] = (~r.ended).float().mean().item()
-            mean_logprob = masked_mean(r.old_logprobs, response_mask, across_ranks=True)
-            metrics["rollout/perplexity"] = torch.exp(-mean_logprob).item()
-            if gold_score:
-                gold = gold_score(decode_responses(tokenizer, batch.response_ids, response_mask))
-                metrics["rollout/gold_score"] = sum(gold) / len(gold)
-            metrics = common.mean_across_ranks(metrics)
-            common.check_finite(metrics, iteration, run.resume_path)  # before evaluating (sampling) from NaN weights
-            n_tokens = metrics["rollout/response_length"] * per_iteration  # all ranks
-            metrics["time/rollout_tokens_per_s"] = n_tokens / t_rollout
-            metrics["time/update_tokens_per_s"] = n_tokens * args.update_epochs / t_update
-            metrics["time/episodes_per_s"] = per_iteration / (time.time() - t0)
-            metrics["time/rollout"] = t_rollout  # seconds: sampling, the rewards, the π_old and π_ref passes
-            metrics["time/update"] = t_update  # seconds: the --update-epochs passes over the rollout
-            if iteration % args.eval_every == 0 or iteration == num_iterations:
-                t_eval = time.time()
-                eval_history.append((iteration, evaluate(iteration)))
-                metrics.update(eval_history[-1][1])
-                metrics["time/eval"] = time.time() - t_eval
-            metrics["time/iteration"] = time.time() - t0  # seconds: the whole iteration, its evaluation included
-            metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
-            log(iteration, metrics)
-            if run.rank == 0:
-                gold = f" gold {metrics['rollout/gold_score']:+.3f}" if gold_score else ""
-                print(
-                    f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
-                    f"kl {metrics['rollout/kl_to_ref']:.2f} len {metrics['rollout/response_length']:.1f} "
-                    f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
-                    f"{metrics['time/update_tokens_per_s']:.0f} (update) "
-                    f"episodes/s {metrics['time/episodes_per_s']:.3g}, {metrics['time/iteration']:.2f} s/iter",
-                    flush=True,
-                )
+                for name in ("k1", "k2", "k3")
+            }
+            metrics.update(common.rollout_metrics(sampled, kl, tokenizer=tokenizer, gold_score=gold_score))
+            kl_to_ref = ((sampled.old_logprobs - sampled.ref_logprobs) * response_mask).sum(1)
+            metrics["rollout/kl_to_ref"] = kl_to_ref.mean().item()
+            common.log_iteration(
+                metrics,
+                iteration=iteration,
+                num_iterations=num_iterations,
+                per_iteration=per_iteration,
+                update_epochs=args.update_epochs,
+                times=common.IterationTimes(start=t0, rollout=t_rollout, update=t_update),
+                evaluate=evaluate,
+                eval_history=eval_history,
+                policy=policy,
+                run=run,
+                args=args,
+                log=log,
+            )
             # 7. A resumable checkpoint every --save-every iterations, or now if the run was signalled
             state = dict(
                 step=iteration,
@@ -721,6 +720,7 @@ if __name__ == "__main__":
         response_mask = batch.response_mask
         rewards = last_token_rewards(scores[mine].to(device), response_mask)
         # 2. π_ref's log-probs, once
+        ref_logprobs_of = functools.partial(common.forward_logprobs, ref_policy, temperature=args.temperature)
         with torch.no_grad(), common.adapter_off(ref_policy):
             ref_logprobs = common.in_chunks(ref_logprobs_of, batch, chunk).to(device)
         # 3. Fit V to the Monte-Carlo returns first (GAE with λ = 1 and V = 0), unless resumed with a fitted V
@@ -749,7 +749,7 @@ if __name__ == "__main__":
             # 4. Advantages from the current V, before every epoch
             advantages, returns = compute_gae(
                 rewards=rewards,
-                values=all_values(batch),
+                values=all_values(value_model, batch, forward_batch_size=chunk, device=device),
                 response_mask=response_mask,
                 gamma=args.gamma,
                 gae_lambda=args.gae_lambda,
@@ -763,7 +763,16 @@ if __name__ == "__main__":
                 advantages = whiten_masked(advantages, response_mask, across_ranks=True)
             # 5. One pass of L^APA + vf_coef · value loss over shuffled mini-batches
             t1 = time.time()
-            metrics = update(batch, advantages, returns, ref_logprobs)
+            metrics = update(
+                models,
+                batch,
+                advantages=advantages,
+                returns=returns,
+                ref_logprobs=ref_logprobs,
+                sampler=sampler,
+                args=args,
+                device=device,
+            )
             metrics["time/update"] = time.time() - t1  # seconds: the epoch's pass over the rows
             metrics["offline/advantage_change"] = change
             metrics = common.mean_across_ranks(metrics)

@@ -17,9 +17,11 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
     10. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
     11. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
     12. Masked statistics              means and whitening where padding never counts, optionally over all ranks
-    13. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, HF folders, W&B
-    14. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
-    15. Caches                         content keys (fingerprint, file_digest, hub_commit), cached(_rows), distinct_n
+    13. Evaluation of online runs      Rollout, decode_responses, held_out_prompts, evaluate_held_out (the held-out
+                                       evaluation), rollout_metrics, log_iteration: ppo.py, apa.py, awr.py
+    14. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, HF folders, W&B
+    15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
+    16. Caches                         content keys (fingerprint, file_digest, hub_commit), cached(_rows), distinct_n
 
 Copying one algorithm script into a project: copy the script and common.py; nothing else is needed. formats.py,
 lora.py, tracking.py, released.py, evaluate.py and builtin/ are optional parts beside common.py, each imported only
@@ -1788,6 +1790,176 @@ def mean_across_ranks(metrics: dict) -> dict:
     keys = sorted(metrics)
     values = all_reduce_cpu(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
     return dict(zip(keys, (values / _world()).tolist()))
+
+
+# ---- Evaluation and the per-iteration log of the online scripts (ppo.py, apa.py, awr.py) -----------------------------
+class Rollout(NamedTuple):
+    """Responses sampled for a batch of prompts, scored, with their log-probs under π_old and π_ref."""
+
+    batch: Batch  # (query_ids, query_mask, response_ids, response_mask), response_mask float
+    scores: torch.Tensor  # [batch], the weighted sum of the rewards, before any scaling
+    ended: torch.Tensor  # [batch] bool, the response emitted EOS (or a stop string)
+    old_logprobs: torch.Tensor  # [batch, response_len], log π_old: the policy that sampled
+    ref_logprobs: torch.Tensor  # [batch, response_len], log π_ref = log π_init
+
+
+class HeldOut(NamedTuple):
+    """This rank's share of the held-out prompts: the same count on every rank, as sampling runs in lockstep."""
+
+    prompts: list  # token ids, as encode_prompts gives them
+    texts: list  # the same prompts as the dataset gave them: reward models and samples.jsonl read them
+
+
+class IterationTimes(NamedTuple):
+    """Wall-clock marks of one online iteration, for its time/ metrics (which metrics.jsonl leaves out)."""
+
+    start: float  # time.time() when the iteration began
+    rollout: float  # seconds: sampling, the rewards, the π_old and π_ref passes
+    update: float  # seconds: the --update-epochs passes over the rollout
+
+
+def decode_responses(tokenizer, response_ids, response_mask):
+    """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
+    lengths = response_mask.sum(1).tolist()
+    return [
+        tokenizer.decode(row[: int(n)], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)
+    ]
+
+
+def held_out_prompts(tokenizer, texts, *, run: Run, args: RunArgs, **encode) -> HeldOut:
+    """The first --eval-prompts held-out prompts that fit (`encode`: encode_prompts' budget and chat template),
+    encoded, cut to a multiple of the ranks and dealt out: rank r takes every world_size-th from the r-th."""
+    kept = fitting_prompts(tokenizer, texts, what="evaluation prompts", **encode)
+    texts = [texts[i] for i in kept]
+    prompts, _ = encode_prompts(tokenizer, texts, **encode)
+    n_eval = min(args.eval_prompts, len(prompts)) // run.world_size * run.world_size  # equal per rank: lockstep
+    if n_eval == 0:
+        fail(
+            f"the '{args.eval_split}' split has fewer prompts than the {run.world_size} ranks; pass another "
+            f"--eval-split or raise --eval-prompts"
+        )
+    return HeldOut(
+        prompts=prompts[:n_eval][run.rank :: run.world_size],
+        texts=texts[:n_eval][run.rank :: run.world_size],
+    )
+
+
+EVAL_KEYS = ["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction", "eval/gold_score"]
+
+
+def evaluate_held_out(
+    step: int, *, sample, held_out: HeldOut, tokenizer, gold_score, batch_size: int, run: Run, args: RunArgs, log
+) -> dict:
+    """The held-out evaluation of an online run: responses sampled by `sample(prompt_rows, prompts) -> Rollout` (the
+    script's rollout, the training sampling setting) for `held_out`, `batch_size` prompts at a time, under a fixed
+    seed per rank, so that every evaluation of a run draws alike. Returns the means over all ranks of the proxy
+    reward, the KL to π_ref (log π_old − log π_ref summed over a response), the response length, the fraction
+    without EOS and, given `gold_score` (the built-in task's), the gold score. The first --log-samples responses of
+    rank 0 go to log.samples."""
+    rows = []
+    samples = []
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(10**6 + run.rank)
+        for i in progress(range(0, len(held_out.prompts), batch_size), desc="evaluate", enabled=args.progress):
+            part = slice(i, i + batch_size)
+            sampled = sample(held_out.prompts[part], held_out.texts[part])
+            response_mask = sampled.batch.response_mask
+            texts = decode_responses(tokenizer, sampled.batch.response_ids, response_mask)
+            gold = gold_score(texts) if gold_score else [0.0] * len(texts)
+            kl_to_ref = ((sampled.old_logprobs - sampled.ref_logprobs) * response_mask).sum(1)
+            columns = [  # in the order of EVAL_KEYS
+                sampled.scores.cpu(),
+                kl_to_ref.cpu(),
+                response_mask.sum(1).cpu(),
+                (~sampled.ended).float().cpu(),
+                torch.tensor(gold),
+            ]
+            rows.append(torch.stack(columns, 1))
+            samples += sample_rows(
+                args.log_samples - len(samples),
+                prompt=held_out.texts[part],
+                rendered_prompt=rendered_prompts(tokenizer, sampled.batch.query_ids, sampled.batch.query_mask),
+                response=texts,
+                score=sampled.scores,
+                gold_score=gold if gold_score else None,
+                kl_to_ref=kl_to_ref,
+            )
+    means = torch.cat(rows).mean(0).tolist()
+    metrics = dict(zip(EVAL_KEYS, means))
+    if gold_score is None:
+        metrics.pop("eval/gold_score")
+    log.samples(step, samples)
+    return mean_across_ranks(metrics)
+
+
+def rollout_metrics(sampled: Rollout, kl: dict, *, tokenizer, gold_score) -> dict:
+    """This rank's statistics of a rollout that every online script logs: the mean raw score, each per-token KL
+    estimate in `kl` ({name: [batch, response_len]}) summed over a response, the response length, the fraction
+    without EOS, the policy's perplexity on its own samples (over all ranks) and, given `gold_score`, the gold
+    score. log_iteration averages them over ranks."""
+    response_mask = sampled.batch.response_mask
+    metrics = {"rollout/score": sampled.scores.mean().item()}
+    for name, per_token in kl.items():  # each estimate summed over a response (0 on padding), mean over responses
+        metrics[f"rollout/kl_{name}"] = per_token.sum(1).mean().item()
+    metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
+    metrics["rollout/no_eos_fraction"] = (~sampled.ended).float().mean().item()
+    # perplexity of the policy on its own samples: the "pattern collapse" watch of Zheng et al. 2023, Section 5.2
+    mean_logprob = masked_mean(sampled.old_logprobs, response_mask, across_ranks=True)
+    metrics["rollout/perplexity"] = torch.exp(-mean_logprob).item()
+    if gold_score:
+        gold = gold_score(decode_responses(tokenizer, sampled.batch.response_ids, response_mask))
+        metrics["rollout/gold_score"] = sum(gold) / len(gold)
+    return metrics
+
+
+def log_iteration(
+    metrics: dict,
+    *,
+    iteration: int,
+    num_iterations: int,
+    per_iteration: int,
+    update_epochs: int,
+    times: IterationTimes,
+    evaluate,
+    eval_history: list,
+    policy,
+    run: Run,
+    args: RunArgs,
+    log,
+    shown: str = "",
+) -> dict:
+    """The end of an online iteration: `metrics` (this rank's) averaged over ranks, a stop on NaN / inf (before
+    sampling from broken weights), throughput and timings, `evaluate(iteration)` appended to `eval_history` every
+    --eval-every iterations and at the last, the learning rate of the next step; then logged, and one line printed on
+    rank 0 (`shown`: the script's own fields, after the KL). `per_iteration`: the responses of an iteration over all
+    ranks. Returns the metrics logged."""
+    metrics = mean_across_ranks(metrics)
+    check_finite(metrics, iteration, run.resume_path)
+    n_tokens = metrics["rollout/response_length"] * per_iteration  # all ranks
+    metrics["time/rollout_tokens_per_s"] = n_tokens / times.rollout
+    metrics["time/update_tokens_per_s"] = n_tokens * update_epochs / times.update
+    metrics["time/episodes_per_s"] = per_iteration / (time.time() - times.start)
+    metrics["time/rollout"] = times.rollout  # seconds: sampling, the rewards, the π_old and π_ref passes
+    metrics["time/update"] = times.update  # seconds: the --update-epochs passes over the rollout
+    if iteration % args.eval_every == 0 or iteration == num_iterations:
+        t_eval = time.time()
+        eval_history.append((iteration, evaluate(iteration)))
+        metrics.update(eval_history[-1][1])
+        metrics["time/eval"] = time.time() - t_eval
+    metrics["time/iteration"] = time.time() - times.start  # seconds: the whole iteration, its evaluation included
+    metrics["policy/learning_rate"] = current_lr(policy)  # of the next step (--lr-schedule)
+    log(iteration, metrics)
+    if run.rank == 0:
+        gold = f" gold {metrics['rollout/gold_score']:+.3f}" if "rollout/gold_score" in metrics else ""
+        print(
+            f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
+            f"kl {metrics['rollout/kl_to_ref']:.2f}{shown} len {metrics['rollout/response_length']:.1f} "
+            f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
+            f"{metrics['time/update_tokens_per_s']:.0f} (update) "
+            f"episodes/s {metrics['time/episodes_per_s']:.3g}, {metrics['time/iteration']:.2f} s/iter",
+            flush=True,
+        )
+    return metrics
 
 
 # ---- Logging and saving: progress bars, TensorBoard, metrics.jsonl and samples.jsonl, W&B, Hugging Face folders ------

@@ -68,6 +68,7 @@ did; keep top-k 0 and top-p 1 (the defaults) for exactly on-policy samples.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -409,16 +410,6 @@ class RunningMoments:
         return math.sqrt(self.var)
 
 
-class Rollout(NamedTuple):
-    """Responses sampled for a batch of prompts, scored, with their log-probs under π_old and π_ref."""
-
-    batch: common.Batch  # (query_ids, query_mask, response_ids, response_mask), response_mask float
-    scores: torch.Tensor  # [batch], the weighted sum of the rewards
-    ended: torch.Tensor  # [batch] bool, the response emitted EOS (or a stop string)
-    old_logprobs: torch.Tensor  # [batch, response_len], log π_old
-    ref_logprobs: torch.Tensor  # [batch, response_len], log π_ref
-
-
 @torch.no_grad()
 def generate(policy, *, query_ids, query_mask, generation_config, zero3, repetition_penalty=1.0):
     """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
@@ -438,12 +429,85 @@ def generate(policy, *, query_ids, query_mask, generation_config, zero3, repetit
     return out[:, query_ids.shape[1] :]
 
 
-def decode_responses(tokenizer, response_ids, response_mask):
-    """Response texts with special tokens kept (so a text contains EOS exactly when the response ended)."""
-    lengths = response_mask.sum(1).tolist()
-    return [
-        tokenizer.decode(row[: int(n)], skip_special_tokens=False) for row, n in zip(response_ids.tolist(), lengths)
-    ]
+# The steps the loop calls, as functions of what they read: the rollout (step 1) and the values (step 2)
+class Models(NamedTuple):
+    """The models of a run: the policy π_θ and the value model V train; π_ref and the rewards are frozen."""
+
+    policy: object  # π_θ, a DeepSpeed engine (or common.TorchEngine); the rollout samples it as π_old
+    ref_policy: object  # π_ref = π_init; with LoRA the policy itself, read with its adapter off
+    value_model: object  # V, a value head on every token
+    rewards: list  # the reward functions r(x, y) (common.load_reward)
+    reward_weights: list  # the weight of each reward in the score
+
+
+class Sampling(NamedTuple):
+    """How a rollout samples and scores its responses, fixed for the run."""
+
+    tokenizer: object
+    generation_config: GenerationConfig  # temperature, top-k, top-p, max_new_tokens, EOS and padding
+    temperature: float  # the log-probs are those of softmax(logits / temperature)
+    repetition_penalty: float  # on the sampled logits and on the log-probs alike
+    stop_strings: list  # text that ends a response, besides EOS
+    zero3: bool  # under ZeRO-3 generation gathers the policy's shards
+    forward_batch_size: int  # rows per no-grad forward pass
+    device: torch.device
+
+
+def score(models: Models, *rows):
+    """The weighted sum of the rewards of rows (query_ids, query_mask, response_ids, response_mask, prompts)."""
+    return sum(weight * reward(*rows) for weight, reward in zip(models.reward_weights, models.rewards))
+
+
+def rollout(models: Models, sampling: Sampling, prompt_rows, prompts) -> common.Rollout:
+    """Run π_old on a batch of prompts (PPO Algorithm 1): sample, cut at EOS, score, and forward π_old and π_ref over
+    the result. `prompts`: the same prompts as the dataset gave them, for reward models and functions that read
+    text."""
+    tokenizer = sampling.tokenizer
+    device = sampling.device
+    query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
+    models.policy.eval()  # sampling and scoring in eval mode; the update switches to train mode
+    models.value_model.eval()
+    response_ids = generate(
+        models.policy,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        generation_config=sampling.generation_config,
+        zero3=sampling.zero3,
+        repetition_penalty=sampling.repetition_penalty,
+    )
+    response_ids, response_mask, ended = common.truncate_after_eos(
+        response_ids,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+        stop_strings=sampling.stop_strings,
+    )
+    # Scoring without gradients, --forward-batch-size rows at a time: the rewards, then π_old and π_ref.
+    rows = (query_ids, query_mask, response_ids, response_mask)
+    chunk = sampling.forward_batch_size
+    scores = common.in_chunks(functools.partial(score, models), (*rows, prompts), chunk).to(device)
+    penalties = dict(temperature=sampling.temperature, repetition_penalty=sampling.repetition_penalty)
+    old_logprobs_of = functools.partial(common.forward_logprobs, models.policy, **penalties)
+    ref_logprobs_of = functools.partial(common.forward_logprobs, models.ref_policy, **penalties)
+    with torch.no_grad():
+        old_logprobs = common.in_chunks(old_logprobs_of, rows, chunk)
+        with common.adapter_off(models.ref_policy):
+            ref_logprobs = common.in_chunks(ref_logprobs_of, rows, chunk).to(device)
+    batch = common.Batch(query_ids, query_mask, response_ids, response_mask.to(old_logprobs.dtype))
+    return common.Rollout(
+        batch=batch,
+        scores=scores,
+        ended=ended,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
+
+
+@torch.no_grad()
+def all_values(value_model, batch, *, forward_batch_size, device):
+    """V(s_t) over every row of `batch` (a common.Batch), no gradient, --forward-batch-size rows at a time."""
+    values_of = functools.partial(common.forward_values, value_model)
+    return common.in_chunks(values_of, batch, forward_batch_size).to(device)
 
 
 if __name__ == "__main__":
@@ -543,7 +607,8 @@ if __name__ == "__main__":
         eos_token_id=tokenizer.eos_token_id,
     )
 
-    # Data: each rank draws its own prompts (seed + rank) from the whole training split.
+    # Data: each rank draws its own prompts (seed + rank) from the whole training split; the held-out prompts are
+    # dealt out over the ranks.
     encode = dict(
         max_prompt_length=args.max_prompt_length,
         max_new_tokens=args.max_new_tokens,
@@ -552,18 +617,8 @@ if __name__ == "__main__":
     )
     kept = common.fitting_prompts(tokenizer, train_texts, what="training prompts", **encode)
     train_texts = [train_texts[i] for i in kept]
-    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
-    eval_texts = [eval_texts[i] for i in kept]
+    held_out = common.held_out_prompts(tokenizer, eval_texts, run=run, args=args, **encode)
     train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
-    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
-    n_eval = min(args.eval_prompts, len(eval_prompts)) // run.world_size * run.world_size  # equal per rank: lockstep
-    eval_prompts = eval_prompts[:n_eval][run.rank :: run.world_size]
-    eval_texts = eval_texts[:n_eval][run.rank :: run.world_size]  # the prompts as given: the reward models read them
-    if n_eval == 0:
-        common.fail(
-            f"the '{args.eval_split}' split has fewer prompts than the {run.world_size} ranks; pass another "
-            f"--eval-split or raise --eval-prompts"
-        )
     if n_truncated and run.rank == 0:
         cut = "lost their oldest turns" if args.chat_template else "were left-truncated"
         print(f"note: {n_truncated} training prompts {cut} to fit the prompt budget")
@@ -586,104 +641,35 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed + run.rank)
     sampler = torch.Generator().manual_seed(args.seed + run.rank)
     forward_batch_size = args.forward_batch_size or args.mini_batch_size
-    sampling = dict(temperature=args.temperature, repetition_penalty=args.repetition_penalty)
-
-    def score(*rows):
-        """The weighted sum of the rewards of (query_ids, query_mask, response_ids, response_mask, prompts)."""
-        return sum(weight * reward(*rows) for weight, reward in zip(reward_weights, reward_fns))
-
-    def policy_logprobs(*rows):
-        return common.forward_logprobs(policy, *rows, **sampling)
-
-    def ref_logprobs_of(*rows):
-        return common.forward_logprobs(ref_policy, *rows, **sampling)
-
-    def values_of(*rows):
-        return common.forward_values(value_model, *rows)
-
-    def rollout(prompt_rows, prompts) -> Rollout:
-        """Sample, cut at EOS, score, and forward π_old and π_ref over the result. `prompts`: the same prompts as
-        the dataset gave them, for reward models and functions that read text."""
-        query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
-        policy.eval()  # sampling and scoring in eval mode; the update switches to train mode
-        value_model.eval()
-        response_ids = generate(
-            policy,
-            query_ids=query_ids,
-            query_mask=query_mask,
-            generation_config=generation_config,
-            zero3=zero3,
-            repetition_penalty=args.repetition_penalty,
-        )
-        response_ids, response_mask, ended = common.truncate_after_eos(
-            response_ids,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            tokenizer=tokenizer,
-            stop_strings=args.stop_strings,
-        )
-        # Scoring without gradients, --forward-batch-size rows at a time: the rewards, then π_old and π_ref.
-        rows = (query_ids, query_mask, response_ids, response_mask)
-        scores = common.in_chunks(score, (*rows, prompts), forward_batch_size).to(device)
-        with torch.no_grad():
-            old_logprobs = common.in_chunks(policy_logprobs, rows, forward_batch_size)
-            with common.adapter_off(ref_policy):
-                ref_logprobs = common.in_chunks(ref_logprobs_of, rows, forward_batch_size).to(device)
-        batch = common.Batch(query_ids, query_mask, response_ids, response_mask.to(old_logprobs.dtype))
-        return Rollout(
-            batch=batch,
-            scores=scores,
-            ended=ended,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-        )
-
-    # Evaluate: held-out prompts, the same sampling setting, a fixed seed.
-    eval_keys = ["eval/reward", "eval/kl_to_ref", "eval/response_length", "eval/no_eos_fraction", "eval/gold_score"]
-
-    def evaluate(step):
-        """Proxy reward, KL to π_ref, length, fraction without EOS and (built-in task) gold score, held-out; the
-        first --log-samples responses of rank 0 go to log.samples."""
-        rows = []
-        samples = []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(10**6 + run.rank)
-            for i in common.progress(
-                range(0, len(eval_prompts), args.rollout_batch_size), desc="evaluate", enabled=args.progress
-            ):
-                sampled = rollout(
-                    eval_prompts[i : i + args.rollout_batch_size],
-                    eval_texts[i : i + args.rollout_batch_size],
-                )
-                response_mask = sampled.batch.response_mask
-                texts = decode_responses(tokenizer, sampled.batch.response_ids, response_mask)
-                gold = gold_score(texts) if gold_score else [0.0] * len(texts)
-                kl_to_ref = ((sampled.old_logprobs - sampled.ref_logprobs) * response_mask).sum(1)
-                columns = [
-                    sampled.scores.cpu(),
-                    kl_to_ref.cpu(),
-                    response_mask.sum(1).cpu(),
-                    (~sampled.ended).float().cpu(),
-                    torch.tensor(gold),
-                ]
-                rows.append(torch.stack(columns, 1))
-                samples += common.sample_rows(
-                    args.log_samples - len(samples),
-                    prompt=eval_texts[i : i + args.rollout_batch_size],
-                    rendered_prompt=common.rendered_prompts(
-                        tokenizer, sampled.batch.query_ids, sampled.batch.query_mask
-                    ),
-                    response=texts,
-                    score=sampled.scores,
-                    gold_score=gold if gold_score else None,
-                    kl_to_ref=kl_to_ref,
-                )
-        means = torch.cat(rows).mean(0).tolist()
-        metrics = dict(zip(eval_keys, means))
-        if gold_score is None:
-            metrics.pop("eval/gold_score")
-        log.samples(step, samples)
-        return common.mean_across_ranks(metrics)
+    models = Models(
+        policy=policy,
+        ref_policy=ref_policy,
+        value_model=value_model,
+        rewards=reward_fns,
+        reward_weights=reward_weights,
+    )
+    sampling = Sampling(
+        tokenizer=tokenizer,
+        generation_config=generation_config,
+        temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+        stop_strings=args.stop_strings,
+        zero3=zero3,
+        forward_batch_size=forward_batch_size,
+        device=device,
+    )
+    # Evaluate: the held-out prompts, sampled as in training under a fixed seed (common.evaluate_held_out).
+    evaluate = functools.partial(
+        common.evaluate_held_out,
+        sample=functools.partial(rollout, models, sampling),
+        held_out=held_out,
+        tokenizer=tokenizer,
+        gold_score=gold_score,
+        batch_size=args.rollout_batch_size,
+        run=run,
+        args=args,
+        log=log,
+    )
 
     num_iterations = args.total_episodes // per_iteration
     kl_coef = args.init_kl_coef
@@ -715,14 +701,19 @@ if __name__ == "__main__":
         # 1. Roll out π_old on a batch of prompts: sample, cut at EOS, π_old and π_ref log-probs (PPO Algorithm 1).
         t0 = time.time()
         batch_index = torch.randint(len(train_prompts), (args.rollout_batch_size,), generator=sampler)
-        sampled = rollout([train_prompts[i] for i in batch_index], [train_texts[i] for i in batch_index])
+        sampled = rollout(
+            models,
+            sampling,
+            prompt_rows=[train_prompts[i] for i in batch_index],
+            prompts=[train_texts[i] for i in batch_index],
+        )
         batch = sampled.batch
         response_mask = batch.response_mask
         old_logprobs = sampled.old_logprobs
         t_rollout = time.time() - t0
         with torch.no_grad():
             # 2. Values V_old(s_t) of the rollout.
-            old_values = common.in_chunks(values_of, batch, forward_batch_size).to(device)
+            old_values = all_values(value_model, batch, forward_batch_size=forward_batch_size, device=device)
 
             # 3. Score the responses: the reward model's r(x, y); a fixed score for a response without EOS, then
             # scaling by running moments and clipping (PPO-max, Zheng et al. Section 5.3.1).
@@ -845,54 +836,35 @@ if __name__ == "__main__":
                 n_steps=per_iteration,
             )
 
-        # Log: the mean of each step's statistics, and the rollout's over the whole batch of all ranks (equal rows
-        # per rank, so rank means average).
+        # 8. Log: the mean of each step's statistics, and the rollout's over the whole batch of all ranks (equal rows
+        # per rank, so rank means average); an evaluation on the held-out prompts every --eval-every iterations.
         metrics = {key: sum(stats[key] for stats in step_stats) / len(step_stats) for key in step_stats[0]}
+        metrics.update(common.rollout_metrics(sampled, kl, tokenizer=tokenizer, gold_score=gold_score))
         raw_scores = sampled.scores
         ones = torch.ones_like(raw_scores)
         score_mean = masked_mean(raw_scores, ones, across_ranks=True)
         score_std = masked_mean((raw_scores - score_mean) ** 2, ones, across_ranks=True).sqrt()
-        # perplexity of the policy on its own samples: the "pattern collapse" watch of Zheng et al., Section 5.2
-        perplexity = torch.exp(-masked_mean(old_logprobs, response_mask, across_ranks=True))
-        metrics["rollout/score"] = raw_scores.mean().item()
         metrics["rollout/score_std"] = score_std.item()
         metrics["rollout/kl_to_ref"] = kl_per_response
-        for name, per_token in kl.items():  # each estimate summed over a response (0 on padding), mean over responses
-            metrics[f"rollout/kl_{name}"] = per_token.sum(1).mean().item()
         metrics["rollout/kl_coef"] = kl_coef_used
-        metrics["rollout/response_length"] = response_mask.sum(1).mean().item()
-        metrics["rollout/no_eos_fraction"] = (~sampled.ended).float().mean().item()
-        metrics["rollout/perplexity"] = perplexity.item()
         metrics["rollout/advantage_mean"] = masked_mean(advantages, response_mask, across_ranks=True).item()
-        if gold_score:
-            gold_scores = gold_score(decode_responses(tokenizer, batch.response_ids, response_mask))
-            metrics["rollout/gold_score"] = sum(gold_scores) / len(gold_scores)
-        metrics = common.mean_across_ranks(metrics)
-        common.check_finite(metrics, iteration, run.resume_path)  # before evaluating (sampling) from NaN weights
-        n_tokens = metrics["rollout/response_length"] * per_iteration  # all ranks
-        metrics["time/rollout_tokens_per_s"] = n_tokens / t_rollout
-        metrics["time/update_tokens_per_s"] = n_tokens * args.update_epochs / t_update
-        metrics["time/episodes_per_s"] = per_iteration / (time.time() - t0)
-        metrics["time/rollout"] = t_rollout  # seconds: sampling, the rewards, the π_old and π_ref passes
-        metrics["time/update"] = t_update  # seconds: the --update-epochs passes over the rollout
-        if iteration % args.eval_every == 0 or iteration == num_iterations:
-            t_eval = time.time()
-            eval_history.append((iteration, evaluate(iteration)))
-            metrics.update(eval_history[-1][1])
-            metrics["time/eval"] = time.time() - t_eval
-        metrics["time/iteration"] = time.time() - t0  # seconds: the whole iteration, its evaluation included
-        metrics["policy/learning_rate"] = common.current_lr(policy)  # of the next step (--lr-schedule)
-        log(iteration, metrics)
-        if run.rank == 0:
-            gold = f" gold {metrics['rollout/gold_score']:+.3f}" if gold_score else ""
-            print(
-                f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
-                f"kl {metrics['rollout/kl_to_ref']:.2f} β {kl_coef_used:.4f} len "
-                f"{metrics['rollout/response_length']:.1f} tokens/s {metrics['time/rollout_tokens_per_s']:.0f} "
-                f"(rollout) {metrics['time/update_tokens_per_s']:.0f} (update) "
-                f"episodes/s {metrics['time/episodes_per_s']:.3g}, {metrics['time/iteration']:.2f} s/iter",
-                flush=True,
-            )
+        common.log_iteration(
+            metrics,
+            iteration=iteration,
+            num_iterations=num_iterations,
+            per_iteration=per_iteration,
+            update_epochs=args.update_epochs,
+            times=common.IterationTimes(start=t0, rollout=t_rollout, update=t_update),
+            evaluate=evaluate,
+            eval_history=eval_history,
+            policy=policy,
+            run=run,
+            args=args,
+            log=log,
+            shown=f" β {kl_coef_used:.4f}",
+        )
+
+        # 9. A resumable checkpoint every --save-every iterations, or now if the run was signalled.
         state = dict(
             step=iteration,
             kl_coef=kl_coef,

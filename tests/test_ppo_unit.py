@@ -219,7 +219,7 @@ def test_update_kl_coef_direction_and_compounding():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Reward read-out (common.load_reward) and decoding (ppo.decode_responses)
+# Reward read-out (common.load_reward) and decoding (common.decode_responses)
 # ------------------------------------------------------------------------------------------------------------
 WORDS = ["the", "movie", "was", "great", "awful", "and", "i", "loved", "it"]
 
@@ -365,9 +365,11 @@ def test_reward_function_gets_decoded_prompts_and_responses(tmp_path, monkeypatc
 
 
 def test_decode_responses_keeps_eos_and_drops_padding():
+    import common
+
     tok = word_tokenizer(WORDS)
     _, _, batch = policy_batch(tok)
-    assert ppo.decode_responses(tok, batch.response_ids, batch.response_mask) == [
+    assert common.decode_responses(tok, batch.response_ids, batch.response_mask) == [
         "was great <eos>",
         "it",
         "awful <eos>",
