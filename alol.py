@@ -79,119 +79,11 @@ from common import Batch
 CACHE_VERSION = 4  # raise when what the cache holds, or how it is computed, changes
 
 
-@dataclass
-class Args(common.RunArgs):
-    # Algorithm
-    algorithm: str = "a_lol"
-    """the loss: nll, wbc (weighted BC), r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl"""
-    cliprange: float = 0.9
-    """ε: importance weights are clamped to [1 − ε, 1 + ε] (released ppo_clip 0.9)"""
-    kl_coef: float = 0.001
-    """β of a_lol_kl: S·A⁺ + β·(log π_θ − log π_ref); keep it below the typical A⁺, or rows are unlearned"""
-    sampling: Literal["good_priority", "uniform"] | None = None
-    """row sampling: i.i.d. ∝ max(A, 0) (∝ R for wbc, r_gold, r_lol) or uniform; default good_priority, nll uniform"""
-    total_steps: int = 300
-    """optimisation steps before good_priority scales them by the fraction of rows with positive weight"""
-    scale_steps: bool = True
-    """good_priority: scale --total-steps by the fraction of rows with positive weight (as released); off: exactly
-    --total-steps, for comparisons at an equal number of steps"""
-    max_grad_norm: float = 0.3
-    """global gradient-norm clip (released: 0.3)"""
-    adam_eps: float = 1e-8
-    """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL HH: 1e-6)"""
-    reward_transform: Literal["sigmoid", "none"] = "sigmoid"
-    """applied to each raw score (data, π_ref's responses for V_ref, evaluation): sigmoid(logit), as in A-LoL HH"""
-    value_prompts: int = 512
-    """number of prompts for fitting V_ref; the last 10% are held out to choose the epoch"""
-    value_epochs: int = 8
-    """epochs of V_ref fitting; the one with the lowest held-out MSE is kept"""
-    value_learning_rate: float = 1e-3
-    """V_ref head learning rate (AdamW)"""
-    value_batch_size: int = 32
-    """prompts per V_ref step"""
-
-    # Models and data
-    model_name_or_path: str = "builtin"
-    """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
-    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """scorer of each reward field (one, or one per field): a 1-output classifier, module:function, URL or `gold`"""
-    offline_dataset: str = "builtin"
-    """training rows {prompt, response, reward columns} or preference rows {prompt, chosen, ...}: hub, path, builtin"""
-    offline_split: str = "train"
-    """the split of --offline-dataset trained on"""
-    reward_fields: list[str] = field(default_factory=lambda: ["reward"])
-    """columns summed into R; a column the rows lack is scored by its --reward-model (preference rows: the chosen)"""
-    reward_weights: list[float] = field(default_factory=list)
-    """weight of each reward field in R = Σ w_i · transform(r_i) (empty = all 1)"""
-    dataset: str = "builtin"
-    """prompts for fitting V_ref and for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
-    value_split: str = "test"
-    """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
-    evaluated, are left out"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (V_ref, advantages, evaluation)"""
-    cache_dir: str | None = None
-    """where V_ref and the advantages (of every row: priority sampling weighs them all) are cached, and π_ref's
-    log-probs of the rows drawn, per row (default $ONEFILE_RLHF_CACHE/alol or ~/.cache/onefile-rlhf/alol)"""
-    no_cache: bool = False
-    """recompute V_ref, the advantages and π_ref's log-probs of the rows drawn even when cached (and overwrite them)"""
-
-    # Devices and precision
-    lora_r: int = 0
-    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train).
-    π_ref is then the policy with its adapter switched off: no second copy of the model"""
-    ref_device: str = "policy"
-    """where π_ref lives while V_ref and advantages are computed: `policy` (sharded with ZeRO-3), `cpu` or `cuda:N`"""
-
-    # Logging and checkpoints
-    exp_name: str = "alol"
-    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
-    seed: int = 1
-    """seed of the experiment (V_ref is fitted under this seed on every rank; rank r draws batches with seed + r)"""
-    eval_every: int = 100
-    """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
-
-
-# The paper's HH setting (A-LoL paper, HH experiments; released lolrl_qlora_llama_hh.py at commit 9f8d816): 16
-# sequences a step (4 × 4 accumulation steps, L55-L56), 9000 steps (L76), lr 2e-4 (L49) constant (L52, L636:
-# transformers' get_scheduler("constant") takes no warm-up), bitsandbytes' paged AdamW (L44, L632-L634) with betas
-# (0.9, 0.999) and ε 1e-6 (L45-L47) and its own weight decay 0.01 (the script's weight_decay, L48, never reaches the
-# optimiser; see dpo.py's HH preset for the library lines), gradient clip 0.3 (L50), prompts cut to 768 − 128 tokens
-# (L70, L218), greedy evaluation on 280 test prompts, R = sigmoid(OpenAssistant RM logit). The released run goes on
-# training the SFT adapter it loads (timdettmers/qlora-hh-rlhf-7b on 4-bit LLaMA-7B, L42, L411); its lora_r /
-# lora_alpha / lora_dropout fields (L65-L67) are never read. Here a fresh adapter (r 64, α 16, dropout 0.05: the
-# values of those unread fields, every linear layer) on Dahoas' Pythia SFT policies, 16-bit base weights (add
-# --load-in-4bit on a GPU for QLoRA). Devices (--reward-device) are chosen by launch.sh.
-# https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py
-HH = dict(
-    offline_dataset="Anthropic/hh-rlhf",  # HH transcripts; the RM scores their chosen replies
-    dataset="Anthropic/hh-rlhf",
-    eval_split="test",
-    eval_prompts=280,
-    max_prompt_length=640,  # released: 768 − 128
-    max_new_tokens=128,
-    stop_strings=["Human:", "Assistant:"],
-    bf16=True,
-    lora_r=64,
-    lora_alpha=16.0,
-    lora_dropout=0.05,
-    lora_target_modules=["all-linear"],
-    reward_model=["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"],  # the A-LoL paper's train / validation RM
-    reward_transform="sigmoid",
-    mini_batch_size=16,
-    total_steps=9000,
-    learning_rate=2e-4,
-    adam_betas=(0.9, 0.999),
-    adam_eps=1e-6,
-    weight_decay=0.01,
-    max_grad_norm=0.3,
-)
-PRESETS = {
-    f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
-    for size, name in [("125m", "125M"), ("1b", "1B"), ("6b", "6B")]
-}
-
+# The math: A-LoL's eight losses, priority sampling, the value head V_πref and its fit;
+# functions of tensors, each unit-tested.
 ALGORITHMS = ("nll", "wbc", "r_gold", "r_lol", "a_lol", "a_lol_ref_free", "a_lol_seq", "a_lol_kl")
+
+
 REWARD_WEIGHTED = ("wbc", "r_gold", "r_lol")  # weighted (and priority-sampled) by R rather than by A_πref
 
 
@@ -316,6 +208,120 @@ def fit_value_head(
             best = copy.deepcopy(head.state_dict())
     head.load_state_dict(best)
     return head.eval().requires_grad_(False), history
+
+
+# The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
+@dataclass
+class Args(common.RunArgs):
+    # Algorithm
+    algorithm: str = "a_lol"
+    """the loss: nll, wbc (weighted BC), r_gold, r_lol, a_lol, a_lol_ref_free, a_lol_seq, a_lol_kl"""
+    cliprange: float = 0.9
+    """ε: importance weights are clamped to [1 − ε, 1 + ε] (released ppo_clip 0.9)"""
+    kl_coef: float = 0.001
+    """β of a_lol_kl: S·A⁺ + β·(log π_θ − log π_ref); keep it below the typical A⁺, or rows are unlearned"""
+    sampling: Literal["good_priority", "uniform"] | None = None
+    """row sampling: i.i.d. ∝ max(A, 0) (∝ R for wbc, r_gold, r_lol) or uniform; default good_priority, nll uniform"""
+    total_steps: int = 300
+    """optimisation steps before good_priority scales them by the fraction of rows with positive weight"""
+    scale_steps: bool = True
+    """good_priority: scale --total-steps by the fraction of rows with positive weight (as released); off: exactly
+    --total-steps, for comparisons at an equal number of steps"""
+    max_grad_norm: float = 0.3
+    """global gradient-norm clip (released: 0.3)"""
+    adam_eps: float = 1e-8
+    """AdamW's ε, added to √v̂ in the update's denominator (released A-LoL HH: 1e-6)"""
+    reward_transform: Literal["sigmoid", "none"] = "sigmoid"
+    """applied to each raw score (data, π_ref's responses for V_ref, evaluation): sigmoid(logit), as in A-LoL HH"""
+    value_prompts: int = 512
+    """number of prompts for fitting V_ref; the last 10% are held out to choose the epoch"""
+    value_epochs: int = 8
+    """epochs of V_ref fitting; the one with the lowest held-out MSE is kept"""
+    value_learning_rate: float = 1e-3
+    """V_ref head learning rate (AdamW)"""
+    value_batch_size: int = 32
+    """prompts per V_ref step"""
+
+    # Models and data
+    model_name_or_path: str = "builtin"
+    """the starting policy, which is also the frozen π_ref: a hub name, a local folder, or `builtin`"""
+    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
+    """scorer of each reward field (one, or one per field): a 1-output classifier, module:function, URL or `gold`"""
+    offline_dataset: str = "builtin"
+    """training rows {prompt, response, reward columns} or preference rows {prompt, chosen, ...}: hub, path, builtin"""
+    offline_split: str = "train"
+    """the split of --offline-dataset trained on"""
+    reward_fields: list[str] = field(default_factory=lambda: ["reward"])
+    """columns summed into R; a column the rows lack is scored by its --reward-model (preference rows: the chosen)"""
+    reward_weights: list[float] = field(default_factory=list)
+    """weight of each reward field in R = Σ w_i · transform(r_i) (empty = all 1)"""
+    dataset: str = "builtin"
+    """prompts for fitting V_ref and for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
+    value_split: str = "test"
+    """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
+    evaluated, are left out"""
+    forward_batch_size: int = 64
+    """rows per forward pass / generate call outside training (V_ref, advantages, evaluation)"""
+    cache_dir: str | None = None
+    """where V_ref and the advantages (of every row: priority sampling weighs them all) are cached, and π_ref's
+    log-probs of the rows drawn, per row (default $ONEFILE_RLHF_CACHE/alol or ~/.cache/onefile-rlhf/alol)"""
+    no_cache: bool = False
+    """recompute V_ref, the advantages and π_ref's log-probs of the rows drawn even when cached (and overwrite them)"""
+
+    # Devices and precision
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the policy's weights (0: no adapter, the weights train).
+    π_ref is then the policy with its adapter switched off: no second copy of the model"""
+    ref_device: str = "policy"
+    """where π_ref lives while V_ref and advantages are computed: `policy` (sharded with ZeRO-3), `cpu` or `cuda:N`"""
+
+    # Logging and checkpoints
+    exp_name: str = "alol"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (V_ref is fitted under this seed on every rank; rank r draws batches with seed + r)"""
+    eval_every: int = 100
+    """evaluate on held-out prompts (and print a progress line) every this many steps, and before and after"""
+
+
+# The paper's HH setting (A-LoL paper, HH experiments; released lolrl_qlora_llama_hh.py at commit 9f8d816): 16
+# sequences a step (4 × 4 accumulation steps, L55-L56), 9000 steps (L76), lr 2e-4 (L49) constant (L52, L636:
+# transformers' get_scheduler("constant") takes no warm-up), bitsandbytes' paged AdamW (L44, L632-L634) with betas
+# (0.9, 0.999) and ε 1e-6 (L45-L47) and its own weight decay 0.01 (the script's weight_decay, L48, never reaches the
+# optimiser; see dpo.py's HH preset for the library lines), gradient clip 0.3 (L50), prompts cut to 768 − 128 tokens
+# (L70, L218), greedy evaluation on 280 test prompts, R = sigmoid(OpenAssistant RM logit). The released run goes on
+# training the SFT adapter it loads (timdettmers/qlora-hh-rlhf-7b on 4-bit LLaMA-7B, L42, L411); its lora_r /
+# lora_alpha / lora_dropout fields (L65-L67) are never read. Here a fresh adapter (r 64, α 16, dropout 0.05: the
+# values of those unread fields, every linear layer) on Dahoas' Pythia SFT policies, 16-bit base weights (add
+# --load-in-4bit on a GPU for QLoRA). Devices (--reward-device) are chosen by launch.sh.
+# https://github.com/abaheti95/LoL-RL/blob/9f8d81660bfa0bad17ae5d7835185987f028812e/lolrl_qlora_llama_hh.py
+HH = dict(
+    offline_dataset="Anthropic/hh-rlhf",  # HH transcripts; the RM scores their chosen replies
+    dataset="Anthropic/hh-rlhf",
+    eval_split="test",
+    eval_prompts=280,
+    max_prompt_length=640,  # released: 768 − 128
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    bf16=True,
+    lora_r=64,
+    lora_alpha=16.0,
+    lora_dropout=0.05,
+    lora_target_modules=["all-linear"],
+    reward_model=["OpenAssistant/oasst-rm-2.1-pythia-1.4b-epoch-2.5"],  # the A-LoL paper's train / validation RM
+    reward_transform="sigmoid",
+    mini_batch_size=16,
+    total_steps=9000,
+    learning_rate=2e-4,
+    adam_betas=(0.9, 0.999),
+    adam_eps=1e-6,
+    weight_decay=0.01,
+    max_grad_norm=0.3,
+)
+PRESETS = {
+    f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
+    for size, name in [("125m", "125M"), ("1b", "1B"), ("6b", "6B")]
+}
 
 
 class Prompts(NamedTuple):

@@ -80,6 +80,79 @@ import common
 from common import masked_mean, whiten_masked
 
 
+# The math: APA's loss, GAE, the value loss, the KL estimates, the running score moments;
+# functions of tensors, each unit-tested.
+def compute_gae(*, rewards, values, response_mask, gamma, gae_lambda):
+    """Advantages and returns by GAE, for [batch, response_len] tensors (PPO eq. (11) and (12), the truncated form of
+    the GAE paper's GAE(γ, λ)); V after the last response token is 0. Returns (advantages, returns), both 0 on
+    padding; returns = A + V (before any whitening of A)."""
+    rewards = rewards * response_mask
+    values = values * response_mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # PPO eq. (12): δ_t = r_t + γV(s_{t+1}) − V(s_t)
+        last_gae = delta + gamma * gae_lambda * last_gae  # PPO eq. (11), as a recursion: Â_t = δ_t + γλÂ_{t+1}
+        advantages[:, t] = last_gae
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
+
+
+def apa_loss(*, logprobs, ref_logprobs, advantages, response_mask, lam):
+    """The APA loss L^APA: masked mean over response tokens of (log π_θ − A/λ − log π_init)², anchored to
+    π_init = π_ref, not to π_old. All tensors [batch, response_len]; `logprobs` carries the gradient."""
+    return masked_mean((logprobs - ref_logprobs - advantages / lam) ** 2, response_mask)  # the APA paper's loss L^APA
+
+
+def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
+    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' KL), k2 = ½ r² (biased, low variance),
+    k3 = (e^r − 1) − r (unbiased, never negative). Logged only. All tensors [batch, response_len]; 0 on padding."""
+    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+def value_loss(values, returns, response_mask):
+    """½ · masked mean of (V − R)², unclipped (the released APA code's value loss)."""
+    return 0.5 * masked_mean((values - returns) ** 2, response_mask)
+
+
+# Helpers
+class RunningMoments:
+    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
+    scaling."""
+
+    def __init__(self):
+        self.mean = 0.0
+        self.var = 1.0
+        self.count = 1e-8
+
+    def update(self, x: torch.Tensor):
+        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
+        stats = torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
+        n = stats[2].item()
+        mean = stats[0].item() / n
+        var = max(stats[1].item() / n - mean**2, 0.0)
+        delta = mean - self.mean
+        total = self.count + n
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.mean = self.mean + delta * n / total
+        self.count = total
+
+    @property
+    def std(self):
+        return math.sqrt(self.var)
+
+
+# The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
 @dataclass
 class Args(common.RunArgs):
     # Algorithm
@@ -224,77 +297,6 @@ PRESETS = {
     "tldr": TLDR,
     **{f"offline-hh-{size}": {**HH, **hh_model(size), **OFFLINE_HH} for size in HH_SIZES},
 }
-
-
-# ALGO LOGIC: advantages and losses
-def compute_gae(*, rewards, values, response_mask, gamma, gae_lambda):
-    """Advantages and returns by GAE, for [batch, response_len] tensors (PPO eq. (11) and (12), the truncated form of
-    the GAE paper's GAE(γ, λ)); V after the last response token is 0. Returns (advantages, returns), both 0 on
-    padding; returns = A + V (before any whitening of A)."""
-    rewards = rewards * response_mask
-    values = values * response_mask
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # PPO eq. (12): δ_t = r_t + γV(s_{t+1}) − V(s_t)
-        last_gae = delta + gamma * gae_lambda * last_gae  # PPO eq. (11), as a recursion: Â_t = δ_t + γλÂ_{t+1}
-        advantages[:, t] = last_gae
-    advantages = advantages * response_mask
-    return advantages, (advantages + values) * response_mask
-
-
-def apa_loss(*, logprobs, ref_logprobs, advantages, response_mask, lam):
-    """The APA loss L^APA: masked mean over response tokens of (log π_θ − A/λ − log π_init)², anchored to
-    π_init = π_ref, not to π_old. All tensors [batch, response_len]; `logprobs` carries the gradient."""
-    return masked_mean((logprobs - ref_logprobs - advantages / lam) ** 2, response_mask)  # the APA paper's loss L^APA
-
-
-def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
-    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
-    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' KL), k2 = ½ r² (biased, low variance),
-    k3 = (e^r − 1) − r (unbiased, never negative). Logged only. All tensors [batch, response_len]; 0 on padding."""
-    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
-    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
-
-
-def value_loss(values, returns, response_mask):
-    """½ · masked mean of (V − R)², unclipped (the released APA code's value loss)."""
-    return 0.5 * masked_mean((values - returns) ** 2, response_mask)
-
-
-# Helpers
-class RunningMoments:
-    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
-    scaling."""
-
-    def __init__(self):
-        self.mean = 0.0
-        self.var = 1.0
-        self.count = 1e-8
-
-    def update(self, x: torch.Tensor):
-        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
-        stats = torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
-        common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
-        n = stats[2].item()
-        mean = stats[0].item() / n
-        var = max(stats[1].item() / n - mean**2, 0.0)
-        delta = mean - self.mean
-        total = self.count + n
-        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
-        self.mean = self.mean + delta * n / total
-        self.count = total
-
-    @property
-    def std(self):
-        return math.sqrt(self.var)
 
 
 @torch.no_grad()

@@ -83,6 +83,144 @@ import common
 from common import masked_mean, whiten_masked
 
 
+# The math: PPO's clipped losses, GAE, the KL estimates and controller, the running score moments;
+# functions of tensors, each unit-tested.
+def compute_gae(*, rewards, values, response_mask, gamma, gae_lambda):
+    """Advantages and returns by GAE, for [batch, response_len] tensors (PPO eq. (11) and (12), the truncated form of
+    the GAE paper's GAE(γ, λ)); V after the last response token is 0. Returns (advantages, returns), both 0 on
+    padding; returns = A + V (before any whitening of A)."""
+    rewards = rewards * response_mask
+    values = values * response_mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # PPO eq. (12): δ_t = r_t + γV(s_{t+1}) − V(s_t)
+        last_gae = delta + gamma * gae_lambda * last_gae  # PPO eq. (11), as a recursion: Â_t = δ_t + γλÂ_{t+1}
+        advantages[:, t] = last_gae
+    advantages = advantages * response_mask
+    return advantages, (advantages + values) * response_mask
+
+
+def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
+    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
+    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' penalty), k2 = ½ r² (biased, low
+    variance), k3 = (e^r − 1) − r (unbiased, never negative). All tensors [batch, response_len]; 0 on padding."""
+    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
+
+
+class PPOLoss(NamedTuple):
+    """The terms of the PPO loss of one mini-batch. `loss`, `policy_loss` and `value_loss` carry gradients (the
+    policy and the value model each run their own backward pass); the statistics do not."""
+
+    loss: torch.Tensor  # policy_loss + vf_coef · value_loss
+    policy_loss: torch.Tensor  # −L^CLIP, plus kl_coef · kl_loss when the KL is in the loss
+    value_loss: torch.Tensor  # the clipped value loss
+    approx_kl: torch.Tensor  # E_t[(ρ_t − 1) − log ρ_t], an estimate of KL(π_old ‖ π_θ)
+    clipfrac: torch.Tensor  # fraction of tokens where the policy clip binds
+    value_clipfrac: torch.Tensor  # fraction of tokens where the value clip binds
+    kl_loss: torch.Tensor | None = None  # masked mean of the KL estimate between π_θ and π_ref (with --kl-in-loss)
+
+
+def ppo_loss(
+    *,
+    logprobs,
+    old_logprobs,
+    values,
+    old_values,
+    advantages,
+    returns,
+    response_mask,
+    cliprange,
+    cliprange_value,
+    vf_coef,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+) -> PPOLoss:
+    """The clipped surrogate objective (PPO eq. (7)) as a loss, and the clipped value loss of the released code
+    (trlX's modeling_ppo.py; the PPO paper has no value clipping). All tensors [batch, response_len];
+    `response_mask` 1 on response tokens; advantages already whitened. Means are over response tokens. With
+    `ref_logprobs` (--kl-in-loss, as GRPO), the policy loss adds kl_coef · the masked mean of `kl_estimator`
+    between the current π_θ (`logprobs`, with its gradient) and π_ref."""
+    ratio = torch.exp(logprobs - old_logprobs)  # ρ_t = π_θ / π_old
+    policy_losses = -advantages * ratio
+    policy_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    policy_loss = masked_mean(torch.max(policy_losses, policy_losses_clipped), response_mask)  # PPO eq. (7)
+    kl_loss = None
+    if ref_logprobs is not None:  # the KL penalty in the loss instead of the reward
+        kl_per_token = kl_estimate(
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            response_mask=response_mask,
+            estimator=kl_estimator,
+        )
+        kl_loss = masked_mean(kl_per_token, response_mask)
+        policy_loss = policy_loss + kl_coef * kl_loss
+
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    value_losses = (values - returns) ** 2
+    value_losses_clipped = (values_clipped - returns) ** 2
+    value_loss = 0.5 * masked_mean(torch.max(value_losses, value_losses_clipped), response_mask)
+
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        approx_kl = masked_mean(ratio - 1 - log_ratio, response_mask)
+        clipfrac = masked_mean((policy_losses_clipped > policy_losses).float(), response_mask)
+        value_clipfrac = masked_mean((value_losses_clipped > value_losses).float(), response_mask)
+    return PPOLoss(
+        loss=policy_loss + vf_coef * value_loss,
+        policy_loss=policy_loss,
+        value_loss=value_loss,
+        approx_kl=approx_kl,
+        clipfrac=clipfrac,
+        value_clipfrac=value_clipfrac,
+        kl_loss=kl_loss,
+    )
+
+
+def update_kl_coef(*, kl_coef, current_kl, target_kl, horizon, n_steps):
+    """The adaptive KL controller (Ziegler et al. 2019, Section 2.2): e = clip(KL / target − 1, ±0.2),
+    β ← β(1 + e · n_steps / horizon)."""
+    error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)  # Ziegler Section 2.2: β_{t+1} = β_t (1 + K_β e_t)
+
+
+class RunningMoments:
+    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
+    scaling (PPO-max, Zheng et al. Section 5.3.1)."""
+
+    def __init__(self):
+        self.mean = 0.0
+        self.var = 1.0
+        self.count = 1e-8
+
+    def update(self, x: torch.Tensor):
+        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
+        stats = torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
+        common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
+        n = stats[2].item()
+        mean = stats[0].item() / n
+        var = max(stats[1].item() / n - mean**2, 0.0)
+        delta = mean - self.mean
+        total = self.count + n
+        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
+        self.mean = self.mean + delta * n / total
+        self.count = total
+
+    @property
+    def std(self):
+        return math.sqrt(self.var)
+
+
+# The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
 @dataclass
 class Args(common.RunArgs):
     # Algorithm
@@ -275,141 +413,6 @@ PRESETS = {
 }
 
 
-def compute_gae(*, rewards, values, response_mask, gamma, gae_lambda):
-    """Advantages and returns by GAE, for [batch, response_len] tensors (PPO eq. (11) and (12), the truncated form of
-    the GAE paper's GAE(γ, λ)); V after the last response token is 0. Returns (advantages, returns), both 0 on
-    padding; returns = A + V (before any whitening of A)."""
-    rewards = rewards * response_mask
-    values = values * response_mask
-    advantages = torch.zeros_like(rewards)
-    last_gae = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last_gae)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]  # PPO eq. (12): δ_t = r_t + γV(s_{t+1}) − V(s_t)
-        last_gae = delta + gamma * gae_lambda * last_gae  # PPO eq. (11), as a recursion: Â_t = δ_t + γλÂ_{t+1}
-        advantages[:, t] = last_gae
-    advantages = advantages * response_mask
-    return advantages, (advantages + values) * response_mask
-
-
-def kl_estimate(*, logprobs, ref_logprobs, response_mask, estimator):
-    """Per-token estimate of KL(π ‖ π_ref) from the log-probs of the sampled tokens (Schulman, "Approximating KL
-    Divergence"), with r = log π_ref − log π: k1 = −r (unbiased, the papers' penalty), k2 = ½ r² (biased, low
-    variance), k3 = (e^r − 1) − r (unbiased, never negative). All tensors [batch, response_len]; 0 on padding."""
-    log_ratio = (ref_logprobs - logprobs) * response_mask  # r, 0 on padding, where every estimate is then 0
-    if estimator == "k1":
-        return -log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        return torch.expm1(log_ratio) - log_ratio  # expm1: e^r − 1 without cancellation for small r
-    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
-
-
-class PPOLoss(NamedTuple):
-    """The terms of the PPO loss of one mini-batch. `loss`, `policy_loss` and `value_loss` carry gradients (the
-    policy and the value model each run their own backward pass); the statistics do not."""
-
-    loss: torch.Tensor  # policy_loss + vf_coef · value_loss
-    policy_loss: torch.Tensor  # −L^CLIP, plus kl_coef · kl_loss when the KL is in the loss
-    value_loss: torch.Tensor  # the clipped value loss
-    approx_kl: torch.Tensor  # E_t[(ρ_t − 1) − log ρ_t], an estimate of KL(π_old ‖ π_θ)
-    clipfrac: torch.Tensor  # fraction of tokens where the policy clip binds
-    value_clipfrac: torch.Tensor  # fraction of tokens where the value clip binds
-    kl_loss: torch.Tensor | None = None  # masked mean of the KL estimate between π_θ and π_ref (with --kl-in-loss)
-
-
-def ppo_loss(
-    *,
-    logprobs,
-    old_logprobs,
-    values,
-    old_values,
-    advantages,
-    returns,
-    response_mask,
-    cliprange,
-    cliprange_value,
-    vf_coef,
-    ref_logprobs=None,
-    kl_coef=0.0,
-    kl_estimator="k3",
-) -> PPOLoss:
-    """The clipped surrogate objective (PPO eq. (7)) as a loss, and the clipped value loss of the released code
-    (trlX's modeling_ppo.py; the PPO paper has no value clipping). All tensors [batch, response_len];
-    `response_mask` 1 on response tokens; advantages already whitened. Means are over response tokens. With
-    `ref_logprobs` (--kl-in-loss, as GRPO), the policy loss adds kl_coef · the masked mean of `kl_estimator`
-    between the current π_θ (`logprobs`, with its gradient) and π_ref."""
-    ratio = torch.exp(logprobs - old_logprobs)  # ρ_t = π_θ / π_old
-    policy_losses = -advantages * ratio
-    policy_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    policy_loss = masked_mean(torch.max(policy_losses, policy_losses_clipped), response_mask)  # PPO eq. (7)
-    kl_loss = None
-    if ref_logprobs is not None:  # the KL penalty in the loss instead of the reward
-        kl_per_token = kl_estimate(
-            logprobs=logprobs,
-            ref_logprobs=ref_logprobs,
-            response_mask=response_mask,
-            estimator=kl_estimator,
-        )
-        kl_loss = masked_mean(kl_per_token, response_mask)
-        policy_loss = policy_loss + kl_coef * kl_loss
-
-    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    value_losses = (values - returns) ** 2
-    value_losses_clipped = (values_clipped - returns) ** 2
-    value_loss = 0.5 * masked_mean(torch.max(value_losses, value_losses_clipped), response_mask)
-
-    with torch.no_grad():
-        log_ratio = logprobs - old_logprobs
-        approx_kl = masked_mean(ratio - 1 - log_ratio, response_mask)
-        clipfrac = masked_mean((policy_losses_clipped > policy_losses).float(), response_mask)
-        value_clipfrac = masked_mean((value_losses_clipped > value_losses).float(), response_mask)
-    return PPOLoss(
-        loss=policy_loss + vf_coef * value_loss,
-        policy_loss=policy_loss,
-        value_loss=value_loss,
-        approx_kl=approx_kl,
-        clipfrac=clipfrac,
-        value_clipfrac=value_clipfrac,
-        kl_loss=kl_loss,
-    )
-
-
-def update_kl_coef(*, kl_coef, current_kl, target_kl, horizon, n_steps):
-    """The adaptive KL controller (Ziegler et al. 2019, Section 2.2): e = clip(KL / target − 1, ±0.2),
-    β ← β(1 + e · n_steps / horizon)."""
-    error = min(max(current_kl / target_kl - 1.0, -0.2), 0.2)
-    return kl_coef * (1.0 + error * n_steps / horizon)  # Ziegler Section 2.2: β_{t+1} = β_t (1 + K_β e_t)
-
-
-class RunningMoments:
-    """Running mean / std of every score seen so far on all ranks (Chan et al.'s parallel update), for reward
-    scaling (PPO-max, Zheng et al. Section 5.3.1)."""
-
-    def __init__(self):
-        self.mean = 0.0
-        self.var = 1.0
-        self.count = 1e-8
-
-    def update(self, x: torch.Tensor):
-        x = x.detach().double().cpu()  # float64 before the sums: E[x²] − E[x]² cancels badly in float32
-        stats = torch.stack([x.sum(), (x**2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64)])
-        common.all_reduce_cpu(stats)  # over all ranks (through the GPU under NCCL)
-        n = stats[2].item()
-        mean = stats[0].item() / n
-        var = max(stats[1].item() / n - mean**2, 0.0)
-        delta = mean - self.mean
-        total = self.count + n
-        self.var = (self.var * self.count + var * n + delta**2 * self.count * n / total) / total
-        self.mean = self.mean + delta * n / total
-        self.count = total
-
-    @property
-    def std(self):
-        return math.sqrt(self.var)
-
-
 @torch.no_grad()
 def generate(policy, *, query_ids, query_mask, generation_config, zero3, repetition_penalty=1.0):
     """Sample responses with the KV cache. Under ZeRO-3 the policy's shards are gathered once for the whole
@@ -453,7 +456,7 @@ class Sampling(NamedTuple):
     device: torch.device
 
 
-def score(models: Models, *rows):
+def score_rows(models: Models, *rows):
     """The weighted sum of the rewards of rows (query_ids, query_mask, response_ids, response_mask, prompts)."""
     return sum(weight * reward(*rows) for weight, reward in zip(models.reward_weights, models.rewards))
 
@@ -485,7 +488,7 @@ def rollout(models: Models, sampling: Sampling, prompt_rows, prompts) -> common.
     # Scoring without gradients, --forward-batch-size rows at a time: the rewards, then π_old and π_ref.
     rows = (query_ids, query_mask, response_ids, response_mask)
     chunk = sampling.forward_batch_size
-    scores = common.in_chunks(functools.partial(score, models), (*rows, prompts), chunk).to(device)
+    scores = common.in_chunks(functools.partial(score_rows, models), (*rows, prompts), chunk).to(device)
     penalties = dict(temperature=sampling.temperature, repetition_penalty=sampling.repetition_penalty)
     old_logprobs_of = functools.partial(common.forward_logprobs, models.policy, **penalties)
     ref_logprobs_of = functools.partial(common.forward_logprobs, models.ref_policy, **penalties)
