@@ -662,6 +662,7 @@ if __name__ == "__main__":
     eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
 
+    # Evaluate: the held-out prompts decoded over the β sweep, a line of it on rank 0; --eval-only stops after one
     eval_data = EvalData(
         prompts=eval_prompts,
         texts=eval_texts,
