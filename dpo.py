@@ -50,6 +50,7 @@ As in the released code (same commit):
     python dpo.py --preset hh-1b                               # the A-LoL paper's DPO HH setting on Pythia 1B (GPUs)
 """
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -303,6 +304,150 @@ def token_lists(ids, mask):
     return [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
 
 
+def chunks(size: int, *tensors):
+    """`size` rows of each of `tensors` at a time, as a list (a progress bar reads its length)."""
+    return [[t[i : i + size] for t in tensors] for i in range(0, len(tensors[0]), size)]
+
+
+def pair_logps(model, rows: Batch, idx: torch.Tensor, device):
+    """log π(y_w|x) and log π(y_l|x) of the pairs `idx` in one forward pass, ([len(idx)], [len(idx)]). `rows` holds
+    every pair as two rows: chosen (rows 0..n-1), then rejected (rows n..2n-1)."""
+    n_pairs = len(rows.query_ids) // 2
+    batch = to_device(trim(rows.rows(torch.cat([idx, idx + n_pairs]))), device)
+    logps = sequence_logps(common.forward_logprobs(model, *batch), batch.response_mask)
+    return logps[: len(idx)], logps[len(idx) :]
+
+
+@torch.no_grad()
+def compute_ref_logps(positions, *, used, rows: Batch, policy, args: Args, place: common.Placement, run: common.Run):
+    """π_ref's sequence log-probs of the pairs `used[positions]`: {"ref_chosen_logps": [n], "ref_rejected_logps":
+    [n]}. π_ref is loaded here only (a cache hit needs no π_ref) and freed on return: with LoRA it is `policy`, read
+    with its adapter off (the caller's common.adapter_off); else a frozen copy of --model-name-or-path on
+    --ref-device, placed as the policy was (`place`)."""
+    if run.rank == 0:
+        print(f"π_ref's log-probs of {len(positions)} pairs ({len(used) - len(positions)} from the cache)", flush=True)
+    if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
+        ref_policy = policy
+    else:
+        ref_model = place.load(args.model_name_or_path, kind="causal", flag="--model-name-or-path", at=args.ref_device)
+        ref_policy = place.frozen(ref_model, at=args.ref_device)
+    ref_chosen = []
+    ref_rejected = []
+    for (idx,) in common.progress(
+        chunks(args.forward_batch_size, used[positions]), desc="π_ref log-probs", enabled=args.progress
+    ):
+        chosen_logps, rejected_logps = pair_logps(ref_policy, rows, idx, run.device)
+        ref_chosen.append(chosen_logps.float().cpu())
+        ref_rejected.append(rejected_logps.float().cpu())
+    return {"ref_chosen_logps": torch.cat(ref_chosen), "ref_rejected_logps": torch.cat(ref_rejected)}
+
+
+class ProxyReward(NamedTuple):
+    """The evaluation's proxy reward Σ_i w_i · transform(r_i), r_i from the i-th --reward-model."""
+
+    names: list  # --reward-model: `gold` is the built-in task's gold score
+    weights: list  # w_i, one per name
+    scorers: dict  # a model or module:function per distinct name but `gold`
+    transform: str  # "sigmoid": sigmoid(r_i), as in A-LoL HH; "none": r_i
+
+
+def score(reward: ProxyReward, tokenizer, batch: Batch, prompts) -> torch.Tensor:
+    """The proxy reward of each row, [n]: each scorer reads the token ids and the `prompts` as the dataset gave
+    them."""
+    total = torch.zeros(len(batch.query_ids))
+    for weight, name in zip(reward.weights, reward.names):
+        if name == "gold":
+            texts = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+            raw = torch.tensor(common.builtin_gold_score(texts))
+        else:
+            raw = reward.scorers[name](*batch, prompts=prompts).float().cpu()
+        total += weight * (torch.sigmoid(raw) if reward.transform == "sigmoid" else raw)
+    return total
+
+
+class EvalData(NamedTuple):
+    """What an evaluation reads besides the policy: this rank's share of the held-out prompts and pairs."""
+
+    prompts: list  # token ids of each held-out prompt
+    texts: list  # each prompt as the dataset gave it: the reward models read them
+    gold_score: object  # the built-in task's gold score of response texts, or None
+    rows: Batch  # every pair as two rows: chosen (rows 0..n-1), then rejected (rows n..2n-1)
+    heldout: torch.Tensor  # the held-out pairs
+    ref_chosen_logps: torch.Tensor | None  # [n_pairs] log π_ref(y_w|x) (None: reference-free)
+    ref_rejected_logps: torch.Tensor | None  # [n_pairs] log π_ref(y_l|x)
+
+
+@torch.no_grad()
+def evaluate(step: int, *, policy, tokenizer, data: EvalData, reward: ProxyReward, greedy, args: Args, run, log):
+    """Greedy responses to held-out prompts: proxy reward, gold score, distinct-1/2, length; on the held-out pairs:
+    the implicit reward's accuracy and margin. Means over all ranks."""
+    stats = []
+    texts = []
+    samples = []  # rank 0's first --log-samples responses, for log.samples
+    policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
+    for prompt_rows, prompts in common.progress(
+        chunks(args.forward_batch_size, data.prompts, data.texts), desc="evaluate", enabled=args.progress
+    ):
+        query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, run.device)
+        response_ids = generate(
+            policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=args.zero_stage == 3
+        )
+        response_ids, response_mask, _ = common.truncate_after_eos(
+            response_ids,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer,
+            stop_strings=args.stop_strings,
+        )
+        batch = Batch(query_ids, query_mask, response_ids, response_mask)
+        kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+        gold = torch.tensor(data.gold_score(kept) if data.gold_score else [0.0] * len(kept))
+        lengths = batch.response_mask.sum(1).float().cpu()
+        scores = score(reward, tokenizer, batch, prompts)
+        stats.append(torch.stack([scores, lengths, gold], 1))
+        samples += common.sample_rows(
+            args.log_samples - len(samples),
+            prompt=prompts,
+            rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
+            response=kept,
+            score=scores,
+            gold_score=gold if data.gold_score else None,
+        )
+        texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
+    names = ["eval/reward", "eval/response_length", "eval/gold_score"]
+    metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
+    if data.gold_score is None:
+        metrics.pop("eval/gold_score")
+    if len(data.heldout):
+        logps = [
+            pair_logps(policy, data.rows, idx, run.device) for (idx,) in chunks(args.forward_batch_size, data.heldout)
+        ]
+        if args.reference_free:
+            ref = (None, None)
+        else:
+            ref = (data.ref_chosen_logps[data.heldout], data.ref_rejected_logps[data.heldout])
+        terms = dpo_loss(
+            chosen_logps=torch.cat([chosen_logps for chosen_logps, _ in logps]).cpu(),
+            rejected_logps=torch.cat([rejected_logps for _, rejected_logps in logps]).cpu(),
+            ref_chosen_logps=ref[0],
+            ref_rejected_logps=ref[1],
+            beta=args.beta,
+            reference_free=args.reference_free,
+        )
+        metrics["eval/preference_accuracy"] = terms.stats.accuracy.item()
+        metrics["eval/reward_margin"] = terms.stats.margins.item()
+    gathered = [None] * run.world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
+    dist.all_gather_object(gathered, texts)
+    texts = [text for part in gathered for text in part]
+    policy.train()
+    log.samples(step, samples)
+    return {
+        **common.mean_across_ranks(metrics),
+        "eval/distinct_1": common.distinct_n(texts, 1),
+        "eval/distinct_2": common.distinct_n(texts, 2),
+    }
+
+
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
@@ -322,9 +467,6 @@ if __name__ == "__main__":
     device = run.device
     zero3 = args.zero_stage == 3
     weights = args.reward_weights or [1.0] * len(args.reward_model)
-
-    def transform(raw_scores):  # each reward model's raw score as it enters the proxy reward
-        return torch.sigmoid(raw_scores) if args.reward_transform == "sigmoid" else raw_scores
 
     # Read the pairs and check them before any model is loaded: the last --heldout-pairs are not trained on
     train_texts, chosen, rejected = common.load_preference_pairs(
@@ -407,29 +549,7 @@ if __name__ == "__main__":
     n_heldout = args.heldout_pairs // world_size * world_size  # equal per rank: lockstep
     heldout = torch.arange(n_train, n_train + n_heldout)[rank::world_size]
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
-
-    def chunks(*tensors):  # --forward-batch-size rows of each, as a list: a progress bar reads its length
-        size = args.forward_batch_size
-        return [[t[i : i + size] for t in tensors] for i in range(0, len(tensors[0]), size)]
-
-    def score(batch, prompts):
-        """The proxy reward Σ_i w_i · transform(r_i) of each row, [n]: r_i from the i-th --reward-model, which
-        reads the token ids and the `prompts` as the dataset gave them."""
-        total = torch.zeros(len(batch.query_ids))
-        for weight, name in zip(weights, args.reward_model):
-            if name == "gold":
-                texts = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
-                raw = torch.tensor(common.builtin_gold_score(texts))
-            else:
-                raw = scorers[name](*batch, prompts=prompts).float().cpu()
-            total += weight * transform(raw)
-        return total
-
-    def pair_logps(model, idx):
-        """log π(y_w|x) and log π(y_l|x) of the pairs `idx` in one forward pass, ([len(idx)], [len(idx)])."""
-        batch = to_device(trim(rows.rows(torch.cat([idx, idx + n_pairs]))), device)
-        logps = sequence_logps(common.forward_logprobs(model, *batch), batch.response_mask)
-        return logps[: len(idx)], logps[len(idx) :]
+    reward = ProxyReward(names=args.reward_model, weights=weights, scorers=scorers, transform=args.reward_transform)
 
     # The order of the pairs: passes over the training pairs, each shuffled; every step takes mini_batch_size ×
     # world_size of them, rank r the r-th share (the same order on every rank, from the seed)
@@ -439,29 +559,6 @@ if __name__ == "__main__":
 
     # ALGO LOGIC, step 1 (once per run, before training): log π_ref(y|x) of the chosen and rejected responses of the
     # pairs this run reads (those its --total-steps draw, and the held-out ones), not of the whole file
-    @torch.no_grad()
-    def compute_ref_logps(positions):
-        """π_ref's sequence log-probs of the pairs `used[positions]`. π_ref is loaded here only: a cache hit needs no
-        π_ref, and it is freed afterwards."""
-        if rank == 0:
-            print(
-                f"π_ref's log-probs of {len(positions)} pairs ({len(used) - len(positions)} from the cache)", flush=True
-            )
-        if args.lora_r:  # the untrained policy, read with its adapter off (the caller's common.adapter_off)
-            ref_policy = policy
-        else:
-            ref_model = place.load(
-                args.model_name_or_path, kind="causal", flag="--model-name-or-path", at=args.ref_device
-            )
-            ref_policy = place.frozen(ref_model, at=args.ref_device)
-        ref_chosen = []
-        ref_rejected = []
-        for (idx,) in common.progress(chunks(used[positions]), desc="π_ref log-probs", enabled=args.progress):
-            chosen_logps, rejected_logps = pair_logps(ref_policy, idx)
-            ref_chosen.append(chosen_logps.float().cpu())
-            ref_rejected.append(rejected_logps.float().cpu())
-        return {"ref_chosen_logps": torch.cat(ref_chosen), "ref_rejected_logps": torch.cat(ref_rejected)}
-
     t0 = time.time()
     if args.reference_free:  # no π_ref at all
         ref_chosen_logps = None
@@ -483,9 +580,12 @@ if __name__ == "__main__":
             load_in_4bit=args.load_in_4bit,
         )
         cache_dir = common.cache_folder(args.cache_dir, "dpo")
+        compute = functools.partial(
+            compute_ref_logps, used=used, rows=rows, policy=policy, args=args, place=place, run=run
+        )
         with common.adapter_off(policy):  # with LoRA, the policy is π_ref until it trains
             cache, n_scored = common.cached_rows(
-                key, digests, compute_ref_logps, cache_dir, use_cache=not args.no_cache, rank=rank
+                key, digests, compute, cache_dir, use_cache=not args.no_cache, rank=rank
             )
         ref_chosen_logps = torch.full((n_pairs,), float("nan"))  # NaN: a pair this run never reads
         ref_rejected_logps = torch.full((n_pairs,), float("nan"))
@@ -506,70 +606,18 @@ if __name__ == "__main__":
         )
 
     # Evaluate: greedy responses to held-out prompts, and the implicit reward on held-out pairs
-    @torch.no_grad()
-    def evaluate(step):
-        """Greedy responses to held-out prompts: proxy reward, gold score, distinct-1/2, length; on the held-out
-        pairs: the implicit reward's accuracy and margin."""
-        stats = []
-        texts = []
-        samples = []  # rank 0's first --log-samples responses, for log.samples
-        policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        for prompt_rows, prompts in common.progress(
-            chunks(eval_prompts, eval_texts), desc="evaluate", enabled=args.progress
-        ):
-            query_ids, query_mask = common.pad_left(prompt_rows, tokenizer.pad_token_id, device)
-            response_ids = generate(
-                policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=zero3
-            )
-            response_ids, response_mask, _ = common.truncate_after_eos(
-                response_ids,
-                eos_id=tokenizer.eos_token_id,
-                pad_id=tokenizer.pad_token_id,
-                tokenizer=tokenizer,
-                stop_strings=args.stop_strings,
-            )
-            batch = Batch(query_ids, query_mask, response_ids, response_mask)
-            kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
-            gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
-            lengths = batch.response_mask.sum(1).float().cpu()
-            scores = score(batch, prompts)
-            stats.append(torch.stack([scores, lengths, gold], 1))
-            samples += common.sample_rows(
-                args.log_samples - len(samples),
-                prompt=prompts,
-                rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
-                response=kept,
-                score=scores,
-                gold_score=gold if gold_score else None,
-            )
-            texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
-        names = ["eval/reward", "eval/response_length", "eval/gold_score"]
-        metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
-        if gold_score is None:
-            metrics.pop("eval/gold_score")
-        if n_heldout:
-            logps = [pair_logps(policy, idx) for (idx,) in chunks(heldout)]
-            ref = (None, None) if args.reference_free else (ref_chosen_logps[heldout], ref_rejected_logps[heldout])
-            terms = dpo_loss(
-                chosen_logps=torch.cat([chosen_logps for chosen_logps, _ in logps]).cpu(),
-                rejected_logps=torch.cat([rejected_logps for _, rejected_logps in logps]).cpu(),
-                ref_chosen_logps=ref[0],
-                ref_rejected_logps=ref[1],
-                beta=args.beta,
-                reference_free=args.reference_free,
-            )
-            metrics["eval/preference_accuracy"] = terms.stats.accuracy.item()
-            metrics["eval/reward_margin"] = terms.stats.margins.item()
-        gathered = [None] * world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
-        dist.all_gather_object(gathered, texts)
-        texts = [text for part in gathered for text in part]
-        policy.train()
-        log.samples(step, samples)
-        return {
-            **common.mean_across_ranks(metrics),
-            "eval/distinct_1": common.distinct_n(texts, 1),
-            "eval/distinct_2": common.distinct_n(texts, 2),
-        }
+    eval_data = EvalData(
+        prompts=eval_prompts,
+        texts=eval_texts,
+        gold_score=gold_score,
+        rows=rows,
+        heldout=heldout,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    evaluation = dict(
+        policy=policy, tokenizer=tokenizer, data=eval_data, reward=reward, greedy=greedy, args=args, run=run, log=log
+    )
 
     # Resume: `resume/` holds all a run needs to go on as if never stopped: the policy engine with its optimizer,
     # the step (the order of the pairs is fixed by the seed) and each rank's RNG states. π_ref's log-probs come back
@@ -580,12 +628,12 @@ if __name__ == "__main__":
     if args.resume:
         eval_history = state["eval_history"]
     else:
-        eval_history = [(0, evaluate(0))]
+        eval_history = [(0, evaluate(0, **evaluation))]
         log(0, {**data_stats, **eval_history[0][1]})
     if rank == 0:
         print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
 
-    # ALGO LOGIC: π_ref's log-probs are fixed above (step 1); each step below trains on one mini-batch of pairs
+    # ALGO LOGIC, steps 2-5: π_ref's log-probs are fixed above (step 1); each step trains on one mini-batch of pairs
     start_time = time.time()
     window = []
     policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
@@ -596,8 +644,9 @@ if __name__ == "__main__":
         # 2. This rank's share of the step's pairs, in the shuffled order
         start = ((step - 1) * world_size + rank) * args.mini_batch_size
         idx = draws[start : start + args.mini_batch_size]
-        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass, and the DPO loss against π_ref's
-        chosen_logps, rejected_logps = pair_logps(policy, idx)
+        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass
+        chosen_logps, rejected_logps = pair_logps(policy, rows, idx, device)
+        # 4. The loss of eq. (7) against π_ref's log-probs of step 1 (or a variant: --loss-type, --label-smoothing)
         if args.reference_free:
             ref = (None, None)
         else:
@@ -614,9 +663,11 @@ if __name__ == "__main__":
             chosen_lengths=response_lengths[idx].to(device),
             rejected_lengths=response_lengths[idx + n_pairs].to(device),
         )
-        # 4. One optimiser step on the mini-batch
+        # 5. One optimiser step on the mini-batch
         policy.backward(terms.loss)
         policy.step()
+
+        # Statistics, evaluation, logging, and a resumable checkpoint when due
         metrics = {
             "policy/loss": terms.loss.item(),
             "policy/chosen_rewards": terms.stats.chosen_rewards.item(),
@@ -634,7 +685,7 @@ if __name__ == "__main__":
         if step % args.eval_every == 0 or step == args.total_steps:
             seconds, sequences = torch.tensor(window).sum(0).tolist()
             t_eval = time.time()
-            eval_history.append((step, evaluate(step)))
+            eval_history.append((step, evaluate(step, **evaluation)))
             metrics.update(eval_history[-1][1])
             metrics["time/eval"] = time.time() - t_eval
             metrics["time/steps_per_s"] = len(window) / seconds

@@ -435,6 +435,91 @@ def load_heads(model, target_q_heads, checkpoint: str):
     target_q_heads.load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
 
 
+class EvalData(NamedTuple):
+    """What an evaluation reads besides the model: this rank's share of the held-out prompts, and their scorers."""
+
+    prompts: list  # token ids of each held-out prompt
+    texts: list  # each prompt as the dataset gave it: the reward models read them
+    reward_fns: list  # a model or module:function per --reward-model
+    reward_weights: list  # the weight of each reward function in the reward Σ_i w_i r_i
+    gold_score: object  # the built-in task's gold score of response texts, or None
+
+
+@torch.no_grad()
+def evaluate(step: int, *, model, target_q_heads, tokenizer, data: EvalData, generation_config, args: Args, run, log):
+    """Held-out prompts decoded at every β of the sweep (--eval-betas), one fixed seed: reward, gold score, length,
+    the fraction cut before EOS, means over all ranks; at every β the first --log-samples responses of rank 0 go to
+    log.samples."""
+    metrics = {}
+    samples = []
+    names = ["reward", "response_length", "no_eos_fraction"] + (["gold_score"] if data.gold_score else [])
+    model.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        for beta in args.eval_betas:
+            torch.manual_seed(10**6 + run.rank)  # the same draws at every β: differences come from β alone
+            rows = []
+            shown = []  # this β's samples
+            for start in common.progress(
+                range(0, len(data.prompts), args.forward_batch_size),
+                desc=f"evaluate β={beta:g}",
+                enabled=args.progress,
+            ):
+                chunk = slice(start, start + args.forward_batch_size)
+                query_ids, query_mask = common.pad_left(data.prompts[chunk], tokenizer.pad_token_id, run.device)
+                response_ids = generate(
+                    model,
+                    target_q_heads,
+                    query_ids=query_ids,
+                    query_mask=query_mask,
+                    generation_config=generation_config,
+                    beta=beta,
+                    zero3=args.zero_stage == 3,
+                )
+                response_ids, response_mask, ended = common.truncate_after_eos(
+                    response_ids,
+                    eos_id=tokenizer.eos_token_id,
+                    pad_id=tokenizer.pad_token_id,
+                    tokenizer=tokenizer,
+                    stop_strings=args.stop_strings,
+                )
+                scores = torch.zeros(len(response_ids))
+                for weight, reward_fn in zip(data.reward_weights, data.reward_fns):
+                    scores = scores + weight * reward_fn(
+                        query_ids=query_ids,
+                        query_mask=query_mask,
+                        response_ids=response_ids,
+                        response_mask=response_mask,
+                        prompts=data.texts[chunk],
+                    )
+                texts = decode_responses(tokenizer, response_ids, response_mask)
+                gold = data.gold_score(texts) if data.gold_score else [0.0] * len(texts)
+                columns = [scores, response_mask.sum(1).float().cpu(), (~ended).float().cpu(), torch.tensor(gold)]
+                rows.append(torch.stack(columns, 1))
+                shown += common.sample_rows(
+                    args.log_samples - len(shown),
+                    beta=beta,
+                    prompt=data.texts[chunk],
+                    rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
+                    response=texts,
+                    score=scores,
+                    gold_score=gold if data.gold_score else None,
+                )
+            samples += shown
+            means = torch.cat(rows).mean(0).tolist()
+            metrics.update({f"eval/beta_{beta:g}/{name}": value for name, value in zip(names, means)})
+    model.train()
+    log.samples(step, samples)
+    return common.mean_across_ranks(metrics)
+
+
+def report(prefix: str, metrics: dict, *, betas, gold: bool, rank: int):
+    """One line on rank 0: the gold score (with `gold`, else the reward) at every β of `betas`."""
+    if rank == 0:
+        key = "gold_score" if gold else "reward"
+        sweep = [f"β={beta:g}: {key} {metrics[f'eval/beta_{beta:g}/{key}']:+.3f}" for beta in betas]
+        print(prefix + ", ".join(sweep), flush=True)
+
+
 if __name__ == "__main__":
     # Arguments: the command line over the defaults (or over a --preset's values)
     args = common.parse_args(Args, PRESETS)
@@ -538,80 +623,29 @@ if __name__ == "__main__":
     eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
 
-    def evaluate(step):
-        """Held-out prompts decoded at every β of the sweep, one fixed seed: proxy reward, gold score, length; at
-        every β the first --log-samples responses of rank 0 go to log.samples."""
-        metrics = {}
-        samples = []
-        names = ["reward", "response_length", "no_eos_fraction"] + (["gold_score"] if gold_score else [])
-        model.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for beta in args.eval_betas:
-                torch.manual_seed(10**6 + rank)  # the same draws at every β: differences come from β alone
-                rows = []
-                shown = []  # this β's samples
-                for start in common.progress(
-                    range(0, len(eval_prompts), args.forward_batch_size),
-                    desc=f"evaluate β={beta:g}",
-                    enabled=args.progress,
-                ):
-                    chunk = slice(start, start + args.forward_batch_size)
-                    query_ids, query_mask = common.pad_left(eval_prompts[chunk], tokenizer.pad_token_id, device)
-                    response_ids = generate(
-                        model,
-                        target_q_heads,
-                        query_ids=query_ids,
-                        query_mask=query_mask,
-                        generation_config=generation_config,
-                        beta=beta,
-                        zero3=zero3,
-                    )
-                    response_ids, response_mask, ended = common.truncate_after_eos(
-                        response_ids,
-                        eos_id=tokenizer.eos_token_id,
-                        pad_id=tokenizer.pad_token_id,
-                        tokenizer=tokenizer,
-                        stop_strings=args.stop_strings,
-                    )
-                    scores = torch.zeros(len(response_ids))
-                    for weight, reward_fn in zip(reward_weights, reward_fns):
-                        scores = scores + weight * reward_fn(
-                            query_ids=query_ids,
-                            query_mask=query_mask,
-                            response_ids=response_ids,
-                            response_mask=response_mask,
-                            prompts=eval_texts[chunk],
-                        )
-                    texts = decode_responses(tokenizer, response_ids, response_mask)
-                    gold = gold_score(texts) if gold_score else [0.0] * len(texts)
-                    columns = [scores, response_mask.sum(1).float().cpu(), (~ended).float().cpu(), torch.tensor(gold)]
-                    rows.append(torch.stack(columns, 1))
-                    shown += common.sample_rows(
-                        args.log_samples - len(shown),
-                        beta=beta,
-                        prompt=eval_texts[chunk],
-                        rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
-                        response=texts,
-                        score=scores,
-                        gold_score=gold if gold_score else None,
-                    )
-                samples += shown
-                means = torch.cat(rows).mean(0).tolist()
-                metrics.update({f"eval/beta_{beta:g}/{name}": value for name, value in zip(names, means)})
-        model.train()
-        log.samples(step, samples)
-        return common.mean_across_ranks(metrics)
-
-    def report(prefix, metrics):
-        """One line on rank 0: the gold score (or the reward) at every β."""
-        if rank == 0:
-            key = "gold_score" if gold_score else "reward"
-            sweep = [f"β={beta:g}: {key} {metrics[f'eval/beta_{beta:g}/{key}']:+.3f}" for beta in args.eval_betas]
-            print(prefix + ", ".join(sweep), flush=True)
+    # Evaluate: the held-out prompts decoded over the β sweep, a line of it on rank 0; --eval-only stops after one
+    eval_data = EvalData(
+        prompts=eval_prompts,
+        texts=eval_texts,
+        reward_fns=reward_fns,
+        reward_weights=reward_weights,
+        gold_score=gold_score,
+    )
+    evaluation = dict(
+        model=model,
+        target_q_heads=target_q_heads,
+        tokenizer=tokenizer,
+        data=eval_data,
+        generation_config=generation_config,
+        args=args,
+        run=run,
+        log=log,
+    )
+    sweep = dict(betas=args.eval_betas, gold=gold_score is not None, rank=rank)  # what report() prints
 
     if args.eval_only:
-        metrics = evaluate(0)
-        report(f"{args.checkpoint}: ", metrics)
+        metrics = evaluate(0, **evaluation)
+        report(f"{args.checkpoint}: ", metrics, **sweep)
         log(0, metrics)
         common.exit_cleanly()
         raise SystemExit(0)
@@ -654,11 +688,11 @@ if __name__ == "__main__":
         first_epoch = (step - 1) // steps_per_epoch + 1  # the epoch of the saved step; its batches before it skipped
         skip = step - (first_epoch - 1) * steps_per_epoch
     else:
-        eval_history = [(0, {**evaluate(0), **data_gold})]
+        eval_history = [(0, {**evaluate(0, **evaluation), **data_gold})]
         log(0, eval_history[-1][1])
-    report(f"{run.name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1])
+    report(f"{run.name}: {world_size} rank(s), {len(prompts)} rows; before training: ", eval_history[0][1], **sweep)
 
-    # ALGO LOGIC: ILQL's training loop, a pass over the shuffled rows per epoch
+    # ALGO LOGIC, steps 1-5: ILQL's training loop, a pass over the shuffled rows per epoch, one step per mini-batch
     model.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
     for epoch in range(first_epoch, args.offline_epochs + 1):
         epoch_start = time.time()
@@ -745,9 +779,9 @@ if __name__ == "__main__":
         # Evaluation: decode the held-out prompts over the β sweep
         if epoch % args.eval_every == 0 or epoch == args.offline_epochs:
             t_eval = time.time()
-            eval_history.append((step, evaluate(step)))
+            eval_history.append((step, evaluate(step, **evaluation)))
             log(step, {**eval_history[-1][1], "time/eval": time.time() - t_eval})
-            report(f"epoch {epoch}/{args.offline_epochs}: ", eval_history[-1][1])
+            report(f"epoch {epoch}/{args.offline_epochs}: ", eval_history[-1][1], **sweep)
 
     # Save: the LM as an HF folder and the heads beside it
     save_checkpoint(model, target_q_heads, tokenizer, path=os.path.join(run.dir, "policy"), rank=rank)

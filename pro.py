@@ -57,6 +57,7 @@ Where this file differs from the released code:
     python pro.py --preset hh-1b --reward-device cuda:1     # the A-LoL work's PRO setting on Pythia 1B (GPUs)
 """
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -259,6 +260,129 @@ def decode_responses(tokenizer, response_ids, response_mask):
     ]
 
 
+def encode_rankings(tokenizer, prompts, rankings, *, encode: dict, device) -> Batch:
+    """Rankings (lists of candidate texts, padded to one length n with None for absent candidates) as one Batch of
+    len(prompts) × n rows, prompt-major; an absent candidate's response mask is all zero. `encode`: the keyword
+    arguments of common.encode_offline_rows (prompt and response lengths, context, chat template)."""
+    rows = [(prompt, text) for prompt, ranking in zip(prompts, rankings) for text in ranking]
+    batch = common.encode_offline_rows(
+        tokenizer,
+        [prompt for prompt, _ in rows],
+        [text if text is not None else "" for _, text in rows],
+        device=device,
+        **encode,
+    )
+    absent = torch.tensor([text is None for _, text in rows], device=device)
+    return batch._replace(response_mask=batch.response_mask.masked_fill(absent[:, None], 0.0))
+
+
+class ProxyReward(NamedTuple):
+    """The reward Σ_i w_i · transform(r_i), r_i from the i-th --reward-model: it ranks the candidates (raw, no
+    transform) and scores the evaluation's responses."""
+
+    fns: list  # a model or module:function per --reward-model
+    weights: list  # w_i, one per reward function
+    transform: str  # "sigmoid": sigmoid(r_i), as in A-LoL HH; "none": r_i
+
+
+def score(reward: ProxyReward, batch: Batch, prompts) -> torch.Tensor:
+    """The reward of each row, [rows]: each reward function reads the token ids and the `prompts` as given."""
+    total = torch.zeros(len(batch.query_ids))
+    for weight, reward_fn in zip(reward.weights, reward.fns):
+        raw = reward_fn(*batch._replace(response_mask=batch.response_mask.long()), prompts=prompts)
+        total += weight * (torch.sigmoid(raw) if reward.transform == "sigmoid" else raw)
+    return total
+
+
+@torch.no_grad()
+def score_candidates(positions, *, rows, tokenizer, encode: dict, reward: ProxyReward, args: Args, run: common.Run):
+    """r_φ of the candidates `rows[positions]`, each row a (prompt, candidate text): {"scores": [n]}, the weighted
+    raw scores (no --reward-transform). Each rank scores a share of them; every rank then gets them all."""
+    if run.rank == 0:
+        print(f"scoring {len(positions)} candidates ({len(rows) - len(positions)} cached)", flush=True)
+    wanted = [rows[k] for k in positions.tolist()]
+    shared = list(range(len(wanted)))[run.rank :: run.world_size]  # this rank's share, as positions in `wanted`
+    mine = []
+    for start in common.progress(
+        range(0, len(shared), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
+    ):
+        chunk = shared[start : start + args.forward_batch_size]
+        prompts = [wanted[k][0] for k in chunk]
+        batch = encode_rankings(tokenizer, prompts, [[wanted[k][1]] for k in chunk], encode=encode, device=run.device)
+        mine += zip(chunk, score(reward._replace(transform="none"), batch, prompts).tolist())
+    gathered = [None] * run.world_size
+    dist.all_gather_object(gathered, mine)
+    scores = torch.zeros(len(wanted))
+    for part in gathered:
+        for k, value in part:
+            scores[k] = value
+    return {"scores": scores}
+
+
+class EvalData(NamedTuple):
+    """What an evaluation reads besides the policy: this rank's share of the held-out prompts."""
+
+    prompts: list  # token ids of each held-out prompt
+    texts: list  # each prompt as the dataset gave it: the reward models read them
+    gold_score: object  # the built-in task's gold score of response texts, or None
+
+
+@torch.no_grad()
+def evaluate(step: int, *, policy, tokenizer, data: EvalData, reward: ProxyReward, greedy, args: Args, run, log):
+    """Greedy responses to held-out prompts, cut after EOS and at the stop strings: proxy reward, gold score,
+    distinct-1/2, length. Means over all ranks."""
+    stats = []
+    texts = []
+    samples = []  # rank 0's first --log-samples responses, for log.samples
+    policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
+    for start in common.progress(
+        range(0, len(data.prompts), args.forward_batch_size), desc="evaluate", enabled=args.progress
+    ):
+        prompts = data.texts[start : start + args.forward_batch_size]
+        query_ids, query_mask = common.pad_left(
+            data.prompts[start : start + args.forward_batch_size], tokenizer.pad_token_id, run.device
+        )
+        response_ids = generate(
+            policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=args.zero_stage == 3
+        )
+        response_ids, response_mask, _ = common.truncate_after_eos(
+            response_ids,
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id,
+            tokenizer=tokenizer,
+            stop_strings=args.stop_strings,
+        )
+        batch = Batch(query_ids, query_mask, response_ids, response_mask)
+        kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
+        gold = torch.tensor(data.gold_score(kept) if data.gold_score else [0.0] * len(kept))
+        lengths = batch.response_mask.sum(1).float().cpu()
+        scores = score(reward, batch, prompts)
+        stats.append(torch.stack([scores, lengths, gold], 1))
+        samples += common.sample_rows(
+            args.log_samples - len(samples),
+            prompt=prompts,
+            rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
+            response=kept,
+            score=scores,
+            gold_score=gold if data.gold_score else None,
+        )
+        texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
+    names = ["eval/reward", "eval/response_length", "eval/gold_score"]
+    metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
+    if data.gold_score is None:
+        metrics.pop("eval/gold_score")
+    gathered = [None] * run.world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
+    dist.all_gather_object(gathered, texts)
+    texts = [text for part in gathered for text in part]
+    policy.train()
+    log.samples(step, samples)
+    return {
+        **common.mean_across_ranks(metrics),
+        "eval/distinct_1": common.distinct_n(texts, 1),
+        "eval/distinct_2": common.distinct_n(texts, 2),
+    }
+
+
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
@@ -313,7 +437,8 @@ if __name__ == "__main__":
         eos_token_id=tokenizer.eos_token_id,
     )
 
-    # Data: each mini-batch of rankings is encoded when it is used, as one Batch of prompts × candidates rows
+    # Data: each mini-batch of rankings is encoded when it is used, as one Batch of prompts × candidates rows; the
+    # prompts evaluated
     encode = dict(
         max_prompt_length=args.max_prompt_length,
         max_new_tokens=args.max_new_tokens,
@@ -322,28 +447,20 @@ if __name__ == "__main__":
     )
     kept = common.fitting_prompts(tokenizer, train_texts, what="rankings", **encode)
     train_texts, candidates, rewards = common.rows_at(kept, train_texts, candidates, rewards)
-
-    def encode_rankings(prompts, rankings):
-        """Rankings (lists of candidate texts, padded to one length n with None for absent candidates) as one
-        Batch of len(prompts) × n rows, prompt-major; an absent candidate's response mask is all zero."""
-        rows = [(prompt, text) for prompt, ranking in zip(prompts, rankings) for text in ranking]
-        batch = common.encode_offline_rows(
-            tokenizer,
-            [prompt for prompt, _ in rows],
-            [text if text is not None else "" for _, text in rows],
-            device=device,
-            **encode,
+    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
+    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
+    eval_texts = [eval_texts[i] for i in kept]
+    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
+    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
+    eval_prompts = eval_prompts[:n_eval][rank::world_size]
+    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
+    if n_eval == 0:
+        common.fail(
+            f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
+            f"--eval-split or raise --eval-prompts"
         )
-        absent = torch.tensor([text is None for _, text in rows], device=device)
-        return batch._replace(response_mask=batch.response_mask.masked_fill(absent[:, None], 0.0))
-
-    def score(batch, prompts, transform=True):
-        """Σ_i w_i · transform(r_i) of each row [rows], r_i from --reward-model i (raw without `transform`)."""
-        total = torch.zeros(len(batch.query_ids))
-        for weight, reward_fn in zip(weights.tolist(), reward_fns):
-            raw = reward_fn(*batch._replace(response_mask=batch.response_mask.long()), prompts=prompts)
-            total += weight * (torch.sigmoid(raw) if transform and args.reward_transform == "sigmoid" else raw)
-        return total
+    gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
+    reward = ProxyReward(fns=reward_fns, weights=weights.tolist(), transform=args.reward_transform)
 
     per_step = args.mini_batch_size * world_size
     if len(candidates) < per_step:
@@ -358,35 +475,14 @@ if __name__ == "__main__":
     order = torch.cat([torch.randperm(len(candidates), generator=generator) for _ in range(epochs)])
     read = order[: args.total_steps * per_step].unique()  # the rankings this run trains on
 
+    # ALGO LOGIC, step 1 (once per run, before training): r_φ of each candidate (read from the dataset, or scored by
+    # --reward-model: those of the rankings this run reads only, not of the whole file), and each ranking sorted best
+    # first, y¹ ≻ y² ≻ … ≻ yⁿ, cut to its --ranking-len best
     t0 = time.time()
     n_scored = 0
-    if args.score_candidates:  # the candidates of the rankings this run reads only, not of the whole file
+    if args.score_candidates:
         pairs = [(i, j) for i in read.tolist() for j in range(len(candidates[i]))]  # (ranking, candidate)
-
-        @torch.no_grad()
-        def score_candidates(positions):
-            """Each rank scores a share of the candidates `pairs[positions]` (raw scores, weighted); every rank then
-            gets them all."""
-            if rank == 0:
-                print(f"scoring {len(positions)} candidates ({len(pairs) - len(positions)} cached)", flush=True)
-            wanted = [pairs[k] for k in positions.tolist()]
-            mine = []
-            shared = wanted[rank::world_size]
-            for start in common.progress(
-                range(0, len(shared), args.forward_batch_size), desc="scoring candidates", enabled=args.progress
-            ):
-                chunk = shared[start : start + args.forward_batch_size]
-                batch = encode_rankings([train_texts[i] for i, _ in chunk], [[candidates[i][j]] for i, j in chunk])
-                mine += zip(chunk, score(batch, [train_texts[i] for i, _ in chunk], transform=False).tolist())
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, mine)
-            position = {pair: k for k, pair in enumerate(wanted)}
-            scores = torch.zeros(len(wanted))
-            for part in gathered:
-                for pair, value in part:
-                    scores[position[pair]] = value
-            return {"scores": scores}
-
+        rows = [(train_texts[i], candidates[i][j]) for i, j in pairs]
         # The scores depend on the reward models, their weights and precision, and each row as encoded (the
         # policy's tokenizer and prompt settings); cached per candidate under a key of all of them, since scoring is
         # the slow part here
@@ -401,11 +497,12 @@ if __name__ == "__main__":
             max_new_tokens=args.max_new_tokens,
             chat_template=tokenizer.chat_template if args.chat_template else None,
         )
-        digests = [common.json_digest([train_texts[i], candidates[i][j]]) for i, j in pairs]
+        digests = [common.json_digest([prompt, text]) for prompt, text in rows]
         cache_dir = common.cache_folder(args.cache_dir, "pro")
-        cache, n_scored = common.cached_rows(
-            key, digests, score_candidates, cache_dir, use_cache=not args.no_cache, rank=rank
+        compute = functools.partial(
+            score_candidates, rows=rows, tokenizer=tokenizer, encode=encode, reward=reward, args=args, run=run
         )
+        cache, n_scored = common.cached_rows(key, digests, compute, cache_dir, use_cache=not args.no_cache, rank=rank)
         for (i, j), value in zip(pairs, cache["scores"].tolist()):
             rewards[i][j] = value
     candidates, rewards = rank_and_cut(candidates, rewards, args.ranking_len)
@@ -422,19 +519,6 @@ if __name__ == "__main__":
     reward_sum = sum(sum(rewards[i]) for i in known)
     candidates = [row + [None] * (n_max - len(row)) for row in candidates]
     rewards = torch.tensor([row + [0.0] * (n_max - len(row)) for row in rewards])
-    eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
-    kept = common.fitting_prompts(tokenizer, eval_texts, what="evaluation prompts", **encode)
-    eval_texts = [eval_texts[i] for i in kept]
-    eval_prompts, _ = common.encode_prompts(tokenizer, eval_texts, **encode)
-    n_eval = min(args.eval_prompts, len(eval_prompts)) // world_size * world_size  # equal per rank: lockstep
-    eval_prompts = eval_prompts[:n_eval][rank::world_size]
-    eval_texts = eval_texts[:n_eval][rank::world_size]  # the same prompts as given: the reward models read them
-    if n_eval == 0:
-        common.fail(
-            f"the '{args.eval_split}' split has fewer prompts than the {world_size} ranks; pass another "
-            f"--eval-split or raise --eval-prompts"
-        )
-    gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
     data_stats = {
         "data/rankings": len(candidates),
         "data/candidates_mean": sum(lengths) / len(lengths),
@@ -456,63 +540,11 @@ if __name__ == "__main__":
             flush=True,
         )
 
-    def respond_greedily(query_ids, query_mask):
-        """Greedy responses to left-padded prompts, cut after EOS and at the stop strings."""
-        response_ids = generate(
-            policy, query_ids=query_ids, query_mask=query_mask, generation_config=greedy, zero3=zero3
-        )
-        response_ids, response_mask, _ = common.truncate_after_eos(
-            response_ids,
-            eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id,
-            tokenizer=tokenizer,
-            stop_strings=args.stop_strings,
-        )
-        return Batch(query_ids, query_mask, response_ids, response_mask)
-
     # Evaluate: greedy responses to held-out prompts
-    def evaluate(step):
-        """Greedy responses to held-out prompts: proxy reward, gold score, distinct-1/2, length."""
-        stats = []
-        texts = []
-        samples = []  # rank 0's first --log-samples responses, for log.samples
-        policy.eval()  # decoding in eval mode; training in train mode (LoRA dropout, gradient checkpointing)
-        for start in common.progress(
-            range(0, len(eval_prompts), args.forward_batch_size), desc="evaluate", enabled=args.progress
-        ):
-            prompts = eval_texts[start : start + args.forward_batch_size]
-            query_ids, query_mask = common.pad_left(
-                eval_prompts[start : start + args.forward_batch_size], tokenizer.pad_token_id, device
-            )
-            batch = respond_greedily(query_ids, query_mask)
-            kept = decode_responses(tokenizer, batch.response_ids, batch.response_mask)
-            gold = torch.tensor(gold_score(kept) if gold_score else [0.0] * len(kept))
-            lengths = batch.response_mask.sum(1).float().cpu()
-            scores = score(batch, prompts)
-            stats.append(torch.stack([scores, lengths, gold], 1))
-            samples += common.sample_rows(
-                args.log_samples - len(samples),
-                prompt=prompts,
-                rendered_prompt=common.rendered_prompts(tokenizer, query_ids, query_mask),
-                response=kept,
-                score=scores,
-                gold_score=gold if gold_score else None,
-            )
-            texts += [text.replace(tokenizer.eos_token, " ") if tokenizer.eos_token else text for text in kept]
-        names = ["eval/reward", "eval/response_length", "eval/gold_score"]
-        metrics = dict(zip(names, torch.cat(stats).mean(0).tolist()))
-        if gold_score is None:
-            metrics.pop("eval/gold_score")
-        gathered = [None] * world_size  # distinct-n over every rank's responses, not a mean of per-rank ratios
-        dist.all_gather_object(gathered, texts)
-        texts = [text for part in gathered for text in part]
-        policy.train()
-        log.samples(step, samples)
-        return {
-            **common.mean_across_ranks(metrics),
-            "eval/distinct_1": common.distinct_n(texts, 1),
-            "eval/distinct_2": common.distinct_n(texts, 2),
-        }
+    eval_data = EvalData(prompts=eval_prompts, texts=eval_texts, gold_score=gold_score)
+    evaluation = dict(
+        policy=policy, tokenizer=tokenizer, data=eval_data, reward=reward, greedy=greedy, args=args, run=run, log=log
+    )
 
     # Resume: `resume/` holds the policy engine with its optimizer, the step (the order above is fixed by the seed)
     # and each rank's RNG states
@@ -522,12 +554,12 @@ if __name__ == "__main__":
     if args.resume:
         eval_history = state["eval_history"]
     else:
-        eval_history = [(0, evaluate(0))]
+        eval_history = [(0, evaluate(0, **evaluation))]
         log(0, {**data_stats, **eval_history[0][1]})
     if rank == 0:
         print("before training: " + ", ".join(f"{k[5:]} {v:+.3f}" for k, v in eval_history[0][1].items()), flush=True)
 
-    # ALGO LOGIC: each step trains on one mini-batch of rankings
+    # ALGO LOGIC, steps 2-5: the rankings are fixed above (step 1); each step trains on one mini-batch of them
     start_time = time.time()
     window = []
     policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
@@ -535,22 +567,26 @@ if __name__ == "__main__":
         range(state.get("step", 0) + 1, args.total_steps + 1), desc="steps", enabled=args.progress
     ):
         t_step = time.time()
-        # 1. The step's rankings: this rank's share of the next mini-batch of the shuffled order
+        # 2. The step's rankings: this rank's share of the next mini-batch of the shuffled order
         idx = order[(step - 1) * per_step : step * per_step][rank::world_size]
-        batch = encode_rankings([train_texts[i] for i in idx], [candidates[i] for i in idx])
-        # 2. π_θ's per-token log-probs of every candidate, as [prompts, candidates, response_len]
+        batch = encode_rankings(
+            tokenizer, [train_texts[i] for i in idx], [candidates[i] for i in idx], encode=encode, device=device
+        )
+        # 3. π_θ's per-token log-probs of every candidate, as [prompts, candidates, response_len]
         logprobs = common.forward_logprobs(policy, *batch)
         shape = (len(idx), n_max, -1)
-        # 3. PRO's ranking loss with the reward-gap temperatures, plus the SFT term on the best candidate
+        # 4. PRO's ranking loss with the reward-gap temperatures, plus the SFT term on the best candidate
         loss, stats = pro_loss(
             logprobs=logprobs.reshape(shape),
             mask=batch.response_mask.reshape(shape),
             rewards=rewards[idx].to(device),
             sft_weight=args.sft_weight,
         )
-        # 4. One optimiser step on the mini-batch
+        # 5. One optimiser step on the mini-batch
         policy.backward(loss)
         policy.step()
+
+        # Statistics, evaluation, logging, and a resumable checkpoint when due
         metrics = {"policy/loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
         window.append([time.time() - t_step, batch.response_mask.sum().item() * world_size])
         metrics = common.mean_across_ranks(metrics)
@@ -559,7 +595,7 @@ if __name__ == "__main__":
         if step % args.eval_every == 0 or step == args.total_steps:
             seconds, tokens = torch.tensor(window).sum(0).tolist()
             t_eval = time.time()
-            eval_history.append((step, evaluate(step)))
+            eval_history.append((step, evaluate(step, **evaluation)))
             metrics.update(eval_history[-1][1])
             metrics["time/eval"] = time.time() - t_eval
             metrics["time/steps_per_s"] = len(window) / seconds
