@@ -67,6 +67,87 @@ from common import Batch
 CACHE_VERSION = 3  # raise when what the cache holds, or how it is computed, changes
 
 
+# The math: DPO's loss (and IPO's, conservative DPO's), sequence log-probs, the order pairs are read in;
+# functions of tensors, each unit-tested.
+class DPOStats(NamedTuple):
+    """Batch means, without gradient, of DPO's implicit rewards r̂(x, y) = β (log π_θ(y|x) − log π_ref(y|x))."""
+
+    chosen_rewards: torch.Tensor  # r̂(x, y_w)
+    rejected_rewards: torch.Tensor  # r̂(x, y_l)
+    margins: torch.Tensor  # r̂(x, y_w) − r̂(x, y_l)
+    accuracy: torch.Tensor  # the fraction of pairs whose margin is positive
+
+
+class DPOLoss(NamedTuple):
+    loss: torch.Tensor  # the batch mean of the per-pair loss (with grad)
+    stats: DPOStats
+
+
+def dpo_loss(
+    *,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float,
+    reference_free: bool = False,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> DPOLoss:
+    """The DPO loss of DPO eq. (7) and its statistics. Each log-prob argument is [batch] sequence log-probs summed
+    over the response tokens: log π_θ(y_w|x), log π_θ(y_l|x) (with grad), log π_ref(y_w|x), log π_ref(y_l|x). With
+    `reference_free` the π_ref terms are 0 (they may be None), as in the released code. `loss_type` "ipo" is IPO's
+    squared loss on log-ratios averaged over each response's tokens, whose counts it needs: `chosen_lengths` and
+    `rejected_lengths`, [batch]; "ipo_sum" the same on the sums; `label_smoothing` ε > 0 is conservative DPO
+    (sigmoid only). The statistics are the implicit rewards of the summed log-ratios, whatever the loss."""
+    if reference_free:
+        ref_chosen_logps = torch.zeros_like(chosen_logps)
+        ref_rejected_logps = torch.zeros_like(rejected_logps)
+    chosen_ratio = chosen_logps - ref_chosen_logps  # log π_θ(y_w|x) − log π_ref(y_w|x)
+    rejected_ratio = rejected_logps - ref_rejected_logps  # log π_θ(y_l|x) − log π_ref(y_l|x)
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)  # DPO eq. (7)
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)  # conservative DPO (ε)
+    elif loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths (response tokens of each pair)")
+        # The IPO authors' reported runs average each log-ratio over the response's tokens before the squared loss
+        # (as TRL does, confirmed with them): https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/trainer/dpo_trainer.py#L1441-L1451
+        h_mean = chosen_ratio / chosen_lengths - rejected_ratio / rejected_lengths
+        losses = (h_mean - 1 / (2 * beta)) ** 2  # IPO's loss: h̄ regressed onto 1/(2τ), τ = β
+    elif loss_type == "ipo_sum":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO's loss on summed log-ratios: h regressed onto 1/(2τ), τ = β
+    else:
+        raise ValueError(f"unknown DPO loss type '{loss_type}'")
+    chosen_rewards = beta * chosen_ratio.detach()  # DPO's implicit reward of y_w
+    rejected_rewards = beta * rejected_ratio.detach()
+    margins = chosen_rewards - rejected_rewards
+    stats = DPOStats(
+        chosen_rewards=chosen_rewards.mean(),
+        rejected_rewards=rejected_rewards.mean(),
+        margins=margins.mean(),
+        accuracy=(margins > 0).float().mean(),
+    )
+    return DPOLoss(loss=losses.mean(), stats=stats)
+
+
+def sequence_logps(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens: [batch, response_len] per-token log-probs and
+    their response mask -> [batch]. Padding may hold anything, even inf."""
+    return torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(1)
+
+
+def pair_order(n_pairs: int, num_draws: int, generator: torch.Generator) -> torch.Tensor:
+    """`num_draws` pair indices: passes over all `n_pairs`, each in a fresh random order, as the released loop
+    reshuffles the data when it runs out."""
+    passes = -(-num_draws // n_pairs)
+    return torch.cat([torch.randperm(n_pairs, generator=generator) for _ in range(passes)])[:num_draws]
+
+
+# The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
 @dataclass
 class Args(common.RunArgs):
     # Algorithm
@@ -183,84 +264,6 @@ PRESETS = {
     f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
     for size, name in [("125m", "125M"), ("1b", "1B"), ("6b", "6B")]
 }
-
-
-class DPOStats(NamedTuple):
-    """Batch means, without gradient, of DPO's implicit rewards r̂(x, y) = β (log π_θ(y|x) − log π_ref(y|x))."""
-
-    chosen_rewards: torch.Tensor  # r̂(x, y_w)
-    rejected_rewards: torch.Tensor  # r̂(x, y_l)
-    margins: torch.Tensor  # r̂(x, y_w) − r̂(x, y_l)
-    accuracy: torch.Tensor  # the fraction of pairs whose margin is positive
-
-
-class DPOLoss(NamedTuple):
-    loss: torch.Tensor  # the batch mean of the per-pair loss (with grad)
-    stats: DPOStats
-
-
-def dpo_loss(
-    *,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
-    beta: float,
-    reference_free: bool = False,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    chosen_lengths: torch.Tensor | None = None,
-    rejected_lengths: torch.Tensor | None = None,
-) -> DPOLoss:
-    """The DPO loss of DPO eq. (7) and its statistics. Each log-prob argument is [batch] sequence log-probs summed
-    over the response tokens: log π_θ(y_w|x), log π_θ(y_l|x) (with grad), log π_ref(y_w|x), log π_ref(y_l|x). With
-    `reference_free` the π_ref terms are 0 (they may be None), as in the released code. `loss_type` "ipo" is IPO's
-    squared loss on log-ratios averaged over each response's tokens, whose counts it needs: `chosen_lengths` and
-    `rejected_lengths`, [batch]; "ipo_sum" the same on the sums; `label_smoothing` ε > 0 is conservative DPO
-    (sigmoid only). The statistics are the implicit rewards of the summed log-ratios, whatever the loss."""
-    if reference_free:
-        ref_chosen_logps = torch.zeros_like(chosen_logps)
-        ref_rejected_logps = torch.zeros_like(rejected_logps)
-    chosen_ratio = chosen_logps - ref_chosen_logps  # log π_θ(y_w|x) − log π_ref(y_w|x)
-    rejected_ratio = rejected_logps - ref_rejected_logps  # log π_θ(y_l|x) − log π_ref(y_l|x)
-    h = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h)  # DPO eq. (7)
-        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)  # conservative DPO (ε)
-    elif loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths (response tokens of each pair)")
-        # The IPO authors' reported runs average each log-ratio over the response's tokens before the squared loss
-        # (as TRL does, confirmed with them): https://github.com/huggingface/trl/blob/f2cd57710ae345ea6428ae95363267fcf38a3dc8/trl/trainer/dpo_trainer.py#L1441-L1451
-        h_mean = chosen_ratio / chosen_lengths - rejected_ratio / rejected_lengths
-        losses = (h_mean - 1 / (2 * beta)) ** 2  # IPO's loss: h̄ regressed onto 1/(2τ), τ = β
-    elif loss_type == "ipo_sum":
-        losses = (h - 1 / (2 * beta)) ** 2  # IPO's loss on summed log-ratios: h regressed onto 1/(2τ), τ = β
-    else:
-        raise ValueError(f"unknown DPO loss type '{loss_type}'")
-    chosen_rewards = beta * chosen_ratio.detach()  # DPO's implicit reward of y_w
-    rejected_rewards = beta * rejected_ratio.detach()
-    margins = chosen_rewards - rejected_rewards
-    stats = DPOStats(
-        chosen_rewards=chosen_rewards.mean(),
-        rejected_rewards=rejected_rewards.mean(),
-        margins=margins.mean(),
-        accuracy=(margins > 0).float().mean(),
-    )
-    return DPOLoss(loss=losses.mean(), stats=stats)
-
-
-def sequence_logps(logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over the response tokens: [batch, response_len] per-token log-probs and
-    their response mask -> [batch]. Padding may hold anything, even inf."""
-    return torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(1)
-
-
-def pair_order(n_pairs: int, num_draws: int, generator: torch.Generator) -> torch.Tensor:
-    """`num_draws` pair indices: passes over all `n_pairs`, each in a fresh random order, as the released loop
-    reshuffles the data when it runs out."""
-    passes = -(-num_draws // n_pairs)
-    return torch.cat([torch.randperm(n_pairs, generator=generator) for _ in range(passes)])[:num_draws]
 
 
 @torch.no_grad()

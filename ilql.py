@@ -68,123 +68,8 @@ import common
 from common import masked_mean
 
 
-@dataclass
-class Args(common.RunArgs):
-    # Algorithm
-    gamma: float = 0.99
-    """discount γ of the Q target r_t + γ V(s_{t+1}) (released HH: 0.99)"""
-    tau: float = 0.7
-    """expectile τ of the V loss; τ > 0.5 pushes V towards the best supported action (released HH 0.6, trlx 0.7)"""
-    cql_scale: float = 0.1
-    """weight of the CQL term: cross-entropy of the Q heads' logits against the data's tokens (released 0.1)"""
-    awac_scale: float = 1.0
-    """weight of the AWAC term that trains the LM head (released 1)"""
-    beta_train: float = 0.0
-    """AWAC weight exp(β_train (Q − V)); 0 = plain likelihood of the data (released 0)"""
-    alpha: float = 0.2
-    """Polyak rate of the target Q heads, Q̂ ← α Q + (1 − α) Q̂ (released 1e-4 over ~10⁴ steps; short runs need more)"""
-    steps_for_target_q_sync: int = 1
-    """update the target Q heads every this many optimiser steps (released 1)"""
-    eval_betas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0])
-    """the β sweep of evaluation: logits' = log_softmax(logits) + β · (min_i Q̂_i − V) (released β 1, 4)"""
-    top_k: int = 20
-    """top-k of decoding, after the β shift (released 20; 0 = off)"""
-    temperature: float = 1.0
-    """decoding temperature, after the β shift"""
-    offline_epochs: int = 10
-    """passes over the offline dataset"""
-    forward_batch_size: int = 64
-    """prompts per rank per decoding call of an evaluation (no gradients)"""
-    learning_rate: float = 1e-3
-    """learning rate of the LM and heads together (released HH 1e-6 for the 125M-6B models)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay (released HH: 1e-6)"""
-    unfrozen_layers: int = -1
-    """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
-
-    # Models and data
-    checkpoint: str | None = None
-    """an ilql.py checkpoint folder (policy + ilql_heads.safetensors) to start from instead of fresh heads"""
-    eval_only: bool = False
-    """only evaluate --checkpoint over the β sweep, no training"""
-    offline_dataset: str = "builtin"
-    """{prompt, response, reward} or preference rows: a hub name, a folder, a .jsonl/.json/.parquet file, `builtin`"""
-    offline_split: str = "train"
-    """the split of --offline-dataset to train on"""
-    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
-    """reward(s) of the evaluation, summed: 1-output classifiers (hub name, folder, `builtin`), `module:function`
-    callables and/or URLs of scoring servers"""
-    dataset: str = "builtin"
-    """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
-    prompt_field: str = "prompt"
-    """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
-    response_field: str = "response"
-    """the column of --offline-dataset rows holding the response text"""
-    reward_field: str = "reward"
-    """the column of --offline-dataset rows holding the scalar reward"""
-
-    # Devices and precision
-    bf16: bool = False
-    """train in bfloat16 (DeepSpeed) and hold the reward model in bfloat16; the target Q heads stay float32"""
-    lora_r: int = 0
-    """rank r of a LoRA adapter trained in place of the LM's weights (0: no adapter, the weights train); the V and
-    Q heads always train in full"""
-    reward_device: str = "policy"
-    """where the reward model lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
-
-    # Logging and checkpoints
-    exp_name: str = "ilql"
-    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
-    seed: int = 1
-    """seed of the experiment (rank r shuffles and samples with seed + r)"""
-    log_samples: int = 16
-    """responses shown per β at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
-    eval_every: int = 5
-    """evaluate every this many epochs, and before and after training"""
-    log_every: int = 10
-    """print a progress line every this many steps"""
-    save_every: int = 0
-    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
-    Ctrl-C); the final model and heads are written to {run dir}/policy"""
-
-
-# The HH setting of the APA paper's experiments, as trlX ran them: Dahoas' Pythia SFT policies, the rm-static rows
-# (chosen and rejected replies, scored 1 and 0) and its test prompts, the GPT-J reward model to score evaluations.
-HH = dict(
-    offline_dataset="Dahoas/rm-static",
-    dataset="Dahoas/rm-static",
-    eval_split="test",
-    eval_prompts=280,  # the first 280 test prompts (trlX examples/hh: islice(dataset["test"], 280))
-    reward_model=["Dahoas/gptj-rm-static"],
-    max_prompt_length=872,  # released seq_length 1000 − 128 new tokens (trlX cuts prompts to their difference)
-    max_new_tokens=128,
-    stop_strings=["Human:", "Assistant:"],
-    unfrozen_layers=2,  # trlX's num_layers_unfrozen in the APA HH configs
-    adam_betas=(0.9, 0.95),
-    weight_decay=1e-6,
-    bf16=True,
-)
-# ILQL's released HH hyper-parameters (trlX examples/hh/ilql_hh.py, lines 34-46)
-ILQL_HH = dict(
-    tau=0.6,
-    gamma=0.99,
-    cql_scale=0.1,
-    awac_scale=1.0,
-    alpha=1e-4,
-    beta_train=0.0,
-    steps_for_target_q_sync=1,
-    learning_rate=1e-6,
-    eval_betas=[1.0, 4.0],
-    top_k=20,
-)
-SIZES = {"125m": "125M", "1b": "1B", "6b": "6B"}
-PRESETS = {
-    f"hh-{size}": dict(**HH, **ILQL_HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
-    for size, name in SIZES.items()
-}
-
-
-# ALGO LOGIC: ILQL's loss terms
+# The math: ILQL's losses, the Polyak step, the Q / V heads and the decoding rule;
+# functions of tensors, each unit-tested.
 class ILQLLoss(NamedTuple):
     """ILQL's loss and its terms, each a mean over the response tokens; the three means are detached statistics."""
 
@@ -350,6 +235,123 @@ class ILQLLogitsProcessor(LogitsProcessor):
         value = value.float().to(target_q.device)
         advantage = (target_q - value).to(scores.device)
         return F.log_softmax(scores.float(), -1) + self.beta * advantage  # ILQL decoding rule
+
+
+# The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
+@dataclass
+class Args(common.RunArgs):
+    # Algorithm
+    gamma: float = 0.99
+    """discount γ of the Q target r_t + γ V(s_{t+1}) (released HH: 0.99)"""
+    tau: float = 0.7
+    """expectile τ of the V loss; τ > 0.5 pushes V towards the best supported action (released HH 0.6, trlx 0.7)"""
+    cql_scale: float = 0.1
+    """weight of the CQL term: cross-entropy of the Q heads' logits against the data's tokens (released 0.1)"""
+    awac_scale: float = 1.0
+    """weight of the AWAC term that trains the LM head (released 1)"""
+    beta_train: float = 0.0
+    """AWAC weight exp(β_train (Q − V)); 0 = plain likelihood of the data (released 0)"""
+    alpha: float = 0.2
+    """Polyak rate of the target Q heads, Q̂ ← α Q + (1 − α) Q̂ (released 1e-4 over ~10⁴ steps; short runs need more)"""
+    steps_for_target_q_sync: int = 1
+    """update the target Q heads every this many optimiser steps (released 1)"""
+    eval_betas: list[float] = field(default_factory=lambda: [0.0, 1.0, 4.0])
+    """the β sweep of evaluation: logits' = log_softmax(logits) + β · (min_i Q̂_i − V) (released β 1, 4)"""
+    top_k: int = 20
+    """top-k of decoding, after the β shift (released 20; 0 = off)"""
+    temperature: float = 1.0
+    """decoding temperature, after the β shift"""
+    offline_epochs: int = 10
+    """passes over the offline dataset"""
+    forward_batch_size: int = 64
+    """prompts per rank per decoding call of an evaluation (no gradients)"""
+    learning_rate: float = 1e-3
+    """learning rate of the LM and heads together (released HH 1e-6 for the 125M-6B models)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released HH: 1e-6)"""
+    unfrozen_layers: int = -1
+    """train only the top N transformer blocks of the policy (and what follows them); -1 = all (released HH: 2)"""
+
+    # Models and data
+    checkpoint: str | None = None
+    """an ilql.py checkpoint folder (policy + ilql_heads.safetensors) to start from instead of fresh heads"""
+    eval_only: bool = False
+    """only evaluate --checkpoint over the β sweep, no training"""
+    offline_dataset: str = "builtin"
+    """{prompt, response, reward} or preference rows: a hub name, a folder, a .jsonl/.json/.parquet file, `builtin`"""
+    offline_split: str = "train"
+    """the split of --offline-dataset to train on"""
+    reward_model: list[str] = field(default_factory=lambda: ["builtin"])
+    """reward(s) of the evaluation, summed: 1-output classifiers (hub name, folder, `builtin`), `module:function`
+    callables and/or URLs of scoring servers"""
+    dataset: str = "builtin"
+    """held-out prompts for evaluation: a hub name, a folder, a .jsonl/.json/.parquet file, or `builtin`"""
+    prompt_field: str = "prompt"
+    """the column holding the prompt text (of --dataset, and of --offline-dataset rows)"""
+    response_field: str = "response"
+    """the column of --offline-dataset rows holding the response text"""
+    reward_field: str = "reward"
+    """the column of --offline-dataset rows holding the scalar reward"""
+
+    # Devices and precision
+    bf16: bool = False
+    """train in bfloat16 (DeepSpeed) and hold the reward model in bfloat16; the target Q heads stay float32"""
+    lora_r: int = 0
+    """rank r of a LoRA adapter trained in place of the LM's weights (0: no adapter, the weights train); the V and
+    Q heads always train in full"""
+    reward_device: str = "policy"
+    """where the reward model lives: `policy` (this rank's device, sharded with ZeRO-3), `cpu`, or `cuda:N`"""
+
+    # Logging and checkpoints
+    exp_name: str = "ilql"
+    """the name of this experiment; the run is written to {output_dir}/{exp_name}__{seed}__{time}"""
+    seed: int = 1
+    """seed of the experiment (rank r shuffles and samples with seed + r)"""
+    log_samples: int = 16
+    """responses shown per β at each evaluation (rank 0's first prompts) in TensorBoard, samples.jsonl, W&B; 0: none"""
+    eval_every: int = 5
+    """evaluate every this many epochs, and before and after training"""
+    log_every: int = 10
+    """print a progress line every this many steps"""
+    save_every: int = 0
+    """write a resumable checkpoint to {run dir}/resume every this many steps (0: only when stopped by SIGTERM /
+    Ctrl-C); the final model and heads are written to {run dir}/policy"""
+
+
+# The HH setting of the APA paper's experiments, as trlX ran them: Dahoas' Pythia SFT policies, the rm-static rows
+# (chosen and rejected replies, scored 1 and 0) and its test prompts, the GPT-J reward model to score evaluations.
+HH = dict(
+    offline_dataset="Dahoas/rm-static",
+    dataset="Dahoas/rm-static",
+    eval_split="test",
+    eval_prompts=280,  # the first 280 test prompts (trlX examples/hh: islice(dataset["test"], 280))
+    reward_model=["Dahoas/gptj-rm-static"],
+    max_prompt_length=872,  # released seq_length 1000 − 128 new tokens (trlX cuts prompts to their difference)
+    max_new_tokens=128,
+    stop_strings=["Human:", "Assistant:"],
+    unfrozen_layers=2,  # trlX's num_layers_unfrozen in the APA HH configs
+    adam_betas=(0.9, 0.95),
+    weight_decay=1e-6,
+    bf16=True,
+)
+# ILQL's released HH hyper-parameters (trlX examples/hh/ilql_hh.py, lines 34-46)
+ILQL_HH = dict(
+    tau=0.6,
+    gamma=0.99,
+    cql_scale=0.1,
+    awac_scale=1.0,
+    alpha=1e-4,
+    beta_train=0.0,
+    steps_for_target_q_sync=1,
+    learning_rate=1e-6,
+    eval_betas=[1.0, 4.0],
+    top_k=20,
+)
+SIZES = {"125m": "125M", "1b": "1B", "6b": "6B"}
+PRESETS = {
+    f"hh-{size}": dict(**HH, **ILQL_HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
+    for size, name in SIZES.items()
+}
 
 
 @torch.no_grad()

@@ -73,6 +73,80 @@ from common import Batch
 CACHE_VERSION = 3  # raise when what the cache holds, or how it is computed, changes
 
 
+# The math: PRO's ranking loss with its temperatures and SFT term, the ranking cut;
+# functions of tensors, each unit-tested.
+class PROLoss(NamedTuple):
+    loss: torch.Tensor  # the mean over prompts of Σ_k L_PRO,k + the SFT term (with grad)
+    stats: dict  # detached scalars, keyed by their log names
+
+
+def pro_loss(logprobs, mask, rewards, sft_weight) -> PROLoss:
+    """PRO's loss on rankings of n candidates: `logprobs` and `mask` [batch, n, len] per-token log-probs (with grad)
+    and response masks, `rewards` [batch, n] (higher is better). Candidates come in any order; the rewards rank them
+    (a stable sort: tied candidates keep their order). A candidate whose mask is all zero is absent, so rankings of
+    different lengths share a batch. Per prompt with m present candidates ranked y¹ … yᵐ:
+        Σ_{k<m} [ logsumexp({r_θ(yᵏ)·Δᵏ_max} ∪ {r_θ(yⁱ)·Δᵏ_i : i > k}) − r_θ(yᵏ)·Δᵏ_max ]
+        + sft_weight · (m − 1)² · (−Σ_t log π_θ(y¹_t)),
+    with r_θ the length-normalised log-likelihood, Δᵏ_i = r_φ(yᵏ) − r_φ(yⁱ) (= 1/Tᵏ_i) and Δᵏ_max = max_{i>k} Δᵏ_i;
+    `loss` is its mean over prompts. Padding may hold anything, even inf."""
+    real = mask.bool()
+    present = real.any(-1)  # [batch, n]
+    if not present.sum(-1).ge(1).all():
+        raise ValueError("every prompt needs at least one candidate")
+    lp = torch.where(real, logprobs, torch.zeros_like(logprobs))
+    sums = lp.sum(-1)  # log π_θ(y|x), [batch, n]
+    lengths = real.sum(-1).clamp(min=1)
+    scores = sums / lengths  # PRO: r_θ(x, y), the length-normalised log-likelihood
+    # Rank the candidates: best first, absent ones last (a stable sort keeps tied candidates in their order)
+    key = torch.where(present, rewards, torch.full_like(rewards, float("-inf")))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    present = present.gather(1, order)
+    scores = scores.gather(1, order)
+    sums = sums.gather(1, order)
+    ranked = torch.where(present, rewards.gather(1, order), torch.zeros_like(rewards))
+    n = present.shape[1]
+    below = torch.ones(n, n, dtype=torch.bool, device=present.device).triu(1)  # [k, i]: i ranked below k
+    lower = below & present[:, None, :] & present[:, :, None]  # [batch, k, i]: present yⁱ below present yᵏ
+    gaps = (ranked[:, :, None] - ranked[:, None, :]).to(scores.dtype)  # PRO: 1/Tᵏ_i = r_φ(yᵏ) − r_φ(yⁱ)
+    gaps = torch.where(lower, gaps, torch.zeros_like(gaps))
+    top_gap = gaps.amax(-1)  # PRO: 1/Tᵏ_k = max_{i>k} 1/Tᵏ_i, the dynamic temperature of yᵏ
+    others = torch.where(lower, scores[:, None, :] * gaps, torch.full_like(gaps, float("-inf")))
+    logits = torch.cat([(scores * top_gap)[:, :, None], others], dim=-1)  # [batch, k, 1 + n]
+    per_rank = logits.logsumexp(-1) - scores * top_gap  # PRO: L_PRO's term k, −log softmax of yᵏ over {yᵏ … yⁿ}
+    ranks = lower.any(-1)  # a rank k counts when a present candidate lies below it
+    ranking_loss = torch.where(ranks, per_rank, torch.zeros_like(per_rank)).sum(-1)  # PRO: L_PRO = Σ_k term k
+    m = present.sum(-1).to(scores.dtype)
+    sft_nll = -sums[:, 0]  # −log π_θ(y¹|x), summed over tokens
+    sft = sft_weight * (m - 1) ** 2 * sft_nll  # PRO: β · L_SFT, β = sft_weight · (n − 1)²
+    loss = (ranking_loss + sft).mean()  # PRO: L = L_PRO + β · L_SFT, the mean over prompts
+    with torch.no_grad():
+        wins = (scores[:, :, None] > scores[:, None, :]) & lower & (gaps > 0)  # r_θ orders a pair as r_φ does
+        stats = {
+            "policy/ranking_loss": ranking_loss.mean().detach(),
+            "policy/sft_loss": sft.mean().detach(),
+            "policy/sft_nll": sft_nll.mean().detach(),
+            "policy/ranking_accuracy": wins.sum() / (lower & (gaps > 0)).sum().clamp(min=1),
+            "policy/best_score": scores[:, 0].mean().detach(),
+            "policy/candidates": m.mean(),
+        }
+    return PROLoss(loss=loss, stats=stats)
+
+
+def rank_and_cut(candidates, rewards, ranking_len):
+    """Each ranking sorted best first by its rewards (stable: ties keep the dataset's order), cut to its
+    `ranking_len` best candidates (0: all)."""
+    ranked_candidates = []
+    ranked_rewards = []
+    for row_candidates, row_rewards in zip(candidates, rewards):
+        order = sorted(range(len(row_rewards)), key=lambda i: -row_rewards[i])
+        if ranking_len:
+            order = order[:ranking_len]
+        ranked_candidates.append([row_candidates[i] for i in order])
+        ranked_rewards.append([row_rewards[i] for i in order])
+    return ranked_candidates, ranked_rewards
+
+
+# The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
 @dataclass
 class Args(common.RunArgs):
     # Algorithm
@@ -167,77 +241,6 @@ PRESETS = {
     f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")
     for size, name in [("125m", "125M"), ("1b", "1B"), ("6b", "6B")]
 }
-
-
-class PROLoss(NamedTuple):
-    loss: torch.Tensor  # the mean over prompts of Σ_k L_PRO,k + the SFT term (with grad)
-    stats: dict  # detached scalars, keyed by their log names
-
-
-def pro_loss(logprobs, mask, rewards, sft_weight) -> PROLoss:
-    """PRO's loss on rankings of n candidates: `logprobs` and `mask` [batch, n, len] per-token log-probs (with grad)
-    and response masks, `rewards` [batch, n] (higher is better). Candidates come in any order; the rewards rank them
-    (a stable sort: tied candidates keep their order). A candidate whose mask is all zero is absent, so rankings of
-    different lengths share a batch. Per prompt with m present candidates ranked y¹ … yᵐ:
-        Σ_{k<m} [ logsumexp({r_θ(yᵏ)·Δᵏ_max} ∪ {r_θ(yⁱ)·Δᵏ_i : i > k}) − r_θ(yᵏ)·Δᵏ_max ]
-        + sft_weight · (m − 1)² · (−Σ_t log π_θ(y¹_t)),
-    with r_θ the length-normalised log-likelihood, Δᵏ_i = r_φ(yᵏ) − r_φ(yⁱ) (= 1/Tᵏ_i) and Δᵏ_max = max_{i>k} Δᵏ_i;
-    `loss` is its mean over prompts. Padding may hold anything, even inf."""
-    real = mask.bool()
-    present = real.any(-1)  # [batch, n]
-    if not present.sum(-1).ge(1).all():
-        raise ValueError("every prompt needs at least one candidate")
-    lp = torch.where(real, logprobs, torch.zeros_like(logprobs))
-    sums = lp.sum(-1)  # log π_θ(y|x), [batch, n]
-    lengths = real.sum(-1).clamp(min=1)
-    scores = sums / lengths  # PRO: r_θ(x, y), the length-normalised log-likelihood
-    # Rank the candidates: best first, absent ones last (a stable sort keeps tied candidates in their order)
-    key = torch.where(present, rewards, torch.full_like(rewards, float("-inf")))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    present = present.gather(1, order)
-    scores = scores.gather(1, order)
-    sums = sums.gather(1, order)
-    ranked = torch.where(present, rewards.gather(1, order), torch.zeros_like(rewards))
-    n = present.shape[1]
-    below = torch.ones(n, n, dtype=torch.bool, device=present.device).triu(1)  # [k, i]: i ranked below k
-    lower = below & present[:, None, :] & present[:, :, None]  # [batch, k, i]: present yⁱ below present yᵏ
-    gaps = (ranked[:, :, None] - ranked[:, None, :]).to(scores.dtype)  # PRO: 1/Tᵏ_i = r_φ(yᵏ) − r_φ(yⁱ)
-    gaps = torch.where(lower, gaps, torch.zeros_like(gaps))
-    top_gap = gaps.amax(-1)  # PRO: 1/Tᵏ_k = max_{i>k} 1/Tᵏ_i, the dynamic temperature of yᵏ
-    others = torch.where(lower, scores[:, None, :] * gaps, torch.full_like(gaps, float("-inf")))
-    logits = torch.cat([(scores * top_gap)[:, :, None], others], dim=-1)  # [batch, k, 1 + n]
-    per_rank = logits.logsumexp(-1) - scores * top_gap  # PRO: L_PRO's term k, −log softmax of yᵏ over {yᵏ … yⁿ}
-    ranks = lower.any(-1)  # a rank k counts when a present candidate lies below it
-    ranking_loss = torch.where(ranks, per_rank, torch.zeros_like(per_rank)).sum(-1)  # PRO: L_PRO = Σ_k term k
-    m = present.sum(-1).to(scores.dtype)
-    sft_nll = -sums[:, 0]  # −log π_θ(y¹|x), summed over tokens
-    sft = sft_weight * (m - 1) ** 2 * sft_nll  # PRO: β · L_SFT, β = sft_weight · (n − 1)²
-    loss = (ranking_loss + sft).mean()  # PRO: L = L_PRO + β · L_SFT, the mean over prompts
-    with torch.no_grad():
-        wins = (scores[:, :, None] > scores[:, None, :]) & lower & (gaps > 0)  # r_θ orders a pair as r_φ does
-        stats = {
-            "policy/ranking_loss": ranking_loss.mean().detach(),
-            "policy/sft_loss": sft.mean().detach(),
-            "policy/sft_nll": sft_nll.mean().detach(),
-            "policy/ranking_accuracy": wins.sum() / (lower & (gaps > 0)).sum().clamp(min=1),
-            "policy/best_score": scores[:, 0].mean().detach(),
-            "policy/candidates": m.mean(),
-        }
-    return PROLoss(loss=loss, stats=stats)
-
-
-def rank_and_cut(candidates, rewards, ranking_len):
-    """Each ranking sorted best first by its rewards (stable: ties keep the dataset's order), cut to its
-    `ranking_len` best candidates (0: all)."""
-    ranked_candidates = []
-    ranked_rewards = []
-    for row_candidates, row_rewards in zip(candidates, rewards):
-        order = sorted(range(len(row_rewards)), key=lambda i: -row_rewards[i])
-        if ranking_len:
-            order = order[:ranking_len]
-        ranked_candidates.append([row_candidates[i] for i in order])
-        ranked_rewards.append([row_rewards[i] for i in order])
-    return ranked_candidates, ranked_rewards
 
 
 @torch.no_grad()
