@@ -637,8 +637,8 @@ if __name__ == "__main__":
         )
     common.check_rows(args.offline_dataset, prompt=data["prompt"], response=data[response_field])
     missing = [name for name in args.reward_fields if name not in data.column_names]
-    if missing and rank == 0:
-        print(f"note: the rows have no column {', '.join(missing)}: their responses are scored by --reward-model")
+    if missing:
+        common.note(f"the rows have no column {', '.join(missing)}: their responses are scored by --reward-model")
 
     # Seed: one seed while loading and while fitting V_ref (every rank computes the same V_ref and advantages, with
     # no communication); rank r then draws its own batches with seed + r.

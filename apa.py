@@ -611,9 +611,9 @@ if __name__ == "__main__":
         kept = common.fitting_prompts(tokenizer, train_texts, what="training prompts", **encode)
         train_texts = [train_texts[i] for i in kept]
         train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
-        if n_truncated and run.rank == 0:
+        if n_truncated:
             cut = "lost their oldest turns" if args.chat_template else "were left-truncated"
-            print(f"note: {n_truncated} training prompts {cut} to fit the prompt budget")
+            common.note(f"{n_truncated} training prompts {cut} to fit the prompt budget")
         num_iterations = args.total_episodes // per_iteration
         score_moments = RunningMoments()
         vars(score_moments).update(state.get("score_moments", {}))

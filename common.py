@@ -1166,9 +1166,9 @@ def value_model_start(value_model: str, reward: Reward, rank: int) -> str:
     if value_model != "reward" or reward.same_vocabulary:
         return value_model
     if rank == 0:
-        print(
-            "note: the first --reward-model is not a model with the policy's tokenizer; the value model is "
-            "initialised from the policy (--value-model policy)"
+        note(
+            "the first --reward-model is not a model with the policy's tokenizer; the value model is initialised "
+            "from the policy (--value-model policy)"
         )
     return "policy"
 

@@ -244,9 +244,9 @@ def fitting_prompts(
             f"{len(kept)} of the {len(prompts)} {what} fit the prompt budget of {budget} tokens even as their last "
             f"user turn (with the system message), and the run needs {need}; raise --max-prompt-length"
         )
-    if dropped and os.environ.get("RANK", "0") == "0":
-        print(
-            f"note: {dropped} of {len(prompts)} {what} dropped: their last user turn (with the system message) is "
+    if dropped:
+        note(
+            f"{dropped} of {len(prompts)} {what} dropped: their last user turn (with the system message) is "
             f"longer than the prompt budget of {budget} tokens (--max-prompt-length {max_prompt_length})"
         )
     return kept

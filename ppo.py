@@ -622,9 +622,9 @@ if __name__ == "__main__":
     train_texts = [train_texts[i] for i in kept]
     held_out = common.held_out_prompts(tokenizer, eval_texts, run=run, args=args, **encode)
     train_prompts, n_truncated = common.encode_prompts(tokenizer, train_texts, **encode)
-    if n_truncated and run.rank == 0:
+    if n_truncated:
         cut = "lost their oldest turns" if args.chat_template else "were left-truncated"
-        print(f"note: {n_truncated} training prompts {cut} to fit the prompt budget")
+        common.note(f"{n_truncated} training prompts {cut} to fit the prompt budget")
     gold_score = common.builtin_gold_score if args.dataset == common.BUILTIN else None
     if args.ptx_coef > 0:
         ptx_texts = common.load_prompts(
