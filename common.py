@@ -40,6 +40,7 @@ where it is used (optional_part): a missing one is a one-line error that names i
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import html
 import importlib
@@ -437,6 +438,30 @@ def split_rows(split: str, sizes: dict, name: str) -> list:
     return [(part.splitname, range(part.from_, part.to)) for part in instructions]
 
 
+def _stamp(path: str):
+    """What changes when the file or folder at `path` is written again: each file's name, size and modification time
+    (a folder's top-level files); None for a hub name."""
+    if os.path.isfile(path):
+        stat = os.stat(path)
+        return (stat.st_size, stat.st_mtime_ns)
+    if os.path.isdir(path):
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _read_dataset(path: str, stamp):
+    """The dataset at `path`, read once per process while it is unchanged (`stamp`): a training split and an
+    --eval-split of the same file read it once."""
+    import datasets
+
+    if os.path.isdir(path) and {"dataset_dict.json", "state.json"} & set(os.listdir(path)):  # save_to_disk
+        return datasets.load_from_disk(path)
+    if path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
+        return datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
+    return datasets.load_dataset(path)
+
+
 def load_split(name: str, split: str, role: str, flag: str, held_out=None):
     """A split of `builtin`'s `role` folder, a save_to_disk folder, a .jsonl/.json/.parquet file (one split, `train`)
     or a hub name. `split` may be a slice in datasets' syntax ("train[:100]", "train[-5%:]"). `held_out`, the
@@ -446,12 +471,7 @@ def load_split(name: str, split: str, role: str, flag: str, held_out=None):
 
     path = resolve(name, role)
     try:
-        if os.path.isdir(path) and {"dataset_dict.json", "state.json"} & set(os.listdir(path)):  # save_to_disk
-            data = datasets.load_from_disk(path)
-        elif path.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")):
-            data = datasets.load_dataset("parquet" if path.endswith(".parquet") else "json", data_files=path)
-        else:
-            data = datasets.load_dataset(path)
+        data = _read_dataset(path, _stamp(path))
     except Exception as e:  # datasets raises many kinds of error; the user needs one line
         fail(
             f"cannot load dataset '{name}' ({_first_line(e)}); pass {flag} a dataset folder, a .jsonl/.json/.parquet "

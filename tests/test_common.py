@@ -987,3 +987,21 @@ def test_optional_part_is_not_mistaken_for_a_module_of_the_same_name(tmp_path, m
     assert ours is not theirs and hasattr(ours, "split_hh")
     assert sys.modules["formats"] is theirs
     assert common.optional_part("formats.py") is ours
+
+
+def test_a_file_read_for_training_and_evaluation_is_read_once(tmp_path, monkeypatch):
+    """--eval-split 'train[-25%:]' of the training file: one read of the file for both splits; the file written
+    again is read again."""
+    import datasets
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(8)))
+    reads = []
+    load_dataset = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: reads.append(a) or load_dataset(*a, **k))
+    held_out = (str(path), "train[-25%:]")
+    train = common.load_prompts(str(path), "train", held_out=held_out)
+    held = common.load_prompts(str(path), "train[-25%:]")
+    assert (train, held, len(reads)) == ([f"p{i}" for i in range(6)], ["p6", "p7"], 1)
+    path.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(4)))
+    assert common.load_prompts(str(path), "train") == ["q0", "q1", "q2", "q3"] and len(reads) == 2
