@@ -5,9 +5,8 @@ import math
 import pytest
 from conftest import TINY_ONLINE, assert_resume_reproduces, read_run, run_script, timed
 
-OFFLINE = (
-    "--offline-dataset builtin --offline-epochs 2 --mini-batch-size 32 --max-new-tokens 24 --eval-prompts 16".split()
-)
+# With the first 256 of the built-in task's scored rows (builtin_offline_head): 8 steps an epoch
+OFFLINE = "--offline-epochs 2 --mini-batch-size 32 --max-new-tokens 24 --eval-prompts 16".split()
 
 
 def _check(records, steps, keys):
@@ -43,16 +42,17 @@ def test_online_single_process(builtin_path, tmp_path, script):
 
 
 @pytest.mark.parametrize("script", ["apa.py", "awr.py"])
-def test_offline_advantages_are_refreshed_every_epoch(builtin_path, tmp_path, script):
+def test_offline_advantages_are_refreshed_every_epoch(builtin_offline_head, tmp_path, script):
     """The value model is fitted to the returns first and the advantages recomputed from it before every epoch
     (the released offline code took them once from an untrained value head): they must change between epochs."""
-    run_script(script, *OFFLINE, "--output-dir", str(tmp_path / "a"))
+    args = ["--offline-dataset", builtin_offline_head, *OFFLINE]
+    run_script(script, *args, "--output-dir", str(tmp_path / "a"))
     _, records = read_run(tmp_path / "a")
     _check(records, 2, ["policy/loss", "value/loss", "offline/advantage_change", "eval/gold_score"])
     assert records[1]["offline/advantage_change"] == 0.0  # nothing to compare with at the first epoch
     assert records[2]["offline/advantage_change"] > 1e-3
     if script == "awr.py":  # stopped after epoch 1 of 2, resumed (its value model and last advantages): the same
-        assert_resume_reproduces(script, OFFLINE, records, tmp_path)
+        assert_resume_reproduces(script, args, records, tmp_path)
 
 
 def test_apa_torchrun_zero3(builtin_path, tmp_path):

@@ -26,7 +26,7 @@ def _jsonl(path, rows):
 
 
 @pytest.fixture(scope="module")
-def runs(builtin_path, tmp_path_factory):
+def runs(builtin_path, builtin_offline_head, tmp_path_factory):
     """Every bad run of this file, two at a time (they are mostly start-up): name -> (CompletedProcess, folder)."""
     tmp = tmp_path_factory.mktemp("bad")
     prompts = _jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in ["the movie", "a film", "  ", "the plot"]])
@@ -89,6 +89,8 @@ def runs(builtin_path, tmp_path_factory):
             [
                 "--algorithm",
                 "nll",
+                "--offline-dataset",
+                builtin_offline_head,  # R and V_ref of 256 rows, not 1024, before the first step
                 "--learning-rate",
                 "1e30",
                 "--total-steps",

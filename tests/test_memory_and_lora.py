@@ -33,24 +33,29 @@ RUNS = {
     "awr": (
         "awr.py",
         (
-            "--offline-dataset builtin --offline-epochs 1 --mini-batch-size 32 --max-new-tokens 16 --eval-prompts 16"
+            "--offline-dataset HEAD --offline-epochs 1 --mini-batch-size 32 --max-new-tokens 16 --eval-prompts 16"
         ).split(),
     ),
     "alol": (
         "alol.py",
         (
-            "--total-steps 8 --mini-batch-size 4 --eval-every 4 --eval-prompts 8 --value-prompts 40 --value-epochs 2 "
-            "--max-new-tokens 12 --no-cache"
+            "--offline-dataset HEAD --total-steps 8 --mini-batch-size 4 --eval-every 4 --eval-prompts 8 "
+            "--value-prompts 40 --value-epochs 2 --max-new-tokens 12 --no-cache"
         ).split(),
     ),
     "ilql": (
         "ilql.py",
         (
-            "--offline-epochs 1 --mini-batch-size 64 --eval-prompts 16 --max-new-tokens 16 --log-every 4 --eval-betas "
-            "0 2"
+            "--offline-dataset HEAD --offline-epochs 1 --mini-batch-size 64 --eval-prompts 16 --max-new-tokens 16 "
+            "--log-every 2 --eval-betas 0 2"
         ).split(),
     ),
 }
+
+
+def _args(name, head):
+    """RUNS[name]'s arguments, HEAD the first rows of the built-in scored rows (conftest's builtin_offline_head)."""
+    return [head if arg == "HEAD" else arg for arg in RUNS[name][1]]
 
 
 def _tiny(arch: str, kind: str, seed=0):
@@ -211,16 +216,21 @@ def _adapted_weight(state, prefix):
 
 
 @pytest.fixture(scope="module")
-def lora_runs(builtin_path, tmp_path_factory):
+def lora_runs(builtin_path, builtin_offline_head, tmp_path_factory):
     """Every script once with a LoRA adapter (ZeRO-0, one process), two at a time, plus PPO under --bf16."""
     tmp = tmp_path_factory.mktemp("lora")
     jobs = {
-        name: (script, [*args, *LORA, "--output-dir", str(tmp / name)], {}) for name, (script, args) in RUNS.items()
+        name: (script, [*_args(name, builtin_offline_head), *LORA, "--output-dir", str(tmp / name)], {})
+        for name, (script, _) in RUNS.items()
     }
     jobs["ppo"][1].append("--gradient-checkpointing")
     jobs["apa"][1].extend(["--attn-implementation", "eager"])
     jobs["ppo_bf16"] = ("ppo.py", [*RUNS["ppo"][1], "--bf16", "--output-dir", str(tmp / "ppo_bf16")], {})
-    jobs["ilql_bf16"] = ("ilql.py", [*RUNS["ilql"][1], "--bf16", "--output-dir", str(tmp / "ilql_bf16")], {})
+    jobs["ilql_bf16"] = (
+        "ilql.py",
+        [*_args("ilql", builtin_offline_head), "--bf16", "--output-dir", str(tmp / "ilql_bf16")],
+        {},
+    )
     procs = run_pairs(jobs)
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
@@ -288,11 +298,11 @@ def test_bf16_trains_every_model_in_bf16(lora_runs, name):
 
 
 @pytest.mark.parametrize("name", ["alol", "awr"])
-def test_lora_resumes_exactly_in_one_process(builtin_path, tmp_path, name):
+def test_lora_resumes_exactly_in_one_process(builtin_path, builtin_offline_head, tmp_path, name):
     """With LoRA dropout and gradient checkpointing (train mode in the update, eval mode elsewhere, from the first
     step of a resumed run too); offline AWR over two epochs."""
-    script, args = RUNS[name]
-    args = [*args, *LORA, "--lora-dropout", "0.1", "--gradient-checkpointing"]
+    script = RUNS[name][0]
+    args = [*_args(name, builtin_offline_head), *LORA, "--lora-dropout", "0.1", "--gradient-checkpointing"]
     if name == "awr":
         args += ["--offline-epochs", "2"]
     run_script(script, *args, "--output-dir", str(tmp_path / "a"))
