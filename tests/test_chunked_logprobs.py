@@ -145,3 +145,28 @@ def test_auto_chunks_only_large_logits_and_never_a_transformed_head(monkeypatch)
     with torch.no_grad():
         common.forward_logprobs(model, *ragged_rows())
     assert calls == [2, 2, 2, 2, 1]
+
+
+def test_chunks_with_a_lora_adapter_on_the_head_and_with_it_switched_off():
+    """With LoRA (here also on the LM head, so that the chunks must call the adapted head) the chunks give the one
+    pass's log-probs and adapter gradients, and under adapter_off (π_ref) the base model's log-probs."""
+    base = tiny_model("llama")
+    rows = ragged_rows()
+    with torch.no_grad():
+        expected_ref = common.forward_logprobs(base, *rows, temperature=0.7, chunk=0)
+    model = common.add_lora(base, "causal", r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "lm_head"])
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0; a random B makes the adapter change the log-probs
+            torch.nn.init.normal_(parameter, std=0.5)
+    settings = {"temperature": 0.7, "repetition_penalty": 1.3, "with_entropy": True}
+    whole, whole_grads = values_and_grads(model, rows, chunk=0, **settings)
+    got, grads = values_and_grads(model, rows, chunk=4, **settings)
+    assert any("lm_head" in name for name in grads) and all("lora_" in name for name in grads)
+    for a, b in zip(got, whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], whole_grads[name], atol=1e-5, rtol=0, msg=name)
+    with torch.no_grad(), common.adapter_off(model):
+        off = common.forward_logprobs(model, *rows, temperature=0.7, chunk=4)
+    torch.testing.assert_close(off, expected_ref, atol=1e-5, rtol=0)
+    assert (off - common.forward_logprobs(model, *rows, temperature=0.7, chunk=4).detach()).abs().max() > 1e-2
