@@ -56,7 +56,11 @@ The numbers, per (script, variant); tok/s = real response tokens per second (the
                    master copy, no state beyond AdamW's; the flat copy of the gradients that its all-reduce makes after
                    every backward lives only during that call and is not counted.
   phase peaks    = the same peak per phase of that iteration, each minus the idle process: loading (the models and
-                   their engines), generation, scoring, the update epoch (the counter reset as each phase starts).
+                   their engines), generation, scoring, the update epoch (the counter reset as each phase starts; the
+                   --json record also has what each phase started from). On the CPU, weights that transformers
+                   loads from safetensors stay memory-mapped: their pages count in RSS once first read, so loading
+                   reads small and each model's weights show in the first phase that reads them (gradients and
+                   AdamW's states in the update's).
   peak / floor   = peak above idle / floor.
   shares         = generation / scoring / update of one iteration, the update counted update_epochs times.
 
@@ -800,15 +804,20 @@ def main(argv=None):
             return torch.randperm(opts.batch_size, generator=torch.Generator().manual_seed(seed)).split(mb)
 
         # ---- warm-up = the memory pass: one script iteration, nothing of the bare side allocated yet ----------------
-        # The peak of each phase: the peak counter is reset when the phase starts and read when it ends
+        # The peak of each phase: the peak counter is reset when the phase starts and read when it ends; what the
+        # process held at its start is kept too (the phase's own transient memory is the difference)
         phase_peaks = {"loading": read_peak(torch, device)}
+        phase_starts = {"loading": start_bytes}
         torch.manual_seed(opts.seed)
+        phase_starts["generation"] = idle_bytes(torch, device)
         reset_peak(torch, device)
         response_ids, response_mask, _ = script_generate()
         phase_peaks["generation"] = read_peak(torch, device)
+        phase_starts["scoring"] = idle_bytes(torch, device)
         reset_peak(torch, device)
         rollout = script_score(response_ids, response_mask)
         phase_peaks["scoring"] = read_peak(torch, device)
+        phase_starts["update"] = idle_bytes(torch, device)
         reset_peak(torch, device)
         script_update(rollout, minibatches_for(opts.seed))
         phase_peaks["update"] = read_peak(torch, device)
@@ -910,6 +919,7 @@ def main(argv=None):
             "peak_memory_bytes": peak_bytes,
             "peak_above_idle_bytes": peak_above_idle,
             "phase_peaks_above_idle_bytes": {phase: peak - idle for phase, peak in phase_peaks.items()},
+            "phase_starts_above_idle_bytes": {phase: held - idle for phase, held in phase_starts.items()},
             "logprob_chunk": opts.logprob_chunk,
             "floor_bytes": floor["total"],
             "floor": floor,
