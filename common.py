@@ -15,7 +15,8 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
                                        layouts through released.py)
      9. Distributed set-up             the process group, all-reduce of CPU tensors, generate under ZeRO-3
     10. Engines                        DeepSpeed or TorchEngine, their configs, learning-rate schedules
-    11. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties
+    11. Forward passes                 log-probs, values and entropies over (prompt | response), sampling penalties,
+                                       the LM head over chunks of positions (LOGPROB_CHUNK)
     12. Masked statistics              means and whitening where padding never counts, optionally over all ranks
     13. Evaluation of online runs      Rollout, decode_responses, held_out_prompts, evaluate_held_out (the held-out
                                        evaluation), rollout_metrics, log_iteration: ppo.py, apa.py, awr.py
@@ -1693,6 +1694,16 @@ def in_chunks(fn, rows, size: int):
     return torch.cat([fn(*[r[i : i + size] for r in rows]) for i in range(0, len(rows[0]), size)])
 
 
+LOGPROB_CHUNK: int | str = "auto"
+"""Positions per chunk of forward_logprobs's LM head when it takes no `chunk`: "auto" chunks a forward whose
+[rows, response positions, vocabulary] float32 logits would exceed 2 × LOGPROB_CHUNK_FLOATS, in chunks of about
+LOGPROB_CHUNK_FLOATS; 0 never chunks; N > 0 chunks every forward in N positions."""
+LOGPROB_CHUNK_FLOATS = 1 << 24  # 64 MiB of float32 logits per chunk: large enough that the head's matmul stays
+# efficient (each chunk reads the whole head again), small next to a real model's weights and activations
+# Config fields of architectures whose logits are not `lm_head(last hidden state)`: they take the unchunked path
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
 def forward_logprobs(
     model,
     query_ids,
@@ -1703,33 +1714,95 @@ def forward_logprobs(
     with_entropy=False,
     repetition_penalty=1.0,
     entropy_grad=True,
+    chunk=None,
 ):
     """Per-token log π(y_t | x, y_<t) of the response, [batch, response_len] (0 on padding), from the logits at the
-    last prompt position and the response's: the LM head runs on those R + 1 positions only
-    (`logits_to_keep`), never on the prompt's, where a real vocabulary would cost prompt × vocabulary floats each.
+    last prompt position and the response's: the LM head runs on those positions only (`logits_to_keep`), never on
+    the prompt's, where a real vocabulary would cost prompt × vocabulary floats each.
     The logits are first penalised as ResponseRepetitionPenalty does while sampling, then divided by temperature:
     the log-probs are those of the distribution the responses were sampled from (top-k / top-p aside). Optionally the
-    entropy per token; `entropy_grad=False` computes it without a graph (logged, not trained on)."""
+    entropy per token; `entropy_grad=False` computes it without a graph (logged, not trained on).
+    `chunk` (default LOGPROB_CHUNK): positions per chunk of the LM head, log-sum-exp, gather and entropy, each chunk
+    recomputed in the backward pass (activation checkpointing), so that no [batch, response_len, vocabulary] tensor
+    is ever alive; "auto" chunks only where that tensor is large, 0 never. The values are those of one pass."""
     ids, mask, pos = concat_inputs(query_ids, query_mask, response_ids, response_mask, device=model.device)
     prompt_length = query_ids.shape[1]
     width = response_ids.shape[1]
+    response_tokens = ids[:, prompt_length:]
+    on_response = mask[:, prompt_length:]
+    settings = {
+        "temperature": temperature,
+        "repetition_penalty": repetition_penalty,
+        "with_entropy": with_entropy,
+        "entropy_grad": entropy_grad,
+    }
+    size = logprob_chunk_size(model, rows=len(ids), width=width, chunk=LOGPROB_CHUNK if chunk is None else chunk)
+    if size:
+        hidden = last_hidden(model, ids, mask=mask, position_ids=pos)[:, -width - 1 : -1]  # position t predicts t + 1
+        head = hf_model(model).get_output_embeddings()
+        parts = []
+        for start in range(0, width, size):
+            inputs = (head, hidden[:, start : start + size], response_tokens[:, : start + size], start)
+            if torch.is_grad_enabled():
+                parts.append(
+                    torch.utils.checkpoint.checkpoint(_head_logprobs, *inputs, **settings, use_reentrant=False)
+                )
+            else:
+                parts.append(_head_logprobs(*inputs, **settings))
+        if not with_entropy:
+            return torch.cat(parts, 1) * on_response
+        return torch.cat([p[0] for p in parts], 1) * on_response, torch.cat([p[1] for p in parts], 1) * on_response
     forward = hf_model(model).forward  # a DeepSpeed engine and a PeftModel pass keyword arguments through
     keep = {"logits_to_keep": width + 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **keep).logits
-    logits = logits[:, -width - 1 : -1].float()  # the logit at position t predicts token t + 1
-    response_tokens = ids[:, prompt_length:]
+    logits = logits[:, -width - 1 : -1]  # the logit at position t predicts token t + 1
+    out = token_logprobs(logits, response_tokens, **settings)
+    if not with_entropy:
+        return out * on_response
+    return out[0] * on_response, out[1] * on_response
+
+
+def logprob_chunk_size(model, rows: int, width: int, chunk) -> int:
+    """Positions per chunk of forward_logprobs's LM head, 0 for one unchunked pass of the whole model: `chunk`
+    ("auto", 0 or N), and 0 where the model's logits are not its head applied to its last hidden state."""
+    if chunk == 0:
+        return 0
+    inner = hf_model(model)
+    head = inner.get_output_embeddings()
+    config = inner.config
+    if head is None or any(getattr(config, name, None) not in (None, 1, 1.0) for name in HEAD_TRANSFORMS):
+        return 0
+    if chunk != "auto":
+        return int(chunk)
+    vocabulary = getattr(config, "vocab_size", None) or 0
+    if rows * width * vocabulary <= 2 * LOGPROB_CHUNK_FLOATS:
+        return 0
+    return max(1, LOGPROB_CHUNK_FLOATS // (rows * vocabulary))
+
+
+def _head_logprobs(head, hidden, tokens_so_far, start, **settings):
+    """token_logprobs of the positions start.. of a chunk from their hidden states; tokens_so_far = the response's
+    tokens up to the chunk's end, so that the repetition penalty sees the tokens of earlier chunks."""
+    return token_logprobs(head(hidden), tokens_so_far, first=start, **settings)
+
+
+def token_logprobs(logits, response_tokens, temperature, repetition_penalty, with_entropy, entropy_grad, first=0):
+    """log-softmax(penalised logits / temperature) at each response token, [batch, len], and optionally the entropy
+    per position, without padding's mask. logits [batch, len, vocab] predict response_tokens[:, first:]; the tokens
+    before `first` count as emitted for the repetition penalty."""
+    logits = logits.float()
+    tokens = response_tokens[:, first:]
     if repetition_penalty != 1.0:
-        logits = penalise_repeats(logits, response_tokens, repetition_penalty)
+        logits = penalise_repeats(logits, tokens, repetition_penalty, emitted=response_tokens[:, :first])
     if temperature != 1.0:  # a division by 1 would still be a pass (and its backward) over batch × length × vocabulary
         logits = logits / temperature
     logsumexp = logits.logsumexp(-1)  # gather − logsumexp: no [batch, len, vocab] log-softmax kept around
-    on_response = mask[:, prompt_length:]
-    logprobs = (logits.gather(-1, response_tokens[:, :, None]).squeeze(-1) - logsumexp) * on_response
+    logprobs = logits.gather(-1, tokens[:, :, None]).squeeze(-1) - logsumexp
     if not with_entropy:
         return logprobs
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = logsumexp - (logits.softmax(-1) * logits).sum(-1)
-    return logprobs, entropy * on_response
+    return logprobs, entropy
 
 
 class ResponseRepetitionPenalty(LogitsProcessor):
@@ -1750,10 +1823,13 @@ class ResponseRepetitionPenalty(LogitsProcessor):
         return scores.scatter(1, emitted, penalised)
 
 
-def penalise_repeats(logits, response_ids, penalty: float):
+def penalise_repeats(logits, response_ids, penalty: float, emitted=None):
     """The teacher-forced ResponseRepetitionPenalty: logits[:, t] with the tokens response_ids[:, :t] penalised.
-    logits [batch, response_len, vocab] predict response_ids [batch, response_len]."""
+    logits [batch, response_len, vocab] predict response_ids [batch, response_len]; `emitted` [batch, n], tokens
+    emitted before response_ids[:, 0] (a chunk's earlier positions), are penalised at every position too."""
     seen = torch.zeros_like(logits[:, 0], dtype=torch.bool)
+    if emitted is not None and emitted.shape[1]:
+        seen = seen.scatter(1, emitted, True)
     penalised = []
     for t in range(logits.shape[1]):
         step = logits[:, t]

@@ -11,7 +11,11 @@ tied to the LM head (16.0 M parameters, 80 % of them the embedding), with GPT-2'
 ../shared/data/tokenizers/gpt2. It is saved with save_pretrained (a policy folder, and a 1-output
 LlamaForSequenceClassification folder that is the reward model and the value model's start) under
 ~/.cache/onefile-rlhf/bench (or $ONEFILE_RLHF_CACHE/bench), keyed by its settings and the tokenizer, and loaded by
-`common.load_model` / `common.load_reward` like any checkpoint. <HH> = ../shared/data/hh-rlhf/helpful-base-test.jsonl.gz
+`common.load_model` / `common.load_reward` like any checkpoint. `--model llama-bpe-152k` is the same Llama with
+Qwen 2.5's 151,936-row vocabulary (42.1 M parameters; GPT-2's token ids are a subset, the other rows unused by the
+prompts but part of every LM head output), to show what the log-probs' logits cost at a real vocabulary;
+`--logprob-chunk` sets common.LOGPROB_CHUNK (auto, 0 = the whole logits at once, N positions per chunk).
+<HH> = ../shared/data/hh-rlhf/helpful-base-test.jsonl.gz
 (the built-in prompts if it is missing). `--prompt-length N` makes every prompt exactly N tokens: the prompts' token
 ids, in a seeded random order, are concatenated and cut into consecutive N-token pieces (no padding, no prompt
 shorter); without it each prompt is the script's own encode_prompts (cut to its max_prompt_length).
@@ -51,6 +55,12 @@ The numbers, per (script, variant); tok/s = real response tokens per second (the
                    (exp_avg, exp_avg_sq), all float32. ZeRO-0 float32 DeepSpeed steps torch's AdamW as it is: no
                    master copy, no state beyond AdamW's; the flat copy of the gradients that its all-reduce makes after
                    every backward lives only during that call and is not counted.
+  phase peaks    = the same peak per phase of that iteration, each minus the idle process: loading (the models and
+                   their engines), generation, scoring, the update epoch (the counter reset as each phase starts; the
+                   --json record also has what each phase started from). On the CPU, weights that transformers
+                   loads from safetensors stay memory-mapped: their pages count in RSS once first read, so loading
+                   reads small and each model's weights show in the first phase that reads them (gradients and
+                   AdamW's states in the update's).
   peak / floor   = peak above idle / floor.
   shares         = generation / scoring / update of one iteration, the update counted update_epochs times.
 
@@ -81,6 +91,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONLINE = ("ppo", "apa", "awr")
 VARIANTS = ("full", "unchunked", "lora")
 LLAMA_BPE = "llama-bpe"
+LLAMA_152K = "llama-bpe-152k"
+VOCAB_152K = 151_936  # Qwen 2.5's embedding rows
+BUILT_MODELS = (LLAMA_BPE, LLAMA_152K)
 GPT2_TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "tokenizers", "gpt2")
 HH_PROMPTS = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "helpful-base-test.jsonl.gz")
 # The built-in real-architecture model: a random Llama whose parameters are mostly its (tied) 50k-row embedding.
@@ -122,12 +135,14 @@ def parse_args(argv=None):
         epilog="\n\n".join(__doc__.split("\n\n")[2:]),
     )
     parser.add_argument("--real", action="store_true", help="the realistic setting (see below); options given win")
-    parser.add_argument("--model", default=None, help="policy (and π_ref): hub name, folder, `builtin` or `llama-bpe`")
+    parser.add_argument(
+        "--model", default=None, help="policy (and π_ref): hub name, folder, `builtin`, `llama-bpe` or `llama-bpe-152k`"
+    )
     parser.add_argument(
         "--reward-model",
         default=None,
-        help="reward model (and value-model start): hub name, folder, `builtin`, `llama-bpe` or module:function "
-        "(default: the one that goes with --model)",
+        help="reward model (and value-model start): hub name, folder, `builtin`, `llama-bpe`, `llama-bpe-152k` "
+        "or module:function (default: the one that goes with --model)",
     )
     parser.add_argument("--dataset", default=None, help="where the prompts come from (its `train` split)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per rollout (default 64; --real 16)")
@@ -157,6 +172,12 @@ def parse_args(argv=None):
         default=None,
         help="which variants (default: full; all three with llama-bpe)",
     )
+    parser.add_argument(
+        "--logprob-chunk",
+        default="auto",
+        help="positions per chunk of forward_logprobs's LM head in the scripts' path (common.LOGPROB_CHUNK): auto "
+        "(default), 0 = one pass of the whole logits, N = N positions",
+    )
     parser.add_argument("--lora-r", type=int, default=16, help="rank of the adapters of the lora variant")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up; medians are reported")
     parser.add_argument(
@@ -182,9 +203,13 @@ def parse_args(argv=None):
         if getattr(opts, name) is None:
             setattr(opts, name, value)
     if opts.reward_model is None:
-        opts.reward_model = LLAMA_BPE if opts.model == LLAMA_BPE else "builtin"
+        opts.reward_model = opts.model if opts.model in BUILT_MODELS else "builtin"
     if opts.variants is None:
-        opts.variants = list(VARIANTS) if opts.model == LLAMA_BPE else ["full"]
+        opts.variants = list(VARIANTS) if opts.model in BUILT_MODELS else ["full"]
+    if opts.logprob_chunk != "auto":
+        if not opts.logprob_chunk.isdigit():
+            parser.error("--logprob-chunk must be auto, 0 (off) or a number of positions")
+        opts.logprob_chunk = int(opts.logprob_chunk)
 
     # Sizes that cannot work.
     for name in ("batch_size", "max_new_tokens", "repeats", "lora_r"):
@@ -317,23 +342,28 @@ def memory_floor(held_models, trained_models):
 
 
 # ---- the built-in real-architecture model ----------------------------------------------------------------------------
-def llama_bpe_folders(common):
-    """(policy folder, reward folder) of `llama-bpe`, built on first use (seconds) into the cache. Returns them and
-    whether they were built now."""
+def llama_bpe_folders(common, name=LLAMA_BPE):
+    """(policy folder, reward folder) of `llama-bpe` or `llama-bpe-152k`, built on first use (seconds) into the cache.
+    Returns them and whether they were built now. `llama-bpe-152k` is the same Llama with Qwen 2.5's 151,936-row
+    embedding: GPT-2's 50,257 token ids are a subset, the other rows are never read by a token but are a real
+    vocabulary's LM head (its logits, log-sum-exp and softmax)."""
     tokenizer_file = os.path.join(GPT2_TOKENIZER, "tokenizer.json")
     if not os.path.exists(tokenizer_file):
         common.fail(
-            f"--model {LLAMA_BPE} needs GPT-2's tokenizer in {os.path.normpath(GPT2_TOKENIZER)} (../shared "
+            f"--model {name} needs GPT-2's tokenizer in {os.path.normpath(GPT2_TOKENIZER)} (../shared "
             f"beside the project); pass another --model"
         )
 
     # The folder's name: a hash of the settings and of the tokenizer's own file.
     with open(tokenizer_file, "rb") as f:
         tokenizer_digest = hashlib.sha256(f.read()).hexdigest()
-    key_text = json.dumps([LLAMA_BPE_SETTINGS, tokenizer_digest], sort_keys=True)
+    settings = dict(LLAMA_BPE_SETTINGS)
+    if name == LLAMA_152K:
+        settings["vocab_size"] = VOCAB_152K
+    key_text = json.dumps([settings, tokenizer_digest], sort_keys=True)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     cache = os.environ.get("ONEFILE_RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "onefile-rlhf"))
-    path = os.path.join(cache, "bench", f"{LLAMA_BPE}-{key}")
+    path = os.path.join(cache, "bench", f"{name}-{key}")
     policy_path = os.path.join(path, "policy")
     reward_path = os.path.join(path, "reward")
     if os.path.exists(os.path.join(reward_path, "config.json")):
@@ -343,24 +373,25 @@ def llama_bpe_folders(common):
     import torch
     import transformers
 
-    print(f"bench: building {LLAMA_BPE} into {path}", file=sys.stderr, flush=True)
+    print(f"bench: building {name} into {path}", file=sys.stderr, flush=True)
     building = f"{path}.tmp-{os.getpid()}"
     tokenizer = transformers.AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
-    settings = {k: v for k, v in LLAMA_BPE_SETTINGS.items() if k != "seed"}
+    seed = settings.pop("seed")
+    vocab_size = settings.pop("vocab_size", len(tokenizer))
     eos = tokenizer.eos_token_id
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         bos_token_id=eos,
         eos_token_id=eos,
         pad_token_id=eos,
         num_labels=1,
         **settings,
     )
-    torch.manual_seed(LLAMA_BPE_SETTINGS["seed"])
+    torch.manual_seed(seed)
     policy = transformers.LlamaForCausalLM(config)
     policy.save_pretrained(os.path.join(building, "policy"))
     tokenizer.save_pretrained(os.path.join(building, "policy"))
-    torch.manual_seed(LLAMA_BPE_SETTINGS["seed"] + 1)
+    torch.manual_seed(seed + 1)
     reward = transformers.LlamaForSequenceClassification(config)
     reward.save_pretrained(os.path.join(building, "reward"))
     tokenizer.save_pretrained(os.path.join(building, "reward"))
@@ -414,17 +445,20 @@ def main(argv=None):
     if "lora" in opts.variants:
         import peft  # noqa: F401 - imported before the idle measurement, as everything else the run needs
 
-    # The models: `llama-bpe` is built (first time) or found in the cache.
+    # The models: `llama-bpe` and `llama-bpe-152k` are built (first time) or found in the cache.
     built_now = False
     model_name = opts.model
     reward_name = opts.reward_model
-    if opts.model == LLAMA_BPE or opts.reward_model == LLAMA_BPE:
-        policy_path, reward_path, built_now = llama_bpe_folders(common)
-        release_freed_memory(torch, device)
-        if opts.model == LLAMA_BPE:
-            model_name = policy_path
-        if opts.reward_model == LLAMA_BPE:
-            reward_name = reward_path
+    for built_in in BUILT_MODELS:
+        if built_in in (opts.model, opts.reward_model):
+            policy_path, reward_path, built = llama_bpe_folders(common, built_in)
+            built_now = built_now or built
+            release_freed_memory(torch, device)
+            if opts.model == built_in:
+                model_name = policy_path
+            if opts.reward_model == built_in:
+                reward_name = reward_path
+    common.LOGPROB_CHUNK = opts.logprob_chunk  # forward_logprobs's default, in the scripts' path only
 
     def sync():
         if cuda:
@@ -770,11 +804,24 @@ def main(argv=None):
             return torch.randperm(opts.batch_size, generator=torch.Generator().manual_seed(seed)).split(mb)
 
         # ---- warm-up = the memory pass: one script iteration, nothing of the bare side allocated yet ----------------
+        # The peak of each phase: the peak counter is reset when the phase starts and read when it ends; what the
+        # process held at its start is kept too (the phase's own transient memory is the difference)
+        phase_peaks = {"loading": read_peak(torch, device)}
+        phase_starts = {"loading": start_bytes}
         torch.manual_seed(opts.seed)
+        phase_starts["generation"] = idle_bytes(torch, device)
+        reset_peak(torch, device)
         response_ids, response_mask, _ = script_generate()
+        phase_peaks["generation"] = read_peak(torch, device)
+        phase_starts["scoring"] = idle_bytes(torch, device)
+        reset_peak(torch, device)
         rollout = script_score(response_ids, response_mask)
+        phase_peaks["scoring"] = read_peak(torch, device)
+        phase_starts["update"] = idle_bytes(torch, device)
+        reset_peak(torch, device)
         script_update(rollout, minibatches_for(opts.seed))
-        peak_bytes = read_peak(torch, device)
+        phase_peaks["update"] = read_peak(torch, device)
+        peak_bytes = max(phase_peaks.values())
 
         # ---- the bare side's optimizers and its warm-up ------------------------------------------------------------
         optimizers = []
@@ -855,6 +902,7 @@ def main(argv=None):
             "mini_batch_size": mb,
             "update_epochs": epochs,
             "policy_parameters": base_parameters,
+            "model_vocabulary": common.hf_model(policy).config.vocab_size,
             "trainable_parameters": sum(p.numel() for p in raw_policy.parameters() if p.requires_grad),
             "optimizers": optimizers_used,
             "rollout_tokens_per_s": median(reps, "rollout_tps"),
@@ -870,6 +918,9 @@ def main(argv=None):
             "start_bytes": start_bytes,
             "peak_memory_bytes": peak_bytes,
             "peak_above_idle_bytes": peak_above_idle,
+            "phase_peaks_above_idle_bytes": {phase: peak - idle for phase, peak in phase_peaks.items()},
+            "phase_starts_above_idle_bytes": {phase: held - idle for phase, held in phase_starts.items()},
+            "logprob_chunk": opts.logprob_chunk,
             "floor_bytes": floor["total"],
             "floor": floor,
             "peak_over_floor": peak_above_idle / floor["total"],
@@ -904,10 +955,11 @@ def main(argv=None):
         f"prompts of exactly {opts.prompt_length} tokens" if opts.prompt_length else "the scripts' prompt encoding"
     )
     setup = (
-        f"setup: policy {opts.model} ({n_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}), reward/value "
-        f"{opts.reward_model}; {opts.batch_size} prompts ({prompts}, {opts.dataset}), <= {opts.max_new_tokens} new "
-        f"tokens; float32, ZeRO-0, one process; median of {opts.repeats} repeat(s) after 1 warm-up; memory = "
-        f"{memory_kind}, idle process {idle / mib:.0f} MiB"
+        f"setup: policy {opts.model} ({n_params / 1e6:.2f} M parameters, vocabulary {results[0]['model_vocabulary']}, "
+        f"tokenizer {len(tokenizer)}), reward/value {opts.reward_model}; {opts.batch_size} prompts ({prompts}, "
+        f"{opts.dataset}), <= {opts.max_new_tokens} new tokens; float32, ZeRO-0, one process; median of "
+        f"{opts.repeats} repeat(s) after 1 warm-up; log-prob chunk {opts.logprob_chunk} (positions per chunk of the "
+        f"LM head; 0 = none); memory = {memory_kind}, idle process {idle / mib:.0f} MiB"
     )
     columns = (
         "script",
@@ -920,6 +972,7 @@ def main(argv=None):
         "bare loop tok/s",
         f"update ratio (≥ {TARGETS['update']})",
         "peak above idle (MiB)",
+        "load / gen / score / update peaks (MiB)",
         "floor (MiB)",
         f"peak / floor (≤ {TARGETS['memory']})",
         "gen / score / update",
@@ -944,6 +997,7 @@ def main(argv=None):
             f"{r['bare_update_tokens_per_s']:.0f}",
             at_least(r["update_ratio"], TARGETS["update"]),
             f"{r['peak_above_idle_bytes'] / mib:.1f}",
+            " / ".join(f"{peak / mib:.0f}" for peak in r["phase_peaks_above_idle_bytes"].values()),
             f"{r['floor_bytes'] / mib:.1f}",
             at_most(r["peak_over_floor"], TARGETS["memory"]),
             shares,
@@ -961,8 +1015,10 @@ def main(argv=None):
     optimizer_names = sorted({o for r in results for o in r["optimizers"]})
     lines.append(
         "peak above idle = the peak over loading the variant's models and one script iteration, minus the idle "
-        "process. floor = float32 weights of the policy, π_ref (a model of its own except with LoRA), the value and "
-        "the reward model, plus a gradient and AdamW's exp_avg and exp_avg_sq for every trainable parameter; ZeRO-0 "
+        "process; the peaks of its phases (loading the models and their engines, generation, scoring, one update "
+        "epoch), each minus the idle process, follow it. floor = float32 weights of the policy, π_ref (a model of its "
+        "own except with LoRA), the value and the reward model, plus a gradient and AdamW's exp_avg and exp_avg_sq "
+        "for every trainable parameter; ZeRO-0 "
         f"float32 DeepSpeed holds nothing more (its optimizer: {', '.join(optimizer_names)}; the flat gradient copy "
         "of its all-reduce lives only during that call and is not counted). ⚠ = target missed (reported, not "
         "failed)."
@@ -975,7 +1031,7 @@ def main(argv=None):
             )
     if built_now:
         lines.append(
-            f"note: {LLAMA_BPE} was built in this run; what the build left resident counts in the idle process"
+            f"note: {opts.model} was built in this run; what the build left resident counts in the idle process"
         )
     for r in results:
         if not r["same_tokens"]:
