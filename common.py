@@ -240,6 +240,10 @@ class RunArgs:
     gradient_checkpointing: bool = False
     """recompute each block's activations in the backward pass instead of keeping them: less memory for about a
     third more compute, in the update's forward passes only"""
+    logprob_chunk: int | Literal["auto"] = "auto"
+    """response positions per chunk of the LM head when log-probs are computed (each chunk recomputed in the backward
+    pass), so that no [rows, positions, vocabulary] logits tensor is alive: `auto` chunks where those logits would
+    exceed 128 MiB of float32 (a large vocabulary times long responses), 0 never, N always in N positions"""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     """the attention kernel of every model loaded (default: transformers' choice, sdpa where the model has it)"""
     reward_device: str = "policy"
@@ -334,6 +338,7 @@ def start_run(args: RunArgs, script: str, one_weight_per_reward_model: bool = Tr
     LoRA flags; wandb for --track; a --resume folder this script with this many ranks can continue), then the process
     group. `script` names the script and its mode: a
     checkpoint is continued only by the same."""
+    set_logprob_chunk(args.logprob_chunk)
     for entry in args.reward_model:
         check_reward_entry(entry)
     weights = args.reward_weights
@@ -1760,6 +1765,14 @@ def forward_logprobs(
     if not with_entropy:
         return out * on_response
     return out[0] * on_response, out[1] * on_response
+
+
+def set_logprob_chunk(chunk):
+    """--logprob-chunk: the chunk every forward_logprobs of this process uses (LOGPROB_CHUNK)."""
+    global LOGPROB_CHUNK
+    if chunk != "auto" and chunk < 0:
+        fail(f"--logprob-chunk {chunk}: pass auto, 0 (never chunk) or a positive number of positions")
+    LOGPROB_CHUNK = chunk
 
 
 def logprob_chunk_size(model, rows: int, width: int, chunk) -> int:
