@@ -240,7 +240,7 @@ PRESETS = {
         cliprange_high=0.28,
         kl_coef=0.0,
     ),
-    "rloo": dict(advantage_estimator="rloo", kl_in_reward=True, kl_coef=0.05),  # RLOO: the KL in the reward
+    "rloo": dict(advantage_estimator="rloo", kl_in_reward=True),  # RLOO: the KL in the reward
     "gspo": dict(advantage_estimator="grpo", importance="sequence", kl_coef=0.0),
 }
 
