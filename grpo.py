@@ -39,7 +39,8 @@ response is taken from the other responses of its group.
 Where this differs from the released code:
 - `token_mean` and `constant` aggregate over each mini-batch of one rank (a DeepSpeed step's batch), as TRL and verl
   do per micro-batch, not over the whole rollout of all ranks.
-- DAPO's dynamic sampling and its overlong reward shaping are not implemented here.
+- DAPO's dynamic sampling (resampling groups whose rewards are all equal) is not implemented here; its overlong
+  reward shaping is (`--overlong-buffer`): 0 up to max-new-tokens − buffer tokens, then falling linearly to −1.
 - With β = 0 and no --kl-in-reward, π_ref is not loaded: the logged KL to π_ref (rollout/kl_*, eval/kl_to_ref) is
   then 0 by construction, not measured.
 
@@ -102,6 +103,13 @@ def aggregate(per_token, response_mask, *, aggregation, max_tokens=None):
             raise ValueError("aggregation 'constant' needs max_tokens")
         return masked.sum() / (per_token.shape[0] * max_tokens)  # Dr. GRPO: Σ_i Σ_t / (G · max tokens)
     raise ValueError(f"unknown aggregation {aggregation!r}; use sequence_mean, token_mean or constant")
+
+
+def overlong_penalty(*, lengths, max_tokens, buffer):
+    """DAPO's soft overlong punishment, added to the score: 0 for a response of at most max_tokens − buffer tokens, then
+    falling linearly to −1 at max_tokens, −1 beyond. `lengths` [batch] (response tokens). Returns [batch]."""
+    start = max_tokens - buffer
+    return ((start - lengths) / buffer).clamp(min=-1.0, max=0.0)  # DAPO's R_length(y), soft overlong punishment
 
 
 class GRPOLoss(NamedTuple):
@@ -198,6 +206,9 @@ class Args(common.RunArgs):
     """ε_high: the ratio is clipped above at 1 + ε_high (DAPO's clip-higher: above ε_low)"""
     kl_coef: float = 0.04
     """β: the weight of the KL to π_ref (DeepSeekMath: 0.04); 0 with no --kl-in-reward does not load π_ref"""
+    overlong_buffer: int = 0
+    """DAPO's overlong reward shaping: the last this many of --max-new-tokens cost up to 1 in the score, linearly;
+    0 = off"""
     kl_in_reward: bool = False
     """put the KL in the score, r − β Σ_t (log π_old − log π_ref) (RLOO), not k3 in the loss (GRPO)"""
     update_epochs: int = 1
@@ -358,6 +369,11 @@ if __name__ == "__main__":
             f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
             f"{args.mini_batch_size}; pick a mini-batch size that divides it"
         )
+    if not 0 <= args.overlong_buffer < args.max_new_tokens:
+        common.fail(
+            f"--overlong-buffer {args.overlong_buffer} must lie in [0, --max-new-tokens {args.max_new_tokens}); pass a "
+            "smaller buffer, e.g. a quarter of --max-new-tokens"
+        )
     run = common.start_run(args, "grpo.py")
     device = run.device
     per_iteration = args.rollout_batch_size * run.world_size  # episodes per iteration, all ranks together
@@ -510,12 +526,20 @@ if __name__ == "__main__":
         t_rollout = time.time() - t0
         with torch.no_grad():
             # 2. The KL to π_ref per token (log π_old − log π_ref, k1, and k2, k3, for the log); with --kl-in-reward
-            # the score pays β times its sum over the response (RLOO).
+            # the score pays β times its sum over the response (RLOO); with --overlong-buffer, DAPO's length penalty.
             log_ratio = (sampled.ref_logprobs - old_logprobs) * response_mask  # r = log π_ref − log π_old
             kl = {"k1": -log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(log_ratio) - log_ratio}
             scores = sampled.scores
             if args.kl_in_reward:
                 scores = scores - args.kl_coef * kl["k1"].sum(1)  # RLOO: r(x, y) − β log(π(y|x) / π_ref(y|x))
+            length_penalty = torch.zeros_like(scores)
+            if args.overlong_buffer:  # DAPO: the score of a response in the last --overlong-buffer tokens falls
+                length_penalty = overlong_penalty(
+                    lengths=response_mask.sum(1),
+                    max_tokens=args.max_new_tokens,
+                    buffer=args.overlong_buffer,
+                )
+            scores = scores + length_penalty
 
             # 3. One advantage per response from its group (--advantage-estimator), on every token of it.
             advantages = group_advantages(scores=scores, group_size=args.group_size, estimator=args.advantage_estimator)
@@ -572,6 +596,8 @@ if __name__ == "__main__":
         metrics["rollout/score_std_in_group"] = groups.std(1).mean().item()
         metrics["rollout/zero_std_groups"] = (groups.std(1) == 0).float().mean().item()  # groups with no signal
         metrics["rollout/advantage_abs_mean"] = advantages.abs().mean().item()
+        if args.overlong_buffer:
+            metrics["rollout/overlong_penalty"] = length_penalty.mean().item()  # DAPO's length term, mean per response
         common.log_iteration(
             metrics,
             iteration=iteration,

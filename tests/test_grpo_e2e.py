@@ -45,10 +45,14 @@ def test_default_run_and_stopped_and_resumed_is_identical(builtin_path, tmp_path
 
 
 def test_every_variant_flag_runs(builtin_path, tmp_path):
-    """Each flag at least once, in three runs: Dr. GRPO without π_ref; RLOO with the KL in the reward, DAPO's
-    token-mean and clip-higher over two epochs; GSPO's sequence ratio with LoRA (π_ref = the adapter off)."""
+    """Each flag at least once, in three runs: Dr. GRPO without π_ref, with DAPO's overlong shaping; RLOO with the KL
+    in the reward, DAPO's token-mean and clip-higher over two epochs; GSPO's sequence ratio with LoRA (π_ref = the
+    adapter off)."""
     jobs = {
-        "dr_grpo": ["--advantage-estimator", "dr_grpo", "--loss-aggregation", "constant", "--kl-coef", "0"],
+        "dr_grpo": [
+            *("--advantage-estimator", "dr_grpo", "--loss-aggregation", "constant", "--kl-coef", "0"),
+            *("--overlong-buffer", "6"),
+        ],
         "rloo": [
             "--preset",
             "rloo",
@@ -76,6 +80,8 @@ def test_every_variant_flag_runs(builtin_path, tmp_path):
     assert "π_ref is not loaded" in procs["dr_grpo"].stdout
     assert all("policy/kl_loss" not in r for r in records["dr_grpo"][1:])
     assert all(r["rollout/kl_to_ref"] == 0 for r in records["dr_grpo"][1:])
+    # --overlong-buffer 6 of 12 new tokens: the responses that reach 7 or more tokens lose up to 1
+    assert all(-1 <= r["rollout/overlong_penalty"] < 0 for r in records["dr_grpo"][1:])
 
     # RLOO: the KL is in the reward, not the loss; after the first iteration's two epochs π_old has left π_ref
     assert all("policy/kl_loss" not in r for r in records["rloo"][1:])
@@ -91,3 +97,5 @@ def test_bad_group_settings_are_one_line_errors(builtin_path):
     assert "--rollout-batch-size 16 is not a multiple of --group-size 3" in line and "--rollout-batch-size 15" in line
     line = error_line(run_script("grpo.py", *TINY_ONLINE, "--group-size", "1", check=False))
     assert "--group-size 1" in line and "--group-size 2 or more" in line
+    line = error_line(run_script("grpo.py", *TINY_ONLINE, "--overlong-buffer", "12", check=False))
+    assert "--overlong-buffer 12 must lie in [0, --max-new-tokens 12)" in line

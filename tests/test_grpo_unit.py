@@ -210,3 +210,11 @@ def test_grpo_loss_rejects_unknown_names():
         grpo.grpo_loss(**kwargs, cliprange_low=0.2, cliprange_high=0.2, aggregation="token_mean", importance="x")
     with pytest.raises(ValueError, match="needs max_tokens"):
         grpo.grpo_loss(**kwargs, cliprange_low=0.2, cliprange_high=0.2, aggregation="constant")
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO's soft overlong punishment with L_max = 12, L_cache = 4: 0 up to 8 tokens, then −1/4 per token, −1 at 12
+    and beyond."""
+    lengths = torch.tensor([1.0, 8.0, 9.0, 10.0, 12.0, 14.0])
+    got = grpo.overlong_penalty(lengths=lengths, max_tokens=12, buffer=4)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
