@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, error_line, read_run
 
 GPT2_TOKENIZER = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2"
-SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py", "dpo.py", "pro.py"]
+SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py", "dpo.py", "pro.py", "grpo.py"]
 REWARD_FUNCTION = "def length(prompts, responses):\n    return [len(r) / 10 for r in responses]\n"
 # Flags every run passes: the policy is --model-name-or-path (added per run), the rest keeps each run to seconds
 TINY = "--max-new-tokens 6 --eval-prompts 4 --output-dir runs".split()
@@ -28,6 +28,7 @@ RUNS = {
     "ppo.py": ["--reward-model", "RM", "--dataset", "prompts.jsonl", *ONLINE],
     "apa.py": ["--reward-model", "my_reward:length", "--dataset", "prompts.jsonl", "--value-model", "policy", *ONLINE],
     "awr.py": ["--reward-model", "my_reward:length", "--dataset", "prompts.jsonl", "--value-model", "policy", *ONLINE],
+    "grpo.py": ["--reward-model", "my_reward:length", "--dataset", "prompts.jsonl", *ONLINE],  # groups of 4
     "ilql.py": [
         *("--reward-model", "my_reward:length", "--offline-dataset", "scored.jsonl", "--dataset", "prompts.jsonl"),
         *"--offline-epochs 1 --mini-batch-size 8 --eval-betas 1 --log-every 2".split(),
@@ -144,7 +145,7 @@ def trained(yours, tmp_path_factory):
 
 
 def test_import_common_imports_no_algorithm_script_and_no_optional_part():
-    scripts = ["ppo", "apa", "awr", "ilql", "alol", "dpo", "pro"]
+    scripts = ["ppo", "apa", "awr", "ilql", "alol", "dpo", "pro", "grpo"]
     parts = [*scripts, "released", "evaluate", "builtin_build", "formats", "lora", "tracking"]
     check = f"import sys, common; print([name for name in {parts} if name in sys.modules])"
     proc = run_in(ROOT, "-c", check)

@@ -23,7 +23,7 @@ def test_ruff_check_finds_nothing():
 
 PAPERS = "APA|PPO|GAE|Ziegler|Stiennon|InstructGPT|AWR|ILQL|A-LoL|DPO|PRO"
 MARKER = rf"\b({PAPERS}) (eq\. \(\d+[a-z]?\)|Algorithm \d+, lines? \d+(?:[–-]\d+)?)"
-SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py", "dpo.py", "pro.py"]
+SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py", "dpo.py", "pro.py", "grpo.py"]
 
 
 def equation_table():
