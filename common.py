@@ -1909,7 +1909,7 @@ class Rollout(NamedTuple):
     scores: torch.Tensor  # [batch], the weighted sum of the rewards, before any scaling
     ended: torch.Tensor  # [batch] bool, the response emitted EOS (or a stop string)
     old_logprobs: torch.Tensor  # [batch, response_len], log π_old: the policy that sampled
-    ref_logprobs: torch.Tensor  # [batch, response_len], log π_ref = log π_init
+    ref_logprobs: torch.Tensor | None  # [batch, response_len], log π_ref = log π_init; None: no π_ref loaded
 
 
 class HeldOut(NamedTuple):
@@ -1975,10 +1975,12 @@ def evaluate_held_out(
             response_mask = sampled.batch.response_mask
             texts = decode_responses(tokenizer, sampled.batch.response_ids, response_mask)
             gold = gold_score(texts) if gold_score else [0.0] * len(texts)
-            kl_to_ref = ((sampled.old_logprobs - sampled.ref_logprobs) * response_mask).sum(1)
+            kl_to_ref = None  # without π_ref (grpo.py at β = 0) there is no KL to report
+            if sampled.ref_logprobs is not None:
+                kl_to_ref = ((sampled.old_logprobs - sampled.ref_logprobs) * response_mask).sum(1)
             columns = [  # in the order of EVAL_KEYS
                 sampled.scores.cpu(),
-                kl_to_ref.cpu(),
+                torch.full_like(sampled.scores.cpu(), math.nan) if kl_to_ref is None else kl_to_ref.cpu(),
                 response_mask.sum(1).cpu(),
                 (~sampled.ended).float().cpu(),
                 torch.tensor(gold),
@@ -1997,6 +1999,8 @@ def evaluate_held_out(
     metrics = dict(zip(EVAL_KEYS, means))
     if gold_score is None:
         metrics.pop("eval/gold_score")
+    if sampled.ref_logprobs is None:
+        metrics.pop("eval/kl_to_ref")
     log.samples(step, samples)
     return mean_across_ranks(metrics)
 
@@ -2060,9 +2064,10 @@ def log_iteration(
     log(iteration, metrics)
     if run.rank == 0:
         gold = f" gold {metrics['rollout/gold_score']:+.3f}" if "rollout/gold_score" in metrics else ""
+        kl = f" kl {metrics['rollout/kl_to_ref']:.2f}" if "rollout/kl_to_ref" in metrics else ""
         print(
-            f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold} "
-            f"kl {metrics['rollout/kl_to_ref']:.2f}{shown} len {metrics['rollout/response_length']:.1f} "
+            f"iter {iteration:4d}/{num_iterations} score {metrics['rollout/score']:+.3f}{gold}"
+            f"{kl}{shown} len {metrics['rollout/response_length']:.1f} "
             f"tokens/s {metrics['time/rollout_tokens_per_s']:.0f} (rollout) "
             f"{metrics['time/update_tokens_per_s']:.0f} (update) "
             f"episodes/s {metrics['time/episodes_per_s']:.3g}, {metrics['time/iteration']:.2f} s/iter",

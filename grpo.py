@@ -41,8 +41,8 @@ Where this differs from the released code:
   do per micro-batch, not over the whole rollout of all ranks.
 - DAPO's dynamic sampling (resampling groups whose rewards are all equal) is not implemented here; its overlong
   reward shaping is (`--overlong-buffer`): 0 up to max-new-tokens − buffer tokens, then falling linearly to −1.
-- With β = 0 and no --kl-in-reward, π_ref is not loaded: the logged KL to π_ref (rollout/kl_*, eval/kl_to_ref) is
-  then 0 by construction, not measured.
+- With β = 0 and no --kl-in-reward, π_ref is not loaded, and no KL to it is logged (no rollout/kl_*,
+  eval/kl_to_ref).
 
 Commands:
     python grpo.py                                             # the built-in task, one CPU process
@@ -334,7 +334,7 @@ def rollout(models: Models, sampling: Sampling, prompt_rows, prompts) -> common.
     old_logprobs_of = functools.partial(common.forward_logprobs, models.policy, **penalties)
     with torch.no_grad():
         old_logprobs = common.in_chunks(old_logprobs_of, rows, chunk)
-        ref_logprobs = old_logprobs
+        ref_logprobs = None  # no π_ref loaded (β = 0, no KL in the reward): no KL to it either
         if models.ref_policy is not None:
             ref_logprobs_of = functools.partial(common.forward_logprobs, models.ref_policy, **penalties)
             with common.adapter_off(models.ref_policy):
@@ -424,7 +424,7 @@ if __name__ == "__main__":
     policy = place.trainable(policy, at="policy", lr=args.learning_rate, schedule=schedule)
     if not with_ref:
         ref_policy = None
-        common.note("--kl-coef 0 without --kl-in-reward: π_ref is not loaded, and the KL to it is logged as 0")
+        common.note("--kl-coef 0 without --kl-in-reward: π_ref is not loaded, and no KL to it is logged")
     elif args.lora_r:
         ref_policy = policy  # common.adapter_off reads it as π_ref
     else:
@@ -527,8 +527,10 @@ if __name__ == "__main__":
         with torch.no_grad():
             # 2. The KL to π_ref per token (log π_old − log π_ref, k1, and k2, k3, for the log); with --kl-in-reward
             # the score pays β times its sum over the response (RLOO); with --overlong-buffer, DAPO's length penalty.
-            log_ratio = (sampled.ref_logprobs - old_logprobs) * response_mask  # r = log π_ref − log π_old
-            kl = {"k1": -log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(log_ratio) - log_ratio}
+            kl = {}  # without π_ref (β = 0, no --kl-in-reward) there is no KL to it to log
+            if sampled.ref_logprobs is not None:
+                log_ratio = (sampled.ref_logprobs - old_logprobs) * response_mask  # r = log π_ref − log π_old
+                kl = {"k1": -log_ratio, "k2": 0.5 * log_ratio**2, "k3": torch.expm1(log_ratio) - log_ratio}
             scores = sampled.scores
             if args.kl_in_reward:
                 scores = scores - args.kl_coef * kl["k1"].sum(1)  # RLOO: r(x, y) − β log(π(y|x) / π_ref(y|x))
@@ -590,8 +592,10 @@ if __name__ == "__main__":
         # evaluation on the held-out prompts every --eval-every iterations.
         metrics = {key: sum(stats[key] for stats in step_stats) / len(step_stats) for key in step_stats[0]}
         metrics.update(common.rollout_metrics(sampled, kl, tokenizer=tokenizer, gold_score=gold_score))
-        kl_k1 = kl["k1"]
-        metrics["rollout/kl_to_ref"] = masked_mean(kl_k1.sum(1), torch.ones_like(kl_k1[:, 0]), across_ranks=True).item()
+        if kl:
+            kl_k1 = kl["k1"]
+            ones = torch.ones_like(kl_k1[:, 0])
+            metrics["rollout/kl_to_ref"] = masked_mean(kl_k1.sum(1), ones, across_ranks=True).item()
         groups = sampled.scores.view(-1, args.group_size)
         metrics["rollout/score_std_in_group"] = groups.std(1).mean().item()
         metrics["rollout/zero_std_groups"] = (groups.std(1) == 0).float().mean().item()  # groups with no signal
