@@ -19,7 +19,7 @@ Sections, in file order (each starts with a `# ---- Name ----` line):
                                        the LM head over chunks of positions (LOGPROB_CHUNK)
     12. Masked statistics              means and whitening where padding never counts, optionally over all ranks
     13. Evaluation of online runs      Rollout, decode_responses, held_out_prompts, evaluate_held_out (the held-out
-                                       evaluation), rollout_metrics, log_iteration: ppo.py, apa.py, awr.py
+                                       evaluation), rollout_metrics, log_iteration: ppo.py, apa.py, awr.py, grpo.py
     14. Logging and saving             progress bars, TensorBoard, metrics.jsonl, samples.jsonl, HF folders, W&B
     15. Resumable checkpoints          save / load bit for bit, stop signals, non-finite guards, a clean exit
     16. Caches                         content keys (fingerprint, file_digest, hub_commit), cached(_rows), distinct_n
