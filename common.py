@@ -184,6 +184,10 @@ class RunArgs:
     # The optimiser
     mini_batch_size: int = 16
     """rows per rank per optimiser step"""
+    micro_batch_size: int = 0
+    """rows per rank per forward/backward pass (0: the whole mini-batch in one): the optimiser step's gradient is
+    accumulated over mini_batch_size / micro_batch_size passes, each loss weighted by its micro-batch's share of the
+    mini-batch, so that accumulation changes the memory a step takes and nothing else"""
     learning_rate: float = 3e-5
     """policy learning rate (AdamW)"""
     max_grad_norm: float = 1.0
@@ -339,6 +343,7 @@ def start_run(args: RunArgs, script: str, one_weight_per_reward_model: bool = Tr
     group. `script` names the script and its mode: a
     checkpoint is continued only by the same."""
     set_logprob_chunk(args.logprob_chunk)
+    check_micro_batch(args)
     for entry in args.reward_model:
         check_reward_entry(entry)
     weights = args.reward_weights
@@ -365,6 +370,28 @@ def start_run(args: RunArgs, script: str, one_weight_per_reward_model: bool = Tr
         dir=os.path.join(args.output_dir, name),
         script=script,
     )
+
+
+def check_micro_batch(args: RunArgs):
+    """--micro-batch-size must split each mini-batch into equal passes."""
+    micro = args.micro_batch_size
+    if micro < 0 or (micro and args.mini_batch_size % micro):
+        fail(
+            f"--micro-batch-size {micro} does not divide --mini-batch-size {args.mini_batch_size}; pick a divisor of "
+            f"it (or 0 for the whole mini-batch in one pass)"
+        )
+
+
+def micro_batches(idx: torch.Tensor, micro_batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The rows `idx` of one mini-batch as the micro-batches of --micro-batch-size rows that accumulate its gradient
+    (0: one micro-batch, the whole mini-batch)."""
+    return idx.split(micro_batch_size or len(idx))
+
+
+def token_share(micro_mask: torch.Tensor, mini_mask: torch.Tensor) -> float:
+    """The micro-batch's share of the mini-batch's response tokens: a token-mean loss over the micro-batch times this
+    is its part of the mini-batch's token mean, so the accumulated gradient is the mini-batch's."""
+    return micro_mask.sum().item() / max(mini_mask.sum().item(), 1)
 
 
 def checkpoint_if_due(run: Run, args: RunArgs, *, step: int, engines: dict, state: dict, signum: int):
@@ -1389,6 +1416,7 @@ def deepspeed_config(
     train=True,
     hidden_size=None,
     eps=1e-8,
+    accumulation_steps=1,
 ):
     """`train=False`: a frozen model sharded like the policy. torch's AdamW (nothing to compile) unless offloading.
     With the model's `hidden_size` h, ZeRO's buffers are sized to it as transformers' Trainer sizes them ("auto"):
@@ -1406,7 +1434,7 @@ def deepspeed_config(
         zero["offload_param"] = cpu
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation_steps,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
@@ -1480,10 +1508,22 @@ def current_lr(engine) -> float:
 class TorchEngine:
     """Engine calls (forward, backward, step, .module, .device) for a model on its own device, or without DeepSpeed."""
 
-    def __init__(self, model, lr, max_grad_norm=1.0, betas=(0.9, 0.95), weight_decay=0.0, schedule=None, eps=1e-8):
+    def __init__(
+        self,
+        model,
+        lr,
+        max_grad_norm=1.0,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+        schedule=None,
+        eps=1e-8,
+        accumulation_steps=1,
+    ):
         self.module = model
         self.device = model.device
         self.max_grad_norm = max_grad_norm
+        self.accumulation_steps = accumulation_steps
+        self.micro_steps = 0
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule or _constant_lr)
@@ -1491,7 +1531,10 @@ class TorchEngine:
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    backward = staticmethod(torch.Tensor.backward)  # engine.backward(loss) is loss.backward() here
+    def backward(self, loss, scale_wrt_gas=True):
+        """loss.backward(), the loss divided by the accumulation steps unless `scale_wrt_gas` is False (DeepSpeed's
+        engine.backward: the scripts pass losses already weighted by their micro-batch's share, and False)."""
+        (loss / self.accumulation_steps if scale_wrt_gas else loss).backward()
 
     def train(self, mode=True):
         self.module.train(mode)
@@ -1501,6 +1544,11 @@ class TorchEngine:
         return self.train(False)
 
     def step(self):
+        """Called after every micro-batch's backward, as DeepSpeed's engine.step(): the optimiser steps at the last
+        micro-batch of each mini-batch (the gradient accumulation boundary) and only then."""
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation_steps:
+            return
         params = [p for p in self.module.parameters() if p.grad is not None]
         if _world() > 1:  # the mean gradient over ranks, in one flat buffer (through this rank's GPU under NCCL)
             flat = all_reduce_cpu(torch.cat([p.grad.flatten() for p in params]))
@@ -1530,9 +1578,12 @@ def prepare_trainable(
     weight_decay=0.0,
     schedule=None,
     eps=1e-8,
+    accumulation_steps=1,
 ):
     """A DeepSpeed engine on this rank's device, or a TorchEngine when the model is placed elsewhere. `schedule`
-    (see lr_schedule) scales `lr` at every optimiser step; resumable checkpoints keep its position."""
+    (see lr_schedule) scales `lr` at every optimiser step; resumable checkpoints keep its position. Each optimiser
+    step accumulates the gradients of `accumulation_steps` micro-batches of `micro_batch_size` rows: engine.step()
+    after every micro-batch's backward steps the optimiser at the last of them."""
     if placement.startswith("cuda") and int(os.environ.get("LOCAL_WORLD_SIZE", _world())) > 1:
         fail(
             f"--value-device {placement} would put the value model of every rank of this node on one GPU, where NCCL "
@@ -1548,6 +1599,7 @@ def prepare_trainable(
             weight_decay=weight_decay,
             schedule=schedule,
             eps=eps,
+            accumulation_steps=accumulation_steps,
         )
     config = deepspeed_config(
         zero_stage,
@@ -1560,6 +1612,7 @@ def prepare_trainable(
         weight_decay=weight_decay,
         hidden_size=hidden_size_of(model),
         eps=eps,
+        accumulation_steps=accumulation_steps,
     )
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -1593,6 +1646,7 @@ class Placement(NamedTuple):
 
     zero_stage: int
     micro_batch_size: int
+    accumulation_steps: int
     bf16: bool
     offload: bool
     trust_remote_code: bool
@@ -1608,7 +1662,8 @@ class Placement(NamedTuple):
     def of(cls, args: RunArgs) -> "Placement":
         return cls(
             zero_stage=args.zero_stage,
-            micro_batch_size=args.mini_batch_size,
+            micro_batch_size=args.micro_batch_size or args.mini_batch_size,
+            accumulation_steps=args.mini_batch_size // (args.micro_batch_size or args.mini_batch_size),
             bf16=args.bf16,
             offload=args.offload,
             trust_remote_code=args.trust_remote_code,
@@ -1662,6 +1717,7 @@ class Placement(NamedTuple):
             eps=self.eps,
             weight_decay=self.weight_decay,
             schedule=schedule,
+            accumulation_steps=self.accumulation_steps,
         )
 
     def frozen(self, model, at: str):
