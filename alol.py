@@ -184,6 +184,8 @@ def fit_value_head(
     torch.manual_seed(seed)  # same head, same dropout masks on every rank
     head = ValueHead(hidden.shape[-1], lo, hi).to(device)
     head.out.bias.data.fill_(torch.logit((targets.mean() - lo) / (hi - lo), eps=1e-4).item())  # start at the mean
+    # torch's AdamW defaults (ε 1e-8, weight decay 0.01); the released script's head took transformers' AdamW (ε 1e-6,
+    # no weight decay: lolrl_qlora_llama_hh.py L187)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
     n_fit = max(1, int(0.9 * len(targets)))
     order = torch.Generator().manual_seed(seed)
@@ -317,6 +319,11 @@ HH = dict(
     adam_eps=1e-6,
     weight_decay=0.01,
     max_grad_norm=0.3,
+    # V_ref's head as the released script fits it (lolrl_qlora_llama_hh.py L187: AdamW at 1e-5; L109: 10 epochs;
+    # L61 and L206: batches of 16 prompts)
+    value_learning_rate=1e-5,
+    value_epochs=10,
+    value_batch_size=16,
 )
 PRESETS = {
     f"hh-{size}": dict(HH, model_name_or_path=f"Dahoas/pythia-{name}-static-sft")

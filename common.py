@@ -1957,7 +1957,7 @@ def mean_across_ranks(metrics: dict) -> dict:
     return dict(zip(keys, (values / _world()).tolist()))
 
 
-# ---- Evaluation and the per-iteration log of the online scripts (ppo.py, apa.py, awr.py) -----------------------------
+# ---- Evaluation and the per-iteration log of the online scripts (ppo.py, apa.py, awr.py, grpo.py) --------------------
 class Rollout(NamedTuple):
     """Responses sampled for a batch of prompts, scored, with their log-probs under π_old and π_ref."""
 

@@ -243,6 +243,9 @@ RELEASED = [
         dict(lr=49, betas="45-L46", eps=47, optimizer="632-L634", schedule=52, scheduler=636, clip=50, batch="55-L56")
         | dict(steps=76, prompt=143, generate=150),
     ),
+    Released("alol", "hh-*", "value_learning_rate", 1e-5, f"{LOL_ALOL}#L187"),
+    Released("alol", "hh-*", "value_epochs", 10, f"{LOL_ALOL}#L109"),
+    Released("alol", "hh-*", "value_batch_size", 16, f"{LOL_ALOL}#L61, {LOL_ALOL}#L206"),
     *lol_hh(
         "dpo",
         LOL_DPO,
