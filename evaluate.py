@@ -7,13 +7,20 @@ An ILQL run decodes as ilql.py does: eval_policy imports ilql.py for its logits 
 evaluating one needs ilql.py beside this file."""
 
 import contextlib
+import copy
 import json
 import os
 from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
-from transformers import GenerationConfig
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from common import (
     BUILTIN,
@@ -61,8 +68,6 @@ def eval_policy(path: str, flag: str, device, beta: float) -> EvalPolicy:
     lm = load_model(name=path, kind="causal", flag=flag).to(device).eval()
     if not os.path.exists(os.path.join(resolve(path, "sft"), "ilql_heads.safetensors")):
         return EvalPolicy(lm, None)
-    import copy
-
     ilql = optional_part("ilql.py", f"{flag} {path}, a run of ilql.py,")  # the decoding lives with its algorithm
 
     model = ilql.ILQLModel(lm)
@@ -70,6 +75,51 @@ def eval_policy(path: str, flag: str, device, beta: float) -> EvalPolicy:
     ilql.load_heads(model, target_q_heads, resolve(path, "sft"))
     model.to(device).eval()
     return EvalPolicy(lm, ilql.ILQLLogitsProcessor(model, target_q_heads.to(device), beta))
+
+
+class SampledLogprobs(LogitsProcessor):
+    """The last processor of a `generate` call: at each step it keeps the log-softmax of the scores the next token is
+    drawn from, [batch, vocabulary], and at the next step (whose input ends with that token) keeps only the drawn
+    token's log-prob. One step's distribution is alive at a time, not one per step as `output_scores` keeps them."""
+
+    def __init__(self):
+        self.previous = None
+        self.logprobs = []
+
+    def __call__(self, input_ids, scores):
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, response_ids) -> torch.Tensor:
+        """[batch, steps]: the log-prob of each sampled token; `response_ids` the tokens generated."""
+        if self.previous is not None:  # the last token is drawn after the last call
+            self.logprobs.append(self.previous.gather(1, response_ids[:, len(self.logprobs), None]).squeeze(1))
+        return (
+            torch.stack(self.logprobs, 1)
+            if self.logprobs
+            else response_ids.new_zeros(response_ids.shape, dtype=torch.float)
+        )
+
+
+def sampling_processors(settings: GenerationConfig) -> tuple[GenerationConfig, list]:
+    """`settings` without its temperature, top-k and top-p, and those warpers as processors in `generate`'s order,
+    so that a processor placed after them (SampledLogprobs) reads the distribution the tokens are drawn from."""
+    warpers = []
+    if settings.do_sample and settings.temperature is not None and settings.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(settings.temperature))
+    if settings.do_sample and settings.top_k:
+        warpers.append(TopKLogitsWarper(top_k=settings.top_k))
+    if settings.do_sample and settings.top_p is not None and settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=settings.top_p))
+    plain = copy.deepcopy(settings)
+    plain.temperature = 1.0
+    plain.top_k = 0
+    plain.top_p = 1.0
+    plain.output_scores = False
+    plain.return_dict_in_generate = False
+    return plain, warpers
 
 
 @torch.no_grad()
@@ -87,28 +137,23 @@ def sample_for_eval(
 ):
     """Responses to the (token-id) prompts, sampled with `settings` (a GenerationConfig), cut after EOS and at the
     stop strings, with the log-probs of the sampled tokens under the sampling distribution itself: read from the
-    processed scores of `generate` (temperature, top-k and ILQL's shift all applied), so KL estimates need no second
-    pass through the policy. `desc`: the name of its progress bar."""
+    processed scores at each step of `generate` (ILQL's shift, temperature, top-k and top-p applied; SampledLogprobs),
+    so KL estimates need no second pass through the policy. `desc`: the name of its progress bar."""
+    plain, warpers = sampling_processors(settings)
     parts = []
     for start in progress(range(0, len(prompt_rows), batch_size), desc=desc, enabled=show_progress):
         query_ids, query_mask = pad_left(prompt_rows[start : start + batch_size], tokenizer.pad_token_id, device)
+        recorder = SampledLogprobs()
         processors = [policy.processor] if policy.processor is not None else []
         with policy.processor or contextlib.nullcontext():
-            out = policy.lm.generate(
+            sequences = policy.lm.generate(
                 input_ids=query_ids,
                 attention_mask=query_mask,
-                generation_config=settings,
-                logits_processor=processors,
+                generation_config=plain,
+                logits_processor=[*processors, *warpers, recorder],
             )
-        response_ids = out.sequences[:, query_ids.shape[1] :]
-        # one decoding step at a time: a [batch, vocab] log-softmax, never a [batch, steps, vocab] copy of the scores
-        logprobs = torch.stack(
-            [
-                s.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
-                for s, token in zip(out.scores, response_ids.T)
-            ],
-            1,
-        )
+        response_ids = sequences[:, query_ids.shape[1] :]
+        logprobs = recorder.finish(response_ids)
         response_ids, response_mask, _ = truncate_after_eos(
             response_ids,
             eos_id=tokenizer.eos_token_id,
@@ -206,8 +251,6 @@ def evaluate_run(
         max_new_tokens=run.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        output_scores=True,
-        return_dict_in_generate=True,
     )
     sampling = dict(
         stop_strings=getattr(run, "stop_strings", []),

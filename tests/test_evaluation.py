@@ -41,7 +41,8 @@ def test_win_rate_counts_ties_as_half_and_brackets_the_rate():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_log_probs_are_those_of_the_sampling_distribution(builtin_path, temperature):
-    """The log-probs read from generate's processed scores equal a teacher-forced pass at the same temperature."""
+    """The log-probs read from generate's processed scores, step by step, equal a teacher-forced pass at the same
+    temperature."""
     tokenizer = common.load_tokenizer("builtin")
     policy = evaluate.EvalPolicy(common.load_model("builtin", kind="causal", flag="--model-name-or-path"), None)
     prompts, _ = common.encode_prompts(
@@ -57,10 +58,19 @@ def test_sampled_log_probs_are_those_of_the_sampling_distribution(builtin_path, 
         output_scores=True,
         return_dict_in_generate=True,
     )
+    generate = policy.lm.generate
+    asked = []
+
+    def generate_keeping_no_scores(**kwargs):
+        asked.append(kwargs["generation_config"].output_scores)
+        return generate(**kwargs)
+
+    policy.lm.generate = generate_keeping_no_scores
     torch.manual_seed(0)
     parts = evaluate.sample_for_eval(
         policy, tokenizer, prompts, settings=settings, stop_strings=[], batch_size=4, device="cpu"
     )
+    assert asked == [False, False]  # one step's distribution at a time, not every step's scores kept to the end
     assert [len(p.texts) for p in parts] == [4, 2]  # ragged: the second batch is short, its responses of any length
     for part in parts:
         expected = common.forward_logprobs(policy.lm, *part.batch, temperature=temperature)
