@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# launch.sh - start one of the single-file RLHF scripts (ppo apa awr ilql alol dpo pro) on CPU, one or more GPUs, or
+# launch.sh - start one of the single-file RLHF scripts (ppo apa awr grpo ilql alol dpo pro) on CPU, one or more GPUs, or
 # several nodes, with torchrun (default) or the deepspeed launcher. Everything after `--` goes to the script.
 # It runs in the caller's working directory, as `python SCRIPT.py` from there would: relative paths (run folders,
 # data, --output-dir) and `module:function` rewards and judges resolve from there; the scripts are found beside this
@@ -7,14 +7,14 @@
 # Run ./launch.sh --help for examples.
 set -euo pipefail
 REPO=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
-SCRIPTS="ppo apa awr ilql alol dpo pro"
+SCRIPTS="ppo apa awr grpo ilql alol dpo pro"
 # No virtual environment active but the README's .venv is here: use it (python, torchrun, deepspeed).
 [[ -z ${VIRTUAL_ENV:-} && -x $REPO/.venv/bin/python ]] && export PATH="$REPO/.venv/bin:$PATH"
 
 usage() {
   cat <<'EOF'
 Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
-  SCRIPT            one of: ppo apa awr ilql alol dpo pro (".py" optional)
+  SCRIPT            one of: ppo apa awr grpo ilql alol dpo pro (".py" optional)
   --gpus N          GPUs per node (default: all that `nvidia-smi -L` lists; 0 = run on CPU)
   --procs N         CPU processes when running on CPU (default 1)
   --deepspeed       use the deepspeed launcher instead of torchrun (GPU only)
@@ -23,7 +23,7 @@ Usage: ./launch.sh SCRIPT [options] [-- SCRIPT_ARGS...]
   --hostfile FILE   deepspeed multi-node: hosts and slots come from FILE (implies --deepspeed)
   --dry-run         print the command instead of running it
 OMP_NUM_THREADS defaults to max(1, nproc / processes-per-node) when unset.
-  ./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [-- ARGS]   PPO vs APA vs AWR on the built-in task
+  ./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [-- ARGS]   PPO, APA, AWR, GRPO, Dr. GRPO, RLOO: built-in task
   ./launch.sh compare --offline [--steps 128] [--seeds '1 2 3']      NLL, wBC, A-LoL, DPO, PRO, ILQL, same steps
   ./launch.sh eval RUN_DIR [--judge ENTRY] [--baseline sft|RUN_DIR]  win rate of a run's policy, KL to π_init
   ./launch.sh paper NAME [--size 125m|1b|6b] [--dry-run]   a released experiment (--list: all, with GPUs)
@@ -60,33 +60,45 @@ need_python() {
     "python3 -m venv $REPO/.venv && $REPO/.venv/bin/pip install -r $REPO/requirements.txt"
 }
 
-# ---- compare: PPO, APA and AWR on the built-in task, same budget, several seeds, one table -------------------------
+# ---- compare: the online methods on the built-in task, same sampled responses, several seeds, one table ------------
+# name  script  its own arguments (every run also gets --seed, --total-episodes and the output folder)
+ONLINE_METHODS="ppo:ppo:
+apa:apa:
+awr:awr:
+grpo:grpo:
+dr_grpo:grpo:--advantage-estimator dr_grpo --loss-aggregation constant
+rloo:grpo:--advantage-estimator rloo --kl-in-reward"
 compare() {
-  local seeds="1 2 3" episodes=8192 out="runs/compare-$(date +%Y%m%d-%H%M%S)" algo seed start
+  local seeds="1 2 3" episodes=8192 methods="" out="runs/compare-$(date +%Y%m%d-%H%M%S)" name script own seed start
   if [[ ${1:-} == --offline ]]; then shift; compare_offline "$@"; return; fi
   while (($#)); do
     case $1 in
       --seeds) seeds=$2; shift 2 ;;
       --episodes) int "$1" "$2"; episodes=$2; shift 2 ;;
+      --methods) methods=$2; shift 2 ;;
       --out) out=$2; shift 2 ;;
-      -h|--help) echo "./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [--out DIR] [-- ARGS for every script]"
-                 exit 0 ;;
+      -h|--help) echo "./launch.sh compare [--seeds '1 2 3'] [--episodes 8192] [--methods 'ppo grpo ...'] [--out DIR]" \
+                      "[-- ARGS for every script]"; exit 0 ;;
       --) shift; break ;;
       *) die "compare: unknown option '$1' (see ./launch.sh compare --help)" ;;
     esac
   done
   mkdir -p "$out"; : > "$out/wall_times.txt"
-  for algo in ppo apa awr; do
+  while IFS=: read -r name script own; do
+    [[ -z $methods || " $methods " == *" $name "* ]] || continue
     for seed in $seeds; do
-      echo "compare: $algo seed $seed ($episodes sampled responses) -> $out/$algo-$seed.log"
+      echo "compare: $name seed $seed ($episodes sampled responses) -> $out/$name-$seed.log"
       start=$EPOCHREALTIME
-      python "$REPO/$algo.py" --seed "$seed" --total-episodes "$episodes" --exp-name "$algo" \
-        --output-dir "$out/$algo" "$@" > "$out/$algo-$seed.log" 2>&1 || die "compare: $algo seed $seed failed; see $out/$algo-$seed.log"
-      echo "$algo $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
-      python "$REPO/evaluate.py" "$(ls -d "$out/$algo/${algo}__${seed}__"*/ | tail -1)" \
-        --out "$out/eval/$algo-$seed.jsonl" >> "$out/$algo-$seed.log" 2>&1 || die "compare: evaluating $algo seed $seed failed; see $out/$algo-$seed.log"
+      # shellcheck disable=SC2086  # $own: the method's own arguments, split on purpose
+      python "$REPO/$script.py" $own --seed "$seed" --total-episodes "$episodes" --exp-name "$name" \
+        --output-dir "$out/$name" "$@" > "$out/$name-$seed.log" 2>&1 \
+        || die "compare: $name seed $seed failed; see $out/$name-$seed.log"
+      echo "$name $seed $start $EPOCHREALTIME" >> "$out/wall_times.txt"
+      python "$REPO/evaluate.py" "$(ls -d "$out/$name/${name}__${seed}__"*/ | tail -1)" \
+        --out "$out/eval/$name-$seed.jsonl" >> "$out/$name-$seed.log" 2>&1 \
+        || die "compare: evaluating $name seed $seed failed; see $out/$name-$seed.log"
     done
-  done
+  done <<< "$ONLINE_METHODS"
   python - "$out" <<'PY'
 import glob, json, os, statistics as st, sys
 out, rows, curves = sys.argv[1], {}, {}
@@ -106,9 +118,10 @@ for path in sorted(glob.glob(os.path.join(out, "*", "*", "metrics.jsonl"))):
 fmt = lambda xs: f"{st.mean(xs):+.3f} ± {st.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
 lines = ["| algorithm | seeds | proxy reward | gold score | KL to π_init (nats) | win rate vs SFT (gold) | wall time (s) |",
          "|---|---|---|---|---|---|---|"]
-for algo in ["SFT (before)", "ppo", "apa", "awr"]:
+first = next(iter(walls))  # the first method run: SFT's row repeats once per seed of it
+for algo in ["SFT (before)", "ppo", "apa", "awr", "grpo", "dr_grpo", "rloo"]:
     if algo in rows:
-        r = rows[algo][:len(rows["ppo"])] if algo == "SFT (before)" else rows[algo]
+        r = rows[algo][:len(rows[first])] if algo == "SFT (before)" else rows[algo]
         w = walls.get(algo)
         wall = f"{st.mean(w):.0f} ± {st.stdev(w) if len(w) > 1 else 0.0:.0f}" if w else "–"
         win = f"{st.mean(wins[algo]):.3f} ± {st.stdev(wins[algo]) if len(wins[algo]) > 1 else 0.0:.3f}" if algo in wins else "0.5"
@@ -126,7 +139,8 @@ except ImportError:
     print("matplotlib is not installed: no reward-vs-KL picture (pip install matplotlib)")
     sys.exit(0)
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-for (algo, runs), color in zip(sorted(curves.items()), ["tab:green", "tab:blue", "tab:orange"]):
+colors = ["tab:green", "tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown"]
+for (algo, runs), color in zip(sorted(curves.items()), colors):
     for i, run in enumerate(runs):
         kl, reward, gold = zip(*run)
         axes[0].plot(kl, reward, "o-", color=color, alpha=0.7, label=algo if i == 0 else None)

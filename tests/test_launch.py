@@ -159,13 +159,17 @@ def test_help_and_bad_input():
     assert launch("nosuchscript").returncode == 2
 
 
-def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tmp_path):
+def test_compare_runs_the_methods_asked_and_prints_one_table(builtin_path, tmp_path):
+    """PPO, and the two methods that grpo.py runs with their own flags (Dr. GRPO, RLOO)."""
+    methods = ["ppo", "dr_grpo", "rloo"]
     proc = launch(
         "compare",
         "--seeds",
         "1",
         "--episodes",
         "16",
+        "--methods",
+        " ".join(methods),
         "--out",
         str(tmp_path),
         "--",
@@ -181,13 +185,14 @@ def test_compare_runs_the_three_algorithms_and_prints_one_table(builtin_path, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = (tmp_path / "table.md").read_text()
     assert table in proc.stdout
-    for row in ("SFT (before)", "ppo", "apa", "awr"):
+    for row in ("SFT (before)", *methods):
         assert f"| {row} | 1 |" in table
+    assert "| apa |" not in table and "| grpo |" not in table
     assert "win rate vs SFT (gold)" in table
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["apa", "awr", "eval", "ppo"]
-    for algo in ("ppo", "apa", "awr"):  # each run judged against SFT on its held-out prompts
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(["eval", *methods])
+    for algo in methods:  # each run judged against SFT on its held-out prompts
         summary = json.loads((tmp_path / "eval" / f"{algo}-1.json").read_text())
-        assert summary["prompts"] == 16 and f"| {algo} | 1 |" in table
+        assert summary["prompts"] == 16
         assert f"| {summary['win_rate']:.3f} ± 0.000 |" in table.split(f"| {algo} | 1 |")[1].splitlines()[0]
 
 
