@@ -451,6 +451,52 @@ def evaluate(step: int, *, policy, tokenizer, data: EvalData, reward: ProxyRewar
     }
 
 
+def update(
+    policy, *, rows: Batch, idx, ref_chosen_logps, ref_rejected_logps, response_lengths, args: Args, device
+) -> DPOLoss:
+    """One optimiser step on the pairs `idx` (steps 3-5 of the training loop; `rows` holds every pair as two rows,
+    chosen then rejected, and `response_lengths` their response tokens). The loss of every --loss-type, and its
+    statistics, is a mean over the pairs of per-pair terms (IPO's token averages are each response's own), so the
+    mini-batch is taken in micro-batches of --micro-batch-size pairs, each one's loss weighted by its share of the
+    pairs: the accumulated gradient is the whole mini-batch's. Returns the mini-batch's loss and statistics, without
+    gradient."""
+    n_pairs = len(rows.query_ids) // 2
+    total = None
+    for micro in common.micro_batches(idx, args.micro_batch_size):
+        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass
+        chosen_logps, rejected_logps = pair_logps(policy, rows, micro, device)
+        # 4. The loss of eq. (7) against π_ref's log-probs of step 1 (or a variant: --loss-type, --label-smoothing)
+        if args.reference_free:
+            ref = (None, None)
+        else:
+            ref = (ref_chosen_logps[micro].to(device), ref_rejected_logps[micro].to(device))
+        terms = dpo_loss(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref[0],
+            ref_rejected_logps=ref[1],
+            beta=args.beta,
+            reference_free=args.reference_free,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            chosen_lengths=response_lengths[micro].to(device),
+            rejected_lengths=response_lengths[micro + n_pairs].to(device),
+        )
+        # 5. The micro-batch's part of the gradient; the engine steps the optimiser after the mini-batch's last
+        share = len(micro) / len(idx)
+        policy.backward(terms.loss * share, scale_wrt_gas=False)
+        policy.step()
+        weighted = DPOLoss(
+            loss=terms.loss.detach() * share, stats=DPOStats(*(stat.detach() * share for stat in terms.stats))
+        )
+        if total is not None:
+            weighted = DPOLoss(
+                loss=total.loss + weighted.loss, stats=DPOStats(*(a + b for a, b in zip(total.stats, weighted.stats)))
+            )
+        total = weighted
+    return total
+
+
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
@@ -647,28 +693,17 @@ if __name__ == "__main__":
         # 2. This rank's share of the step's pairs, in the shuffled order
         start = ((step - 1) * world_size + rank) * args.mini_batch_size
         idx = draws[start : start + args.mini_batch_size]
-        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass
-        chosen_logps, rejected_logps = pair_logps(policy, rows, idx, device)
-        # 4. The loss of eq. (7) against π_ref's log-probs of step 1 (or a variant: --loss-type, --label-smoothing)
-        if args.reference_free:
-            ref = (None, None)
-        else:
-            ref = (ref_chosen_logps[idx].to(device), ref_rejected_logps[idx].to(device))
-        terms = dpo_loss(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
-            ref_chosen_logps=ref[0],
-            ref_rejected_logps=ref[1],
-            beta=args.beta,
-            reference_free=args.reference_free,
-            loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing,
-            chosen_lengths=response_lengths[idx].to(device),
-            rejected_lengths=response_lengths[idx + n_pairs].to(device),
+        # 3-5. log π_θ of the pairs, the loss of eq. (7) (or a variant) and one optimiser step on the mini-batch
+        terms = update(
+            policy,
+            rows=rows,
+            idx=idx,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            response_lengths=response_lengths,
+            args=args,
+            device=device,
         )
-        # 5. One optimiser step on the mini-batch
-        policy.backward(terms.loss)
-        policy.step()
 
         # Statistics, evaluation, logging, and a resumable checkpoint when due
         metrics = {
