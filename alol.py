@@ -65,7 +65,7 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import datasets
@@ -260,8 +260,8 @@ class Args(common.RunArgs):
     value_split: str = "test"
     """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
     evaluated, are left out"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (V_ref, advantages, evaluation)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad pass / generate call (V_ref, advantages, evaluation); default --micro-batch-size, or 64"""
     cache_dir: str | None = None
     """where V_ref and the advantages (of every row: priority sampling weighs them all) are cached, and π_ref's
     log-probs of the rows drawn, per row (default $ONEFILE_RLHF_CACHE/alol or ~/.cache/onefile-rlhf/alol)"""
@@ -629,6 +629,8 @@ def update(policy, *, rows: Batch, ref_logprobs, scores, advantages, idx, args: 
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validate: the variant, and one weight and one scorer per reward field (or one scorer for all)
     if args.algorithm not in ALGORITHMS:

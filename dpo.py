@@ -53,7 +53,7 @@ As in the released code (same commit):
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -193,8 +193,8 @@ class Args(common.RunArgs):
     accuracy and margin on them (0: train on every pair)"""
     dataset: str = "builtin"
     """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, or builtin"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (π_ref's log-probs, evaluation)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad pass / generate call (π_ref's log-probs, evaluation); default --micro-batch-size, or 64"""
     cache_dir: str | None = None
     """where π_ref's log-probs are cached, per pair: a run computes those of the pairs it reads (its --total-steps'
     draws and the held-out pairs) that the cache lacks (default $ONEFILE_RLHF_CACHE/dpo or ~/.cache/onefile-rlhf/dpo)"""
@@ -500,6 +500,8 @@ def update(
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validate: the loss's hyper-parameters
     if args.beta <= 0:

@@ -54,7 +54,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -263,8 +263,8 @@ class Args(common.RunArgs):
     """decoding temperature, after the β shift"""
     offline_epochs: int = 10
     """passes over the offline dataset"""
-    forward_batch_size: int = 64
-    """prompts per rank per decoding call of an evaluation (no gradients)"""
+    forward_batch_size: int | None = None
+    """prompts per rank per decoding call of an evaluation (no gradients); default --micro-batch-size, or 64"""
     learning_rate: float = 1e-3
     """learning rate of the LM and heads together (released HH 1e-6 for the 125M-6B models)"""
     weight_decay: float = 0.0
@@ -571,6 +571,8 @@ def update(model, target_q_heads, *, data: common.Batch, rewards, idx, args: Arg
 if __name__ == "__main__":
     # Arguments: the command line over the defaults (or over a --preset's values)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validation: what can be checked before anything loads
     if args.eval_only and args.checkpoint is None:

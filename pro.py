@@ -60,7 +60,7 @@ Where this file differs from the released code:
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -180,8 +180,8 @@ class Args(common.RunArgs):
     """the split of --offline-dataset trained on"""
     dataset: str = "builtin"
     """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (scoring candidates, evaluation)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad pass / generate call (scoring candidates, evaluation); default --micro-batch-size, or 64"""
     cache_dir: str | None = None
     """where --score-candidates' scores are cached, per candidate: a run scores those of the rankings its
     --total-steps read that the cache lacks (default $ONEFILE_RLHF_CACHE/pro or ~/.cache/onefile-rlhf/pro)"""
@@ -446,6 +446,8 @@ def update(policy, tokenizer, *, prompts, candidates, rewards, idx, encode: dict
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validate the ranking length, then start the run (reward weights, LoRA flags, the process group, --resume)
     if args.ranking_len == 1 or args.ranking_len < 0:
