@@ -167,6 +167,9 @@ class Args(common.RunArgs):
     """optimisation steps"""
     mini_batch_size: int = 16
     """preference pairs per rank per optimiser step (two sequences each)"""
+    micro_batch_size: int = 0
+    """preference pairs per rank per forward/backward pass, a divisor of --mini-batch-size (0: the whole mini-batch in
+    one): the step's gradient accumulates over them, each pass's loss weighted by its share of the pairs"""
     learning_rate: float = 1e-4
     """policy learning rate (AdamW)"""
     max_grad_norm: float = 0.3

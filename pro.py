@@ -161,6 +161,9 @@ class Args(common.RunArgs):
     """optimiser steps"""
     mini_batch_size: int = 8
     """rankings (prompts, each with all its candidates) per rank per optimiser step"""
+    micro_batch_size: int = 0
+    """rankings per rank per forward/backward pass, a divisor of --mini-batch-size (0: the whole mini-batch in one):
+    the step's gradient accumulates over them, each pass's loss weighted by its share of the rankings"""
     learning_rate: float = 2e-5
     """policy learning rate (AdamW)"""
     adam_eps: float = 1e-8
