@@ -389,11 +389,12 @@ def evaluate(step: int, *, policy, tokenizer, data: EvalData, reward: ProxyRewar
     }
 
 
-def ordered_pairs(present, rewards) -> torch.Tensor:
-    """The pairs of present candidates whose rewards differ, counted over all rankings (`present` and `rewards`
-    [batch, n]): the pairs pro_loss's ranking accuracy is the fraction of."""
+def ordered_pairs(rankings, rewards) -> int:
+    """The pairs of present candidates (not None) of `rankings` whose `rewards` [batch, n] differ, counted over all
+    rankings: the pairs pro_loss's ranking accuracy is the fraction of."""
+    present = torch.tensor([[text is not None for text in ranking] for ranking in rankings])
     both = present[:, :, None] & present[:, None, :]
-    return ((rewards[:, :, None] > rewards[:, None, :]) & both).sum()
+    return int(((rewards[:, :, None] > rewards[:, None, :]) & both).sum())
 
 
 class PROStep(NamedTuple):
@@ -409,14 +410,12 @@ def update(policy, tokenizer, *, prompts, candidates, rewards, idx, encode: dict
     accumulated gradient is the whole mini-batch's. The ranking accuracy, a fraction of the ordered pairs, is
     weighted by the micro-batch's share of those pairs."""
     n = len(candidates[0])
-    present = torch.tensor([[text is not None for text in ranking] for ranking in candidates])
-    mini_pairs = ordered_pairs(present[idx], rewards[idx]).item()
+    mini_pairs = ordered_pairs([candidates[i] for i in idx], rewards[idx])
     total = None
     tokens = 0
     for micro in common.micro_batches(idx, args.micro_batch_size):
-        batch = encode_rankings(
-            tokenizer, [prompts[i] for i in micro], [candidates[i] for i in micro], encode=encode, device=device
-        )
+        rankings = [candidates[i] for i in micro]
+        batch = encode_rankings(tokenizer, [prompts[i] for i in micro], rankings, encode=encode, device=device)
         # 3. π_θ's per-token log-probs of every candidate, as [prompts, candidates, response_len]
         logprobs = common.forward_logprobs(policy, *batch)
         shape = (len(micro), n, -1)
@@ -431,7 +430,7 @@ def update(policy, tokenizer, *, prompts, candidates, rewards, idx, encode: dict
         share = len(micro) / len(idx)
         policy.backward(loss * share, scale_wrt_gas=False)
         policy.step()
-        pair_share = ordered_pairs(present[micro], rewards[micro]).item() / mini_pairs if mini_pairs else share
+        pair_share = ordered_pairs(rankings, rewards[micro]) / mini_pairs if mini_pairs else share
         shares = {name: pair_share if name == "policy/ranking_accuracy" else share for name in stats}
         weighted = PROLoss(
             loss=loss.detach() * share, stats={name: value * shares[name] for name, value in stats.items()}
