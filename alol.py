@@ -65,7 +65,7 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import datasets
@@ -262,8 +262,8 @@ class Args(common.RunArgs):
     value_split: str = "test"
     """the split of --dataset whose prompts π_ref answers greedily to fit V_ref; prompts of training rows, and those
     evaluated, are left out"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (V_ref, advantages, evaluation)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad pass / generate call (V_ref, advantages, evaluation); default --micro-batch-size, or 64"""
     cache_dir: str | None = None
     """where V_ref and the advantages (of every row: priority sampling weighs them all) are cached, and π_ref's
     log-probs of the rows drawn, per row (default $ONEFILE_RLHF_CACHE/alol or ~/.cache/onefile-rlhf/alol)"""
@@ -602,9 +602,42 @@ def evaluate(policy, step, *, prompts: Prompts, reward, decoding, gold_score, ze
     }
 
 
+def update(policy, *, rows: Batch, ref_logprobs, scores, advantages, idx, args: Args, device) -> ALoLLoss:
+    """One optimiser step on the rows `idx` of `rows` (steps 5-6 of the training loop). Every variant's loss, and its
+    statistics, is a mean over the rows of per-row terms (the importance weights are clipped row by row), so the
+    mini-batch is taken in micro-batches of --micro-batch-size rows, each one's loss weighted by its share of the
+    rows: the accumulated gradient is the whole mini-batch's. Returns the mini-batch's loss and statistics, without
+    gradient."""
+    total = None
+    for micro in common.micro_batches(idx, args.micro_batch_size):
+        batch = to_device(trim(rows.rows(micro)), device)
+        ref = ref_logprobs[micro][:, : batch.response_ids.shape[1]].to(device)
+        # 5. π_θ's per-token log-probs of the data responses, and the chosen variant's loss
+        logprobs = common.forward_logprobs(policy, *batch)
+        terms = alol_loss(
+            algorithm=args.algorithm,
+            logprobs=logprobs,
+            ref_logprobs=ref,
+            response_mask=batch.response_mask,
+            scores=scores[micro].to(device),
+            advantages=advantages[micro].to(device),
+            cliprange=args.cliprange,
+            kl_coef=args.kl_coef,
+        )
+        # 6. The micro-batch's part of the gradient; the engine steps the optimiser after the mini-batch's last
+        share = len(micro) / len(idx)
+        policy.backward(terms.loss * share, scale_wrt_gas=False)
+        policy.step()
+        weighted = ALoLLoss(*(term.detach() * share for term in terms))
+        total = weighted if total is None else ALoLLoss(*(a + b for a, b in zip(total, weighted)))
+    return total
+
+
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validate: the variant, and one weight and one scorer per reward field (or one scorer for all)
     if args.algorithm not in ALGORITHMS:
@@ -889,29 +922,23 @@ if __name__ == "__main__":
         t_step = time.time()
         # 4. The step's rows, drawn by priority sampling (∝ A_πref⁺, or ∝ R for the reward-weighted baselines)
         idx = draws[(step - 1) * args.mini_batch_size : step * args.mini_batch_size]
-        batch = to_device(trim(rows.rows(idx)), device)
-        ref = ref_logprobs[idx][:, : batch.response_ids.shape[1]].to(device)
-        # 5. π_θ's per-token log-probs of the data responses, and the chosen variant's loss
-        logprobs = common.forward_logprobs(policy, *batch)
-        terms = alol_loss(
-            algorithm=args.algorithm,
-            logprobs=logprobs,
-            ref_logprobs=ref,
-            response_mask=batch.response_mask,
-            scores=scores[idx].to(device),
-            advantages=advantages[idx].to(device),
-            cliprange=args.cliprange,
-            kl_coef=args.kl_coef,
+        # 5-6. π_θ's log-probs, the chosen variant's loss and one optimiser step on the mini-batch
+        terms = update(
+            policy,
+            rows=rows,
+            ref_logprobs=ref_logprobs,
+            scores=scores,
+            advantages=advantages,
+            idx=idx,
+            args=args,
+            device=device,
         )
-        # 6. One optimiser step on the mini-batch
-        policy.backward(terms.loss)
-        policy.step()
         metrics = {
             "policy/loss": terms.loss.item(),
             "policy/log_ratio_to_ref": terms.log_ratio_to_ref.item(),
             "policy/clipfrac": terms.clipfrac.item(),
         }
-        window.append([time.time() - t_step, batch.response_mask.sum().item() * world_size])
+        window.append([time.time() - t_step, rows.response_mask[idx].sum().item() * world_size])
         metrics = common.mean_across_ranks(metrics)
         metrics["time/update"] = window[-1][0]  # seconds: this step's passes, backward and optimiser step
         common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights

@@ -53,7 +53,7 @@ As in the released code (same commit):
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -167,6 +167,9 @@ class Args(common.RunArgs):
     """optimisation steps"""
     mini_batch_size: int = 16
     """preference pairs per rank per optimiser step (two sequences each)"""
+    micro_batch_size: int = 0
+    """preference pairs per rank per forward/backward pass, a divisor of --mini-batch-size (0: the whole mini-batch in
+    one): the step's gradient accumulates over them, each pass's loss weighted by its share of the pairs"""
     learning_rate: float = 1e-4
     """policy learning rate (AdamW)"""
     max_grad_norm: float = 0.3
@@ -193,8 +196,8 @@ class Args(common.RunArgs):
     accuracy and margin on them (0: train on every pair)"""
     dataset: str = "builtin"
     """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, or builtin"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (π_ref's log-probs, evaluation)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad pass / generate call (π_ref's log-probs, evaluation); default --micro-batch-size, or 64"""
     cache_dir: str | None = None
     """where π_ref's log-probs are cached, per pair: a run computes those of the pairs it reads (its --total-steps'
     draws and the held-out pairs) that the cache lacks (default $ONEFILE_RLHF_CACHE/dpo or ~/.cache/onefile-rlhf/dpo)"""
@@ -451,9 +454,57 @@ def evaluate(step: int, *, policy, tokenizer, data: EvalData, reward: ProxyRewar
     }
 
 
+def update(
+    policy, *, rows: Batch, idx, ref_chosen_logps, ref_rejected_logps, response_lengths, args: Args, device
+) -> DPOLoss:
+    """One optimiser step on the pairs `idx` (steps 3-5 of the training loop; `rows` holds every pair as two rows,
+    chosen then rejected, and `response_lengths` their response tokens). The loss of every --loss-type, and its
+    statistics, is a mean over the pairs of per-pair terms (IPO's token averages are each response's own), so the
+    mini-batch is taken in micro-batches of --micro-batch-size pairs, each one's loss weighted by its share of the
+    pairs: the accumulated gradient is the whole mini-batch's. Returns the mini-batch's loss and statistics, without
+    gradient."""
+    n_pairs = len(rows.query_ids) // 2
+    total = None
+    for micro in common.micro_batches(idx, args.micro_batch_size):
+        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass
+        chosen_logps, rejected_logps = pair_logps(policy, rows, micro, device)
+        # 4. The loss of eq. (7) against π_ref's log-probs of step 1 (or a variant: --loss-type, --label-smoothing)
+        if args.reference_free:
+            ref = (None, None)
+        else:
+            ref = (ref_chosen_logps[micro].to(device), ref_rejected_logps[micro].to(device))
+        terms = dpo_loss(
+            chosen_logps=chosen_logps,
+            rejected_logps=rejected_logps,
+            ref_chosen_logps=ref[0],
+            ref_rejected_logps=ref[1],
+            beta=args.beta,
+            reference_free=args.reference_free,
+            loss_type=args.loss_type,
+            label_smoothing=args.label_smoothing,
+            chosen_lengths=response_lengths[micro].to(device),
+            rejected_lengths=response_lengths[micro + n_pairs].to(device),
+        )
+        # 5. The micro-batch's part of the gradient; the engine steps the optimiser after the mini-batch's last
+        share = len(micro) / len(idx)
+        policy.backward(terms.loss * share, scale_wrt_gas=False)
+        policy.step()
+        weighted = DPOLoss(
+            loss=terms.loss.detach() * share, stats=DPOStats(*(stat.detach() * share for stat in terms.stats))
+        )
+        if total is not None:
+            weighted = DPOLoss(
+                loss=total.loss + weighted.loss, stats=DPOStats(*(a + b for a, b in zip(total.stats, weighted.stats)))
+            )
+        total = weighted
+    return total
+
+
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validate: the loss's hyper-parameters
     if args.beta <= 0:
@@ -647,28 +698,17 @@ if __name__ == "__main__":
         # 2. This rank's share of the step's pairs, in the shuffled order
         start = ((step - 1) * world_size + rank) * args.mini_batch_size
         idx = draws[start : start + args.mini_batch_size]
-        # 3. log π_θ(y_w|x) and log π_θ(y_l|x) in one forward pass
-        chosen_logps, rejected_logps = pair_logps(policy, rows, idx, device)
-        # 4. The loss of eq. (7) against π_ref's log-probs of step 1 (or a variant: --loss-type, --label-smoothing)
-        if args.reference_free:
-            ref = (None, None)
-        else:
-            ref = (ref_chosen_logps[idx].to(device), ref_rejected_logps[idx].to(device))
-        terms = dpo_loss(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
-            ref_chosen_logps=ref[0],
-            ref_rejected_logps=ref[1],
-            beta=args.beta,
-            reference_free=args.reference_free,
-            loss_type=args.loss_type,
-            label_smoothing=args.label_smoothing,
-            chosen_lengths=response_lengths[idx].to(device),
-            rejected_lengths=response_lengths[idx + n_pairs].to(device),
+        # 3-5. log π_θ of the pairs, the loss of eq. (7) (or a variant) and one optimiser step on the mini-batch
+        terms = update(
+            policy,
+            rows=rows,
+            idx=idx,
+            ref_chosen_logps=ref_chosen_logps,
+            ref_rejected_logps=ref_rejected_logps,
+            response_lengths=response_lengths,
+            args=args,
+            device=device,
         )
-        # 5. One optimiser step on the mini-batch
-        policy.backward(terms.loss)
-        policy.step()
 
         # Statistics, evaluation, logging, and a resumable checkpoint when due
         metrics = {

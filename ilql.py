@@ -54,7 +54,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -263,8 +263,8 @@ class Args(common.RunArgs):
     """decoding temperature, after the β shift"""
     offline_epochs: int = 10
     """passes over the offline dataset"""
-    forward_batch_size: int = 64
-    """prompts per rank per decoding call of an evaluation (no gradients)"""
+    forward_batch_size: int | None = None
+    """prompts per rank per decoding call of an evaluation (no gradients); default --micro-batch-size, or 64"""
     learning_rate: float = 1e-3
     """learning rate of the LM and heads together (released HH 1e-6 for the 125M-6B models)"""
     weight_decay: float = 0.0
@@ -522,9 +522,57 @@ def report(prefix: str, metrics: dict, *, betas, gold: bool, rank: int):
         print(prefix + ", ".join(sweep), flush=True)
 
 
+def update(model, target_q_heads, *, data: common.Batch, rewards, idx, args: Args, device) -> ILQLLoss:
+    """One optimiser step of the LM and the V and Q heads on the rows `idx` of `data` (steps 1-4 of the training
+    loop). Every term of ILQL's loss is a mean over the mini-batch's response tokens, so the mini-batch is taken in
+    micro-batches of --micro-batch-size rows, each one's loss weighted by its share of those tokens
+    (common.token_share): the accumulated gradient is the whole mini-batch's. Returns the terms as the mini-batch's
+    token means, without gradient."""
+    total = None
+    for micro in common.micro_batches(idx, args.micro_batch_size):
+        batch = data.rows(micro)
+        input_ids, attention_mask, position_ids = common.concat_inputs(*batch, device)
+        # 1. Forward the batch: the state s_t (before response token t) sits at position P−1+t, s_T (after the
+        # last column) at P−1+T; the heads run on these T + 1 positions only: V(s_0..s_T), Q and π_β at s_0..s_T
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            keep=batch.response_ids.shape[1] + 1,
+        )
+        states = slice(0, -1)  # s_0..s_{T-1}: the states where a response token is chosen
+        # 2. The target heads' Q̂_i(s_t, ·), without gradient
+        with torch.no_grad():
+            target_q_logits = torch.stack([q(out.hidden[:, states].float()) for q in target_q_heads])
+        # 3. L_Q + L_V + cql_scale · L_CQL + awac_scale · L_AWAC over the response tokens
+        losses = ilql_loss(
+            logits=out.logits[:, states],
+            q_logits=out.q_logits[:, :, states],
+            target_q_logits=target_q_logits,
+            values=out.values,
+            response_ids=batch.response_ids,
+            rewards=rewards[micro],
+            response_mask=batch.response_mask,
+            gamma=args.gamma,
+            tau=args.tau,
+            cql_scale=args.cql_scale,
+            awac_scale=args.awac_scale,
+            beta_train=args.beta_train,
+        )
+        # 4. The micro-batch's part of the gradient; the engine steps the optimiser after the mini-batch's last
+        share = common.token_share(batch.response_mask, data.response_mask[idx])
+        model.backward(losses.loss * share, scale_wrt_gas=False)
+        model.step()
+        weighted = ILQLLoss(*(term.detach() * share for term in losses))
+        total = weighted if total is None else ILQLLoss(*(a + b for a, b in zip(total, weighted)))
+    return total
+
+
 if __name__ == "__main__":
     # Arguments: the command line over the defaults (or over a --preset's values)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validation: what can be checked before anything loads
     if args.eval_only and args.checkpoint is None:
@@ -705,38 +753,8 @@ if __name__ == "__main__":
             order.split(args.mini_batch_size)[skip:], desc=f"epoch {epoch}", enabled=args.progress
         ):
             t_step = time.time()
-            batch = data.rows(idx)
-            input_ids, attention_mask, position_ids = common.concat_inputs(*batch, device)
-            # 1. Forward the batch: the state s_t (before response token t) sits at position P−1+t, s_T (after the
-            # last column) at P−1+T; the heads run on these T + 1 positions only: V(s_0..s_T), Q and π_β at s_0..s_T
-            out = model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                keep=batch.response_ids.shape[1] + 1,
-            )
-            states = slice(0, -1)  # s_0..s_{T-1}: the states where a response token is chosen
-            # 2. The target heads' Q̂_i(s_t, ·), without gradient
-            with torch.no_grad():
-                target_q_logits = torch.stack([q(out.hidden[:, states].float()) for q in target_q_heads])
-            # 3. L_Q + L_V + cql_scale · L_CQL + awac_scale · L_AWAC over the response tokens
-            losses = ilql_loss(
-                logits=out.logits[:, states],
-                q_logits=out.q_logits[:, :, states],
-                target_q_logits=target_q_logits,
-                values=out.values,
-                response_ids=batch.response_ids,
-                rewards=rewards[idx],
-                response_mask=batch.response_mask,
-                gamma=args.gamma,
-                tau=args.tau,
-                cql_scale=args.cql_scale,
-                awac_scale=args.awac_scale,
-                beta_train=args.beta_train,
-            )
-            # 4. One optimiser step of the LM and the V and Q heads together
-            model.backward(losses.loss)
-            model.step()
+            # 1-4. The forward passes, ILQL's loss and one optimiser step of the LM and the V and Q heads together
+            losses = update(model, target_q_heads, data=data, rewards=rewards, idx=idx, args=args, device=device)
             step += 1
             # 5. The target Q heads follow the Q heads: Q̂ ← α Q + (1 − α) Q̂
             if step % args.steps_for_target_q_sync == 0:
@@ -745,7 +763,7 @@ if __name__ == "__main__":
                     polyak_update(target_q_heads, q_heads, args.alpha)
 
             # Statistics, logging, and a resumable checkpoint when due
-            n_tokens += int(batch.response_mask.sum()) * world_size
+            n_tokens += int(data.response_mask[idx].sum()) * world_size
             stats = {
                 "q/loss": losses.q_loss.item(),
                 "value/loss": losses.value_loss.item(),

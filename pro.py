@@ -60,7 +60,7 @@ Where this file differs from the released code:
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -161,6 +161,9 @@ class Args(common.RunArgs):
     """optimiser steps"""
     mini_batch_size: int = 8
     """rankings (prompts, each with all its candidates) per rank per optimiser step"""
+    micro_batch_size: int = 0
+    """rankings per rank per forward/backward pass, a divisor of --mini-batch-size (0: the whole mini-batch in one):
+    the step's gradient accumulates over them, each pass's loss weighted by its share of the rankings"""
     learning_rate: float = 2e-5
     """policy learning rate (AdamW)"""
     adam_eps: float = 1e-8
@@ -180,8 +183,8 @@ class Args(common.RunArgs):
     """the split of --offline-dataset trained on"""
     dataset: str = "builtin"
     """prompts for evaluation: a hub name, a save_to_disk folder, a .jsonl/.json file, builtin"""
-    forward_batch_size: int = 64
-    """rows per forward pass / generate call outside training (scoring candidates, evaluation)"""
+    forward_batch_size: int | None = None
+    """rows per no-grad pass / generate call (scoring candidates, evaluation); default --micro-batch-size, or 64"""
     cache_dir: str | None = None
     """where --score-candidates' scores are cached, per candidate: a run scores those of the rankings its
     --total-steps read that the cache lacks (default $ONEFILE_RLHF_CACHE/pro or ~/.cache/onefile-rlhf/pro)"""
@@ -386,9 +389,67 @@ def evaluate(step: int, *, policy, tokenizer, data: EvalData, reward: ProxyRewar
     }
 
 
+def ordered_pairs(rankings, rewards) -> int:
+    """The pairs of present candidates (not None) of `rankings` whose `rewards` [batch, n] differ, counted over all
+    rankings: the pairs pro_loss's ranking accuracy is the fraction of."""
+    present = torch.tensor([[text is not None for text in ranking] for ranking in rankings])
+    both = present[:, :, None] & present[:, None, :]
+    return int(((rewards[:, :, None] > rewards[:, None, :]) & both).sum())
+
+
+class PROStep(NamedTuple):
+    terms: PROLoss  # the mini-batch's loss and statistics, without gradient
+    tokens: int  # response tokens of the mini-batch's candidates
+
+
+def update(policy, tokenizer, *, prompts, candidates, rewards, idx, encode: dict, args: Args, device) -> PROStep:
+    """One optimiser step on the rankings `idx` (steps 3-5 of the training loop; `prompts`, `candidates` and
+    `rewards` of every ranking, the candidates padded with None to one length n). PRO's loss (ranking terms and SFT
+    term) and its statistics are means over the rankings of per-ranking terms, so the mini-batch is taken in
+    micro-batches of --micro-batch-size rankings, each one's loss weighted by its share of the rankings: the
+    accumulated gradient is the whole mini-batch's. The ranking accuracy, a fraction of the ordered pairs, is
+    weighted by the micro-batch's share of those pairs."""
+    n = len(candidates[0])
+    mini_pairs = ordered_pairs([candidates[i] for i in idx], rewards[idx])
+    total = None
+    tokens = 0
+    for micro in common.micro_batches(idx, args.micro_batch_size):
+        rankings = [candidates[i] for i in micro]
+        batch = encode_rankings(tokenizer, [prompts[i] for i in micro], rankings, encode=encode, device=device)
+        # 3. π_θ's per-token log-probs of every candidate, as [prompts, candidates, response_len]
+        logprobs = common.forward_logprobs(policy, *batch)
+        shape = (len(micro), n, -1)
+        # 4. PRO's ranking loss with the reward-gap temperatures, plus the SFT term on the best candidate
+        loss, stats = pro_loss(
+            logprobs=logprobs.reshape(shape),
+            mask=batch.response_mask.reshape(shape),
+            rewards=rewards[micro].to(device),
+            sft_weight=args.sft_weight,
+        )
+        # 5. The micro-batch's part of the gradient; the engine steps the optimiser after the mini-batch's last
+        share = len(micro) / len(idx)
+        policy.backward(loss * share, scale_wrt_gas=False)
+        policy.step()
+        pair_share = ordered_pairs(rankings, rewards[micro]) / mini_pairs if mini_pairs else share
+        shares = {name: pair_share if name == "policy/ranking_accuracy" else share for name in stats}
+        weighted = PROLoss(
+            loss=loss.detach() * share, stats={name: value * shares[name] for name, value in stats.items()}
+        )
+        if total is not None:
+            weighted = PROLoss(
+                loss=total.loss + weighted.loss,
+                stats={name: total.stats[name] + weighted.stats[name] for name in stats},
+            )
+        total = weighted
+        tokens += int(batch.response_mask.sum().item())
+    return PROStep(terms=total, tokens=tokens)
+
+
 if __name__ == "__main__":
     # Parse the command line (--preset NAME: a paper setting as the defaults)
     args = common.parse_args(Args, PRESETS)
+    # no-grad passes bounded as the training passes are (--micro-batch-size), else by 64 rows
+    args = replace(args, forward_batch_size=args.forward_batch_size or args.micro_batch_size or 64)
 
     # Validate the ranking length, then start the run (reward weights, LoRA flags, the process group, --resume)
     if args.ranking_len == 1 or args.ranking_len < 0:
@@ -572,26 +633,23 @@ if __name__ == "__main__":
         t_step = time.time()
         # 2. The step's rankings: this rank's share of the next mini-batch of the shuffled order
         idx = order[(step - 1) * per_step : step * per_step][rank::world_size]
-        batch = encode_rankings(
-            tokenizer, [train_texts[i] for i in idx], [candidates[i] for i in idx], encode=encode, device=device
+        # 3-5. π_θ's log-probs of every candidate, PRO's loss and one optimiser step on the mini-batch
+        done = update(
+            policy,
+            tokenizer,
+            prompts=train_texts,
+            candidates=candidates,
+            rewards=rewards,
+            idx=idx,
+            encode=encode,
+            args=args,
+            device=device,
         )
-        # 3. π_θ's per-token log-probs of every candidate, as [prompts, candidates, response_len]
-        logprobs = common.forward_logprobs(policy, *batch)
-        shape = (len(idx), n_max, -1)
-        # 4. PRO's ranking loss with the reward-gap temperatures, plus the SFT term on the best candidate
-        loss, stats = pro_loss(
-            logprobs=logprobs.reshape(shape),
-            mask=batch.response_mask.reshape(shape),
-            rewards=rewards[idx].to(device),
-            sft_weight=args.sft_weight,
-        )
-        # 5. One optimiser step on the mini-batch
-        policy.backward(loss)
-        policy.step()
+        loss, stats = done.terms
 
         # Statistics, evaluation, logging, and a resumable checkpoint when due
         metrics = {"policy/loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
-        window.append([time.time() - t_step, batch.response_mask.sum().item() * world_size])
+        window.append([time.time() - t_step, done.tokens * world_size])
         metrics = common.mean_across_ranks(metrics)
         metrics["time/update"] = window[-1][0]  # seconds: this step's passes, backward and optimiser step
         common.check_finite(metrics, step, run.resume_path)  # before evaluating (decoding) from NaN weights
