@@ -2,7 +2,7 @@
 
 Papers:
 - GRPO: Shao et al., "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models" (2024,
-  arXiv 2402.03300), Section 4.1.
+  arXiv 2402.03300), Section 4.1: the objective eq. (3), the KL estimator eq. (4); the settings, Section 4.2.
 - Dr. GRPO: Liu et al., "Understanding R1-Zero-Like Training: A Critical Perspective" (2025, arXiv 2503.20783).
 - DAPO: Yu et al., "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (2025, arXiv 2503.14476).
 - RLOO: Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in
@@ -30,17 +30,28 @@ response is taken from the other responses of its group.
   1 − ε_low, 1 + ε_high) Â_i).
 - The KL to π_ref (`--kl-coef` β): in the loss, as GRPO does, β times the k3 estimate per token
   k3 = π_ref/π_θ − log(π_ref/π_θ) − 1 at the current π_θ, aggregated like the policy loss (DeepSeekMath's unbiased
-  estimator of KL(π_θ ‖ π_ref)); or, with `--kl-in-reward`, in the score, as RLOO does: r_i − β Σ_t (log π_old −
-  log π_ref). β = 0 (and no --kl-in-reward) leaves π_ref out: it is not loaded.
+  estimator of KL(π_θ ‖ π_ref), its eq. (4)); or, with `--kl-in-reward`, in the score, as RLOO does:
+  r_i − β Σ_t (log π_old − log π_ref). β = 0 (and no --kl-in-reward) leaves π_ref out: it is not loaded.
 - An iteration: sample G responses for each of rollout-batch-size / G prompts, score them, compute the advantages
   within each group, then minimise the loss for --update-epochs passes over mini-batches of the rollout (π_old the
   sampling policy: with one epoch and one mini-batch the ratio is 1 and the clip never binds).
+- `--dynamic-sampling` (DAPO's dynamic sampling, Section 3.2): a group whose G scores are all equal has every
+  advantage 0 and no policy gradient; such groups are dropped, and further rounds of rollout-batch-size / G prompts
+  are sampled until the batch holds rollout-batch-size / G groups with a signal, or --max-sampling-rounds rounds have
+  run. The test is on the rewards' score, before the KL of --kl-in-reward and the overlong penalty (DAPO's on the
+  answer's accuracy). Logged: rollout/sampling_rounds, rollout/dropped_groups, rollout/filled_groups.
 
 Where this differs from the released code:
 - `token_mean` and `constant` aggregate over each mini-batch of one rank (a DeepSpeed step's batch), as TRL and verl
   do per micro-batch, not over the whole rollout of all ranks.
-- DAPO's dynamic sampling (resampling groups whose rewards are all equal) is not implemented here; its overlong
-  reward shaping is (`--overlong-buffer`): 0 up to max-new-tokens − buffer tokens, then falling linearly to −1.
+- DAPO's dynamic sampling: when --max-sampling-rounds run out before the batch is full, the batch is filled with
+  dropped groups (advantage 0: they add only the KL term and weigh in the aggregation's denominators), as every
+  group is kept without the flag; DAPO's released code stops the run there with an error. Each round samples one
+  rollout batch's prompts (DAPO's released run samples 3 × its training batch's). The responses of dropped groups
+  are forwarded through π_old and π_ref too (the released code scores before those passes). --total-episodes and
+  the throughput printed count the responses trained on, not those sampled and dropped.
+- DAPO's overlong reward shaping (`--overlong-buffer`): 0 up to max-new-tokens − buffer tokens, then falling
+  linearly to −1.
 - With β = 0 and no --kl-in-reward, π_ref is not loaded, and no KL to it is logged (no rollout/kl_*,
   eval/kl_to_ref).
 
@@ -85,7 +96,17 @@ def group_advantages(*, scores, group_size, estimator, eps=1e-6):
         advantages = groups - others  # RLOO: r_i − 1/(G−1) Σ_{j≠i} r_j
     else:
         raise ValueError(f"unknown advantage estimator {estimator!r}; use grpo, dr_grpo or rloo")
+    # A group whose scores are all equal carries no signal: its advantages are exactly 0 (the float mean of G equal
+    # scores can miss them by an ulp, which the division by std + ε would blow up to a sizeable advantage).
+    advantages = torch.where(signal_groups(scores, group_size)[:, None], advantages, 0.0)
     return advantages.reshape(-1)
+
+
+def signal_groups(scores, group_size):
+    """[groups] bool: True where a group's `group_size` scores (consecutive rows of `scores` [batch]) are not all
+    equal, the groups that carry a signal (DAPO's dynamic sampling keeps only these)."""
+    groups = scores.view(-1, group_size)
+    return groups.amax(1) > groups.amin(1)  # DAPO's dynamic sampling (Section 3.2): 0 < |{o_i | o_i correct}| < G
 
 
 def aggregate(per_token, response_mask, *, aggregation, max_tokens=None):
@@ -95,7 +116,7 @@ def aggregate(per_token, response_mask, *, aggregation, max_tokens=None):
     masked = per_token * response_mask
     if aggregation == "sequence_mean":
         lengths = response_mask.sum(1).clamp(min=1)
-        return (masked.sum(1) / lengths).mean()  # GRPO's 1/G Σ_i 1/|o_i| Σ_t
+        return (masked.sum(1) / lengths).mean()  # GRPO's 1/G Σ_i 1/|o_i| Σ_t (DeepSeekMath eq. (3))
     if aggregation == "token_mean":
         return masked.sum() / response_mask.sum().clamp(min=1)  # DAPO's 1/Σ_i|o_i| Σ_i Σ_t
     if aggregation == "constant":
@@ -149,7 +170,7 @@ def grpo_loss(
         adv = advantages[:, None]
         losses = -adv * ratio
         losses_clipped = -adv * torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
-        per_token = torch.max(losses, losses_clipped)  # GRPO objective (DeepSeekMath Section 4.1.1), clip-higher (DAPO)
+        per_token = torch.max(losses, losses_clipped)  # GRPO objective (DeepSeekMath eq. (3)), clip-higher (DAPO)
         policy_loss = aggregate(per_token, response_mask, aggregation=aggregation, max_tokens=max_tokens)
         weights = response_mask
     elif importance == "sequence":
@@ -166,7 +187,7 @@ def grpo_loss(
     loss = policy_loss
     if ref_logprobs is not None:
         ref_log_ratio = (ref_logprobs - logprobs) * response_mask  # log π_ref − log π_θ, 0 on padding
-        k3 = torch.expm1(ref_log_ratio) - ref_log_ratio  # DeepSeekMath's KL estimator: π_ref/π_θ − log(π_ref/π_θ) − 1
+        k3 = torch.expm1(ref_log_ratio) - ref_log_ratio  # DeepSeekMath's KL estimator, eq. (4): π_ref/π_θ − log(·) − 1
         kl_loss = aggregate(k3, response_mask, aggregation=aggregation, max_tokens=max_tokens)
         loss = policy_loss + kl_coef * kl_loss
     with torch.no_grad():
@@ -209,6 +230,12 @@ class Args(common.RunArgs):
     overlong_buffer: int = 0
     """DAPO's overlong reward shaping: the last this many of --max-new-tokens cost up to 1 in the score, linearly;
     0 = off"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose scores are all equal and sample more prompts' groups, up to
+    --max-sampling-rounds rounds, until the rollout batch is full of groups with a signal"""
+    max_sampling_rounds: int = 10
+    """with --dynamic-sampling, the most rounds of rollout-batch-size / G prompts an iteration samples; then the batch
+    is filled with dropped groups (advantage 0)"""
     kl_in_reward: bool = False
     """put the KL in the score, r − β Σ_t (log π_old − log π_ref) (RLOO), not k3 in the loss (GRPO)"""
     update_epochs: int = 1
@@ -240,19 +267,79 @@ class Args(common.RunArgs):
 
 
 # --preset NAME: the values of PRESETS[NAME] become the defaults; flags given on the command line win over them.
-# Each preset sets the choices that define its method; sizes and learning rates stay those of the task.
+# Each preset holds its paper's published settings (or its released run's), each cited at its line. A setting that
+# is a property of scale (thousands of responses an iteration, responses thousands of tokens long) is marked SCALE:
+# the preset keeps a value that runs on the built-in task, in the published proportion where there is one (updates
+# per rollout batch, the overlong buffer's share of the response budget). The published learning rates (1e-6, for
+# 1.5B-32B models) barely move the built-in task's tiny policy: pass --learning-rate 1e-4 there.
+DAPO_RUN = (  # the DAPO authors' released run, in verl
+    "https://github.com/volcengine/verl/blob/246cac4ca6b0e3ce1009bc48aaa798689e0600af/recipe/dapo/"
+    "run_dapo_qwen2.5_32b.sh"
+)
+DR_GRPO_RUN = (  # the Dr. GRPO authors' released run, in oat
+    "https://github.com/sail-sg/understand-r1-zero/blob/dfca49dd460ee7cc8e4a5a162c876a7fd6993b87/examples/"
+    "qwen2.5-math-1.5b.sh"
+)
 PRESETS = {
-    "grpo": dict(advantage_estimator="grpo", loss_aggregation="sequence_mean", kl_coef=0.04),  # DeepSeekMath β 0.04
-    "dr-grpo": dict(advantage_estimator="dr_grpo", loss_aggregation="constant", kl_coef=0.0),  # Dr. GRPO: no KL
-    "dapo": dict(  # DAPO: ε_low 0.2, ε_high 0.28, token-level loss, no KL term
-        advantage_estimator="grpo",
-        loss_aggregation="token_mean",
-        cliprange_low=0.2,
-        cliprange_high=0.28,
-        kl_coef=0.0,
+    # GRPO: DeepSeekMath (Shao et al. 2024), Section 4.2, "Training and Evaluating DeepSeekMath-RL"
+    "grpo": dict(
+        advantage_estimator="grpo",  # Section 4.1.2, outcome supervision: (r − mean(r)) / std(r)
+        loss_aggregation="sequence_mean",  # eq. (3): 1/G Σ_i 1/|o_i| Σ_t
+        kl_coef=0.04,  # Section 4.2: "The KL coefficient is 0.04"; β · eq. (4) in the loss, eq. (3)
+        group_size=64,  # Section 4.2: "For each question, we sample 64 outputs"
+        learning_rate=1e-6,  # Section 4.2: "The learning rate of the policy model is 1e-6"
+        update_epochs=1,  # Section 4.2: "The policy model only has a single update following each exploration stage"
+        rollout_batch_size=128,  # SCALE: "the training batch size is 1024" (Section 4.2); here 2 prompts × 64
+        mini_batch_size=128,  # the single update: one step on the whole rollout batch (Section 4.2)
+    ),  # not set: "The max length is set to 1024" (SCALE: the task's 32 new tokens); ε (not given)
+    # Dr. GRPO (Liu et al. 2025): the authors' released run, DR_GRPO_RUN (oat's train_zero_math.py)
+    "dr-grpo": dict(
+        advantage_estimator="dr_grpo",  # DR_GRPO_RUN#L20 --critic_type drgrpo: r − mean(r), train_zero_math.py#L294
+        loss_aggregation="constant",  # DR_GRPO_RUN#L20: masked_sum / generate_max_length, train_zero_math.py#L286
+        kl_coef=0.0,  # DR_GRPO_RUN#L33 --beta 0
+        group_size=8,  # DR_GRPO_RUN#L16, #L47 --num_samples 8
+        learning_rate=1e-6,  # DR_GRPO_RUN#L30
+        lr_schedule="constant",  # DR_GRPO_RUN#L31
+        update_epochs=1,  # DR_GRPO_RUN#L32 --num_ppo_epochs 1
+        temperature=1.0,  # DR_GRPO_RUN#L48
+        top_p=1.0,  # DR_GRPO_RUN#L49
+        rollout_batch_size=64,  # SCALE: 128 prompts × 8 (DR_GRPO_RUN#L54); here 8 prompts × 8
+        mini_batch_size=8,  # 8 steps per rollout batch as released: 1024 responses / --train_batch_size 128 (#L52)
+    ),  # not set: --generate_max_length 3000 (#L50, SCALE: the task's 32 new tokens, the `constant` divisor)
+    # DAPO (Yu et al. 2025): the authors' released run, DAPO_RUN (verl's recipe/dapo)
+    "dapo": dict(
+        advantage_estimator="grpo",  # DAPO_RUN#L7 adv_estimator=grpo
+        kl_coef=0.0,  # DAPO_RUN#L9-L12: no KL in the reward, no KL loss
+        cliprange_low=0.2,  # DAPO_RUN#L14 clip_ratio_low
+        cliprange_high=0.28,  # DAPO_RUN#L15 clip_ratio_high: clip-higher
+        overlong_buffer=6,  # SCALE: 4096 of 20480 new tokens (DAPO_RUN#L18, #L20); here a fifth of the task's 32
+        loss_aggregation="token_mean",  # DAPO_RUN#L23 loss_agg_mode="token-mean"
+        dynamic_sampling=True,  # DAPO_RUN#L25 enable_filter_groups=True
+        max_sampling_rounds=10,  # DAPO_RUN#L27 max_num_gen_batches=10
+        group_size=16,  # DAPO_RUN#L30 n_resp_per_prompt=16
+        rollout_batch_size=128,  # SCALE: 512 prompts × 16 (DAPO_RUN#L28); here 8 prompts × 16
+        mini_batch_size=8,  # 16 steps per rollout batch as released: 512 prompts / 32 a mini-batch (DAPO_RUN#L31)
+        temperature=1.0,  # DAPO_RUN#L46
+        top_p=1.0,  # DAPO_RUN#L47
+        learning_rate=1e-6,  # DAPO_RUN#L91
+        lr_warmup_steps=10,  # DAPO_RUN#L92
+        weight_decay=0.1,  # DAPO_RUN#L93
+        max_grad_norm=1.0,  # DAPO_RUN#L98
+    ),  # not set: a sampling round of 3 × 512 prompts (#L29; here a round is one rollout batch's prompts)
+    # RLOO (Ahmadian et al. 2024, "Back to Basics")
+    "rloo": dict(
+        advantage_estimator="rloo",  # the leave-one-out baseline: r_i − 1/(k − 1) Σ_{j≠i} r_j
+        kl_in_reward=True,  # the KL penalty in the sequence reward, r(x, y) − β log(π(y|x) / π_ref(y|x))
+        group_size=4,  # RLOO with k = 4 samples per prompt (the paper runs k = 2 and k = 4)
     ),
-    "rloo": dict(advantage_estimator="rloo", kl_in_reward=True),  # RLOO: the KL in the reward
-    "gspo": dict(advantage_estimator="grpo", importance="sequence", kl_coef=0.0),
+    # GSPO (Zheng et al. 2025), Section 5.1
+    "gspo": dict(
+        advantage_estimator="grpo",  # the group-normalised advantage of GRPO
+        importance="sequence",  # eq. (5): the sequence ratio s_i, clipped per response
+        cliprange_low=3e-4,  # Section 5.1: "the clipping ranges in Equation (5) to 3e-4 and 4e-4"
+        cliprange_high=4e-4,  # Section 5.1
+        kl_coef=0.0,  # eq. (5) holds no KL term
+    ),
 }
 
 
@@ -349,6 +436,95 @@ def rollout(models: Models, sampling: Sampling, prompt_rows, prompts) -> common.
     )
 
 
+def rollout_rows(sampled: common.Rollout, index) -> common.Rollout:
+    """The rows of a rollout at `index` (a tensor of row numbers)."""
+    ref = sampled.ref_logprobs
+    return common.Rollout(
+        batch=sampled.batch.rows(index),
+        scores=sampled.scores[index],
+        ended=sampled.ended[index],
+        old_logprobs=sampled.old_logprobs[index],
+        ref_logprobs=None if ref is None else ref[index],
+    )
+
+
+def join_rollouts(parts: list, pad_id: int) -> common.Rollout:
+    """Rollouts of several sampling rounds as one: prompts left-padded, responses and their log-probs right-padded to
+    the widest round (padding is masked everywhere it is read)."""
+    prompt_width = max(part.batch.query_ids.shape[1] for part in parts)
+    response_width = max(part.batch.response_ids.shape[1] for part in parts)
+
+    def left(x, value):
+        return torch.nn.functional.pad(x, (prompt_width - x.shape[1], 0), value=value)
+
+    def right(x, value):
+        return torch.nn.functional.pad(x, (0, response_width - x.shape[1]), value=value)
+
+    batch = common.Batch(
+        query_ids=torch.cat([left(part.batch.query_ids, pad_id) for part in parts]),
+        query_mask=torch.cat([left(part.batch.query_mask, 0) for part in parts]),
+        response_ids=torch.cat([right(part.batch.response_ids, pad_id) for part in parts]),
+        response_mask=torch.cat([right(part.batch.response_mask, 0) for part in parts]),
+    )
+    with_ref = parts[0].ref_logprobs is not None
+    return common.Rollout(
+        batch=batch,
+        scores=torch.cat([part.scores for part in parts]),
+        ended=torch.cat([part.ended for part in parts]),
+        old_logprobs=torch.cat([right(part.old_logprobs, 0.0) for part in parts]),
+        ref_logprobs=torch.cat([right(part.ref_logprobs, 0.0) for part in parts]) if with_ref else None,
+    )
+
+
+class Groups(NamedTuple):
+    """The rollout an iteration trains on, and how it was sampled."""
+
+    rollout: common.Rollout  # num_prompts groups of group_size consecutive rows
+    rounds: int  # sampling rounds run (1 without dynamic sampling)
+    dropped: int  # groups sampled whose scores were all equal, left out of the batch
+    filled: int  # of those, put back to fill the batch when the rounds ran out
+
+
+def sample_groups(
+    sample, *, prompt_rows, prompts, sampler, num_prompts, group_size, dynamic, max_rounds, pad_id
+) -> Groups:
+    """Step 1 of an iteration: draw `num_prompts` prompts (with `sampler`) and sample `group_size` responses for each
+    by `sample(prompt_rows=..., prompts=...)` (the rollout), each prompt's group in consecutive rows. With `dynamic`
+    (DAPO's dynamic sampling), a group whose scores are all equal is dropped and another round of `num_prompts`
+    prompts is drawn, until `num_prompts` groups with a signal are kept or `max_rounds` rounds have run; then the
+    batch is filled with dropped groups (in the order sampled). Under torchrun every rank runs the same number of
+    rounds (generation and the forward passes are collective under ZeRO-3): a rank whose batch is full samples on
+    until every rank's is."""
+    rounds = 0
+    dropped = 0
+    kept = []
+    spare = []
+    n_kept = 0
+    while True:
+        rounds += 1
+        prompt_index = torch.randint(len(prompt_rows), (num_prompts,), generator=sampler)
+        batch_index = prompt_index.repeat_interleave(group_size).tolist()
+        sampled = sample(prompt_rows=[prompt_rows[i] for i in batch_index], prompts=[prompts[i] for i in batch_index])
+        if not dynamic:
+            return Groups(rollout=sampled, rounds=1, dropped=0, filled=0)
+        signal = signal_groups(sampled.scores, group_size)
+        dropped += int((~signal).sum())
+        # the first groups with a signal, up to a full batch (the released code keeps them all, then cuts the batch)
+        wanted = signal.nonzero().flatten()[: num_prompts - n_kept]
+        n_kept += len(wanted)
+        offsets = torch.arange(group_size)
+        kept.append(rollout_rows(sampled, (wanted[:, None] * group_size + offsets).flatten()))
+        spare.append(rollout_rows(sampled, ((~signal).nonzero() * group_size + offsets).flatten()))
+        short = common.all_reduce_cpu(torch.tensor([float(n_kept < num_prompts)]), torch.distributed.ReduceOp.MAX)
+        if not short.item() or rounds == max_rounds:
+            break
+    filled = num_prompts - n_kept  # DAPO: too few groups with a signal after max_rounds; its released code stops
+    if filled:
+        spare = join_rollouts(spare, pad_id)
+        kept.append(rollout_rows(spare, torch.arange(filled * group_size)))
+    return Groups(rollout=join_rollouts(kept, pad_id), rounds=rounds, dropped=dropped, filled=filled)
+
+
 if __name__ == "__main__":
     # Arguments: the command line over the defaults, or over a preset's values with --preset.
     args = common.parse_args(Args, PRESETS)
@@ -368,6 +544,11 @@ if __name__ == "__main__":
         common.fail(
             f"--rollout-batch-size {args.rollout_batch_size} is not a multiple of --mini-batch-size "
             f"{args.mini_batch_size}; pick a mini-batch size that divides it"
+        )
+    if args.max_sampling_rounds < 1:
+        common.fail(
+            f"--max-sampling-rounds {args.max_sampling_rounds}: dynamic sampling needs at least 1 round; pass "
+            "--max-sampling-rounds 10 (DAPO's)"
         )
     if not 0 <= args.overlong_buffer < args.max_new_tokens:
         common.fail(
@@ -511,15 +692,20 @@ if __name__ == "__main__":
         # ALGO LOGIC
         # 1. Roll out π_old: rollout-batch-size / G prompts, each G times in consecutive rows (its group); sample, cut
         # at EOS, score, π_old and π_ref log-probs.
+        # With --dynamic-sampling (DAPO), groups whose scores are all equal are dropped and more prompts sampled.
         t0 = time.time()
-        prompt_index = torch.randint(len(train_prompts), (prompts_per_iteration,), generator=sampler)
-        batch_index = prompt_index.repeat_interleave(args.group_size)
-        sampled = rollout(
-            models,
-            sampling,
-            prompt_rows=[train_prompts[i] for i in batch_index],
-            prompts=[train_texts[i] for i in batch_index],
+        groups = sample_groups(
+            functools.partial(rollout, models, sampling),
+            prompt_rows=train_prompts,
+            prompts=train_texts,
+            sampler=sampler,
+            num_prompts=prompts_per_iteration,
+            group_size=args.group_size,
+            dynamic=args.dynamic_sampling,
+            max_rounds=args.max_sampling_rounds,
+            pad_id=tokenizer.pad_token_id,
         )
+        sampled = groups.rollout
         batch = sampled.batch
         response_mask = batch.response_mask
         old_logprobs = sampled.old_logprobs
@@ -596,9 +782,13 @@ if __name__ == "__main__":
             kl_k1 = kl["k1"]
             ones = torch.ones_like(kl_k1[:, 0])
             metrics["rollout/kl_to_ref"] = masked_mean(kl_k1.sum(1), ones, across_ranks=True).item()
-        groups = sampled.scores.view(-1, args.group_size)
-        metrics["rollout/score_std_in_group"] = groups.std(1).mean().item()
-        metrics["rollout/zero_std_groups"] = (groups.std(1) == 0).float().mean().item()  # groups with no signal
+        metrics["rollout/score_std_in_group"] = sampled.scores.view(-1, args.group_size).std(1).mean().item()
+        no_signal = ~signal_groups(sampled.scores, args.group_size)
+        metrics["rollout/zero_std_groups"] = no_signal.float().mean().item()  # groups whose scores are all equal
+        if args.dynamic_sampling:  # DAPO's dynamic sampling: this rank's rounds, and the groups it left out
+            metrics["rollout/sampling_rounds"] = groups.rounds
+            metrics["rollout/dropped_groups"] = groups.dropped
+            metrics["rollout/filled_groups"] = groups.filled
         metrics["rollout/advantage_abs_mean"] = advantages.abs().mean().item()
         if args.overlong_buffer:
             metrics["rollout/overlong_penalty"] = length_penalty.mean().item()  # DAPO's length term, mean per response

@@ -44,10 +44,19 @@ def test_default_run_and_stopped_and_resumed_is_identical(builtin_path, tmp_path
     assert_resume_reproduces("grpo.py", TINY_ONLINE, records_a, tmp_path)
 
 
+# A 0/1 reward as a verifier gives one: prompts of an odd number of characters never score (their groups carry no
+# signal, and dynamic sampling drops them), the others score the responses of an even number of words.
+BINARY_REWARD = """
+def even_even(prompts, responses):
+    return [float(len(p) % 2 == 0 and len(r.split()) % 2 == 0) for p, r in zip(prompts, responses)]
+"""
+
+
 def test_every_variant_flag_runs(builtin_path, tmp_path):
-    """Each flag at least once, in three runs: Dr. GRPO without π_ref, with DAPO's overlong shaping; RLOO with the KL
+    """Each flag at least once, in four runs: Dr. GRPO without π_ref, with DAPO's overlong shaping; RLOO with the KL
     in the reward, DAPO's token-mean and clip-higher over two epochs; GSPO's sequence ratio with LoRA (π_ref = the
-    adapter off)."""
+    adapter off); the DAPO preset (dynamic sampling) with a 0/1 reward."""
+    (tmp_path / "binary_reward.py").write_text(BINARY_REWARD)
     jobs = {
         "dr_grpo": [
             *("--advantage-estimator", "dr_grpo", "--loss-aggregation", "constant", "--kl-coef", "0"),
@@ -64,9 +73,14 @@ def test_every_variant_flag_runs(builtin_path, tmp_path):
             "2",
         ],
         "gspo": ["--importance", "sequence", "--group-size", "2", "--lora-r", "4", "--learning-rate", "1e-3"],
+        "dapo": [
+            *("--preset", "dapo", "--group-size", "4", "--max-sampling-rounds", "3"),
+            *("--reward-model", "binary_reward:even_even"),
+        ],
     }
+    env = {"PYTHONPATH": str(tmp_path)}
     runs = {
-        name: ("grpo.py", [*TINY_ONLINE, *flags, "--output-dir", str(tmp_path / name)], {})
+        name: ("grpo.py", [*TINY_ONLINE, *flags, "--output-dir", str(tmp_path / name)], {"env": env})
         for name, flags in jobs.items()
     }
     procs = run_pairs(runs)
@@ -74,7 +88,7 @@ def test_every_variant_flag_runs(builtin_path, tmp_path):
         assert proc.returncode == 0, f"{name}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     records = {name: read_run(tmp_path / name)[1] for name in jobs}
     for name in jobs:
-        _check_metrics(records[name], 2, with_ref=name != "dr_grpo")
+        _check_metrics(records[name], 2, with_ref=name not in ("dr_grpo", "dapo"))
 
     # β = 0: π_ref is not loaded, said once; no KL term in the loss, and no KL to π_ref logged or printed
     assert "π_ref is not loaded" in procs["dr_grpo"].stdout
@@ -90,6 +104,16 @@ def test_every_variant_flag_runs(builtin_path, tmp_path):
     # GSPO with groups of 2 (8 prompts an iteration) and LoRA: the KL in the loss, π_ref the adapter switched off
     assert "2 iterations × 8 prompts × 2 responses" in procs["gspo"].stdout
     assert records["gspo"][2]["policy/kl_loss"] > 0  # (LoRA's B starts at 0: a higher rate moves it in two steps)
+
+    # DAPO's dynamic sampling: the odd-length prompts drawn (the draws do not depend on the machine) are dropped, and
+    # the batch trained on holds only groups with a signal unless the 3 rounds ran out and dropped ones filled it
+    dapo = records["dapo"][1:]
+    assert sum(r["rollout/dropped_groups"] for r in dapo) > 0
+    for r in dapo:
+        assert 1 <= r["rollout/sampling_rounds"] <= 3
+        assert r["rollout/zero_std_groups"] == r["rollout/filled_groups"] / 4  # of the 4 groups trained on
+        assert r["rollout/filled_groups"] == 0 or r["rollout/sampling_rounds"] == 3
+    assert all("rollout/sampling_rounds" not in r for name in ("dr_grpo", "rloo", "gspo") for r in records[name])
 
 
 def test_bad_group_settings_are_one_line_errors(builtin_path):
