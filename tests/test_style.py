@@ -21,7 +21,7 @@ def test_ruff_check_finds_nothing():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-PAPERS = "APA|PPO|GAE|Ziegler|Stiennon|InstructGPT|AWR|ILQL|A-LoL|DPO|PRO"
+PAPERS = "APA|PPO|GAE|Ziegler|Stiennon|InstructGPT|AWR|ILQL|A-LoL|DPO|PRO|DeepSeekMath|GSPO|DAPO"
 MARKER = rf"\b({PAPERS}) (eq\. \(\d+[a-z]?\)|Algorithm \d+, lines? \d+(?:[–-]\d+)?)"
 SCRIPTS = ["ppo.py", "apa.py", "awr.py", "ilql.py", "alol.py", "dpo.py", "pro.py", "grpo.py"]
 
