@@ -578,6 +578,8 @@ if __name__ == "__main__":
         for _epoch in range(args.update_epochs):
             for idx in torch.randperm(args.rollout_batch_size, generator=sampler).split(args.mini_batch_size):
                 stats = {}
+                # Each term of each micro-batch weighted by its share of the mini-batch's (micro_shares): the
+                # accumulated gradient and the logged statistics (sums of the weighted values) are the mini-batch's.
                 for micro in common.micro_batches(idx, args.micro_batch_size):
                     shares = micro_shares(response_mask[micro], response_mask[idx], args=args)
                     mini_batch = batch.rows(micro)
