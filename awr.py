@@ -405,46 +405,62 @@ def all_values(value_model, batch, *, forward_batch_size, device):
     return common.in_chunks(values_of, batch, forward_batch_size).to(device)
 
 
+def accumulation_passes(idx: torch.Tensor, args: Args) -> list[tuple[torch.Tensor, bool]]:
+    """The micro-batches of --micro-batch-size rows of the mini-batch `idx` (common.micro_batches), each with whether
+    its rows count. The engines step the optimiser at every (mini / micro)-th pass, so a short mini-batch (the last
+    of the offline rows, when --mini-batch-size does not divide them) is split into as many passes as a full one; a
+    pass it has no row for runs its first row at weight 0."""
+    if len(idx) == args.mini_batch_size:
+        return [(micro, True) for micro in common.micro_batches(idx, args.micro_batch_size)]
+    passes = args.mini_batch_size // (args.micro_batch_size or args.mini_batch_size)
+    return [(micro, True) if len(micro) else (idx[:1], False) for micro in idx.tensor_split(passes)]
+
+
 def update(models: Models, batch, *, advantages, returns, ref_logprobs, sampler, args: Args, device) -> dict:
     """One pass over `batch` (a common.Batch) in mini-batches shuffled by `sampler`: for each, a step of the policy
     on L^AWR and a step of V on its value loss, loss = L^AWR + vf_coef · value loss. Returns the mean of each logged
     loss."""
     policy = models.policy
     value_model = models.value_model
+    keys = ["policy/loss", "value/loss", "policy/log_ratio_to_ref", "policy/clamped_weight_fraction"]
     step_stats = []
     policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
     value_model.train()
     for idx in torch.randperm(len(advantages), generator=sampler).split(args.mini_batch_size):
-        minibatch = batch.rows(idx)
-        logprobs = common.forward_logprobs(policy, *minibatch, temperature=args.temperature)
-        values = common.forward_values(value_model, *minibatch).to(device)
-        policy_loss = awr_loss(
-            logprobs=logprobs,
-            advantages=advantages[idx],
-            response_mask=minibatch.response_mask,
-            lam=args.lam,
-            max_weight=args.max_weight,
-        )
-        vf_loss = value_loss(values, returns[idx], minibatch.response_mask)
-        # loss = L^AWR + vf_coef · value loss; each engine runs its own backward
-        policy.backward(policy_loss)
-        value_model.backward(args.vf_coef * vf_loss)
-        policy.step()
-        value_model.step()
-        log_ratio = (logprobs - ref_logprobs[idx]).detach()  # π_ref is only watched, not in the loss
-        clamped = (advantages[idx] / args.lam > math.log(args.max_weight)).to(log_ratio.dtype)
-        step_stats.append(
-            [
-                policy_loss.item(),
-                vf_loss.item(),
-                masked_mean(log_ratio, minibatch.response_mask).item(),
-                masked_mean(clamped, minibatch.response_mask).item(),
+        stats = [0.0] * len(keys)
+        # Both losses are means over response tokens: each micro-batch's weighted by its share of the mini-batch's,
+        # so the accumulated gradients and the logged values (sums of the weighted ones) are the mini-batch's
+        for micro, counts in accumulation_passes(idx, args):
+            share = common.token_share(batch.response_mask[micro], batch.response_mask[idx]) if counts else 0.0
+            minibatch = batch.rows(micro)
+            logprobs = common.forward_logprobs(policy, *minibatch, temperature=args.temperature)
+            values = common.forward_values(value_model, *minibatch).to(device)
+            policy_loss = awr_loss(
+                logprobs=logprobs,
+                advantages=advantages[micro],
+                response_mask=minibatch.response_mask,
+                lam=args.lam,
+                max_weight=args.max_weight,
+            )
+            vf_loss = value_loss(values, returns[micro], minibatch.response_mask)
+            # loss = L^AWR + vf_coef · value loss; each engine runs its own backward
+            policy.backward(share * policy_loss, scale_wrt_gas=False)
+            value_model.backward(share * args.vf_coef * vf_loss, scale_wrt_gas=False)
+            policy.step()
+            value_model.step()
+            log_ratio = (logprobs - ref_logprobs[micro]).detach()  # π_ref is only watched, not in the loss
+            clamped = (advantages[micro] / args.lam > math.log(args.max_weight)).to(log_ratio.dtype)
+            micro_stats = [
+                policy_loss,
+                vf_loss,
+                masked_mean(log_ratio, minibatch.response_mask),
+                masked_mean(clamped, minibatch.response_mask),
             ]
-        )
+            stats = [total + share * value.item() for total, value in zip(stats, micro_stats)]
+        step_stats.append(stats)
     policy.eval()  # sampling and scoring in eval mode
     value_model.eval()
     means = torch.tensor(step_stats).mean(0).tolist()
-    keys = ["policy/loss", "value/loss", "policy/log_ratio_to_ref", "policy/clamped_weight_fraction"]
     return dict(zip(keys, means))
 
 
@@ -469,7 +485,7 @@ if __name__ == "__main__":
             f"{max(args.total_episodes // per_iteration, 1) * per_iteration}"
         )
     zero3 = args.zero_stage == 3
-    chunk = args.forward_batch_size or args.mini_batch_size  # rows per no-grad forward pass
+    chunk = args.forward_batch_size or args.micro_batch_size or args.mini_batch_size  # rows per no-grad pass
 
     # The data first: a file that cannot train fails before any model is loaded
     eval_texts = common.load_prompts(args.dataset, args.eval_split, args.prompt_field)
@@ -754,10 +770,12 @@ if __name__ == "__main__":
             range(0 if args.resume else args.value_warmup_epochs), desc="value warm-up", enabled=args.progress
         ):
             for idx in torch.randperm(len(response_mask), generator=sampler).split(args.mini_batch_size):
-                values = common.forward_values(value_model, *batch.rows(idx)).to(device)
-                vf_loss = value_loss(values, mc_returns[idx], response_mask[idx])
-                value_model.backward(vf_loss)
-                value_model.step()
+                for micro, counts in accumulation_passes(idx, args):  # a token mean: weighted by its token share
+                    share = common.token_share(response_mask[micro], response_mask[idx]) if counts else 0.0
+                    values = common.forward_values(value_model, *batch.rows(micro)).to(device)
+                    vf_loss = value_loss(values, mc_returns[micro], response_mask[micro])
+                    value_model.backward(share * vf_loss, scale_wrt_gas=False)
+                    value_model.step()
         value_model.eval()
         previous = state.get("previous")
         for epoch in common.progress(

@@ -208,6 +208,31 @@ def grpo_loss(
     )
 
 
+class MicroShares(NamedTuple):
+    """A micro-batch's share of its mini-batch for each mean the loss and the log take (see micro_shares)."""
+
+    policy: float  # of the policy loss
+    kl: float  # of the k3 term
+    tokens: float  # of a mean over response tokens (approx_kl)
+    clip: float  # of the clip fractions (over tokens, or over responses for `sequence`)
+
+
+def micro_shares(micro_mask, mini_mask, *, args) -> MicroShares:
+    """The weights that make the losses of the micro-batches of --micro-batch-size rows sum to the mini-batch's:
+    `token_mean` divides by the mini-batch's response tokens (the micro-batch's token share); `sequence_mean` is a
+    mean over responses, and `constant` divides by the mini-batch's responses × --max-new-tokens (both the
+    micro-batch's row share), as is GSPO's mean over responses."""
+    tokens = common.token_share(micro_mask, mini_mask)
+    rows = len(micro_mask) / len(mini_mask)
+    aggregated = tokens if args.loss_aggregation == "token_mean" else rows
+    return MicroShares(
+        policy=rows if args.importance == "sequence" else aggregated,
+        kl=aggregated,
+        tokens=tokens,
+        clip=rows if args.importance == "sequence" else tokens,
+    )
+
+
 # The arguments: the fields every script shares (common.RunArgs), this algorithm's, the papers' presets.
 @dataclass
 class Args(common.RunArgs):
@@ -641,7 +666,7 @@ if __name__ == "__main__":
     random.seed(args.seed + run.rank)
     torch.manual_seed(args.seed + run.rank)
     sampler = torch.Generator().manual_seed(args.seed + run.rank)
-    forward_batch_size = args.forward_batch_size or args.mini_batch_size
+    forward_batch_size = args.forward_batch_size or args.micro_batch_size or args.mini_batch_size
     models = Models(policy=policy, ref_policy=ref_policy, rewards=reward_fns, reward_weights=reward_weights)
     sampling = Sampling(
         tokenizer=tokenizer,
@@ -738,39 +763,48 @@ if __name__ == "__main__":
         policy.train()  # gradient checkpointing and LoRA dropout act in train mode only (other dropout is off)
         for _epoch in range(args.update_epochs):
             for idx in torch.randperm(args.rollout_batch_size, generator=sampler).split(args.mini_batch_size):
-                mini_batch = batch.rows(idx)
-                logprobs = common.forward_logprobs(
-                    policy,
-                    *mini_batch,
-                    temperature=args.temperature,
-                    repetition_penalty=args.repetition_penalty,
-                )
-                kl_in_loss = with_ref and not args.kl_in_reward
-                terms = grpo_loss(
-                    logprobs=logprobs,
-                    old_logprobs=old_logprobs[idx],
-                    advantages=advantages[idx],
-                    response_mask=mini_batch.response_mask,
-                    cliprange_low=args.cliprange_low,
-                    cliprange_high=args.cliprange_high,
-                    aggregation=args.loss_aggregation,
-                    importance=args.importance,
-                    max_tokens=args.max_new_tokens,
-                    ref_logprobs=sampled.ref_logprobs[idx] if kl_in_loss else None,  # GRPO: β · k3 in the loss
-                    kl_coef=args.kl_coef,
-                )
-                stats = {
-                    "policy/loss": terms.loss.item(),
-                    "policy/policy_loss": terms.policy_loss.item(),
-                    "policy/approx_kl": terms.approx_kl.item(),
-                    "policy/clipfrac": terms.clipfrac.item(),
-                    "policy/clipfrac_low": terms.clipfrac_low.item(),
-                    "policy/clipfrac_high": terms.clipfrac_high.item(),
-                }
-                if terms.kl_loss is not None:
-                    stats["policy/kl_loss"] = terms.kl_loss.item()  # the aggregated k3, before β
-                policy.backward(terms.loss)
-                policy.step()
+                stats = {}
+                # Each term of each micro-batch weighted by its share of the mini-batch's (micro_shares): the
+                # accumulated gradient and the logged statistics (sums of the weighted values) are the mini-batch's.
+                for micro in common.micro_batches(idx, args.micro_batch_size):
+                    shares = micro_shares(response_mask[micro], response_mask[idx], args=args)
+                    mini_batch = batch.rows(micro)
+                    logprobs = common.forward_logprobs(
+                        policy,
+                        *mini_batch,
+                        temperature=args.temperature,
+                        repetition_penalty=args.repetition_penalty,
+                    )
+                    kl_in_loss = with_ref and not args.kl_in_reward
+                    terms = grpo_loss(
+                        logprobs=logprobs,
+                        old_logprobs=old_logprobs[micro],
+                        advantages=advantages[micro],
+                        response_mask=mini_batch.response_mask,
+                        cliprange_low=args.cliprange_low,
+                        cliprange_high=args.cliprange_high,
+                        aggregation=args.loss_aggregation,
+                        importance=args.importance,
+                        max_tokens=args.max_new_tokens,
+                        ref_logprobs=sampled.ref_logprobs[micro] if kl_in_loss else None,  # GRPO: β · k3 in the loss
+                        kl_coef=args.kl_coef,
+                    )
+                    loss = shares.policy * terms.policy_loss
+                    micro_stats = {
+                        "policy/policy_loss": shares.policy * terms.policy_loss.item(),
+                        "policy/approx_kl": shares.tokens * terms.approx_kl.item(),
+                        "policy/clipfrac": shares.clip * terms.clipfrac.item(),
+                        "policy/clipfrac_low": shares.clip * terms.clipfrac_low.item(),
+                        "policy/clipfrac_high": shares.clip * terms.clipfrac_high.item(),
+                    }
+                    if terms.kl_loss is not None:
+                        loss = loss + args.kl_coef * (shares.kl * terms.kl_loss)
+                        micro_stats["policy/kl_loss"] = shares.kl * terms.kl_loss.item()  # the aggregated k3, before β
+                    micro_stats = {"policy/loss": loss.item(), **micro_stats}
+                    for key, value in micro_stats.items():
+                        stats[key] = stats.get(key, 0.0) + value
+                    policy.backward(loss, scale_wrt_gas=False)
+                    policy.step()
                 step_stats.append(stats)
         t_update = time.time() - t1
 

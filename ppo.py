@@ -513,6 +513,93 @@ def all_values(value_model, batch, *, forward_batch_size, device):
     return common.in_chunks(values_of, batch, forward_batch_size).to(device)
 
 
+def mini_batch_step(
+    models: Models,
+    batch,
+    idx,
+    *,
+    old_logprobs,
+    old_values,
+    advantages,
+    returns,
+    ref_logprobs,
+    kl_coef,
+    ptx,
+    args: Args,
+) -> dict:
+    """One optimiser step of the policy and one of the value model on the rows `idx` of the rollout `batch`: the
+    clipped loss, the entropy bonus, β · KL with `ref_logprobs` (--kl-in-loss) and PPO-ptx on `ptx` (the input ids
+    and mask of len(idx) pretraining rows, or None). The gradients accumulate over micro-batches of
+    --micro-batch-size rows, each term weighted by its micro-batch's share of the mini-batch's tokens (every term is
+    a mean over tokens), so that they are the mini-batch's; so are the statistics returned, the sums of the weighted
+    micro-batch values."""
+    policy = models.policy
+    value_model = models.value_model
+    mini_mask = batch.response_mask[idx]
+    stats = {}
+    for rows in common.micro_batches(torch.arange(len(idx)), args.micro_batch_size):  # positions in the mini-batch
+        micro = idx[rows]
+        share = common.token_share(batch.response_mask[micro], mini_mask)
+        mini_batch = batch.rows(micro)
+        logprobs, entropy = common.forward_logprobs(
+            policy,
+            *mini_batch,
+            temperature=args.temperature,
+            repetition_penalty=args.repetition_penalty,
+            with_entropy=True,
+            entropy_grad=args.entropy_coef != 0,
+        )
+        values = common.forward_values(value_model, *mini_batch).to(logprobs.device)
+        terms = ppo_loss(
+            logprobs=logprobs,
+            old_logprobs=old_logprobs[micro],
+            values=values,
+            old_values=old_values[micro],
+            advantages=advantages[micro],
+            returns=returns[micro],
+            response_mask=mini_batch.response_mask,
+            cliprange=args.cliprange,
+            cliprange_value=args.cliprange_value,
+            vf_coef=args.vf_coef,
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[micro],
+            kl_coef=kl_coef,
+            kl_estimator=args.kl_estimator,
+        )
+        entropy_mean = masked_mean(entropy, mini_batch.response_mask)
+        policy_loss = terms.policy_loss - args.entropy_coef * entropy_mean  # PPO eq. (9): the S bonus
+        micro_stats = {
+            "policy/loss": terms.policy_loss,
+            "value/loss": terms.value_loss,
+            "policy/approx_kl": terms.approx_kl,
+            "policy/clipfrac": terms.clipfrac,
+            "value/clipfrac": terms.value_clipfrac,
+            "policy/entropy": entropy_mean,
+        }
+        if terms.kl_loss is not None:
+            micro_stats["policy/kl_loss"] = terms.kl_loss  # the estimate's mean per token, before β
+        for key, value in micro_stats.items():
+            stats[key] = stats.get(key, 0.0) + share * value.item()
+        policy_loss = share * policy_loss
+        if ptx is not None:  # PPO-ptx: the language-model loss on pretraining text
+            ptx_input, ptx_mask = ptx
+            ptx_labels = ptx_input.masked_fill(ptx_mask == 0, -100)
+            ptx_share = common.token_share(ptx_mask[rows, 1:], ptx_mask[:, 1:])  # of the tokens predicted
+            ptx_loss = policy(
+                input_ids=ptx_input[rows],
+                attention_mask=ptx_mask[rows],
+                labels=ptx_labels[rows],
+                position_ids=(ptx_mask[rows].cumsum(1) - 1).clamp(min=0),
+            ).loss
+            ptx_term = args.ptx_coef * ptx_loss  # InstructGPT eq. (2): the γ E[log π(x)] term, as a loss
+            policy_loss = policy_loss + ptx_share * ptx_term
+            stats["policy/ptx_loss"] = stats.get("policy/ptx_loss", 0.0) + ptx_share * ptx_loss.item()
+        policy.backward(policy_loss, scale_wrt_gas=False)
+        value_model.backward(share * args.vf_coef * terms.value_loss, scale_wrt_gas=False)
+        policy.step()
+        value_model.step()
+    return stats
+
+
 if __name__ == "__main__":
     # Arguments: the command line over the defaults, or over a preset's values with --preset.
     args = common.parse_args(Args, PRESETS)
@@ -643,7 +730,7 @@ if __name__ == "__main__":
     random.seed(args.seed + run.rank)
     torch.manual_seed(args.seed + run.rank)
     sampler = torch.Generator().manual_seed(args.seed + run.rank)
-    forward_batch_size = args.forward_batch_size or args.mini_batch_size
+    forward_batch_size = args.forward_batch_size or args.micro_batch_size or args.mini_batch_size
     models = Models(
         policy=policy,
         ref_policy=ref_policy,
@@ -767,61 +854,23 @@ if __name__ == "__main__":
         value_model.train()
         for _epoch in range(args.update_epochs):
             for idx in torch.randperm(args.rollout_batch_size, generator=sampler).split(args.mini_batch_size):
-                mini_batch = batch.rows(idx)
-                logprobs, entropy = common.forward_logprobs(
-                    policy,
-                    *mini_batch,
-                    temperature=args.temperature,
-                    repetition_penalty=args.repetition_penalty,
-                    with_entropy=True,
-                    entropy_grad=args.entropy_coef != 0,
-                )
-                values = common.forward_values(value_model, *mini_batch).to(device)
-                terms = ppo_loss(
-                    logprobs=logprobs,
-                    old_logprobs=old_logprobs[idx],
-                    values=values,
-                    old_values=old_values[idx],
-                    advantages=advantages[idx],
-                    returns=returns[idx],
-                    response_mask=mini_batch.response_mask,
-                    cliprange=args.cliprange,
-                    cliprange_value=args.cliprange_value,
-                    vf_coef=args.vf_coef,
-                    ref_logprobs=sampled.ref_logprobs[idx] if args.kl_in_loss else None,  # --kl-in-loss: β · KL
-                    kl_coef=kl_coef,
-                    kl_estimator=args.kl_estimator,
-                )
-                entropy_mean = masked_mean(entropy, mini_batch.response_mask)
-                policy_loss = terms.policy_loss - args.entropy_coef * entropy_mean  # PPO eq. (9): the S bonus
-                stats = {
-                    "policy/loss": terms.policy_loss.item(),
-                    "value/loss": terms.value_loss.item(),
-                    "policy/approx_kl": terms.approx_kl.item(),
-                    "policy/clipfrac": terms.clipfrac.item(),
-                    "value/clipfrac": terms.value_clipfrac.item(),
-                    "policy/entropy": entropy_mean.item(),
-                }
-                if terms.kl_loss is not None:
-                    stats["policy/kl_loss"] = terms.kl_loss.item()  # the estimate's mean per token, before β
-                if args.ptx_coef > 0:  # PPO-ptx: the language-model loss on pretraining text
+                ptx = None
+                if args.ptx_coef > 0:  # PPO-ptx: the mini-batch's pretraining rows, padded together
                     ptx_draw = torch.randint(len(ptx_ids), (len(idx),), generator=sampler)
-                    ptx_input, ptx_mask = common.pad_left(
-                        [ptx_ids[i] for i in ptx_draw], tokenizer.pad_token_id, device
-                    )
-                    ptx_loss = policy(
-                        input_ids=ptx_input,
-                        attention_mask=ptx_mask,
-                        labels=ptx_input.masked_fill(ptx_mask == 0, -100),
-                        position_ids=(ptx_mask.cumsum(1) - 1).clamp(min=0),
-                    ).loss
-                    ptx_term = args.ptx_coef * ptx_loss  # InstructGPT eq. (2): the γ E[log π(x)] term, as a loss
-                    policy_loss = policy_loss + ptx_term
-                    stats["policy/ptx_loss"] = ptx_loss.item()
-                policy.backward(policy_loss)
-                value_model.backward(args.vf_coef * terms.value_loss)
-                policy.step()
-                value_model.step()
+                    ptx = common.pad_left([ptx_ids[i] for i in ptx_draw], tokenizer.pad_token_id, device)
+                stats = mini_batch_step(
+                    models,
+                    batch,
+                    idx,
+                    old_logprobs=old_logprobs,
+                    old_values=old_values,
+                    advantages=advantages,
+                    returns=returns,
+                    ref_logprobs=sampled.ref_logprobs if args.kl_in_loss else None,  # --kl-in-loss: β · KL
+                    kl_coef=kl_coef,
+                    ptx=ptx,
+                    args=args,
+                )
                 step_stats.append(stats)
         t_update = time.time() - t1
 
