@@ -230,7 +230,7 @@ class RunArgs:
     """cut a response before the first of these strings in its text (HH: "Human:" "Assistant:")"""
     forward_batch_size: int | None = None
     """rows per no-grad forward pass (reward models, π_old, π_ref, V) over the rows an update reads; default
-    --mini-batch-size, so that scoring holds no more than an update step does"""
+    --micro-batch-size, else --mini-batch-size, so that scoring holds no more than one forward/backward pass does"""
     trust_remote_code: bool = False
     """allow model repositories to run their own code (off unless you trust them)"""
 
