@@ -414,6 +414,11 @@ RUNS = {
         "qwen2",
         _online("qwen2", ["rm_neox_chat", "arch_rewards:spy"]) + ["--update-epochs", "1", "--chat-template"],
     ),
+    "grpo_qwen2_chat": (
+        "grpo.py",
+        "qwen2",
+        _online("qwen2", ["rm_neox_chat", "arch_rewards:spy"]) + ["--chat-template"],
+    ),
     "alol_llama_chat": (
         "alol.py",
         "llama_chat",
@@ -731,6 +736,26 @@ def test_ppo_qwen2_with_chat_templates_for_the_policy_and_the_reward_model(zoo, 
     means = _rescore(zoo["rm_neox_chat"], log, chat=True)
     assert len(rollouts) == 2 and all(r["rollout/score_std"] > 0 for r in rollouts), rollouts
     for r in rollouts:
+        assert min(abs(r["rollout/score"] - m) for m in means) < 1e-4, (r["rollout/score"], means)
+
+
+def test_grpo_qwen2_with_chat_templates_samples_groups_of_one_prompt(zoo, runs):
+    """grpo.py under --chat-template: ChatML prompts for the policy, the reward model's own template; each group of 4
+    responses answers one prompt (the reward function sees each prompt 4 times in a row)."""
+    import common
+
+    output_dir, proc, log = runs["grpo_qwen2_chat"]
+    _, records, _ = _check_common(zoo, "grpo_qwen2_chat", output_dir, proc)
+    batches = [json.loads(line) for line in log.read_text().splitlines()]
+    hh_prompts = set(common.load_prompts(zoo["data"], "train"))
+    assert batches and all(p in hh_prompts for b in batches for p in b["prompts"])  # HH text, not ChatML
+    prompts = [b["prompts"] for b in batches]
+    grouped = [p for p in prompts if len(p) == 8 and all(len(set(p[i : i + 4])) == 1 for i in (0, 4))]
+    assert len(grouped) == 2, prompts  # the two rollouts; the evaluations' 8 prompts are 8 different ones
+    means = _rescore(zoo["rm_neox_chat"], log, chat=True)
+    scored = [r for r in records if "rollout/score" in r]
+    assert len(scored) == 2
+    for r in scored:
         assert min(abs(r["rollout/score"] - m) for m in means) < 1e-4, (r["rollout/score"], means)
 
 
