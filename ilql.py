@@ -85,11 +85,11 @@ class ILQLLoss(NamedTuple):
 
 def ilql_loss(
     *,
-    logits,
-    q_logits,
-    target_q_logits,
+    logprobs,
+    q,
+    q_cross_entropy,
+    target_q,
     values,
-    response_ids,
     rewards,
     response_mask,
     gamma: float,
@@ -99,39 +99,32 @@ def ilql_loss(
     beta_train: float,
 ) -> ILQLLoss:
     """ILQL's loss over the response tokens (ILQL (Snell et al. 2022): L_Q, L_V, L_CQL and the AWAC term; see the
-    module docstring). For T response positions, states s_0..s_T (s_t = prompt + y_<t):
-      logits           [B, T, vocab]       the LM's logits at s_t (π_β)
-      q_logits         [n_q, B, T, vocab]  Q_θi(s_t, ·), with gradient
-      target_q_logits  [n_q, B, T, vocab]  the target heads' Q̂_i(s_t, ·) (no gradient)
-      values           [B, T + 1]          V_ψ(s_0..s_T); V(s_{t+1}) counts only where token t+1 is real (else terminal)
-      response_ids     [B, T] long         the actions a_t = y_t
-      rewards          [B, T]              r_t: the sequence's score on its last token, 0 elsewhere
-      response_mask    [B, T]              1 on response tokens"""
+    module docstring). For T response positions, states s_0..s_T (s_t = prompt + y_<t) and actions a_t = y_t, each
+    term reads the vocabulary-wide heads only at the data's token and through the Q heads' log-sum-exp (token_terms):
+      logprobs         [B, T]       log π_β(a_t | s_t), the LM's log-prob of the data's token
+      q                [n_q, B, T]  Q_θi(s_t, a_t), with gradient
+      q_cross_entropy  [n_q, B, T]  log Σ_a exp Q_θi(s_t, a) − Q_θi(s_t, a_t), with gradient
+      target_q         [n_q, B, T]  the target heads' Q̂_i(s_t, a_t) (no gradient)
+      values           [B, T + 1]   V_ψ(s_0..s_T); V(s_{t+1}) counts only where token t+1 is real (else terminal)
+      rewards          [B, T]       r_t: the sequence's score on its last token, 0 elsewhere
+      response_mask    [B, T]       1 on response tokens"""
     response_mask = response_mask.float()
     value = values[:, :-1].float()
     next_value = values[:, 1:].float()
     next_mask = torch.cat([response_mask[:, 1:], torch.zeros_like(response_mask[:, :1])], 1)  # 0 after the last token
-    actions = response_ids.expand(len(q_logits), -1, -1)[..., None]
-    q = q_logits.float().gather(-1, actions).squeeze(-1)  # Q_θi(s_t, a_t)
-    target_q = target_q_logits.float().gather(-1, actions).squeeze(-1)
-    target_q = target_q.min(0).values.detach()  # min_i Q̂_i(s_t, a_t): the pessimistic target
+    q = q.float()  # Q_θi(s_t, a_t)
+    target_q = target_q.float().min(0).values.detach()  # min_i Q̂_i(s_t, a_t): the pessimistic target
     q_target = (rewards + gamma * next_value * next_mask).detach()  # r_t + γ V(s_{t+1}), V = 0 at the terminal
     q_loss = torch.stack([masked_mean((q_i - q_target) ** 2, response_mask) for q_i in q]).sum()  # ILQL L_Q
     # expectile regression of V on the target Q: weight τ where Q̂ > V and 1 − τ where Q̂ < V
     expectile_weight = (tau - (target_q < value).float()).abs()
     value_loss = masked_mean(expectile_weight * (target_q - value) ** 2, response_mask)  # ILQL L_V (L_2^τ)
-
-    def cross_entropy(token_logits):
-        """−log softmax(token_logits)[a_t] at every position, [B, T]."""
-        flat = token_logits.float().flatten(0, -2)
-        return F.cross_entropy(flat, response_ids.flatten(), reduction="none").view_as(response_mask)
-
     # CQL: each Q head's logits as a softmax over the vocabulary, pushed towards the data's token
-    cql_terms = [masked_mean(cross_entropy(q_i), response_mask) for q_i in q_logits]
+    cql_terms = [masked_mean(cross_entropy_i, response_mask) for cross_entropy_i in q_cross_entropy]
     cql_loss = torch.stack(cql_terms).sum()  # ILQL L_CQL
     # AWAC: the LM head's likelihood of the data, weighted by exp(β_train · advantage) (a constant weight)
     awac_weight = torch.exp(beta_train * (target_q - value)).detach()
-    awac_loss = masked_mean(cross_entropy(logits) * awac_weight, response_mask)  # ILQL AWAC term
+    awac_loss = masked_mean(-logprobs * awac_weight, response_mask)  # ILQL AWAC term
     loss = q_loss + value_loss + cql_scale * cql_loss + awac_scale * awac_loss  # ILQL total loss
     return ILQLLoss(
         loss=loss,
@@ -143,6 +136,28 @@ def ilql_loss(
         target_q_mean=masked_mean(target_q, response_mask),
         value_mean=masked_mean(value, response_mask).detach(),
     )
+
+
+class TokenTerms(NamedTuple):
+    """What ilql_loss reads of the LM head and the Q heads at each state s_t, at the data's token a_t."""
+
+    logprobs: torch.Tensor  # [B, T], log π_β(a_t | s_t)
+    q: torch.Tensor  # [n_q, B, T], Q_θi(s_t, a_t)
+    q_cross_entropy: torch.Tensor  # [n_q, B, T], log Σ_a exp Q_θi(s_t, a) − Q_θi(s_t, a_t)
+
+
+def token_terms(logits, q_logits, actions) -> TokenTerms:
+    """TokenTerms from the vocabulary-wide logits [B, T, vocab] of the LM and [n_q, B, T, vocab] of the Q heads at
+    the states s_t, and the actions a_t [B, T] long."""
+
+    def cross_entropy(token_logits):
+        """−log softmax(token_logits)[a_t] at every position, [B, T]."""
+        flat = token_logits.float().flatten(0, -2)
+        return F.cross_entropy(flat, actions.flatten(), reduction="none").view_as(actions)
+
+    q = q_logits.float().gather(-1, actions.expand(len(q_logits), -1, -1)[..., None]).squeeze(-1)
+    q_cross_entropy = torch.stack([cross_entropy(q_i) for q_i in q_logits])  # the CQL term's, per head
+    return TokenTerms(logprobs=-cross_entropy(logits), q=q, q_cross_entropy=q_cross_entropy)
 
 
 @torch.no_grad()
@@ -159,12 +174,13 @@ def mlp(hidden: int, out: int):
 
 
 class ILQLOutput(NamedTuple):
-    """ILQLModel's outputs at the last `keep` positions."""
+    """ILQLModel's outputs at the states s_0..s_T of a response a_0..a_{T-1} (the last T + 1 positions)."""
 
-    logits: torch.Tensor  # [B, K, vocab], the LM's
-    hidden: torch.Tensor  # [B, K, h], the last hidden state (what the LM head and the heads read)
-    values: torch.Tensor  # [B, K], V
-    q_logits: torch.Tensor  # [n_q, B, K, vocab], Q_i(s, ·)
+    hidden: torch.Tensor  # [B, T + 1, h], the last hidden state (what the LM head and the heads read)
+    values: torch.Tensor  # [B, T + 1], V(s_0..s_T)
+    logprobs: torch.Tensor  # [B, T], log π_β(a_t | s_t)
+    q: torch.Tensor  # [n_q, B, T], Q_i(s_t, a_t)
+    q_cross_entropy: torch.Tensor  # [n_q, B, T], log Σ_a exp Q_i(s_t, a) − Q_i(s_t, a_t)
 
 
 class ILQLModel(nn.Module):
@@ -179,9 +195,28 @@ class ILQLModel(nn.Module):
         self.v_head = mlp(hidden, 1)
         self.q_heads = nn.ModuleList(mlp(hidden, vocab) for _ in range(n_q))
 
-    def forward(self, input_ids, attention_mask, position_ids, keep: int) -> ILQLOutput:
-        """The outputs at the last K = `keep` positions only (the states of the response): no vocabulary-wide head
-        runs over the prompt."""
+    def forward(self, input_ids, attention_mask, position_ids, actions, chunk: int = 0) -> ILQLOutput:
+        """The outputs at the states of the response `actions` ([B, T], the last T columns of input_ids): the heads
+        run on the last T + 1 positions only, no vocabulary-wide head on the prompt. `chunk` > 0 runs the LM head
+        and the Q heads over chunks of that many positions, each chunk recomputed in the backward pass (activation
+        checkpointing), so that no [n_q, B, T, vocab] tensor is ever alive (ilql_chunk_size picks it); 0: one pass.
+        The values are those of one pass."""
+        keep = actions.shape[1] + 1
+        if chunk:
+            hidden = common.last_hidden(self.lm, input_ids, mask=attention_mask, position_ids=position_ids)
+            hidden = hidden[:, -keep:]  # after the final norm: what the LM head reads
+            values = self.v_head(hidden.to(self.v_head[0].weight.dtype)).squeeze(-1)
+            head = common.hf_model(self.lm).get_output_embeddings()
+            parts = []
+            states = hidden[:, :-1]  # s_0..s_{T-1}: the states where a response token is chosen
+            for start in range(0, keep - 1, chunk):
+                inputs = (head, self.q_heads, states[:, start : start + chunk], actions[:, start : start + chunk])
+                if torch.is_grad_enabled():
+                    parts.append(torch.utils.checkpoint.checkpoint(_chunk_terms, *inputs, use_reentrant=False))
+                else:
+                    parts.append(_chunk_terms(*inputs))
+            terms = TokenTerms._make(torch.cat(part, -1) for part in zip(*parts))
+            return ILQLOutput(hidden=hidden, values=values, **terms._asdict())
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -195,12 +230,44 @@ class ILQLModel(nn.Module):
         heads_in = hidden.to(self.v_head[0].weight.dtype)  # float32 heads on a 4-bit LM's half-precision states
         values = self.v_head(heads_in).squeeze(-1)
         q_logits = torch.stack([q(heads_in) for q in self.q_heads])
-        return ILQLOutput(logits=logits, hidden=hidden, values=values, q_logits=q_logits)
+        terms = token_terms(logits[:, :-1], q_logits[:, :, :-1], actions)  # at s_0..s_{T-1}, where a token is chosen
+        return ILQLOutput(hidden=hidden, values=values, **terms._asdict())
 
     def keep_logits(self, keep: int) -> dict:
         """`logits_to_keep` for the LM's forward where it takes it: the LM head on the last `keep` positions only."""
         forward = common.hf_model(self.lm).forward
         return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+
+
+def _chunk_terms(head, q_heads, hidden, actions) -> TokenTerms:
+    """token_terms of a chunk of states from their last hidden states [B, C, h] (the LM's `head` and the Q heads
+    run on these C positions only)."""
+    q_logits = torch.stack([q(hidden.to(q[0].weight.dtype)) for q in q_heads])
+    return token_terms(head(hidden), q_logits, actions)
+
+
+@torch.no_grad()
+def target_q_values(target_q_heads, hidden, actions, chunk: int = 0):
+    """Q̂_i(s_t, a_t), [n_q, B, T]: the target heads on the last hidden states [B, T, h] of s_0..s_{T-1}, at the
+    actions [B, T]; over chunks of `chunk` positions (0: one pass), as ILQLModel runs the Q heads."""
+    width = actions.shape[1]
+    size = chunk or width
+    parts = []
+    for start in range(0, width, size):
+        states = hidden[:, start : start + size].float()
+        target_q_logits = torch.stack([q(states) for q in target_q_heads])
+        taken = actions[:, start : start + size].expand(len(target_q_logits), -1, -1)[..., None]
+        parts.append(target_q_logits.gather(-1, taken).squeeze(-1))
+    return torch.cat(parts, -1)
+
+
+def ilql_chunk_size(model, rows: int, width: int) -> int:
+    """Positions per chunk of ILQLModel's LM and Q heads (0: one pass), by forward_logprobs's rule
+    (common.LOGPROB_CHUNK, --logprob-chunk) counted over the 1 + n_q vocabulary-wide logits a chunk computes: "auto"
+    chunks a micro-batch whose logits would be large, and never an LM whose logits are not its head's."""
+    model = getattr(model, "module", model)  # the ILQLModel inside a DeepSpeed engine
+    tensors = 1 + len(model.q_heads)
+    return common.logprob_chunk_size(model.lm, rows=rows * tensors, width=width, chunk=common.LOGPROB_CHUNK)
 
 
 class ILQLLogitsProcessor(LogitsProcessor):
@@ -533,24 +600,25 @@ def update(model, target_q_heads, *, data: common.Batch, rewards, idx, args: Arg
         batch = data.rows(micro)
         input_ids, attention_mask, position_ids = common.concat_inputs(*batch, device)
         # 1. Forward the batch: the state s_t (before response token t) sits at position P−1+t, s_T (after the
-        # last column) at P−1+T; the heads run on these T + 1 positions only: V(s_0..s_T), Q and π_β at s_0..s_T
+        # last column) at P−1+T; the heads run on these T + 1 positions only: V(s_0..s_T), and the LM's and the Q
+        # heads' values at the data's tokens at s_0..s_{T-1}, over chunks of positions where the logits are large
+        chunk = ilql_chunk_size(model, rows=len(micro), width=batch.response_ids.shape[1])
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            keep=batch.response_ids.shape[1] + 1,
+            actions=batch.response_ids,
+            chunk=chunk,
         )
-        states = slice(0, -1)  # s_0..s_{T-1}: the states where a response token is chosen
-        # 2. The target heads' Q̂_i(s_t, ·), without gradient
-        with torch.no_grad():
-            target_q_logits = torch.stack([q(out.hidden[:, states].float()) for q in target_q_heads])
+        # 2. The target heads' Q̂_i(s_t, a_t), without gradient
+        target_q = target_q_values(target_q_heads, out.hidden[:, :-1], batch.response_ids, chunk=chunk)
         # 3. L_Q + L_V + cql_scale · L_CQL + awac_scale · L_AWAC over the response tokens
         losses = ilql_loss(
-            logits=out.logits[:, states],
-            q_logits=out.q_logits[:, :, states],
-            target_q_logits=target_q_logits,
+            logprobs=out.logprobs,
+            q=out.q,
+            q_cross_entropy=out.q_cross_entropy,
+            target_q=target_q,
             values=out.values,
-            response_ids=batch.response_ids,
             rewards=rewards[micro],
             response_mask=batch.response_mask,
             gamma=args.gamma,

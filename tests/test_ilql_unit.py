@@ -31,14 +31,17 @@ def _inputs(seed=0, vocab=5):
 
 def _loss(inputs, *, response_mask, tau=TAU, cql_scale, awac_scale, beta_train):
     """ilql.ilql_loss on (logits, q_logits, target_q_logits, values, response_ids, rewards), the order _inputs
-    returns them in."""
+    returns them in: the vocabulary-wide logits read at the data's tokens by ilql.token_terms, as ILQLModel reads
+    them, and the target heads' gathered at the data's tokens."""
     logits, q_logits, target_q_logits, values, response_ids, rewards = inputs
+    terms = ilql.token_terms(logits, q_logits, response_ids)
+    target_q = target_q_logits.gather(-1, response_ids.expand(len(target_q_logits), -1, -1)[..., None]).squeeze(-1)
     return ilql.ilql_loss(
-        logits=logits,
-        q_logits=q_logits,
-        target_q_logits=target_q_logits,
+        logprobs=terms.logprobs,
+        q=terms.q,
+        q_cross_entropy=terms.q_cross_entropy,
+        target_q=target_q,
         values=values,
-        response_ids=response_ids,
         rewards=rewards,
         response_mask=response_mask,
         gamma=GAMMA,
@@ -183,18 +186,21 @@ def test_logits_processor_reads_the_state_the_heads_are_trained_on():
     ids = torch.randint(3, 48, (2, 6))
     mask, pos = torch.ones_like(ids), torch.arange(6).expand(2, -1)
     with torch.no_grad():
-        logits, hidden, values, _ = model(input_ids=ids, attention_mask=mask, position_ids=pos, keep=6)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, actions=ids[:, 1:])  # states at all 6
+        logits = model.lm(input_ids=ids, attention_mask=mask).logits
         with ilql.ILQLLogitsProcessor(model, target, beta=2.0) as processor:
             model.lm(input_ids=ids, attention_mask=mask)  # the hook keeps the last position's hidden state
             shifted = processor(ids, logits[:, -1])
-        target_q = torch.stack([q(hidden[:, -1]) for q in target]).min(0).values
-    expected = torch.log_softmax(logits[:, -1], -1) + 2.0 * (target_q - values[:, -1:])
+        target_q = torch.stack([q(out.hidden[:, -1]) for q in target]).min(0).values
+    expected = torch.log_softmax(logits[:, -1], -1) + 2.0 * (target_q - out.values[:, -1:])
     assert torch.allclose(shifted, expected, atol=1e-5)
 
 
-def test_heads_run_on_the_kept_positions_only_and_match_a_full_forward():
-    """The LM head and the vocabulary-wide Q heads see the last `keep` positions (the response's states) and nothing
-    of the prompt; what they return equals the same positions of a forward over every position."""
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_heads_run_on_the_response_states_only_and_match_a_full_forward(chunk):
+    """The LM head and the vocabulary-wide Q heads see the states s_0..s_T of the response (its last T + 1
+    positions; s_T needs V only) and nothing of the prompt, in one pass or in chunks of positions; what they return
+    equals the same positions of a forward over every position, read at the response's tokens."""
     model, _ = _tiny_ilql()
     seen = {"lm_head": [], "q": [], "v": []}
     model.lm.lm_head.register_forward_hook(lambda m, inputs, out: seen["lm_head"].append(inputs[0].shape[1]))
@@ -204,14 +210,24 @@ def test_heads_run_on_the_kept_positions_only_and_match_a_full_forward():
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded prompt
     pos = (mask.cumsum(1) - 1).clamp(min=0)
+    actions = ids[:, -3:]  # a response of T = 3 tokens: states s_0..s_3 at the last 4 positions
     with torch.no_grad():
-        logits, hidden, values, q = model(input_ids=ids, attention_mask=mask, position_ids=pos, keep=4)
-        assert seen == {"lm_head": [4], "q": [4], "v": [4]}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, actions=actions, chunk=chunk)
+        heads = [4] if chunk == 0 else [2, 1]  # one pass: s_0..s_3 (LM logits at s_3 unread); chunks: s_0..s_2
+        assert seen == {"lm_head": heads, "q": heads, "v": [4]}
         full = model.lm(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
-    assert logits.shape == (3, 4, 48) and q.shape == (2, 3, 4, 48) and values.shape == (3, 4)
-    assert torch.allclose(logits, full.logits[:, -4:], atol=1e-5)
-    assert torch.allclose(hidden, full.hidden_states[-1][:, -4:], atol=1e-6)
-    assert torch.allclose(q[1], model.q_heads[1](full.hidden_states[-1][:, -4:]), atol=1e-5)
+        hidden = full.hidden_states[-1][:, -4:]
+        q_logits = torch.stack([q(hidden[:, :-1]) for q in model.q_heads])
+        values = model.v_head(hidden).squeeze(-1)
+    assert out.q.shape == (2, 3, 3) and out.logprobs.shape == (3, 3) and out.values.shape == (3, 4)
+    assert torch.allclose(out.hidden, hidden, atol=1e-6)
+    assert torch.allclose(out.values, values, atol=1e-6)
+    taken = actions[..., None]
+    logprobs = torch.log_softmax(full.logits[:, -4:-1], -1).gather(-1, taken).squeeze(-1)
+    assert torch.allclose(out.logprobs, logprobs, atol=1e-5)
+    q = q_logits.gather(-1, taken.expand(2, -1, -1, -1)).squeeze(-1)
+    assert torch.allclose(out.q, q, atol=1e-5)
+    assert torch.allclose(out.q_cross_entropy, torch.logsumexp(q_logits, -1) - q, atol=1e-5)
 
 
 def test_beta_zero_leaves_sampling_unchanged_and_beta_changes_it():
