@@ -424,24 +424,24 @@ def update(models: Models, batch, *, advantages, returns, ref_logprobs, sampler,
         # so the accumulated gradients and the logged values (sums of the weighted ones) are the mini-batch's
         for micro, counts in accumulation_passes(idx, args):
             share = common.token_share(batch.response_mask[micro], batch.response_mask[idx]) if counts else 0.0
-            minibatch = batch.rows(micro)
-            logprobs = common.forward_logprobs(policy, *minibatch, temperature=args.temperature)
-            values = common.forward_values(value_model, *minibatch).to(device)
+            micro_batch = batch.rows(micro)
+            logprobs = common.forward_logprobs(policy, *micro_batch, temperature=args.temperature)
+            values = common.forward_values(value_model, *micro_batch).to(device)
             policy_loss = apa_loss(
                 logprobs=logprobs,
                 ref_logprobs=ref_logprobs[micro],
                 advantages=advantages[micro],
-                response_mask=minibatch.response_mask,
+                response_mask=micro_batch.response_mask,
                 lam=args.lam,
             )
-            vf_loss = value_loss(values, returns[micro], minibatch.response_mask)
+            vf_loss = value_loss(values, returns[micro], micro_batch.response_mask)
             # loss = L^APA + vf_coef · value loss; each engine runs its own backward
             policy.backward(share * policy_loss, scale_wrt_gas=False)
             value_model.backward(share * args.vf_coef * vf_loss, scale_wrt_gas=False)
             policy.step()
             value_model.step()
             log_ratio = (logprobs - ref_logprobs[micro]).detach()
-            micro_stats = [policy_loss, vf_loss, masked_mean(log_ratio, minibatch.response_mask)]
+            micro_stats = [policy_loss, vf_loss, masked_mean(log_ratio, micro_batch.response_mask)]
             stats = [total + share * value.item() for total, value in zip(stats, micro_stats)]
         step_stats.append(stats)
     policy.eval()  # sampling and scoring in eval mode

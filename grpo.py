@@ -768,10 +768,10 @@ if __name__ == "__main__":
                 # accumulated gradient and the logged statistics (sums of the weighted values) are the mini-batch's.
                 for micro in common.micro_batches(idx, args.micro_batch_size):
                     shares = micro_shares(response_mask[micro], response_mask[idx], args=args)
-                    mini_batch = batch.rows(micro)
+                    micro_batch = batch.rows(micro)
                     logprobs = common.forward_logprobs(
                         policy,
-                        *mini_batch,
+                        *micro_batch,
                         temperature=args.temperature,
                         repetition_penalty=args.repetition_penalty,
                     )
@@ -780,7 +780,7 @@ if __name__ == "__main__":
                         logprobs=logprobs,
                         old_logprobs=old_logprobs[micro],
                         advantages=advantages[micro],
-                        response_mask=mini_batch.response_mask,
+                        response_mask=micro_batch.response_mask,
                         cliprange_low=args.cliprange_low,
                         cliprange_high=args.cliprange_high,
                         aggregation=args.loss_aggregation,

@@ -540,16 +540,16 @@ def mini_batch_step(
     for rows in common.micro_batches(torch.arange(len(idx)), args.micro_batch_size):  # positions in the mini-batch
         micro = idx[rows]
         share = common.token_share(batch.response_mask[micro], mini_mask)
-        mini_batch = batch.rows(micro)
+        micro_batch = batch.rows(micro)
         logprobs, entropy = common.forward_logprobs(
             policy,
-            *mini_batch,
+            *micro_batch,
             temperature=args.temperature,
             repetition_penalty=args.repetition_penalty,
             with_entropy=True,
             entropy_grad=args.entropy_coef != 0,
         )
-        values = common.forward_values(value_model, *mini_batch).to(logprobs.device)
+        values = common.forward_values(value_model, *micro_batch).to(logprobs.device)
         terms = ppo_loss(
             logprobs=logprobs,
             old_logprobs=old_logprobs[micro],
@@ -557,7 +557,7 @@ def mini_batch_step(
             old_values=old_values[micro],
             advantages=advantages[micro],
             returns=returns[micro],
-            response_mask=mini_batch.response_mask,
+            response_mask=micro_batch.response_mask,
             cliprange=args.cliprange,
             cliprange_value=args.cliprange_value,
             vf_coef=args.vf_coef,
@@ -565,7 +565,7 @@ def mini_batch_step(
             kl_coef=kl_coef,
             kl_estimator=args.kl_estimator,
         )
-        entropy_mean = masked_mean(entropy, mini_batch.response_mask)
+        entropy_mean = masked_mean(entropy, micro_batch.response_mask)
         policy_loss = terms.policy_loss - args.entropy_coef * entropy_mean  # PPO eq. (9): the S bonus
         micro_stats = {
             "policy/loss": terms.policy_loss,
