@@ -68,9 +68,23 @@ def test_torch_engine_steps_once_per_mini_batch_and_equals_the_whole_mini_batch(
     assert any((a - c).abs().max() > 1e-4 for a, c in zip(whole, one_pass_per_step))  # 4 steps a mini-batch differ
 
 
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A process group of one in this process, as `python script.py` makes; afterwards the environment it set (RANK,
+    MASTER_PORT, ...) is restored: the script runs that later tests start would inherit it, and take this process's
+    port for their own group."""
+    import os
+
+    before = dict(os.environ)
+    common.init_distributed(0)
+    yield
+    for key in set(os.environ) - set(before):
+        del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_deepspeed_engine_accumulates_as_configured(zero_stage):
-    common.init_distributed(zero_stage)
+def test_deepspeed_engine_accumulates_as_configured(zero_stage, one_process_group):
     base = _model()
 
     def engine(micro, accumulation):
