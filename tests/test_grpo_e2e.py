@@ -116,6 +116,27 @@ def test_every_variant_flag_runs(builtin_path, tmp_path):
     assert all("rollout/sampling_rounds" not in r for name in ("dr_grpo", "rloo", "gspo") for r in records[name])
 
 
+def test_two_ranks_under_zero3_with_dynamic_sampling_and_micro_batches(builtin_path, tmp_path):
+    """Two CPU ranks under ZeRO-3 (torchrun): the sampling rounds are collective (every rank runs as many, or the
+    sharded generation would hang), each mini-batch's gradient accumulates over micro-batches of 2, and the saved
+    policy loads as a whole model."""
+    (tmp_path / "binary_reward.py").write_text(BINARY_REWARD)
+    args = [
+        *TINY_ONLINE,
+        *("--zero-stage", "3", "--micro-batch-size", "2"),
+        *("--dynamic-sampling", "--max-sampling-rounds", "3", "--reward-model", "binary_reward:even_even"),
+    ]
+    env = {"PYTHONPATH": str(tmp_path)}
+    proc = run_script("grpo.py", *args, "--output-dir", str(tmp_path / "a"), nproc=2, env=env)
+    assert "2 rank(s)" in proc.stdout
+    run, records = read_run(tmp_path / "a")
+    _check_metrics(records, 1)  # 32 responses: one iteration of 16 on each rank
+    assert 1 <= records[1]["rollout/sampling_rounds"] <= 3
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "policy")
+
+
 def test_bad_group_settings_are_one_line_errors(builtin_path):
     line = error_line(run_script("grpo.py", *TINY_ONLINE, "--group-size", "3", check=False))
     assert "--rollout-batch-size 16 is not a multiple of --group-size 3" in line and "--rollout-batch-size 15" in line
