@@ -226,3 +226,28 @@ def run_pairs(jobs: dict, workers=2):
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return dict(pool.map(launch, jobs))
+
+
+def tiny_lm(kind: str, vocab_size: int):
+    """A random 2-layer causal LM, hidden 16: `gpt2` (its LM head tied to the token embedding; no dropout, as the
+    scripts run it) or `llama` (an untied head)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ids = {"bos_token_id": 0, "eos_token_id": 0}
+    if kind == "gpt2":
+        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        config = GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2, **ids, **no_dropout)
+        return GPT2LMHeadModel(config)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    return LlamaForCausalLM(config)

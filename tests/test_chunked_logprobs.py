@@ -5,34 +5,13 @@ kept for the backward pass."""
 
 import pytest
 import torch
+from conftest import tiny_lm
 
 import common
 
 VOCAB = 37  # small, so that responses repeat tokens and the repetition penalty changes many logits
 PROMPT_LENS = [3, 6, 1, 4]
 RESPONSE_LENS = [7, 2, 9, 1]
-
-
-def tiny_model(kind: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    ids = {"bos_token_id": 0, "eos_token_id": 0}
-    if kind == "gpt2":  # the LM head tied to the token embedding; no dropout, as the scripts run (disable_dropout)
-        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, **ids, **no_dropout)
-        return GPT2LMHeadModel(config)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        **ids,
-    )
-    return LlamaForCausalLM(config)
 
 
 def ragged_rows():
@@ -74,7 +53,7 @@ def values_and_grads(model, rows, chunk, **settings):
     ],
 )
 def test_chunks_give_the_values_and_gradients_of_one_pass(kind, settings):
-    model = tiny_model(kind)
+    model = tiny_lm(kind, VOCAB)
     rows = ragged_rows()
     whole, whole_grads = values_and_grads(model, rows, chunk=0, **settings)
     # the check has teeth: the penalty and the temperature change the log-probs by far more than the tolerance
@@ -92,7 +71,7 @@ def test_chunks_give_the_values_and_gradients_of_one_pass(kind, settings):
 
 
 def test_no_grad_chunks_give_the_one_pass_values():
-    model = tiny_model("llama").eval()
+    model = tiny_lm("llama", VOCAB).eval()
     rows = ragged_rows()
     with torch.no_grad():
         whole = common.forward_logprobs(model, *rows, temperature=0.7, repetition_penalty=1.3, with_entropy=True)
@@ -104,7 +83,7 @@ def test_no_grad_chunks_give_the_one_pass_values():
 def test_the_graph_keeps_no_whole_logits_and_the_head_sees_one_chunk_at_a_time():
     """What the forward saves for backward (outside the recomputed chunks) holds no tensor with a vocabulary-sized
     last dimension; the head is called on at most `chunk` positions. One unchunked pass saves such tensors."""
-    model = tiny_model("gpt2")
+    model = tiny_lm("gpt2", VOCAB)
     rows = ragged_rows()
     calls = []
     model.lm_head.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[1]))
@@ -130,7 +109,7 @@ def test_the_graph_keeps_no_whole_logits_and_the_head_sees_one_chunk_at_a_time()
 
 
 def test_auto_chunks_only_large_logits_and_never_a_transformed_head(monkeypatch):
-    model = tiny_model("llama")
+    model = tiny_lm("llama", VOCAB)
     assert common.logprob_chunk_size(model, rows=4, width=9, chunk="auto") == 0  # 4 × 9 × 37 floats: one pass
     monkeypatch.setattr(common, "LOGPROB_CHUNK_FLOATS", 4 * VOCAB * 2)
     assert common.logprob_chunk_size(model, rows=4, width=9, chunk="auto") == 2
@@ -150,7 +129,7 @@ def test_auto_chunks_only_large_logits_and_never_a_transformed_head(monkeypatch)
 def test_chunks_with_a_lora_adapter_on_the_head_and_with_it_switched_off():
     """With LoRA (here also on the LM head, so that the chunks must call the adapted head) the chunks give the one
     pass's log-probs and adapter gradients, and under adapter_off (π_ref) the base model's log-probs."""
-    base = tiny_model("llama")
+    base = tiny_lm("llama", VOCAB)
     rows = ragged_rows()
     with torch.no_grad():
         expected_ref = common.forward_logprobs(base, *rows, temperature=0.7, chunk=0)
@@ -182,7 +161,7 @@ def test_a_run_reads_the_flag_before_it_loads_anything():
 
 def test_set_logprob_chunk_is_what_forward_logprobs_reads(monkeypatch):
     """start_run's set_logprob_chunk(--logprob-chunk) sets the chunk of every later forward_logprobs."""
-    model = tiny_model("gpt2")
+    model = tiny_lm("gpt2", VOCAB)
     monkeypatch.setattr(common, "LOGPROB_CHUNK", common.LOGPROB_CHUNK)
     seen = []
     size = common.logprob_chunk_size

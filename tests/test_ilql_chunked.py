@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_lm
 
 import common
 import ilql
@@ -15,28 +16,6 @@ import ilql
 VOCAB = 37  # unlike every other last dimension of the tiny models (hidden 16, the heads' 32)
 PROMPT_LENS = [3, 6, 1, 4]
 RESPONSE_LENS = [7, 2, 9, 1]
-
-
-def tiny_lm(kind: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    ids = {"bos_token_id": 0, "eos_token_id": 0}
-    if kind == "gpt2":  # the LM head tied to the token embedding; no dropout, as the scripts run (disable_dropout)
-        no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2, **ids, **no_dropout)
-        return GPT2LMHeadModel(config)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-        **ids,
-    )
-    return LlamaForCausalLM(config)
 
 
 def ragged_rows():
@@ -59,7 +38,7 @@ def ragged_rows():
 
 def models(kind: str):
     """An ILQLModel and target Q heads away from its Q heads (so that the V and AWAC terms have gradients)."""
-    model = ilql.ILQLModel(tiny_lm(kind))
+    model = ilql.ILQLModel(tiny_lm(kind, VOCAB))
     target_q_heads = copy.deepcopy(model.q_heads).requires_grad_(False)
     torch.nn.init.normal_(target_q_heads[0][2].weight)
     return model, target_q_heads
