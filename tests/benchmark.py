@@ -61,6 +61,12 @@ The numbers, per (script, variant); tok/s = real response tokens per second (the
                    loads from safetensors stay memory-mapped: their pages count in RSS once first read, so loading
                    reads small and each model's weights show in the first phase that reads them (gradients and
                    AdamW's states in the update's).
+  live growth    = with --live-memory (CPU): how far the bytes of live tensors grew over each phase at its peak,
+                   from the allocations and frees torch's profiler records in one more iteration right after the
+                   memory pass (before anything of the bare side exists); set against that phase's RSS growth,
+                   the difference is what glibc's allocator kept resident (freed pages, fragments) beyond the
+                   tensors alive. On a GPU the peaks above are already of allocated tensors (the caching
+                   allocator's reserve is not counted).
   peak / floor   = peak above idle / floor.
   shares         = generation / scoring / update of one iteration, the update counted update_epochs times.
 
@@ -188,6 +194,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--scripts", nargs="+", choices=ONLINE, default=list(ONLINE), help="which online scripts")
     parser.add_argument("--seed", type=int, default=1, help="seed of the prompt draw and of the sampling")
+    parser.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="CPU: one more iteration under torch's profiler, which reports how far each phase's live tensors grow "
+        "(the rest of the RSS growth is what the allocator keeps); costs that iteration's time",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every number (and the per-repeat times) here")
     parser.add_argument("--trust-remote-code", action="store_true")
     opts = parser.parse_args(argv)
@@ -280,6 +292,26 @@ def release_freed_memory(torch, device):
         torch.cuda.empty_cache()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def live_growth(torch, fn, *args):
+    """(fn(*args), the peak growth of the bytes held by live CPU tensors while it ran), from the allocations and frees
+    torch's profiler records: what the phase itself needs at its peak beyond what it started with, whatever the
+    allocator keeps around it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(*args)
+    changes = []
+    for event in prof.profiler.kineto_results.events():
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU:
+            changes.append((event.start_ns(), event.nbytes()))
+    live = 0
+    peak = 0
+    for _, change in sorted(changes):
+        live += change
+        peak = max(peak, live)
+    return out, peak
 
 
 def reset_peak(torch, device):
@@ -823,6 +855,15 @@ def main(argv=None):
         phase_peaks["update"] = read_peak(torch, device)
         peak_bytes = max(phase_peaks.values())
 
+        # ---- --live-memory (CPU): the same phases again under the profiler; how far live tensors grow in each ------
+        live_peaks = {}
+        if opts.live_memory and not cuda:
+            torch.manual_seed(opts.seed)
+            (live_ids, live_mask, _), live_peaks["generation"] = live_growth(torch, script_generate)
+            live_rollout, live_peaks["scoring"] = live_growth(torch, script_score, live_ids, live_mask)
+            _, live_peaks["update"] = live_growth(torch, script_update, live_rollout, minibatches_for(opts.seed))
+            del live_ids, live_mask, live_rollout
+
         # ---- the bare side's optimizers and its warm-up ------------------------------------------------------------
         optimizers = []
         for model, lr in ((raw_policy, sargs.learning_rate), (raw_value, sargs.value_learning_rate)):
@@ -920,6 +961,8 @@ def main(argv=None):
             "peak_above_idle_bytes": peak_above_idle,
             "phase_peaks_above_idle_bytes": {phase: peak - idle for phase, peak in phase_peaks.items()},
             "phase_starts_above_idle_bytes": {phase: held - idle for phase, held in phase_starts.items()},
+            "phase_rss_growth_bytes": {phase: phase_peaks[phase] - phase_starts[phase] for phase in phase_peaks},
+            "phase_live_growth_bytes": live_peaks,
             "logprob_chunk": opts.logprob_chunk,
             "floor_bytes": floor["total"],
             "floor": floor,
@@ -1039,6 +1082,28 @@ def main(argv=None):
                 f"warning: {r['script']} {r['variant']}: the script's and the bare generate() sampled different "
                 f"tokens from the same seed; the rollout ratio compares different work"
             )
+    if any(r["phase_live_growth_bytes"] for r in results):
+        lines.append("")
+        lines.append(
+            "Where each phase's memory goes (--live-memory; MiB): held at the phase's start above idle, how far the "
+            "RSS grew over it, and how far live tensors grew (torch's profiler, a second iteration); RSS growth − live "
+            "growth is what glibc's allocator kept resident beyond the tensors alive."
+        )
+        phases = ("generation", "scoring", "update")
+        live_columns = ["script", "variant", "floor"]
+        for phase in phases:
+            live_columns += [f"{phase}: start", "RSS growth", "live growth"]
+        lines.append("| " + " | ".join(live_columns) + " |")
+        lines.append("|" + "---|" * len(live_columns))
+        for r in results:
+            if not r["phase_live_growth_bytes"]:
+                continue
+            cells = [r["script"], r["variant"], f"{r['floor_bytes'] / mib:.0f}"]
+            for phase in phases:
+                cells.append(f"{r['phase_starts_above_idle_bytes'][phase] / mib:.0f}")
+                cells.append(f"{r['phase_rss_growth_bytes'][phase] / mib:.0f}")
+                cells.append(f"{r['phase_live_growth_bytes'][phase] / mib:.0f}")
+            lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)
 
     # ---- every number, for later comparison -----------------------------------------------------------------------

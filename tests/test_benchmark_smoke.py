@@ -45,7 +45,9 @@ def run_bench(tmp_path, *args):
     cells = [c.strip() for c in header.strip("|").split("|")]
     assert all(any(c.startswith(name) for c in cells) for name in COLUMNS), header
     rows = []
-    for line in lines:
+    for line in lines[lines.index(header) :]:
+        if not line:
+            break  # the end of the main table (--live-memory's table follows)
         if line.startswith("| ppo |"):
             rows.append(dict(zip(cells, (c.strip() for c in line.strip("|").split("|")))))
     with open(tmp_path / "bench.json") as f:
@@ -65,13 +67,39 @@ def check_row(row):
 
 
 def test_bench_prints_a_table_with_finite_ratios(builtin_path, tmp_path):
+    """One variant, with --live-memory: each phase's growth of live tensors is reported beside its RSS growth."""
     rows, record = run_bench(
-        tmp_path, "--batch-size", "4", "--max-new-tokens", "4", "--repeats", "1", "--scripts", "ppo"
+        tmp_path, "--batch-size", "4", "--max-new-tokens", "4", "--repeats", "1", "--scripts", "ppo", "--live-memory"
     )
     assert len(rows) == 1, rows
     assert rows[0]["variant"].startswith("full"), rows
     check_row(rows[0])
-    assert record["results"][0]["floor_bytes"] > 0
+    result = record["results"][0]
+    assert result["floor_bytes"] > 0
+    assert set(result["phase_live_growth_bytes"]) == {"generation", "scoring", "update"}
+    assert all(growth > 0 for growth in result["phase_live_growth_bytes"].values()), result
+    assert set(result["phase_rss_growth_bytes"]) == {"loading", "generation", "scoring", "update"}
+
+
+def test_live_growth_is_the_peak_of_the_tensors_a_call_allocates(monkeypatch):
+    """benchmark.live_growth counts what a call holds alive at its peak, freed or not by its end: two 8 MiB tensors
+    alive together, then one of 4 MiB after both are freed, peak 16 MiB (the profiler's own bookkeeping aside)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    import benchmark
+
+    def allocate():
+        first = torch.ones(2 << 20)  # 8 MiB of float32
+        second = torch.ones(2 << 20)
+        total = float(first.sum() + second.sum())
+        del first, second
+        return torch.zeros(1 << 20), total  # 4 MiB, alive when the call returns
+
+    (kept, total), peak = benchmark.live_growth(torch, allocate)
+    assert total == 4 << 20
+    assert kept.numel() == 1 << 20
+    assert 16 << 20 <= peak < 17 << 20, peak
 
 
 def test_bench_lora_and_unchunked_variants_report_memory_against_the_floor(builtin_path, tmp_path):
