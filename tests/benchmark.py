@@ -314,6 +314,17 @@ def live_growth(torch, fn, *args):
     return out, peak
 
 
+def tensor_bytes(torch):
+    """The bytes of every CPU tensor Python can reach (parameters, optimiser states, buffers, whatever a variable
+    holds), each storage once: what is alive, whether or not its pages were ever touched."""
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.layout == torch.strided:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def reset_peak(torch, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -527,6 +538,7 @@ def main(argv=None):
     # The idle process: everything imported, the tokenizer and the prompts loaded, no model yet.
     release_freed_memory(torch, device)
     idle = idle_bytes(torch, device)
+    idle_tensors = tensor_bytes(torch) if opts.live_memory else 0
 
     def bench_one(name, variant):
         """Time one script in one variant against the bare baselines; its models live and die in this call."""
@@ -857,10 +869,14 @@ def main(argv=None):
 
         # ---- --live-memory (CPU): the same phases again under the profiler; how far live tensors grow in each ------
         live_peaks = {}
+        live_starts = {}
         if opts.live_memory and not cuda:
             torch.manual_seed(opts.seed)
+            live_starts["generation"] = tensor_bytes(torch) - idle_tensors
             (live_ids, live_mask, _), live_peaks["generation"] = live_growth(torch, script_generate)
+            live_starts["scoring"] = tensor_bytes(torch) - idle_tensors
             live_rollout, live_peaks["scoring"] = live_growth(torch, script_score, live_ids, live_mask)
+            live_starts["update"] = tensor_bytes(torch) - idle_tensors
             _, live_peaks["update"] = live_growth(torch, script_update, live_rollout, minibatches_for(opts.seed))
             del live_ids, live_mask, live_rollout
 
@@ -963,6 +979,8 @@ def main(argv=None):
             "phase_starts_above_idle_bytes": {phase: held - idle for phase, held in phase_starts.items()},
             "phase_rss_growth_bytes": {phase: phase_peaks[phase] - phase_starts[phase] for phase in phase_peaks},
             "phase_live_growth_bytes": live_peaks,
+            "phase_live_starts_above_idle_bytes": live_starts,
+            "live_peak_above_idle_bytes": max((live_starts[p] + live_peaks[p] for p in live_peaks), default=None),
             "logprob_chunk": opts.logprob_chunk,
             "floor_bytes": floor["total"],
             "floor": floor,
@@ -1085,14 +1103,17 @@ def main(argv=None):
     if any(r["phase_live_growth_bytes"] for r in results):
         lines.append("")
         lines.append(
-            "Where each phase's memory goes (--live-memory; MiB): held at the phase's start above idle, how far the "
-            "RSS grew over it, and how far live tensors grew (torch's profiler, a second iteration); RSS growth − live "
-            "growth is what glibc's allocator kept resident beyond the tensors alive."
+            "Where each phase's memory goes (--live-memory; MiB, above the idle process): the RSS at the phase's "
+            "start and how far it grew over the phase; the bytes of the tensors alive at its start and how far they "
+            "grew (torch's profiler, a second iteration); live peak = the largest start + growth, against the floor. "
+            "RSS − live is what glibc's allocator keeps resident beyond the tensors alive, and mapped weight pages not "
+            "yet read."
         )
         phases = ("generation", "scoring", "update")
         live_columns = ["script", "variant", "floor"]
         for phase in phases:
-            live_columns += [f"{phase}: start", "RSS growth", "live growth"]
+            live_columns += [f"{phase}: RSS at start", "RSS growth", "live at start", "live growth"]
+        live_columns += ["live peak", "live peak / floor"]
         lines.append("| " + " | ".join(live_columns) + " |")
         lines.append("|" + "---|" * len(live_columns))
         for r in results:
@@ -1102,7 +1123,10 @@ def main(argv=None):
             for phase in phases:
                 cells.append(f"{r['phase_starts_above_idle_bytes'][phase] / mib:.0f}")
                 cells.append(f"{r['phase_rss_growth_bytes'][phase] / mib:.0f}")
+                cells.append(f"{r['phase_live_starts_above_idle_bytes'][phase] / mib:.0f}")
                 cells.append(f"{r['phase_live_growth_bytes'][phase] / mib:.0f}")
+            cells.append(f"{r['live_peak_above_idle_bytes'] / mib:.0f}")
+            cells.append(at_most(r["live_peak_above_idle_bytes"] / r["floor_bytes"], TARGETS["memory"]))
             lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines), flush=True)
 
