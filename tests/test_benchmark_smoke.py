@@ -83,11 +83,6 @@ def test_bench_prints_a_table_with_finite_ratios(builtin_path, tmp_path):
     # AdamW's states of every trained parameter (gradients may be freed between steps)
     floor = result["floor"]
     assert result["phase_live_starts_above_idle_bytes"]["update"] >= floor["weights"] + floor["adamw_states"]
-    live_peak = result["live_peak_above_idle_bytes"]
-    assert (
-        live_peak
-        >= result["phase_live_starts_above_idle_bytes"]["update"] + result["phase_live_growth_bytes"]["update"]
-    )
 
 
 def test_live_growth_is_the_peak_of_the_tensors_a_call_allocates(monkeypatch):
